@@ -1,0 +1,1 @@
+"""Tokenizers, text sources and batch assembly."""

@@ -1,0 +1,1 @@
+"""Evaluation: loading trained runs, sampling text, and the ``python -m eval`` command line."""

@@ -1,0 +1,71 @@
+"""Causal grouped-query self-attention (1 <= K <= N key/value heads) with RoPE or no positions.
+
+Scores, masking and softmax run in float32 whatever the compute dtype. Packed rows are supported:
+a query attends only to earlier keys of the same segment.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from model.config import ModelConfig
+from model.layers import apply_rope, dtype_of, param
+from sharding.constrain import constrain
+
+
+def causal_mask(segment_ids_bt: jax.Array | None, batch: int, length: int) -> jax.Array:
+    """[B, T, T] boolean mask: key s visible to query t iff s <= t and both are in one segment."""
+    idx = jnp.arange(length)
+    mask_tt = idx[:, None] >= idx[None, :]
+    if segment_ids_bt is None:
+        return jnp.broadcast_to(mask_tt, (batch, length, length))
+    same_bts = segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :]
+    return mask_tt[None] & same_bts
+
+
+def dot_product_attention(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array,
+                          mask_bts: jax.Array) -> jax.Array:
+    """softmax(q k^T / sqrt(H) + mask) v with N query heads sharing K key/value heads (N = K*G)."""
+    b, t, n, h = q_btnh.shape
+    k = k_bskh.shape[2]
+    q_btkgh = q_btnh.reshape(b, t, k, n // k, h)
+    logits_bkgts = jnp.einsum("btkgh,bskh->bkgts", q_btkgh, k_bskh,
+                              preferred_element_type=jnp.float32) * (h ** -0.5)
+    logits_bkgts = jnp.where(mask_bts[:, None, None], logits_bkgts, jnp.finfo(jnp.float32).min)
+    probs_bkgts = jax.nn.softmax(logits_bkgts, axis=-1).astype(v_bskh.dtype)
+    out_btkgh = jnp.einsum("bkgts,bskh->btkgh", probs_bkgts, v_bskh)
+    return out_btkgh.reshape(b, t, n, h)
+
+
+class Attention(nnx.Module):
+    """Multi-head causal self-attention with grouped key/value heads and an output projection."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        d, n, k, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
+        init = nnx.initializers.normal(cfg.init_std)
+        out_init = nnx.initializers.normal(cfg.init_std / (2 * cfg.num_layers) ** 0.5)
+        pd = cfg.param_dtype
+        self.w_q_dnh = param(rngs, init, (d, n, h), ("embed", "heads", "head_dim"), pd)
+        self.w_k_dkh = param(rngs, init, (d, k, h), ("embed", "kv_heads", "head_dim"), pd)
+        self.w_v_dkh = param(rngs, init, (d, k, h), ("embed", "kv_heads", "head_dim"), pd)
+        self.w_o_nhd = param(rngs, out_init, (n, h, d), ("heads", "head_dim", "embed"), pd)
+        self.use_rope = cfg.position == "rope"
+        self.rope_theta = cfg.rope_theta
+        self.dtype = dtype_of(cfg.dtype)
+
+    def __call__(self, x_btd: jax.Array, positions_bt: jax.Array, mask_bts: jax.Array) -> jax.Array:
+        dt = self.dtype
+        q_btnh = jnp.einsum("btd,dnh->btnh", x_btd, self.w_q_dnh[...].astype(dt))
+        k_btkh = jnp.einsum("btd,dkh->btkh", x_btd, self.w_k_dkh[...].astype(dt))
+        v_btkh = jnp.einsum("btd,dkh->btkh", x_btd, self.w_v_dkh[...].astype(dt))
+        if self.use_rope:
+            q_btnh = apply_rope(q_btnh, positions_bt, self.rope_theta)
+            k_btkh = apply_rope(k_btkh, positions_bt, self.rope_theta)
+        q_btnh = constrain(q_btnh, ("batch", "length", "heads", "head_dim"))
+        k_btkh = constrain(k_btkh, ("batch", "length", "kv_heads", "head_dim"))
+        v_btkh = constrain(v_btkh, ("batch", "length", "kv_heads", "head_dim"))
+        out_btnh = dot_product_attention(q_btnh, k_btkh, v_btkh, mask_bts)
+        out_btd = jnp.einsum("btnh,nhd->btd", out_btnh, self.w_o_nhd[...].astype(dt))
+        return constrain(out_btd, ("batch", "length", "embed"))

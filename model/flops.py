@@ -1,0 +1,78 @@
+"""Parameter and FLOP accounting for the dense decoder, and MFU against a measured matmul peak.
+
+Training FLOPs per token = 6 * N_matmul + 12 * L * T * N * H, where N_matmul counts every weight used
+in a matmul (attention, MLP and the LM head; not the embedding lookup) and the second term is the
+attention scores and weighted values (QK^T and PV) over a context of T tokens, forward and backward
+(PaLM, appendix B). The causal mask is not subtracted: the kernels compute the full T x T scores.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+
+from model.config import ModelConfig
+
+
+def param_counts(cfg: ModelConfig) -> dict[str, int]:
+    """total, embedding (token + learned positions) and non_embedding parameter counts."""
+    d, h, n, k, f, v, l = (cfg.d_model, cfg.resolved_head_dim, cfg.num_heads, cfg.num_kv_heads,
+                           cfg.mlp_dim, cfg.vocab_size, cfg.num_layers)
+    attn = d * n * h + 2 * d * k * h + n * h * d
+    mlp = (3 if cfg.activation == "swiglu" else 2) * d * f
+    norms = 2 * d
+    per_layer = attn + mlp + norms
+    embedding = v * d + (cfg.max_seq_len * d if cfg.position == "learned" else 0)
+    head = 0 if cfg.tie_embeddings else d * v
+    non_embedding = l * per_layer + d + head
+    return {"total": embedding + non_embedding, "embedding": embedding,
+            "non_embedding": non_embedding}
+
+
+def matmul_params(cfg: ModelConfig) -> int:
+    """Weights that take part in a matmul per token: attention, MLP and the LM head."""
+    d, h, n, k, f = cfg.d_model, cfg.resolved_head_dim, cfg.num_heads, cfg.num_kv_heads, cfg.mlp_dim
+    attn = d * n * h + 2 * d * k * h + n * h * d
+    mlp = (3 if cfg.activation == "swiglu" else 2) * d * f
+    return cfg.num_layers * (attn + mlp) + d * cfg.vocab_size
+
+
+def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Forward + backward FLOPs per trained token at context length ``seq_len``."""
+    attention = 12 * cfg.num_layers * seq_len * cfg.num_heads * cfg.resolved_head_dim
+    return 6 * matmul_params(cfg) + attention
+
+
+def measure_matmul_peak(size: int = 1024, repeats: int = 10) -> float:
+    """FLOP/s of the best of ``repeats`` float32 [size x size] matmuls on the first local device:
+    the practical compute limit of a CPU host (all its emulated devices share those cores)."""
+    device = jax.local_devices()[0]
+    a = jax.device_put(jnp.ones((size, size), jnp.float32), device)
+    matmul = jax.jit(lambda x: x @ x)
+    matmul(a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(a).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * size ** 3 / best
+
+
+# Published dense bf16 peak FLOP/s per chip, by a substring of ``device.device_kind``.
+TPU_PEAK_FLOPS = {"v4": 275e12, "v5 lite": 197e12, "v5e": 197e12, "v5p": 459e12, "v5": 459e12,
+                  "v6 lite": 918e12, "v6e": 918e12}
+
+
+def peak_flops(configured: float) -> tuple[float, str]:
+    """(peak FLOP/s of the whole job, where the figure came from); 0 when unknown."""
+    if configured > 0:
+        return configured, "configured (run.peak_flops)"
+    if jax.default_backend() == "cpu":
+        return measure_matmul_peak(), "float32 matmul measured on this host"
+    kind = jax.devices()[0].device_kind.lower()
+    for name, per_chip in TPU_PEAK_FLOPS.items():
+        if name in kind:
+            return per_chip * jax.device_count(), f"published bf16 peak of {kind}"
+    return 0.0, f"unknown for {kind}: set run.peak_flops"

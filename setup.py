@@ -1,0 +1,35 @@
+"""Packaging for meshlm: sharded JAX/Flax language models (dense and MoE) for TPU pods."""
+
+from setuptools import find_packages, setup
+
+INSTALL_REQUIRES = [
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "tensorflow-datasets==4.9.10",
+    "importlib_resources>=6.0",  # imported by tensorflow-datasets without being declared
+    "grain==0.2.18",
+    "sentencepiece==0.2.3",
+    "numpy>=2.0",
+    "pyyaml==6.0.3",
+    "tqdm==4.70.1",
+    "tensorboardX==2.6.5",
+]
+
+setup(
+    name="meshlm",
+    version="0.1.0",
+    description="Sharded dense and Mixture-of-Experts language models in JAX/Flax NNX for TPU pods",
+    python_requires=">=3.11",
+    packages=find_packages(include=["model*", "train*", "sharding*", "eval*", "data*"]),
+    install_requires=INSTALL_REQUIRES,
+    extras_require={"test": ["pytest==9.2.0", "ruff==0.17.6"]},
+    entry_points={
+        "console_scripts": [
+            "meshlm-train=train.__main__:main",
+            "meshlm-eval=eval.__main__:main",
+        ]
+    },
+)

@@ -1,0 +1,39 @@
+"""Constrain activations by logical axis names under the active (mesh, rules); a no-op without one.
+
+The training and evaluation code enter ``activation_sharding(mesh, rules)`` around tracing; model code
+calls ``constrain(x, ("batch", "length", "embed"))`` and never learns the mesh axis names.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator, Sequence
+
+import jax
+from jax.sharding import Mesh, NamedSharding
+
+from sharding.rules import Rules, logical_to_spec
+
+_ACTIVE: contextvars.ContextVar[tuple[Mesh, Rules] | None] = contextvars.ContextVar(
+    "meshlm_activation_sharding", default=None)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh, rules: Rules) -> Iterator[None]:
+    """Within this block (at trace time), ``constrain`` resolves names with ``rules`` on ``mesh``."""
+    token = _ACTIVE.set((mesh, rules))
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """Annotate ``x`` with the sharding its logical ``names`` map to (GSPMD hint, Auto axes)."""
+    active = _ACTIVE.get()
+    if active is None:
+        return x
+    mesh, rules = active
+    spec = logical_to_spec(names, x.shape, mesh, rules)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))

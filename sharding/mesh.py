@@ -1,0 +1,67 @@
+"""Device mesh from a MeshConfig (-1 fills the remaining devices) and multi-process start-up."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh
+
+from sharding.axes import MESH_AXES
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Mesh axis sizes; at most one may be -1 (fill with the remaining devices)."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    expert: int = 1
+
+    def sizes(self, num_devices: int) -> dict[str, int]:
+        """Concrete axis sizes for ``num_devices``; raises ValueError naming the bad key."""
+        raw = {axis: getattr(self, axis) for axis in MESH_AXES}
+        for axis, size in raw.items():
+            if size == 0 or size < -1:
+                raise ValueError(f"mesh.{axis}: must be a positive size or -1, got {size}")
+        fills = [axis for axis, size in raw.items() if size == -1]
+        if len(fills) > 1:
+            raise ValueError(f"mesh.{fills[1]}: only one mesh axis may be -1 (also {fills[0]})")
+        fixed = math.prod(size for size in raw.values() if size != -1)
+        if fills:
+            if num_devices % fixed:
+                raise ValueError(f"mesh.{fills[0]}: the other axes multiply to {fixed}, which does "
+                                 f"not divide the {num_devices} devices")
+            raw[fills[0]] = num_devices // fixed
+        elif fixed != num_devices:
+            shape = ",".join(f"{a}={s}" for a, s in raw.items())
+            raise ValueError(f"mesh: product of mesh axes {shape} is {fixed}, but there are "
+                             f"{num_devices} devices")
+        return raw
+
+
+def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
+    """A mesh over ``devices`` (default: all) with Auto axis types, so GSPMD propagates shardings."""
+    devices = list(jax.devices()) if devices is None else list(devices)
+    sizes = cfg.sizes(len(devices))
+    shape = tuple(sizes[axis] for axis in MESH_AXES)
+    if devices == list(jax.devices()):
+        return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES,
+                axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def batch_parallelism(mesh: Mesh, rules) -> int:
+    """How many ways the ``batch`` logical axis is split on this mesh."""
+    from sharding.rules import _lookup
+
+    return math.prod(mesh.shape[a] for a in _lookup(rules, "batch") if a in mesh.shape)
+
+
+def initialize_distributed(enabled: bool) -> None:
+    """One process per host: join JAX's multi-controller runtime (auto-detected on TPU VMs)."""
+    if enabled:
+        jax.distributed.initialize()

@@ -1,0 +1,102 @@
+"""Logical -> mesh axis tables, and their resolution to PartitionSpecs and NamedShardings.
+
+One table maps every logical axis name to zero or more mesh axes. A mesh axis is used at most once
+per array (later dimensions lose), and a dimension whose size the mesh axes do not divide is left
+replicated, so any table is valid for any shape.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+Rules = tuple[tuple[str, tuple[str, ...]], ...]
+
+
+def default_rules() -> Rules:
+    """Data/FSDP/tensor/expert parallelism: the MaxText-style default table."""
+    return (
+        ("batch", ("data", "fsdp", "expert")),
+        ("length", ()),
+        ("embed", ("fsdp",)),
+        ("heads", ("tensor",)),
+        ("kv_heads", ("tensor",)),
+        ("head_dim", ()),
+        ("mlp", ("tensor",)),
+        ("vocab", ("tensor",)),
+        ("experts", ("expert",)),
+        ("expert_mlp", ("tensor",)),
+        ("layers", ()),
+    )
+
+
+def _lookup(rules: Rules, name: str | None) -> tuple[str, ...]:
+    if name is None:
+        return ()
+    for logical, mesh_axes in rules:
+        if logical == name:
+            return mesh_axes
+    raise KeyError(f"logical axis {name!r} has no rule")
+
+
+def logical_to_spec(names: Sequence[str | None], shape: Sequence[int] | None, mesh: Mesh,
+                    rules: Rules) -> PartitionSpec:
+    """PartitionSpec for an array whose dimensions carry logical ``names``.
+
+    With ``shape`` given, mesh axes that do not divide a dimension are dropped (that dimension is
+    then sharded over fewer axes, or replicated). Mesh axes of size 1 are dropped too.
+    """
+    used: set[str] = set()
+    spec = []
+    for dim, name in enumerate(names):
+        chosen = []
+        size = 1
+        for axis in _lookup(rules, name):
+            if axis in used or axis not in mesh.shape or mesh.shape[axis] == 1:
+                continue
+            if shape is not None and shape[dim] % (size * mesh.shape[axis]):
+                continue
+            chosen.append(axis)
+            size *= mesh.shape[axis]
+        used.update(chosen)
+        spec.append(None if not chosen else chosen[0] if len(chosen) == 1 else tuple(chosen))
+    while spec and spec[-1] is None:
+        spec.pop()
+    return PartitionSpec(*spec)
+
+
+def _variable_spec(var: nnx.Variable, mesh: Mesh, rules: Rules) -> PartitionSpec:
+    names = var.get_metadata().get("out_sharding")
+    if names is None:
+        return PartitionSpec()
+    return logical_to_spec(names, var.shape, mesh, rules)
+
+
+def tree_shardings(tree: Any, mesh: Mesh, rules: Rules) -> Any:
+    """NamedShardings for a pytree (abstract or concrete) whose leaves may be nnx Variables.
+
+    Variables (params, and optimizer moments that keep the Param wrappers) are sharded by their
+    logical names; any other leaf (step counters, scalars) is replicated.
+    """
+    def one(leaf):
+        if isinstance(leaf, nnx.Variable):
+            return leaf.replace(NamedSharding(mesh, _variable_spec(leaf, mesh, rules)))
+        return NamedSharding(mesh, PartitionSpec())
+
+    return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def tree_specs(tree: Any, mesh: Mesh, rules: Rules) -> dict[str, str]:
+    """{"path/to/param": "PartitionSpec(...)"} for every Variable in ``tree``: a readable summary."""
+    flat = jax.tree_util.tree_flatten_with_path(
+        tree, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]
+    out = {}
+    for path, leaf in flat:
+        if isinstance(leaf, nnx.Variable):
+            key = "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+            out[key] = str(_variable_spec(leaf, mesh, rules))
+    return out

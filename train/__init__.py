@@ -1,0 +1,1 @@
+"""Training: configuration, sharded state, pure train/eval steps, checkpoints and the loop."""

@@ -1,0 +1,169 @@
+"""The training loop: build the mesh and sharded state (or resume it), jit the steps once, then
+run -- batches in, bounded steps in flight, metrics out, asynchronous checkpoints, a final
+evaluation and a short sample.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import yaml
+
+from data.batches import TrainWindows, eval_batches, to_global
+from data.corpus import load_tokens
+from data.tokenizer import make_tokenizer, save_tokenizer
+from eval.generate import generate
+from model.flops import param_counts, peak_flops, train_flops_per_token
+from sharding.constrain import activation_sharding
+from sharding.mesh import make_mesh
+from sharding.rules import default_rules
+from train.checkpoint import Checkpointer
+from train.config import Config, ConfigError, dump_yaml
+from train.metrics import MetricsWriter, progress_bar
+from train.optimizer import make_optimizer
+from train.state import TrainState, abstract_state, init_state, state_shardings
+from train.step import batch_sharding, jit_eval_step, jit_train_step
+
+
+def prepare_run_dir(cfg: Config) -> Path:
+    """Creates the run directory, or checks that an existing one trained the same model."""
+    run_dir = Path(cfg.run.dir)
+    saved = run_dir / "config.yaml"
+    if saved.is_file():
+        previous = yaml.safe_load(saved.read_text()) or {}
+        if previous.get("model") != cfg.to_dict()["model"]:
+            raise ConfigError("run.dir", f"{run_dir} holds a run of a different model; choose "
+                              "another run.dir or keep the model.* settings")
+    if jax.process_index() == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        saved.write_text(dump_yaml(cfg))
+    return run_dir
+
+
+def evaluate(eval_step, params, batches, batch_sh, batch_size) -> float:
+    """Mean token loss over the evaluation batches."""
+    loss_sum = weight_sum = 0.0
+    for local in batches:
+        out = jax.device_get(eval_step(params, to_global(local, batch_sh, batch_size)))
+        loss_sum += float(out["loss_sum"])
+        weight_sum += float(out["weight_sum"])
+    return loss_sum / max(weight_sum, 1.0)
+
+
+def train(cfg: Config) -> dict[str, Any]:
+    """Runs (or resumes) the job described by ``cfg``; returns a summary of the last step."""
+    run_dir = prepare_run_dir(cfg)
+    mesh, rules = make_mesh(cfg.mesh), default_rules()
+    t, m = cfg.train, cfg.model
+    tokenizer = make_tokenizer(cfg.data.tokenizer)
+    if jax.process_index() == 0:
+        save_tokenizer(tokenizer, run_dir)
+    train_tokens, eval_tokens = load_tokens(cfg.data.source, tokenizer, cfg.data.max_bytes,
+                                            cfg.data.eval_fraction)
+    windows = TrainWindows(train_tokens, t.batch_size, t.seq_len, t.seed)
+    eval_data = eval_batches(eval_tokens, t.batch_size, t.seq_len, t.eval_batches)
+    tx, schedule = make_optimizer(cfg.optim, t.steps)
+    writer = MetricsWriter(run_dir, cfg.run.tensorboard)
+    checkpointer = Checkpointer(run_dir, cfg.checkpoint)
+
+    with activation_sharding(mesh, rules):
+        graphdef, abstract = abstract_state(m, tx, t.seed)
+        state_sh = state_shardings(abstract, mesh, rules)
+        start = checkpointer.latest_step() or 0
+        if start:
+            state, _ = checkpointer.restore(start, abstract, state_sh)
+        else:
+            state = init_state(m, tx, t.seed, state_sh)
+        batch_sh = batch_sharding(mesh, rules, t.batch_size, t.seq_len)
+        train_step = jit_train_step(graphdef, tx, schedule, t.microbatches, state_sh, batch_sh)
+        eval_step = jit_eval_step(graphdef, state_sh.params, batch_sh)
+
+        peak, peak_source = peak_flops(cfg.run.peak_flops)
+        flops_per_token = train_flops_per_token(m, t.seq_len)
+        tokens_per_step = t.batch_size * t.seq_len
+        counts = param_counts(m)
+        if jax.process_index() == 0:
+            print(f"meshlm: {counts['total'] / 1e6:.2f}M parameters on mesh "
+                  f"{dict(mesh.shape)} ({jax.device_count()} {jax.default_backend()} devices); "
+                  f"steps {start}->{t.steps}; peak {peak / 1e9:.1f} GFLOP/s ({peak_source}); "
+                  f"run dir {run_dir}", flush=True)
+
+        bar = progress_bar(t.steps, start, cfg.run.progress)
+        in_flight: collections.deque[tuple[int, dict]] = collections.deque()
+        last: dict[str, Any] = {"step": start}
+        clock = {"time": None, "step": start}
+
+        def drain(limit: int) -> None:
+            """Fetches metrics of the oldest steps until at most ``limit`` remain in flight."""
+            while len(in_flight) > limit:
+                step, metrics = in_flight.popleft()
+                values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                now = time.perf_counter()
+                bar.update(1)
+                last.update(step=step, **values)
+                if clock["time"] is None:  # the first step includes compilation: time from here
+                    clock.update(time=now, step=step)
+                if step % t.log_every == 0 or step == t.steps:
+                    elapsed = now - clock["time"]
+                    tps = (step - clock["step"]) * tokens_per_step / elapsed if elapsed > 0 else 0.0
+                    mfu = tps * flops_per_token / peak if peak else 0.0
+                    last.update(tokens_per_s=tps, mfu=mfu)
+                    writer.write({"step": step, **values, "tokens_per_s": tps, "mfu": mfu})
+                    bar.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{tps:,.0f}",
+                                    mfu=f"{mfu:.1%}")
+                    clock.update(time=now, step=step)
+
+        for step in range(start, t.steps):
+            batch = to_global(windows.local_batch(step), batch_sh, t.batch_size)
+            state, metrics = train_step(state, batch)
+            in_flight.append((step + 1, metrics))
+            drain(t.steps_in_flight)
+            done = step + 1
+            if cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done != t.steps:
+                checkpointer.save(done, state, {"step": done})
+            if t.eval_every and done % t.eval_every == 0 and done != t.steps:
+                drain(0)
+                eval_loss = evaluate(eval_step, state.params, eval_data, batch_sh, t.batch_size)
+                writer.write({"step": done, "eval_loss": eval_loss})
+        drain(0)
+        bar.close()
+
+        if checkpointer.latest_step() != t.steps:
+            checkpointer.save(t.steps, state, {"step": t.steps})
+        if eval_data:
+            last["eval_loss"] = evaluate(eval_step, state.params, eval_data, batch_sh, t.batch_size)
+            writer.write({"step": t.steps, "eval_loss": last["eval_loss"]})
+        checkpointer.wait()
+        checkpointer.close()
+        writer.close()
+
+        if t.sample_tokens and jax.process_index() == 0:
+            print_sample(cfg, state, graphdef, tokenizer)
+    return last
+
+
+def print_sample(cfg: Config, state: TrainState, graphdef, tokenizer) -> None:
+    prompt = cfg.train.sample_prompt
+    ids = tokenizer.encode(prompt)
+    new = list(generate(state.params, graphdef, ids, cfg.train.sample_tokens,
+                        window=cfg.train.seq_len, temperature=0.8, seed=cfg.train.seed,
+                        stop_id=tokenizer.eos_id))
+    print("--- sample (temperature 0.8) ---")
+    print(prompt + tokenizer.decode(new))
+    print("--- end of sample ---", flush=True)
+
+
+def losses_of(run_dir: str | Path) -> dict[int, float]:
+    """{step: loss} from a run's metrics.jsonl (the last record of a step wins)."""
+    out = {}
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "loss" in record:
+            out[int(record["step"])] = record["loss"]
+    return out
+

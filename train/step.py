@@ -1,0 +1,102 @@
+"""Pure train and eval steps over (state, batch), and their one-time jit with explicit shardings.
+
+Loss: next-token cross-entropy summed over weighted target positions and divided by the weight sum,
+in float32. Gradient accumulation scans over microbatches inside the step, so the update equals the
+full-batch update.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from sharding.constrain import constrain
+from sharding.rules import Rules, logical_to_spec
+from train.state import TrainState
+
+Batch = dict[str, jax.Array]
+Metrics = dict[str, jax.Array]
+
+
+def loss_sums(params: nnx.State, graphdef: nnx.GraphDef, batch: Batch) -> tuple[jax.Array, jax.Array]:
+    """(sum of weighted token losses, sum of weights) for one batch."""
+    model = nnx.merge(graphdef, params)
+    logits_btv = model(batch["inputs"], batch.get("positions"), batch.get("segment_ids"))
+    target_logit_bt = jnp.take_along_axis(logits_btv, batch["targets"][..., None], axis=-1)[..., 0]
+    nll_bt = jax.nn.logsumexp(logits_btv, axis=-1) - target_logit_bt
+    weights_bt = batch["weights"].astype(jnp.float32)
+    return jnp.sum(nll_bt * weights_bt), jnp.sum(weights_bt)
+
+
+def _split_microbatches(batch: Batch, n: int) -> Batch:
+    """[B, ...] -> [n, B/n, ...] taking rows with stride n, so each microbatch keeps the batch
+    sharding of the whole (every device holds B/n/devices rows of every microbatch)."""
+    def split(x):
+        x = x.reshape((x.shape[0] // n, n) + x.shape[1:]).swapaxes(0, 1)
+        return constrain(x, (None, "batch") + (None,) * (x.ndim - 2))
+    return jax.tree.map(split, batch)
+
+
+def grads_and_loss(params: nnx.State, graphdef: nnx.GraphDef, batch: Batch,
+                   microbatches: int) -> tuple[nnx.State, jax.Array]:
+    """Mean-token-loss gradients and loss over the batch, accumulated over ``microbatches``."""
+    grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
+    if microbatches == 1:
+        (loss_sum, weight_sum), grads = grad_fn(params, graphdef, batch)
+    else:
+        def body(carry, micro):
+            grads_acc, loss_acc, weight_acc = carry
+            (loss_sum, weight_sum), grads = grad_fn(params, graphdef, micro)
+            grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
+            return (grads_acc, loss_acc + loss_sum, weight_acc + weight_sum), None
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+        (grads, loss_sum, weight_sum), _ = jax.lax.scan(
+            body, init, _split_microbatches(batch, microbatches))
+    denom = jnp.maximum(weight_sum, 1.0)
+    grads = jax.tree.map(lambda g: g / denom, grads)
+    return grads, loss_sum / denom
+
+
+def train_step(state: TrainState, batch: Batch, *, graphdef: nnx.GraphDef,
+               tx: optax.GradientTransformation, schedule: optax.Schedule,
+               microbatches: int) -> tuple[TrainState, Metrics]:
+    grads, loss = grads_and_loss(state.params, graphdef, batch, microbatches)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": schedule(state.step)}
+    return TrainState(state.step + 1, params, opt_state), metrics
+
+
+def eval_step(params: nnx.State, batch: Batch, *, graphdef: nnx.GraphDef) -> Metrics:
+    loss_sum, weight_sum = loss_sums(params, graphdef, batch)
+    return {"loss_sum": loss_sum, "weight_sum": weight_sum}
+
+
+def batch_sharding(mesh: Mesh, rules: Rules, batch_size: int, seq_len: int) -> NamedSharding:
+    """Sharding of [B, T] batch fields: rows over the batch axes, positions replicated."""
+    return NamedSharding(mesh, logical_to_spec(("batch", "length"), (batch_size, seq_len), mesh, rules))
+
+
+def jit_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
+                   schedule: optax.Schedule, microbatches: int, state_sh: TrainState,
+                   batch_sh: NamedSharding) -> Any:
+    """train_step jitted once: explicit in/out shardings, the incoming state donated."""
+    replicated = NamedSharding(batch_sh.mesh, PartitionSpec())
+    fn = functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule,
+                           microbatches=microbatches)
+    return jax.jit(fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated),
+                   donate_argnums=0)
+
+
+def jit_eval_step(graphdef: nnx.GraphDef, params_sh: nnx.State, batch_sh: NamedSharding) -> Any:
+    replicated = NamedSharding(batch_sh.mesh, PartitionSpec())
+    fn = functools.partial(eval_step, graphdef=graphdef)
+    return jax.jit(fn, in_shardings=(params_sh, batch_sh), out_shardings=replicated)
