@@ -43,7 +43,7 @@ def _split_microbatches(batch: Batch, n: int) -> Batch:
     return jax.tree.map(split, batch)
 
 
-def grads_and_loss(params: nnx.State, graphdef: nnx.GraphDef, batch: Batch,
+def grads_and_loss(params: nnx.State, batch: Batch, *, graphdef: nnx.GraphDef,
                    microbatches: int) -> tuple[nnx.State, jax.Array]:
     """Mean-token-loss gradients and loss over the batch, accumulated over ``microbatches``."""
     grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
@@ -68,10 +68,11 @@ def grads_and_loss(params: nnx.State, graphdef: nnx.GraphDef, batch: Batch,
 def train_step(state: TrainState, batch: Batch, *, graphdef: nnx.GraphDef,
                tx: optax.GradientTransformation, schedule: optax.Schedule,
                microbatches: int) -> tuple[TrainState, Metrics]:
-    grads, loss = grads_and_loss(state.params, graphdef, batch, microbatches)
+    grads, loss = grads_and_loss(state.params, batch, graphdef=graphdef,
+                                 microbatches=microbatches)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": schedule(state.step)}
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
     return TrainState(state.step + 1, params, opt_state), metrics
 
 

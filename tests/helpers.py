@@ -1,0 +1,63 @@
+"""Shared test helpers: small configs, sharded state on a given mesh, runs of the real loop."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from model.config import ModelConfig
+from sharding.constrain import activation_sharding
+from sharding.mesh import MeshConfig, make_mesh
+from sharding.rules import default_rules
+from train.config import CONFIG_DIR, Config, OptimConfig, build_config, load_yaml, validate
+from train.optimizer import make_optimizer
+from train.state import abstract_state, init_state, state_shardings
+from train.step import batch_sharding, grads_and_loss
+
+SMALL = ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                    mlp_dim=48, max_seq_len=16)
+
+
+def random_batch(batch_size: int, seq_len: int, vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, vocab, (batch_size, seq_len + 1)).astype(np.int32)
+    weights = (rng.random((batch_size, seq_len)) > 0.1).astype(np.float32)
+    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": weights}
+
+
+def loss_and_grads(cfg: ModelConfig, mesh_axes: dict[str, int], batch: dict[str, np.ndarray],
+                   microbatches: int = 1, devices: list | None = None):
+    """(loss, grads as host arrays) of freshly initialised params (seed 0) on the given mesh."""
+    mesh = make_mesh(MeshConfig(**mesh_axes), devices)
+    rules = default_rules()
+    tx, _ = make_optimizer(OptimConfig(), 10)
+    with activation_sharding(mesh, rules):
+        graphdef, abstract = abstract_state(cfg, tx)
+        shardings = state_shardings(abstract, mesh, rules)
+        state = init_state(cfg, tx, 0, shardings)
+        batch_sh = batch_sharding(mesh, rules, *batch["inputs"].shape)
+        fn = jax.jit(functools.partial(grads_and_loss, graphdef=graphdef, microbatches=microbatches),
+                     in_shardings=(shardings.params, batch_sh))
+        grads, loss = fn(state.params, {k: jax.device_put(v, batch_sh) for k, v in batch.items()})
+        return float(loss), jax.device_get(grads)
+
+
+def tiny_config(run_dir: Path, *overrides: str) -> Config:
+    """configs/tiny.yaml with overrides, validated for the 8 test devices."""
+    cfg = build_config(load_yaml(CONFIG_DIR / "tiny.yaml"), [f"run.dir={run_dir}", *overrides])
+    validate(cfg, jax.device_count())
+    return cfg
+
+
+def small_text(path: Path) -> Path:
+    """A small English-like text (about 30 KB) with learnable structure."""
+    rng = np.random.default_rng(0)
+    subjects = ["the dog", "a man", "the cat", "my friend", "the old sailor", "a child"]
+    verbs = ["bites", "sees", "follows", "greets", "paints", "remembers"]
+    objects = ["the ball", "a letter", "the moon", "his boat", "the garden", "a song"]
+    lines = [f"{rng.choice(subjects)} {rng.choice(verbs)} {rng.choice(objects)}." for _ in range(1200)]
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -1,0 +1,85 @@
+"""Training behaviour: accumulation equals full batch, loss falls, exact resume, restore on a new mesh."""
+
+import jax
+import numpy as np
+
+from data.batches import eval_batches, to_global
+from data.corpus import load_tokens
+from data.tokenizer import make_tokenizer
+from sharding.constrain import activation_sharding
+from sharding.mesh import MeshConfig, make_mesh
+from sharding.rules import default_rules
+from tests import reference
+from tests.helpers import SMALL, loss_and_grads, random_batch, small_text, tiny_config
+from train.checkpoint import Checkpointer
+from train.loop import evaluate, losses_of, train
+from train.optimizer import make_optimizer
+from train.state import abstract_state, state_shardings
+from train.step import batch_sharding, jit_eval_step
+
+TOL = 1e-5
+
+
+def test_gradient_accumulation_equals_full_batch(eight_devices):
+    batch = random_batch(16, 16, SMALL.vocab_size, seed=1)
+    mesh_axes = {"data": 2, "fsdp": 2, "tensor": 2}
+    loss_full, grads_full = loss_and_grads(SMALL, mesh_axes, batch, microbatches=1)
+    loss_micro, grads_micro = loss_and_grads(SMALL, mesh_axes, batch, microbatches=4)
+    assert abs(loss_micro - loss_full) <= TOL * abs(loss_full)
+    for a, b in zip(jax.tree.leaves(grads_micro), jax.tree.leaves(grads_full)):
+        assert reference.relative_error(a, b) < TOL
+
+
+def test_loss_falls_within_100_steps(eight_devices, tmp_path):
+    text = small_text(tmp_path / "small.txt")
+    cfg = tiny_config(tmp_path / "run", f"data.source=text:{text}", "train.steps=100",
+                      "train.log_every=1", "checkpoint.every=0")
+    summary = train(cfg)
+    losses = losses_of(tmp_path / "run")
+    first, last = losses[1], np.mean([losses[s] for s in range(91, 101)])
+    assert first > 5.0  # ~ln(vocab) at initialisation
+    assert last < first - 3.0, (first, last)
+    assert summary["eval_loss"] < 2.0
+
+
+def _resume_cfg(run_dir, *extra):
+    return tiny_config(run_dir, "train.log_every=1", "checkpoint.every=10", "optim.decay_steps=20",
+                       "optim.warmup_steps=5", *extra)
+
+
+def test_resume_is_exact_and_restores_onto_another_mesh(eight_devices, tmp_path):
+    straight = tmp_path / "straight"
+    train(_resume_cfg(straight, "train.steps=20"))
+    interrupted = tmp_path / "interrupted"
+    train(_resume_cfg(interrupted, "train.steps=10"))  # stops right after the step-10 checkpoint
+    assert Checkpointer(interrupted, _resume_cfg(interrupted).checkpoint).all_steps() == [10]
+    train(_resume_cfg(interrupted, "train.steps=20"))  # resumes from step 10
+    a, b = losses_of(straight), losses_of(interrupted)
+    assert [a[s] for s in range(11, 21)] == [b[s] for s in range(11, 21)]  # bitwise
+
+    # The step-20 checkpoint written on data=8 restored onto data=2 x fsdp=2 x tensor=2.
+    cfg = _resume_cfg(straight, "train.steps=20")
+    eval_loss = {name: _eval_loss_after_restore(cfg, straight, axes)
+                 for name, axes in {"same": {"data": 8},
+                                    "other": {"data": 2, "fsdp": 2, "tensor": 2}}.items()}
+    assert abs(eval_loss["other"] - eval_loss["same"]) <= TOL * eval_loss["same"]
+
+
+def _eval_loss_after_restore(cfg, run_dir, mesh_axes) -> float:
+    mesh, rules = make_mesh(MeshConfig(**mesh_axes)), default_rules()
+    t = cfg.train
+    tx, _ = make_optimizer(cfg.optim, t.steps)
+    _, eval_tokens = load_tokens(cfg.data.source, make_tokenizer("byte"), cfg.data.max_bytes,
+                                 cfg.data.eval_fraction)
+    with activation_sharding(mesh, rules):
+        graphdef, abstract = abstract_state(cfg.model, tx)
+        shardings = state_shardings(abstract, mesh, rules)
+        checkpointer = Checkpointer(run_dir, cfg.checkpoint)
+        state, meta = checkpointer.restore(20, abstract, shardings)
+        checkpointer.close()
+        assert meta == {"step": 20} and int(state.step) == 20
+        batch_sh = batch_sharding(mesh, rules, t.batch_size, t.seq_len)
+        eval_step = jit_eval_step(graphdef, shardings.params, batch_sh)
+        data = eval_batches(eval_tokens, t.batch_size, t.seq_len, 2)
+        assert to_global(data[0], batch_sh, t.batch_size)["inputs"].shape == (t.batch_size, t.seq_len)
+        return evaluate(eval_step, state.params, data, batch_sh, t.batch_size)
