@@ -49,14 +49,25 @@ class TrainWindows:
 
 
 def eval_batches(tokens: np.ndarray, batch_size: int, seq_len: int,
-                 num_batches: int) -> list[dict[str, np.ndarray]]:
-    """Consecutive non-overlapping windows of the held-out tokens (wrapping if there are too few)."""
+                 num_batches: int = 0) -> list[dict[str, np.ndarray]]:
+    """One pass over consecutive non-overlapping windows of the held-out tokens, in order.
+
+    ``num_batches`` > 0 keeps only the first batches. The last batch is padded with rows of weight
+    0, so every real token counts exactly once and padding never does.
+    """
     if len(tokens) < seq_len + 1:
         raise ValueError(f"data: {len(tokens)} evaluation tokens are too few for seq_len={seq_len}")
     n_windows = (len(tokens) - 1) // seq_len
+    if num_batches:
+        n_windows = min(n_windows, num_batches * batch_size)
     out = []
-    for b in range(num_batches):
-        idx = [(b * batch_size + r) % n_windows for r in range(batch_size)]
-        rows = np.stack([tokens[i * seq_len: i * seq_len + seq_len + 1] for i in idx])
-        out.append(_rows_to_batch(rows[_process_rows(batch_size)]))
+    for first in range(0, n_windows, batch_size):
+        count = min(batch_size, n_windows - first)
+        rows = np.zeros((batch_size, seq_len + 1), np.int32)
+        for r in range(count):
+            start = (first + r) * seq_len
+            rows[r] = tokens[start: start + seq_len + 1]
+        batch = _rows_to_batch(rows)
+        batch["weights"][count:] = 0.0
+        out.append({k: v[_process_rows(batch_size)] for k, v in batch.items()})
     return out

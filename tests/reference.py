@@ -21,7 +21,7 @@ def attention(q_btnh, k_bskh, v_bskh, segment_ids_bt=None):
                 scores = np.array([q[b, t, n] @ k[b, s, kv] / np.sqrt(h) for s in visible])
                 weights = np.exp(scores - scores.max())
                 weights /= weights.sum()
-                out[b, t, n] = sum(w * v[b, s, kv] for w, s in zip(weights, visible))
+                out[b, t, n] = sum(w * v[b, s, kv] for w, s in zip(weights, visible, strict=True))
     return out
 
 

@@ -86,7 +86,7 @@ def test_scanned_layers_equal_unrolled(remat):
     logits_scan, grads_scan = _logits_and_grads(scanned_cfg, params, graphdef_scan, tokens)
     logits_loop, grads_loop = _logits_and_grads(SMALL, params, graphdef_loop, tokens)
     assert reference.relative_error(logits_scan, logits_loop) < TOL_MODEL
-    for a, b in zip(jax.tree.leaves(grads_scan), jax.tree.leaves(grads_loop)):
+    for a, b in zip(jax.tree.leaves(grads_scan), jax.tree.leaves(grads_loop), strict=True):
         assert reference.relative_error(a, b) < TOL_MODEL
 
 

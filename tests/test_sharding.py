@@ -30,7 +30,7 @@ def test_sharded_loss_and_grads_equal_single_device(eight_devices, mesh_axes):
     loss_1, grads_1 = loss_and_grads(SMALL, {"data": 1}, batch, devices=eight_devices[:1])
     loss_n, grads_n = loss_and_grads(SMALL, mesh_axes, batch)
     assert abs(loss_n - loss_1) <= TOL * abs(loss_1)
-    for a, b in zip(jax.tree.leaves(grads_n), jax.tree.leaves(grads_1)):
+    for a, b in zip(jax.tree.leaves(grads_n), jax.tree.leaves(grads_1), strict=True):
         assert reference.relative_error(a, b) < TOL
 
 

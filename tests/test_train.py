@@ -26,7 +26,7 @@ def test_gradient_accumulation_equals_full_batch(eight_devices):
     loss_full, grads_full = loss_and_grads(SMALL, mesh_axes, batch, microbatches=1)
     loss_micro, grads_micro = loss_and_grads(SMALL, mesh_axes, batch, microbatches=4)
     assert abs(loss_micro - loss_full) <= TOL * abs(loss_full)
-    for a, b in zip(jax.tree.leaves(grads_micro), jax.tree.leaves(grads_full)):
+    for a, b in zip(jax.tree.leaves(grads_micro), jax.tree.leaves(grads_full), strict=True):
         assert reference.relative_error(a, b) < TOL
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import orbax.checkpoint as ocp
+from flax import nnx
 
 from train.config import CheckpointConfig
 from train.state import TrainState, with_shardings
@@ -17,10 +18,10 @@ from train.state import TrainState, with_shardings
 class Checkpointer:
     """A thin, typed wrapper over ``ocp.CheckpointManager`` for one run directory."""
 
-    def __init__(self, run_dir: str | Path, cfg: CheckpointConfig):
+    def __init__(self, run_dir: str | Path, cfg: CheckpointConfig, create: bool = True):
         self.directory = Path(run_dir).resolve() / "checkpoints"
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=cfg.keep, enable_async_checkpointing=cfg.async_save, create=True)
+            max_to_keep=cfg.keep, enable_async_checkpointing=cfg.async_save, create=create)
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_names=("state", "meta"))
 
@@ -42,6 +43,15 @@ class Checkpointer:
         out = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
         return out["state"], out["meta"]
+
+    def restore_params(self, step: int, abstract_params: nnx.State,
+                       shardings: nnx.State) -> nnx.State:
+        """Only the parameters at ``step`` (no optimizer state is read), laid out by ``shardings``."""
+        target = {"params": with_shardings(abstract_params, shardings)}
+        out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True)))
+        return out["state"]["params"]
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

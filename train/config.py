@@ -67,7 +67,7 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 10
     eval_every: int = 0  # 0: only at the end
-    eval_batches: int = 4
+    eval_batches: int = 4  # 0: one full pass over the held-out split
     steps_in_flight: int = 4  # bounded dispatch-ahead (the emulated CPU mesh deadlocks without it)
     sample_tokens: int = 200
     sample_prompt: str = "def "

@@ -6,6 +6,7 @@ its device, so no full copy ever sits on one device or the host.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -51,7 +52,7 @@ def init_state(cfg: ModelConfig, tx: optax.GradientTransformation, seed: int,
     return jax.jit(init, out_shardings=shardings)()
 
 
-def with_shardings(abstract: TrainState, shardings: TrainState) -> TrainState:
+def with_shardings(abstract: Any, shardings: Any) -> Any:
     """ShapeDtypeStructs that carry their target sharding (what orbax needs to restore onto a mesh)."""
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         abstract, shardings)

@@ -1,0 +1,57 @@
+"""The eval CLI on a real (tiny) trained run: perplexity agrees with training's evaluation."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import tiny_config
+from train.loop import train
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("eval") / "run"
+    summary = train(tiny_config(run_dir, "train.steps=20", "mesh.data=2", "mesh.tensor=4",
+                                "checkpoint.every=10"))
+    return run_dir, summary
+
+
+def run_eval(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "eval", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_perplexity_matches_training_eval_on_another_mesh(eight_devices, trained_run):
+    run_dir, summary = trained_run
+    result = run_eval("perplexity", "--checkpoint", str(run_dir), "--max-batches", "2")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["step"] == 20 and report["tokens"] == 2 * 16 * 32
+    assert abs(report["loss"] - summary["eval_loss"]) <= 1e-5 * summary["eval_loss"]
+
+
+def test_generate_from_a_step_directory(eight_devices, trained_run):
+    run_dir, _ = trained_run
+    result = run_eval("generate", "--checkpoint", str(run_dir / "checkpoints" / "10"),
+                      "--prompt", "def ", "--max-new-tokens", "8", "--temperature", "0", "--json")
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["prompt"] == "def " and out["tokens"] <= 8
+
+
+@pytest.mark.parametrize("args, message", [
+    (["perplexity", "--checkpoint", "/nonexistent/run"], "neither a meshlm run directory"),
+    (["generate", "--checkpoint", "RUN/checkpoints/7", "--prompt", "x"], "does not exist"),
+    (["generate", "--checkpoint", "RUN", "--prompt", ""], "empty prompt"),
+    (["generate", "--checkpoint", "RUN", "--prompt", "x", "--temperature", "-1"], "--temperature"),
+])
+def test_eval_errors_exit_2(trained_run, args, message):
+    run_dir, _ = trained_run
+    result = run_eval(*[a.replace("RUN", str(run_dir)) for a in args])
+    assert result.returncode == 2 and result.stderr.startswith("error:") and message in result.stderr
+    assert "Traceback" not in result.stderr
