@@ -129,3 +129,14 @@ def test_every_parameter_has_logical_axis_names():
     for path, var in nnx.to_flat_state(params):
         names = var.get_metadata().get("out_sharding")
         assert names is not None and len(names) == len(var.shape), path
+
+
+def test_scanned_compile_size_is_flat_in_depth():
+    """The scanned stack lowers to the same program for 2 or 8 layers; the unrolled one grows."""
+    def hlo_size(num_layers, scan):
+        cfg = dataclasses.replace(SMALL, num_layers=num_layers, scan_layers=scan)
+        graphdef, params = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))))
+        fn = jax.jit(lambda p, x: nnx.merge(graphdef, p)(x))
+        return len(fn.lower(params, jax.ShapeDtypeStruct((2, 16), jnp.int32)).as_text())
+    assert hlo_size(8, scan=True) < 1.05 * hlo_size(2, scan=True)
+    assert hlo_size(8, scan=False) > 2 * hlo_size(2, scan=False)

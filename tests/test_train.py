@@ -33,8 +33,9 @@ def test_gradient_accumulation_equals_full_batch(eight_devices):
 def test_loss_falls_within_100_steps(eight_devices, tmp_path):
     text = small_text(tmp_path / "small.txt")
     cfg = tiny_config(tmp_path / "run", f"data.source=text:{text}", "train.steps=100",
-                      "train.log_every=1", "checkpoint.every=0")
+                      "train.log_every=1", "checkpoint.every=25", "checkpoint.keep=2")
     summary = train(cfg)
+    assert Checkpointer(tmp_path / "run", cfg.checkpoint).all_steps() == [75, 100]  # keep last 2
     losses = losses_of(tmp_path / "run")
     first, last = losses[1], np.mean([losses[s] for s in range(91, 101)])
     assert first > 5.0  # ~ln(vocab) at initialisation

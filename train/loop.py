@@ -133,11 +133,12 @@ def train(cfg: Config) -> dict[str, Any]:
         drain(0)
         bar.close()
 
-        if checkpointer.latest_step() != t.steps:
-            checkpointer.save(t.steps, state, {"step": t.steps})
+        final_step = max(start, t.steps)  # a run resumed past train.steps trains no further
+        if checkpointer.latest_step() != final_step:
+            checkpointer.save(final_step, state, {"step": final_step})
         if eval_data:
             last["eval_loss"] = evaluate(eval_step, state.params, eval_data, batch_sh, t.batch_size)
-            writer.write({"step": t.steps, "eval_loss": last["eval_loss"]})
+            writer.write({"step": final_step, "eval_loss": last["eval_loss"]})
         checkpointer.wait()
         checkpointer.close()
         writer.close()
