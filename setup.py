@@ -25,7 +25,7 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["model*", "train*", "sharding*", "eval*", "data*"]),
     install_requires=INSTALL_REQUIRES,
-    extras_require={"test": ["pytest==9.2.0", "ruff==0.17.6"]},
+    extras_require={"test": ["pytest==9.2.0", "ruff==0.17.6", "hypothesis==6.170.17"]},
     entry_points={
         "console_scripts": [
             "meshlm-train=train.__main__:main",

@@ -1,17 +1,34 @@
-"""Tokenizers behind one interface (encode, decode, vocab_size, bos_id, eos_id, pad_id), and their
-persistence in a run directory so that evaluation uses exactly the tokenizer training used.
+"""Tokenizers behind one interface (encode, decode, vocab_size, bos_id, eos_id, pad_id, kind), their
+specs (``"byte"``, ``"sentencepiece:PATH.model"``), their persistence in a run directory, and a command
+that trains a SentencePiece model:
+
+    python -m data.tokenizer train --input PATH [PATH ...] --vocab-size N --model-type bpe --output PREFIX
 """
 
 from __future__ import annotations
 
+import argparse
+import codecs
 import json
+import os
+import re
+import sys
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, NoReturn, Protocol
+
+import sentencepiece as spm
 
 TOKENIZER_FILE = "tokenizer.json"
+MODEL_FILE = "tokenizer.model"
+SPECIAL_IDS = {"unk_id": 0, "bos_id": 1, "eos_id": 2, "pad_id": 3}
+MIN_VOCAB_SIZE = len(SPECIAL_IDS) + 256  # the special pieces and the 256 byte-fallback pieces
+MAX_SENTENCE_BYTES = 4096  # training lines longer than this are cut into pieces (never skipped)
+SPACE_SYMBOL = "\u2581"  # "▁": how SentencePiece writes a space inside its pieces
 
 
 class Tokenizer(Protocol):
+    kind: str
     vocab_size: int
     bos_id: int
     eos_id: int
@@ -41,29 +58,264 @@ class ByteTokenizer:
         return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="replace")
 
 
-KINDS = {"byte": ByteTokenizer}
+class SentencePieceTokenizer:
+    """A SentencePiece model (any ``.model`` file: Llama, Gemma, or one from `train_sentencepiece`).
+
+    ``bos_id`` and ``eos_id`` are the model's own (-1 when the model defines none). ``pad_id`` is the
+    model's pad id when it has one (>= 0), else its eos id (else its unk id): padding positions carry
+    weight 0 in the loss, so any valid id serves.
+
+    Round trips: with a model from `train_sentencepiece` (identity normalisation, byte fallback, no
+    dummy prefix, no whitespace folding) ``decode(encode(s)) == s`` for every string UTF-8 can encode
+    (no lone surrogates). SentencePiece itself writes spaces as "▁" (U+2581) and so decodes a literal
+    "▁" in the text as a space; `encode` therefore spells any piece whose text contains a literal "▁"
+    as its UTF-8 byte pieces, which decode to exactly that text (models without byte pieces keep
+    SentencePiece's behaviour).
+    """
+
+    kind = "sentencepiece"
+
+    def __init__(self, model: str | os.PathLike | bytes) -> None:
+        if isinstance(model, bytes):
+            proto, where = model, "serialized model"
+        else:
+            path = Path(model)
+            if not path.is_file():
+                raise ValueError(f"SentencePiece model {path} does not exist")
+            proto, where = path.read_bytes(), str(path)
+        self._sp = spm.SentencePieceProcessor()
+        try:
+            self._sp.LoadFromSerializedProto(proto)
+        except RuntimeError:
+            raise ValueError(f"{where} is not a SentencePiece model") from None
+        self.model_proto = proto
+        self.vocab_size = self._sp.get_piece_size()
+        self.bos_id = self._sp.bos_id()
+        self.eos_id = self._sp.eos_id()
+        self.pad_id = next(i for i in (self._sp.pad_id(), self.eos_id, self._sp.unk_id()) if i >= 0)
+        byte_ids = [self._sp.piece_to_id(f"<0x{b:02X}>") for b in range(256)]
+        self._byte_ids = byte_ids if all(self._sp.is_byte(i) for i in byte_ids) else None
+
+    def encode(self, text: str) -> list[int]:
+        if self._byte_ids is None or SPACE_SYMBOL not in text:
+            return self._sp.encode(text)
+        pieces = self._sp.encode(text, return_type="offset_mapping")
+        ids: list[int] = []
+        for i, (begin, end) in zip(pieces["ids"], pieces["offsets"], strict=True):
+            surface = text[begin:end]
+            if SPACE_SYMBOL in surface and not self._sp.is_byte(i):
+                ids.extend(self._byte_ids[b] for b in surface.encode("utf-8"))
+            else:
+                ids.append(i)
+        return ids
+
+    def decode(self, ids) -> str:
+        """Text of ``ids``; ids outside the vocabulary (e.g. a padded model vocabulary) are dropped."""
+        return self._sp.decode([int(i) for i in ids if 0 <= int(i) < self.vocab_size])
+
+    def __getstate__(self) -> dict:
+        return {"model_proto": self.model_proto}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["model_proto"])
 
 
-def vocab_size_of(kind: str) -> int:
-    return KINDS[kind].vocab_size
+KINDS = {"byte": ByteTokenizer, "sentencepiece": SentencePieceTokenizer}
+SPEC_HELP = "expected 'byte' or 'sentencepiece:PATH.model'"
 
 
-def make_tokenizer(kind: str) -> Tokenizer:
-    return KINDS[kind]()
+def make_tokenizer(spec: str) -> Tokenizer:
+    """The tokenizer named by ``spec`` (``"byte"`` or ``"sentencepiece:PATH.model"``); ValueError if the
+    spec is unknown or the model file is missing or not a SentencePiece model."""
+    if spec == "byte":
+        return ByteTokenizer()
+    kind, _, path = spec.partition(":")
+    if kind == "sentencepiece" and path:
+        return SentencePieceTokenizer(path)
+    raise ValueError(f"unknown tokenizer {spec!r}: {SPEC_HELP}")
+
+
+def vocab_size_of(spec: str) -> int:
+    """Number of ids of the tokenizer named by ``spec``; ValueError as `make_tokenizer`."""
+    return ByteTokenizer.vocab_size if spec == "byte" else make_tokenizer(spec).vocab_size
 
 
 def save_tokenizer(tokenizer: Tokenizer, run_dir: str | Path) -> None:
-    path = Path(run_dir) / TOKENIZER_FILE
-    path.write_text(json.dumps({"kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size}) + "\n")
+    """Write ``tokenizer.json`` (and, for SentencePiece, ``tokenizer.model``) into ``run_dir``."""
+    meta = {"kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size}
+    if isinstance(tokenizer, SentencePieceTokenizer):
+        (Path(run_dir) / MODEL_FILE).write_bytes(tokenizer.model_proto)
+        meta["file"] = MODEL_FILE
+    (Path(run_dir) / TOKENIZER_FILE).write_text(json.dumps(meta) + "\n")
 
 
 def load_tokenizer(run_dir: str | Path) -> Tokenizer:
-    """The tokenizer a run directory was trained with; ValueError if it is missing or unknown."""
+    """The tokenizer a run directory was trained with; ValueError if it is missing or invalid."""
     path = Path(run_dir) / TOKENIZER_FILE
     if not path.is_file():
         raise ValueError(f"{path} is missing: not a meshlm run directory")
     try:
-        spec = json.loads(path.read_text())
-        return make_tokenizer(spec["kind"])
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        meta = json.loads(path.read_text())
+        kind = meta["kind"]
+        if kind == "byte":
+            tokenizer: Tokenizer = ByteTokenizer()
+        elif kind == "sentencepiece":
+            tokenizer = SentencePieceTokenizer(Path(run_dir) / meta["file"])
+        else:
+            raise ValueError(f"unknown kind {kind!r}")
+        if meta.get("vocab_size", tokenizer.vocab_size) != tokenizer.vocab_size:
+            raise ValueError(f"vocab_size {meta['vocab_size']} but the model has {tokenizer.vocab_size}")
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{path} is not a valid tokenizer file ({e})") from None
+    return tokenizer
+
+
+# ----------------------------------------------------------------------------------------- training
+
+
+def check_utf8(path: Path) -> None:
+    """ValueError naming ``path`` unless it is a readable UTF-8 text file (read in 1 MiB blocks)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    try:
+        with path.open("rb") as f:
+            while block := f.read(1 << 20):
+                decoder.decode(block)
+                offset += len(block)
+            decoder.decode(b"", final=True)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text (invalid byte near offset {offset + e.start})") from None
+    except OSError as e:
+        raise ValueError(f"cannot read {path}: {e.strerror}") from None
+
+
+def training_lines(paths: Sequence[Path], max_bytes: int = MAX_SENTENCE_BYTES) -> Iterator[str]:
+    """The non-empty lines of ``paths``, lines over ``max_bytes`` UTF-8 bytes cut into pieces that fit
+    (SentencePiece would silently drop them)."""
+    width = max_bytes // 4  # characters: at most 4 bytes each
+    for path in paths:
+        with path.open(encoding="utf-8") as f:
+            for line in f:
+                line = line.rstrip("\n")
+                if len(line) <= width or len(line.encode("utf-8")) <= max_bytes:
+                    if line:
+                        yield line
+                else:
+                    yield from (line[i:i + width] for i in range(0, len(line), width))
+
+
+def _spm_message(e: RuntimeError) -> str:
+    """SentencePiece's error text without its source location, on one line."""
+    text = re.sub(r"^\w+: (\S+\(\d+\) \[.*?\] )?", "", str(e).strip())
+    return " ".join(text.split()) or str(e)
+
+
+def train_sentencepiece(inputs: Sequence[str | Path], vocab_size: int,
+                        model_type: Literal["bpe", "unigram"], output_prefix: str | Path, *,
+                        input_sentence_size: int = 2_000_000) -> Path:
+    """Train a SentencePiece model on UTF-8 text files and write ``PREFIX.model``; return its path.
+
+    The model round-trips any text exactly (see `SentencePieceTokenizer`): identity normalisation,
+    whitespace kept as is, no dummy prefix, byte fallback for characters outside the vocabulary; digits
+    are split. Ids: unk 0, bos 1, eos 2, pad 3, then the 256 byte pieces. Lines are the training
+    sentences (over 4096 bytes they are cut; newlines themselves are left to byte pieces); beyond
+    ``input_sentence_size`` lines (0: no limit) a uniform sample is kept (SentencePiece's reservoir
+    sampling, with its fixed seed: deterministic), so large inputs are streamed, not loaded.
+    ValueError, with a one-line message, for a missing or non-UTF-8 input, a vocabulary size the text
+    cannot fill, or an output that cannot be written.
+    """
+    if model_type not in ("bpe", "unigram"):
+        raise ValueError(f"unknown model type {model_type!r}: expected 'bpe' or 'unigram'")
+    if vocab_size < MIN_VOCAB_SIZE:
+        raise ValueError(f"vocab size {vocab_size} is too small: at least {MIN_VOCAB_SIZE} "
+                         f"(4 special ids + 256 byte pieces) plus the text's characters")
+    if not (input_sentence_size == 0 or input_sentence_size > 100):
+        raise ValueError(f"input sentence size must be 0 (all lines) or above 100, got {input_sentence_size}")
+    paths = [Path(p) for p in inputs]
+    if not paths:
+        raise ValueError("no input files given")
+    for path in paths:
+        if not path.is_file():
+            raise ValueError(f"input file {path} does not exist")
+        check_utf8(path)
+    if not any(path.stat().st_size for path in paths):
+        raise ValueError("the input files hold no text")
+    output = Path(f"{output_prefix}.model")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"cannot create output directory {output.parent}: {e.strerror}") from None
+    if not os.access(output.parent, os.W_OK):
+        raise ValueError(f"output directory {output.parent} is not writable")
+
+    model = _train(training_lines(paths), vocab_size, model_type, input_sentence_size)
+    try:
+        output.write_bytes(model)
+    except OSError as e:
+        raise ValueError(f"cannot write {output}: {e.strerror}") from None
+    return output
+
+
+def _train(lines: Iterator[str], vocab_size: int, model_type: str, input_sentence_size: int) -> bytes:
+    model = _ModelBytes()
+    try:
+        with open(os.devnull, "w") as quiet:
+            spm.SentencePieceTrainer.Train(
+                sentence_iterator=lines, model_writer=model, logstream=quiet,
+                model_type=model_type, vocab_size=vocab_size, **SPECIAL_IDS,
+                byte_fallback=True, character_coverage=0.9995,
+                normalization_rule_name="identity", remove_extra_whitespaces=False,
+                add_dummy_prefix=False, allow_whitespace_only_pieces=True, split_digits=True,
+                max_sentence_length=MAX_SENTENCE_BYTES, input_sentence_size=input_sentence_size,
+                shuffle_input_sentence=True, num_threads=min(os.cpu_count() or 1, 16))
+    except RuntimeError as e:
+        raise ValueError(f"SentencePiece training failed: {_spm_message(e)}") from None
+    return model.data
+
+
+class _ModelBytes:
+    """Receives the serialized model from the trainer (instead of it writing files itself)."""
+
+    data = b""
+
+    def write(self, data: bytes) -> None:
+        self.data = data
+
+
+# -------------------------------------------------------------------------------------- command line
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one ``error: ...`` line and exit code 2 for every usage mistake."""
+
+    def error(self, message: str) -> NoReturn:
+        _fail(message)
+
+
+def _fail(message: str) -> NoReturn:
+    print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _Parser(prog="python -m data.tokenizer", description="Tokenizer tools.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    train = commands.add_parser("train", help="train a SentencePiece model on UTF-8 text files")
+    train.add_argument("--input", nargs="+", required=True, metavar="PATH", help="UTF-8 text files")
+    train.add_argument("--vocab-size", type=int, required=True, metavar="N")
+    train.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe")
+    train.add_argument("--output", required=True, metavar="PREFIX", help="writes PREFIX.model")
+    train.add_argument("--input-sentence-size", type=int, default=2_000_000, metavar="LINES",
+                       help="train on a uniform sample of this many lines when the input has more")
+    args = parser.parse_args(argv)
+    try:
+        path = train_sentencepiece(args.input, args.vocab_size, args.model_type, args.output,
+                                   input_sentence_size=args.input_sentence_size)
+    except ValueError as e:
+        _fail(str(e))
+    print(f"wrote {path} ({args.vocab_size} pieces, {args.model_type})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -7,8 +7,9 @@ from typing import Any
 
 import jax
 
-from data.batches import eval_batches, to_global
-from data.corpus import load_tokens
+from data.batches import equalize_across_processes, to_global
+from data.pipeline import Shard, empty_batch, eval_batches
+from data.sources import open_source
 from eval.load import LoadedRun
 from sharding.constrain import activation_sharding
 from train.step import batch_sharding, jit_eval_step
@@ -18,12 +19,19 @@ def perplexity(run: LoadedRun, source: str | None = None, batch_size: int = 0,
                max_batches: int = 0) -> dict[str, Any]:
     """Loss, perplexity, token count and bits per byte over the evaluation split of ``source``
     (default: the run's own data.source). Every held-out token counts exactly once."""
-    cfg = run.cfg
-    source = source or cfg.data.source
-    seq_len = cfg.train.seq_len
-    batch_size = batch_size or cfg.train.batch_size
-    _, tokens = load_tokens(source, run.tokenizer, cfg.data.max_bytes, cfg.data.eval_fraction)
-    batches = eval_batches(tokens, batch_size, seq_len, max_batches)
+    d = run.cfg.data
+    source = source or d.source
+    seq_len = run.cfg.train.seq_len
+    batch_size = batch_size or run.cfg.train.batch_size
+    if batch_size % jax.process_count():
+        raise ValueError(f"--batch-size {batch_size} is not divisible by the process count")
+    shard = Shard(jax.process_index(), jax.process_count())
+    local_batch = batch_size // shard.count
+    docs = open_source(source, "eval", eval_fraction=d.eval_fraction, data_dir=d.data_dir or None,
+                       cache_dir=d.cache_dir or None)
+    batches = eval_batches(docs, run.tokenizer, seq_len=seq_len, batch_size=local_batch,
+                           max_batches=max_batches, shard=shard)
+    batches = equalize_across_processes(batches, empty_batch(local_batch, seq_len))
     with activation_sharding(run.mesh, run.rules):
         batch_sh = batch_sharding(run.mesh, run.rules, batch_size, seq_len)
         params_sh = jax.tree.map(lambda x: x.sharding, run.params)
@@ -35,8 +43,12 @@ def perplexity(run: LoadedRun, source: str | None = None, batch_size: int = 0,
             loss_sum += float(out["loss_sum"])
             weight_sum += float(out["weight_sum"])
             for row, weights in zip(local["targets"], local["weights"], strict=True):
-                if weights.any():
-                    byte_count += len(run.tokenizer.decode(row.tolist()).encode("utf-8"))
+                real = row[weights > 0].tolist()
+                byte_count += len(run.tokenizer.decode(real).encode("utf-8"))
+    if jax.process_count() > 1:  # every process counted the bytes of its own rows
+        from jax.experimental import multihost_utils
+
+        byte_count = int(multihost_utils.process_allgather(byte_count).sum())
     loss = loss_sum / max(weight_sum, 1.0)
     return {"loss": loss, "perplexity": math.exp(loss), "tokens": int(weight_sum),
             "bits_per_byte": loss_sum / math.log(2) / max(byte_count, 1), "source": source,

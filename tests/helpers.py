@@ -52,12 +52,16 @@ def tiny_config(run_dir: Path, *overrides: str) -> Config:
     return cfg
 
 
-def small_text(path: Path) -> Path:
-    """A small English-like text (about 30 KB) with learnable structure."""
+def small_text(directory: Path, files: int = 4) -> str:
+    """A small English-like text with learnable structure (about 30 KB in ``files`` files);
+    returns the glob that matches them."""
     rng = np.random.default_rng(0)
     subjects = ["the dog", "a man", "the cat", "my friend", "the old sailor", "a child"]
     verbs = ["bites", "sees", "follows", "greets", "paints", "remembers"]
     objects = ["the ball", "a letter", "the moon", "his boat", "the garden", "a song"]
-    lines = [f"{rng.choice(subjects)} {rng.choice(verbs)} {rng.choice(objects)}." for _ in range(1200)]
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    directory.mkdir(parents=True, exist_ok=True)
+    for i in range(files):
+        lines = [f"{rng.choice(subjects)} {rng.choice(verbs)} {rng.choice(objects)}."
+                 for _ in range(1200 // files)]
+        (directory / f"part{i}.txt").write_text("\n".join(lines) + "\n")
+    return str(directory / "*.txt")

@@ -3,8 +3,9 @@
 import jax
 import numpy as np
 
-from data.batches import eval_batches, to_global
-from data.corpus import load_tokens
+from data.batches import to_global
+from data.pipeline import eval_batches
+from data.sources import open_source
 from data.tokenizer import make_tokenizer
 from sharding.constrain import activation_sharding
 from sharding.mesh import MeshConfig, make_mesh
@@ -31,7 +32,7 @@ def test_gradient_accumulation_equals_full_batch(eight_devices):
 
 
 def test_loss_falls_within_100_steps(eight_devices, tmp_path):
-    text = small_text(tmp_path / "small.txt")
+    text = small_text(tmp_path / "text")
     cfg = tiny_config(tmp_path / "run", f"data.source=text:{text}", "train.steps=100",
                       "train.log_every=1", "checkpoint.every=25", "checkpoint.keep=2")
     summary = train(cfg)
@@ -70,17 +71,17 @@ def _eval_loss_after_restore(cfg, run_dir, mesh_axes) -> float:
     mesh, rules = make_mesh(MeshConfig(**mesh_axes)), default_rules()
     t = cfg.train
     tx, _ = make_optimizer(cfg.optim, t.steps)
-    _, eval_tokens = load_tokens(cfg.data.source, make_tokenizer("byte"), cfg.data.max_bytes,
-                                 cfg.data.eval_fraction)
+    docs = open_source(cfg.data.source, "eval", eval_fraction=cfg.data.eval_fraction)
     with activation_sharding(mesh, rules):
         graphdef, abstract = abstract_state(cfg.model, tx)
         shardings = state_shardings(abstract, mesh, rules)
         checkpointer = Checkpointer(run_dir, cfg.checkpoint)
-        state, meta = checkpointer.restore(20, abstract, shardings)
+        state, meta, data_state = checkpointer.restore(20, abstract, shardings)
         checkpointer.close()
-        assert meta == {"step": 20} and int(state.step) == 20
+        assert meta == {"step": 20} and int(state.step) == 20 and data_state
         batch_sh = batch_sharding(mesh, rules, t.batch_size, t.seq_len)
         eval_step = jit_eval_step(graphdef, shardings.params, batch_sh)
-        data = eval_batches(eval_tokens, t.batch_size, t.seq_len, 2)
+        data = eval_batches(docs, make_tokenizer("byte"), seq_len=t.seq_len,
+                            batch_size=t.batch_size, max_batches=2)
         assert to_global(data[0], batch_sh, t.batch_size)["inputs"].shape == (t.batch_size, t.seq_len)
         return evaluate(eval_step, state.params, data, batch_sh, t.batch_size)

@@ -1,18 +1,37 @@
-"""Orbax checkpoints of a run: ``run_dir/checkpoints/<step>/`` holding the sharded TrainState and a
-small JSON record; asynchronous saves, keep-last-K, and restore onto any mesh (every target array
-carries its NamedSharding).
+"""Orbax checkpoints of a run: ``run_dir/checkpoints/<step>/`` holding the sharded TrainState, a
+small JSON record and the input pipeline's position (one file per process); asynchronous saves,
+keep-last-K, and restore onto any mesh (every target array carries its NamedSharding).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
+import grain
 import orbax.checkpoint as ocp
 from flax import nnx
 
 from train.config import CheckpointConfig
 from train.state import TrainState, with_shardings
+
+
+class _IteratorSnapshot:
+    """An iterator position captured when the save starts, in the form grain's orbax handler
+    stores (bytes from ``get_state``): later batches drawn during an async save do not leak in."""
+
+    def __init__(self, state: dict[str, Any] | None = None):
+        self.state = state
+
+    def get_state(self) -> bytes:
+        return json.dumps(self.state).encode()
+
+    def set_state(self, raw: bytes) -> None:
+        self.state = json.loads(raw)
+
+    def start_prefetch(self) -> None:
+        pass
 
 
 class Checkpointer:
@@ -23,7 +42,7 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(
             max_to_keep=cfg.keep, enable_async_checkpointing=cfg.async_save, create=create)
         self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                             item_names=("state", "meta"))
+                                             item_names=("state", "meta", "data"))
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -31,18 +50,29 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self.manager.all_steps())
 
-    def save(self, step: int, state: TrainState, meta: dict[str, Any]) -> None:
+    def save(self, step: int, state: TrainState, meta: dict[str, Any],
+             data_state: dict[str, Any]) -> None:
         """Starts an (asynchronous) save; the state may be donated as soon as this returns."""
         self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta),
+            data=grain.checkpoint.CheckpointSave(_IteratorSnapshot(data_state))), force=True)
 
-    def restore(self, step: int, abstract: TrainState,
-                shardings: TrainState) -> tuple[TrainState, dict[str, Any]]:
-        """The state at ``step``, laid out by ``shardings`` (any mesh), and its JSON record."""
+    def restore(self, step: int, abstract: TrainState, shardings: TrainState
+                ) -> tuple[TrainState, dict[str, Any], dict[str, Any]]:
+        """(state laid out by ``shardings`` on any mesh, JSON record, this process's input
+        pipeline position) at ``step``."""
         target = with_shardings(abstract, shardings)
-        out = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
-        return out["state"], out["meta"]
+        snapshot = _IteratorSnapshot()
+        try:
+            out = self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore(),
+                data=grain.checkpoint.CheckpointRestore(snapshot)))
+        except ValueError as e:
+            if "process_" in str(e) and "does not exist" in str(e):
+                raise ValueError(f"checkpoint {step} holds no input position for this process: "
+                                 "resume with the process count that wrote it") from None
+            raise
+        return out["state"], out["meta"], snapshot.state
 
     def restore_params(self, step: int, abstract_params: nnx.State,
                        shardings: nnx.State) -> nnx.State:

@@ -32,13 +32,17 @@ class DataConfig:
     """Where text comes from and how it becomes tokens.
 
     source: ``stdlib`` (the installed Python standard library's .py files, present on every
-    machine) or ``text:GLOB`` (local UTF-8 text files).
+    machine), ``text:GLOB`` (local UTF-8 text files, prepared once into ArrayRecord by a
+    tensorflow-datasets builder) or ``tfds:NAME[:SPLIT[:FIELD]]`` (a tfds catalog dataset read from
+    ``data_dir``). tokenizer: ``byte`` or ``sentencepiece:PATH.model``.
     """
 
     source: str = "stdlib"
-    tokenizer: Literal["byte"] = "byte"
-    eval_fraction: float = 0.05
-    max_bytes: int = 16_000_000
+    tokenizer: str = "byte"
+    data_dir: str = ""  # tensorflow-datasets data_dir for tfds: sources (e.g. gs://bucket/tfds)
+    cache_dir: str = ""  # where text: sources are prepared; "" = ~/.cache/meshlm/tfds
+    eval_fraction: float = 0.05  # documents held out for evaluation (stdlib and text: sources)
+    prefetch: int = 2  # batches prepared ahead by a background thread (0: none)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,7 +222,16 @@ def load_config(path: str | Path | None, overrides: list[str]) -> Config:
 def tokenizer_vocab_size(data: DataConfig) -> int:
     from data.tokenizer import vocab_size_of
 
-    return vocab_size_of(data.tokenizer)
+    try:
+        return vocab_size_of(data.tokenizer)
+    except ValueError as e:
+        raise ConfigError("data.tokenizer", str(e)) from None
+
+
+def jax_process_count() -> int:
+    import jax
+
+    return jax.process_count()
 
 
 def validate(cfg: Config, num_devices: int) -> None:
@@ -255,12 +268,16 @@ def validate(cfg: Config, num_devices: int) -> None:
     if vocab > m.vocab_size:
         raise ConfigError("model.vocab_size", f"vocab_size={m.vocab_size} is smaller than the "
                           f"{cfg.data.tokenizer} tokenizer's {vocab} ids")
-    if not (cfg.data.source == "stdlib" or cfg.data.source.startswith("text:")):
-        raise ConfigError("data.source", f"expected 'stdlib' or 'text:GLOB', got {cfg.data.source!r}")
+    source = cfg.data.source
+    if not (source == "stdlib" or source.startswith(("text:", "tfds:"))):
+        raise ConfigError("data.source", f"expected stdlib, text:GLOB or tfds:NAME, got {source!r}")
     if not 0 < cfg.data.eval_fraction < 1:
         raise ConfigError("data.eval_fraction", f"must be in (0, 1), got {cfg.data.eval_fraction}")
-    if cfg.data.max_bytes < 1:
-        raise ConfigError("data.max_bytes", f"must be >= 1, got {cfg.data.max_bytes}")
+    if cfg.data.prefetch < 0:
+        raise ConfigError("data.prefetch", f"must be >= 0, got {cfg.data.prefetch}")
+    if t.batch_size % jax_process_count():
+        raise ConfigError("train.batch_size", f"global batch {t.batch_size} is not divisible by the "
+                          f"{jax_process_count()} processes")
     if not (o.lr > 0 and math.isfinite(o.lr)):
         raise ConfigError("optim.lr", f"must be a positive number, got {o.lr}")
     if not 0 <= o.min_lr_ratio <= 1:

@@ -14,9 +14,10 @@ from typing import Any
 import jax
 import yaml
 
-from data.batches import TrainWindows, eval_batches, to_global
-from data.corpus import load_tokens
-from data.tokenizer import make_tokenizer, save_tokenizer
+from data.batches import equalize_across_processes, to_global
+from data.pipeline import Shard, empty_batch, eval_batches, train_dataset
+from data.sources import open_source
+from data.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer, make_tokenizer, save_tokenizer
 from eval.generate import generate
 from model.flops import param_counts, peak_flops, train_flops_per_token
 from sharding.constrain import activation_sharding
@@ -45,6 +46,32 @@ def prepare_run_dir(cfg: Config) -> Path:
     return run_dir
 
 
+def run_tokenizer(cfg: Config, run_dir: Path) -> Tokenizer:
+    """The run's tokenizer: the one saved in the run directory when resuming, else a new one."""
+    if (run_dir / TOKENIZER_FILE).is_file():
+        return load_tokenizer(run_dir)
+    tokenizer = make_tokenizer(cfg.data.tokenizer)
+    if jax.process_index() == 0:
+        save_tokenizer(tokenizer, run_dir)
+    return tokenizer
+
+
+def data_streams(cfg: Config, tokenizer) -> tuple[Any, list]:
+    """(training batch iterator, evaluation batches) of this process's rows."""
+    d, t = cfg.data, cfg.train
+    shard = Shard(jax.process_index(), jax.process_count())
+    local_batch = t.batch_size // shard.count
+    kwargs = {"eval_fraction": d.eval_fraction, "data_dir": d.data_dir or None,
+              "cache_dir": d.cache_dir or None}
+    train_docs = open_source(d.source, "train", **kwargs)
+    iterator = iter(train_dataset(train_docs, tokenizer, seq_len=t.seq_len, batch_size=local_batch,
+                                  seed=t.seed, shard=shard, prefetch=d.prefetch))
+    eval_docs = open_source(d.source, "eval", **kwargs)
+    batches = eval_batches(eval_docs, tokenizer, seq_len=t.seq_len, batch_size=local_batch,
+                           max_batches=t.eval_batches, shard=shard)
+    return iterator, equalize_across_processes(batches, empty_batch(local_batch, t.seq_len))
+
+
 def evaluate(eval_step, params, batches, batch_sh, batch_size) -> float:
     """Mean token loss over the evaluation batches."""
     loss_sum = weight_sum = 0.0
@@ -60,13 +87,11 @@ def train(cfg: Config) -> dict[str, Any]:
     run_dir = prepare_run_dir(cfg)
     mesh, rules = make_mesh(cfg.mesh), default_rules()
     t, m = cfg.train, cfg.model
-    tokenizer = make_tokenizer(cfg.data.tokenizer)
-    if jax.process_index() == 0:
-        save_tokenizer(tokenizer, run_dir)
-    train_tokens, eval_tokens = load_tokens(cfg.data.source, tokenizer, cfg.data.max_bytes,
-                                            cfg.data.eval_fraction)
-    windows = TrainWindows(train_tokens, t.batch_size, t.seq_len, t.seed)
-    eval_data = eval_batches(eval_tokens, t.batch_size, t.seq_len, t.eval_batches)
+    try:
+        tokenizer = run_tokenizer(cfg, run_dir)
+        batches, eval_data = data_streams(cfg, tokenizer)
+    except ValueError as e:  # unreadable files, empty globs, unknown datasets: the user's input
+        raise ConfigError("data", str(e)) from None
     tx, schedule = make_optimizer(cfg.optim, t.steps)
     writer = MetricsWriter(run_dir, cfg.run.tensorboard)
     checkpointer = Checkpointer(run_dir, cfg.checkpoint)
@@ -76,7 +101,8 @@ def train(cfg: Config) -> dict[str, Any]:
         state_sh = state_shardings(abstract, mesh, rules)
         start = checkpointer.latest_step() or 0
         if start:
-            state, _ = checkpointer.restore(start, abstract, state_sh)
+            state, _, data_state = checkpointer.restore(start, abstract, state_sh)
+            batches.set_state(data_state)
         else:
             state = init_state(m, tx, t.seed, state_sh)
         batch_sh = batch_sharding(mesh, rules, t.batch_size, t.seq_len)
@@ -119,13 +145,13 @@ def train(cfg: Config) -> dict[str, Any]:
                     clock.update(time=now, step=step)
 
         for step in range(start, t.steps):
-            batch = to_global(windows.local_batch(step), batch_sh, t.batch_size)
+            batch = to_global(next(batches), batch_sh, t.batch_size)
             state, metrics = train_step(state, batch)
             in_flight.append((step + 1, metrics))
             drain(t.steps_in_flight)
             done = step + 1
             if cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done != t.steps:
-                checkpointer.save(done, state, {"step": done})
+                checkpointer.save(done, state, {"step": done}, batches.get_state())
             if t.eval_every and done % t.eval_every == 0 and done != t.steps:
                 drain(0)
                 eval_loss = evaluate(eval_step, state.params, eval_data, batch_sh, t.batch_size)
@@ -135,13 +161,14 @@ def train(cfg: Config) -> dict[str, Any]:
 
         final_step = max(start, t.steps)  # a run resumed past train.steps trains no further
         if checkpointer.latest_step() != final_step:
-            checkpointer.save(final_step, state, {"step": final_step})
+            checkpointer.save(final_step, state, {"step": final_step}, batches.get_state())
         if eval_data:
             last["eval_loss"] = evaluate(eval_step, state.params, eval_data, batch_sh, t.batch_size)
             writer.write({"step": final_step, "eval_loss": last["eval_loss"]})
         checkpointer.wait()
         checkpointer.close()
         writer.close()
+        batches.close()
 
         if t.sample_tokens and jax.process_index() == 0:
             print_sample(cfg, state, graphdef, tokenizer)

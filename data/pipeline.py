@@ -1,0 +1,135 @@
+"""The grain input pipeline: seeded shuffle, tokenization, packing of documents into fixed-length rows
+(with segment ids and positions), per-process sharding, background prefetch, and the evaluation
+stream. Iterator state is a small dict that resumes exactly (saved in every checkpoint).
+
+Each document becomes ``[bos] + tokens + [eos]`` (either omitted if the tokenizer has none), shifted
+into (inputs, targets) pairs, cut into chunks of at most ``seq_len`` pairs, and the chunks are
+first-fit packed into rows. A target never comes from another document; padding has weight 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import grain
+import numpy as np
+
+from data.tokenizer import Tokenizer
+
+Row = dict[str, np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class Shard:
+    """Which slice of the data this process reads: documents ``index::count``."""
+
+    index: int = 0
+    count: int = 1
+
+
+class _Tokenize(grain.transforms.Map):
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+
+    def map(self, text: str) -> np.ndarray:
+        tok = self.tokenizer
+        ids = ([tok.bos_id] if tok.bos_id >= 0 else []) + tok.encode(text)
+        return np.asarray(ids + ([tok.eos_id] if tok.eos_id >= 0 else []), np.int32)
+
+
+class _ChunkPairs(grain.experimental.FlatMapTransform):
+    """One document's ids -> chunks of (inputs, targets) of at most ``seq_len`` positions."""
+
+    def __init__(self, seq_len: int, max_document_tokens: int):
+        self.seq_len = seq_len
+        self.max_fan_out = -(-max_document_tokens // seq_len)
+
+    def flat_map(self, ids: np.ndarray) -> Sequence[Row]:
+        inputs, targets = ids[:-1], ids[1:]
+        return [{"inputs": inputs[i: i + self.seq_len], "targets": targets[i: i + self.seq_len]}
+                for i in range(0, len(inputs), self.seq_len)]
+
+
+def _finish_row(row: Row) -> Row:
+    """Packed row -> model batch fields; weight 1 exactly on real (non-padding) targets."""
+    return {
+        "inputs": row["inputs"].astype(np.int32),
+        "targets": row["targets"].astype(np.int32),
+        "segment_ids": row["inputs_segment_ids"].astype(np.int32),
+        "positions": row["inputs_positions"].astype(np.int32),
+        "weights": (row["targets_segment_ids"] > 0).astype(np.float32),
+    }
+
+
+def _packed_rows(docs: grain.IterDataset, tokenizer: Tokenizer, seq_len: int, bins: int,
+                 seed: int, shuffle_bins: bool) -> grain.IterDataset:
+    docs = docs.map(_Tokenize(tokenizer))
+    chunks = grain.experimental.FlatMapIterDataset(docs, _ChunkPairs(seq_len, 1 << 24))
+    packed = grain.experimental.FirstFitPackIterDataset(
+        chunks, length_struct={"inputs": seq_len, "targets": seq_len}, num_packing_bins=bins,
+        seed=seed, shuffle_bins=shuffle_bins)
+    return packed.map(_finish_row)
+
+
+def train_dataset(source: Sequence[str], tokenizer: Tokenizer, *, seq_len: int, batch_size: int,
+                  seed: int, shard: Shard = Shard(), prefetch: int = 2) -> grain.IterDataset:
+    """Endless packed training batches of this process's ``batch_size`` rows.
+
+    Documents are shuffled with a new permutation every epoch (seeded); ``shard`` picks this
+    process's documents. ``prefetch`` > 0 prepares that many batches in a background thread.
+    """
+    docs = grain.MapDataset.source(source)[shard.index::shard.count]
+    if len(docs) == 0:
+        raise ValueError(f"data: process {shard.index} of {shard.count} has no documents")
+    docs = docs.shuffle(seed=seed).repeat()
+    rows = _packed_rows(docs.to_iter_dataset(), tokenizer, seq_len, max(batch_size, 8), seed,
+                        shuffle_bins=True)
+    batches = rows.batch(batch_size, drop_remainder=True)
+    if prefetch:
+        batches = grain.experimental.ThreadPrefetchIterDataset(batches, prefetch_buffer_size=prefetch)
+    return batches
+
+
+def eval_batches(source: Sequence[str], tokenizer: Tokenizer, *, seq_len: int, batch_size: int,
+                 max_batches: int = 0, shard: Shard = Shard()) -> list[Row]:
+    """One ordered pass over this process's evaluation documents, packed into batches.
+
+    The last batch is padded with rows of weight 0; ``max_batches`` > 0 stops early. Every real
+    target token is counted exactly once.
+    """
+    docs = grain.MapDataset.source(source)[shard.index::shard.count].to_iter_dataset()
+    rows = _packed_rows(docs, tokenizer, seq_len, max(batch_size, 8), 0, shuffle_bins=False)
+    out: list[Row] = []
+    pending: list[Row] = []
+    for row in rows:
+        pending.append(row)
+        if len(pending) == batch_size:
+            out.append(_stack(pending))
+            pending = []
+            if max_batches and len(out) == max_batches:
+                return out
+    if pending:
+        out.append(_stack(pending + [_empty_row(seq_len)] * (batch_size - len(pending))))
+    return out
+
+
+def _stack(rows: list[Row]) -> Row:
+    return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+def _empty_row(seq_len: int) -> Row:
+    zeros = np.zeros((seq_len,), np.int32)
+    return {"inputs": zeros, "targets": zeros, "segment_ids": zeros, "positions": zeros,
+            "weights": np.zeros((seq_len,), np.float32)}
+
+
+def empty_batch(batch_size: int, seq_len: int) -> Row:
+    """A batch that contributes nothing (every weight 0): pads processes with fewer eval batches."""
+    return _stack([_empty_row(seq_len)] * batch_size)
+
+
+def iterator_state(iterator: Any) -> dict[str, Any]:
+    """The iterator's position as a JSON-serialisable dict."""
+    return iterator.get_state()
