@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 TRAIN_ARGS ?=
 TEST_ARGS ?=
 
-.PHONY: install train test test-all lint clean
+.PHONY: install train test test-all bench lint clean
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,9 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest $(TEST_ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python -m bench.pipeline
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
