@@ -64,9 +64,12 @@ def _finish_row(row: Row) -> Row:
 
 
 def _packed_rows(docs: grain.IterDataset, tokenizer: Tokenizer, seq_len: int, bins: int,
-                 seed: int, shuffle_bins: bool) -> grain.IterDataset:
+                 seed: int, shuffle_bins: bool, shuffle_window: int = 0) -> grain.IterDataset:
     docs = docs.map(_Tokenize(tokenizer))
     chunks = grain.experimental.FlatMapIterDataset(docs, _ChunkPairs(seq_len, 1 << 24))
+    if shuffle_window > 1:  # consecutive chunks of one document must not fill a batch
+        chunks = grain.experimental.WindowShuffleIterDataset(chunks, window_size=shuffle_window,
+                                                             seed=seed)
     packed = grain.experimental.FirstFitPackIterDataset(
         chunks, length_struct={"inputs": seq_len, "targets": seq_len}, num_packing_bins=bins,
         seed=seed, shuffle_bins=shuffle_bins)
@@ -74,18 +77,22 @@ def _packed_rows(docs: grain.IterDataset, tokenizer: Tokenizer, seq_len: int, bi
 
 
 def train_dataset(source: Sequence[str], tokenizer: Tokenizer, *, seq_len: int, batch_size: int,
-                  seed: int, shard: Shard = Shard(), prefetch: int = 2) -> grain.IterDataset:
+                  seed: int, shard: Shard = Shard(), prefetch: int = 2,
+                  shuffle_tokens: int = 1 << 20) -> grain.IterDataset:
     """Endless packed training batches of this process's ``batch_size`` rows.
 
-    Documents are shuffled with a new permutation every epoch (seeded); ``shard`` picks this
-    process's documents. ``prefetch`` > 0 prepares that many batches in a background thread.
+    Documents are shuffled with a new permutation every epoch (seeded); their ``seq_len`` chunks
+    are shuffled again within windows of about ``shuffle_tokens`` tokens, so a batch mixes many
+    documents. ``shard`` picks this process's documents. ``prefetch`` > 0 prepares that many
+    batches in a background thread.
     """
     docs = grain.MapDataset.source(source)[shard.index::shard.count]
     if len(docs) == 0:
         raise ValueError(f"data: process {shard.index} of {shard.count} has no documents")
     docs = docs.shuffle(seed=seed).repeat()
+    window = max(shuffle_tokens // seq_len, batch_size)
     rows = _packed_rows(docs.to_iter_dataset(), tokenizer, seq_len, max(batch_size, 8), seed,
-                        shuffle_bins=True)
+                        shuffle_bins=True, shuffle_window=window)
     batches = rows.batch(batch_size, drop_remainder=True)
     if prefetch:
         batches = grain.experimental.ThreadPrefetchIterDataset(batches, prefetch_buffer_size=prefetch)

@@ -1,6 +1,7 @@
 """The grain pipeline: packing layout, packed attention == per-document attention, one-pass eval,
 per-process shards, exact resume from the iterator state, and data errors at the CLI."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -150,3 +151,15 @@ def test_data_errors_exit_2(tmp_path, override, message):
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {message}"), result.stderr
+
+
+def test_a_batch_mixes_many_documents():
+    """Chunks of one long document are spread out, not served as consecutive rows of a batch."""
+    docs = [f"<{i:02d}>" * 200 for i in range(20)]  # each document is 50 chunks of 16 tokens
+    it = iter(train_dataset(docs, TOK, seq_len=16, batch_size=8, seed=0, prefetch=0,
+                            shuffle_tokens=16 * 400))
+    for _ in range(3):
+        batch = next(it)
+        owners = {re.findall(r"<(\d\d)>", bytes(t for t in row if t < 256).decode())[0]
+                  for row in batch["inputs"]}
+        assert len(owners) >= 4, owners

@@ -43,6 +43,7 @@ class DataConfig:
     cache_dir: str = ""  # where text: sources are prepared; "" = ~/.cache/meshlm/tfds
     eval_fraction: float = 0.05  # documents held out for evaluation (stdlib and text: sources)
     prefetch: int = 2  # batches prepared ahead by a background thread (0: none)
+    shuffle_tokens: int = 1 << 20  # chunks are shuffled within windows of about this many tokens
 
 
 @dataclasses.dataclass(frozen=True)
@@ -247,6 +248,9 @@ def validate(cfg: Config, num_devices: int) -> None:
     if m.num_heads % sizes["tensor"]:
         raise ConfigError("model.num_heads", f"num_heads={m.num_heads} is not divisible by the "
                           f"tensor axis ({sizes['tensor']})")
+    if m.num_experts % sizes["expert"]:
+        raise ConfigError("model.num_experts", f"num_experts={m.num_experts} is not divisible by the "
+                          f"expert axis ({sizes['expert']})")
     for key in ("steps", "batch_size", "seq_len", "microbatches", "log_every", "steps_in_flight"):
         if getattr(t, key) < 1:
             raise ConfigError(f"train.{key}", f"must be >= 1, got {getattr(t, key)}")
@@ -273,6 +277,8 @@ def validate(cfg: Config, num_devices: int) -> None:
         raise ConfigError("data.source", f"expected stdlib, text:GLOB or tfds:NAME, got {source!r}")
     if not 0 < cfg.data.eval_fraction < 1:
         raise ConfigError("data.eval_fraction", f"must be in (0, 1), got {cfg.data.eval_fraction}")
+    if cfg.data.shuffle_tokens < 0:
+        raise ConfigError("data.shuffle_tokens", f"must be >= 0, got {cfg.data.shuffle_tokens}")
     if cfg.data.prefetch < 0:
         raise ConfigError("data.prefetch", f"must be >= 0, got {cfg.data.prefetch}")
     if t.batch_size % jax_process_count():

@@ -65,7 +65,8 @@ def data_streams(cfg: Config, tokenizer) -> tuple[Any, list]:
               "cache_dir": d.cache_dir or None}
     train_docs = open_source(d.source, "train", **kwargs)
     iterator = iter(train_dataset(train_docs, tokenizer, seq_len=t.seq_len, batch_size=local_batch,
-                                  seed=t.seed, shard=shard, prefetch=d.prefetch))
+                                  seed=t.seed, shard=shard, prefetch=d.prefetch,
+                                  shuffle_tokens=d.shuffle_tokens))
     eval_docs = open_source(d.source, "eval", **kwargs)
     batches = eval_batches(eval_docs, tokenizer, seq_len=t.seq_len, batch_size=local_batch,
                            max_batches=t.eval_batches, shard=shard)
