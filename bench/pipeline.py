@@ -33,7 +33,8 @@ def pipeline_tokens_per_s(cfg, batches: int = 300) -> float:
     d, t = cfg.data, cfg.train
     docs = open_source(d.source, "train", eval_fraction=d.eval_fraction)
     it = iter(train_dataset(docs, make_tokenizer(d.tokenizer), seq_len=t.seq_len,
-                            batch_size=t.batch_size, seed=t.seed, prefetch=d.prefetch))
+                            batch_size=t.batch_size, seed=t.seed, streams=d.streams,
+                            prefetch=d.prefetch, shuffle_tokens=d.shuffle_tokens))
     for _ in range(10):
         next(it)
     start, tokens = time.perf_counter(), 0.0

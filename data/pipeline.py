@@ -19,6 +19,9 @@ import numpy as np
 from data.tokenizer import Tokenizer
 
 Row = dict[str, np.ndarray]
+# Documents are read on the consuming thread: reading is cheap next to tokenizing, and grain's
+# default read-ahead pool costs more per element (it polls its whole buffer) than it saves.
+READ_OPTIONS = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,24 +79,41 @@ def _packed_rows(docs: grain.IterDataset, tokenizer: Tokenizer, seq_len: int, bi
     return packed.map(_finish_row)
 
 
+def _stream_seed(seed: int, stream: int) -> int:
+    return (seed * 1_000_003 + stream * 7919) % 2**32
+
+
 def train_dataset(source: Sequence[str], tokenizer: Tokenizer, *, seq_len: int, batch_size: int,
-                  seed: int, shard: Shard = Shard(), prefetch: int = 2,
+                  seed: int, shard: Shard = Shard(), streams: int = 8, prefetch: int = 2,
                   shuffle_tokens: int = 1 << 20) -> grain.IterDataset:
     """Endless packed training batches of this process's ``batch_size`` rows.
 
-    Documents are shuffled with a new permutation every epoch (seeded); their ``seq_len`` chunks
-    are shuffled again within windows of about ``shuffle_tokens`` tokens, so a batch mixes many
-    documents. ``shard`` picks this process's documents. ``prefetch`` > 0 prepares that many
-    batches in a background thread.
+    The data is split into ``streams`` independent streams (documents ``s::streams``), each
+    shuffling its documents with a new permutation every epoch and its ``seq_len`` chunks again
+    within windows, so a batch mixes many documents. Every global batch takes the same number of
+    rows from each stream, and process ``shard.index`` runs streams ``s % shard.count ==
+    shard.index``: the global batches are the same (up to row order) for any process count that
+    divides ``streams``. ``prefetch`` > 0 prepares that many batches in a background thread.
     """
-    docs = grain.MapDataset.source(source)[shard.index::shard.count]
+    mine = [s for s in range(streams) if s % shard.count == shard.index]
+    if streams % shard.count or batch_size % len(mine):
+        raise ValueError(f"data: {streams} streams cannot be split evenly over {shard.count} "
+                         f"processes of {batch_size} rows each")
+    rows_per_stream = batch_size // len(mine)
+    docs = grain.MapDataset.source(source)
     if len(docs) == 0:
-        raise ValueError(f"data: process {shard.index} of {shard.count} has no documents")
-    docs = docs.shuffle(seed=seed).repeat()
-    window = max(shuffle_tokens // seq_len, batch_size)
-    rows = _packed_rows(docs.to_iter_dataset(), tokenizer, seq_len, max(batch_size, 8), seed,
-                        shuffle_bins=True, shuffle_window=window)
-    batches = rows.batch(batch_size, drop_remainder=True)
+        raise ValueError("data: the training split has no documents")
+    if len(docs) < streams:  # every stream needs a document: repeat the few there are
+        docs = docs.repeat(-(-streams // len(docs)))
+    window = max(shuffle_tokens // streams // seq_len, rows_per_stream)
+    components = {}
+    for s in mine:
+        stream_seed = _stream_seed(seed, s)
+        stream_docs = docs[s::streams].shuffle(seed=stream_seed).repeat()
+        components[f"stream{s}"] = _packed_rows(
+            stream_docs.to_iter_dataset(READ_OPTIONS), tokenizer, seq_len, max(rows_per_stream, 8),
+            stream_seed, shuffle_bins=True, shuffle_window=window)
+    batches = grain.IterDataset.mix(components).batch(batch_size, drop_remainder=True)
     if prefetch:
         batches = grain.experimental.ThreadPrefetchIterDataset(batches, prefetch_buffer_size=prefetch)
     return batches
@@ -106,7 +126,7 @@ def eval_batches(source: Sequence[str], tokenizer: Tokenizer, *, seq_len: int, b
     The last batch is padded with rows of weight 0; ``max_batches`` > 0 stops early. Every real
     target token is counted exactly once.
     """
-    docs = grain.MapDataset.source(source)[shard.index::shard.count].to_iter_dataset()
+    docs = grain.MapDataset.source(source)[shard.index::shard.count].to_iter_dataset(READ_OPTIONS)
     rows = _packed_rows(docs, tokenizer, seq_len, max(batch_size, 8), 0, shuffle_bins=False)
     out: list[Row] = []
     pending: list[Row] = []
@@ -137,6 +157,20 @@ def empty_batch(batch_size: int, seq_len: int) -> Row:
     return _stack([_empty_row(seq_len)] * batch_size)
 
 
-def iterator_state(iterator: Any) -> dict[str, Any]:
-    """The iterator's position as a JSON-serialisable dict."""
-    return iterator.get_state()
+def regroup_state(saved: list[dict[str, Any]], shard: Shard, streams: int) -> dict[str, Any]:
+    """This process's training-iterator state from the states every process saved (in process
+    order), also when the number of processes changed: each stream's position is kept, and the
+    round-robin position restarts at a batch boundary."""
+    if len(saved) == shard.count:
+        return saved[shard.index]
+    positions = {}
+    for state in saved:
+        positions.update(state["parents"])
+    expected = {f"stream{s}" for s in range(streams)}
+    if set(positions) != expected:
+        raise ValueError(f"the checkpoint's input position has {len(positions)} streams, but "
+                         f"data.streams={streams}: resume with the streams it was written with")
+    rows_seen = saved[0]["index"] * len(saved)  # rows consumed by all processes together
+    mine = [f"stream{s}" for s in range(streams) if s % shard.count == shard.index]
+    return {"parents": {k: positions[k] for k in mine}, "index": rows_seen // shard.count,
+            "stop": False}

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from data.pipeline import Shard, eval_batches, train_dataset
+from data.pipeline import Shard, eval_batches, regroup_state, train_dataset
 from data.tokenizer import ByteTokenizer
 from model.transformer import Transformer
 from tests import reference
@@ -29,7 +29,8 @@ def _rows(batches):
 
 
 def test_packed_rows_carry_segments_positions_and_shifted_targets():
-    it = iter(train_dataset(DOCS, TOK, seq_len=16, batch_size=4, seed=0, prefetch=0))
+    it = iter(train_dataset(DOCS, TOK, seq_len=16, batch_size=4, seed=0, streams=1, prefetch=0,
+                            shuffle_tokens=2048))
     rows = list(_rows(next(it) for _ in range(5)))
     saw_packed_row = False
     for row in rows:
@@ -106,7 +107,7 @@ def test_process_shards_are_disjoint_and_cover_the_documents():
 def test_resume_from_iterator_state_equals_uninterrupted_stream(shard):
     def stream():
         return iter(train_dataset(DOCS, TOK, seq_len=16, batch_size=4, seed=3, shard=shard,
-                                  prefetch=2))
+                                  streams=2, prefetch=2, shuffle_tokens=2048))
     straight = stream()
     expected = [next(straight) for _ in range(30)]  # several epochs of this shard
     first = stream()
@@ -123,8 +124,38 @@ def test_resume_from_iterator_state_equals_uninterrupted_stream(shard):
     resumed.close()
 
 
+def _global_rows(iterators) -> list[tuple]:
+    """One global batch as a sorted list of rows (row order across processes does not matter)."""
+    batches = [next(it) for it in iterators]
+    rows = np.concatenate([np.concatenate([b["inputs"], b["targets"]], 1) for b in batches])
+    return sorted(map(tuple, rows.tolist()))
+
+
+@pytest.mark.parametrize("before, after", [(1, 2), (2, 1), (2, 4), (4, 4)])
+def test_global_batches_are_the_same_for_any_process_count_and_resume_across_counts(before, after):
+    def streams(count):
+        return [iter(train_dataset(DOCS, TOK, seq_len=16, batch_size=8 // count, seed=5,
+                                   shard=Shard(p, count), streams=4, prefetch=1,
+                                   shuffle_tokens=2048))
+                for p in range(count)]
+    reference_run = streams(1)
+    expected = [_global_rows(reference_run) for _ in range(12)]
+    first = streams(before)
+    for step in range(5):
+        assert _global_rows(first) == expected[step]
+    saved = [it.get_state() for it in first]
+    resumed = streams(after)
+    for p, it in enumerate(resumed):
+        it.set_state(regroup_state(saved, Shard(p, after), streams=4))
+    for step in range(5, 12):
+        assert _global_rows(resumed) == expected[step]
+    for it in reference_run + first + resumed:
+        it.close()
+
+
 def test_epochs_are_reshuffled():
-    it = iter(train_dataset(DOCS, TOK, seq_len=64, batch_size=1, seed=0, prefetch=0))
+    it = iter(train_dataset(DOCS, TOK, seq_len=64, batch_size=1, seed=0, streams=1, prefetch=0,
+                            shuffle_tokens=2048))
     order = []  # document numbers in the order they are packed
     while len(order) < 2 * len(DOCS):
         row = next(it)
@@ -156,7 +187,7 @@ def test_data_errors_exit_2(tmp_path, override, message):
 def test_a_batch_mixes_many_documents():
     """Chunks of one long document are spread out, not served as consecutive rows of a batch."""
     docs = [f"<{i:02d}>" * 200 for i in range(20)]  # each document is 50 chunks of 16 tokens
-    it = iter(train_dataset(docs, TOK, seq_len=16, batch_size=8, seed=0, prefetch=0,
+    it = iter(train_dataset(docs, TOK, seq_len=16, batch_size=8, seed=0, streams=1, prefetch=0,
                             shuffle_tokens=16 * 400))
     for _ in range(3):
         batch = next(it)

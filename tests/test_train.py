@@ -67,10 +67,10 @@ def test_resume_is_exact_and_restores_onto_another_mesh(eight_devices, tmp_path)
                                     "other": {"data": 2, "fsdp": 2, "tensor": 2}}.items()}
     assert abs(eval_loss["other"] - eval_loss["same"]) <= TOL * eval_loss["same"]
 
-    # The input position is per process: another process count is refused with a clear message.
+    # A checkpoint missing a process's input position is refused with a clear message.
     data_dir = straight / "checkpoints" / "20" / "data"
     (data_dir / "process_0-of-1.json").rename(data_dir / "process_0-of-2.json")
-    with pytest.raises(ValueError, match="process count"):
+    with pytest.raises(ValueError, match="lacks input positions"):
         _eval_loss_after_restore(cfg, straight, {"data": 8})
 
 

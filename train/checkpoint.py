@@ -19,7 +19,8 @@ from train.state import TrainState, with_shardings
 
 class _IteratorSnapshot:
     """An iterator position captured when the save starts, in the form grain's orbax handler
-    stores (bytes from ``get_state``): later batches drawn during an async save do not leak in."""
+    stores (bytes from ``get_state``): later batches drawn during an async save do not leak in.
+    Restoring reads the files back directly (see ``data_states``)."""
 
     def __init__(self, state: dict[str, Any] | None = None):
         self.state = state
@@ -27,11 +28,6 @@ class _IteratorSnapshot:
     def get_state(self) -> bytes:
         return json.dumps(self.state).encode()
 
-    def set_state(self, raw: bytes) -> None:
-        self.state = json.loads(raw)
-
-    def start_prefetch(self) -> None:
-        pass
 
 
 class Checkpointer:
@@ -58,21 +54,29 @@ class Checkpointer:
             data=grain.checkpoint.CheckpointSave(_IteratorSnapshot(data_state))), force=True)
 
     def restore(self, step: int, abstract: TrainState, shardings: TrainState
-                ) -> tuple[TrainState, dict[str, Any], dict[str, Any]]:
-        """(state laid out by ``shardings`` on any mesh, JSON record, this process's input
-        pipeline position) at ``step``."""
+                ) -> tuple[TrainState, dict[str, Any], list[dict[str, Any]]]:
+        """(state laid out by ``shardings`` on any mesh, JSON record, the input-pipeline
+        positions that every process saved, in process order) at ``step``."""
         target = with_shardings(abstract, shardings)
-        snapshot = _IteratorSnapshot()
+        out = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+        return out["state"], out["meta"], self.data_states(step)
+
+    def data_states(self, step: int) -> list[dict[str, Any]]:
+        """Every process's saved input position at ``step`` (grain writes process_I-of-N.json)."""
+        data_dir = self.directory / str(step) / "data"
+        files = sorted(data_dir.glob("process_*-of-*.json"))
+        if not files:
+            raise ValueError(f"checkpoint {step} holds no input-pipeline position ({data_dir})")
+        count = int(files[0].stem.rsplit("-of-", 1)[1])
+        by_index = {int(f.stem.split("_")[1].split("-")[0]): f for f in files}
+        if sorted(by_index) != list(range(count)):
+            raise ValueError(f"checkpoint {step} lacks input positions of some of its {count} "
+                             "processes")
         try:
-            out = self.manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore(),
-                data=grain.checkpoint.CheckpointRestore(snapshot)))
-        except ValueError as e:
-            if "process_" in str(e) and "does not exist" in str(e):
-                raise ValueError(f"checkpoint {step} holds no input position for this process: "
-                                 "resume with the process count that wrote it") from None
-            raise
-        return out["state"], out["meta"], snapshot.state
+            return [json.loads(by_index[i].read_text()) for i in range(count)]
+        except json.JSONDecodeError as e:
+            raise ValueError(f"checkpoint {step} has a damaged input position ({e})") from None
 
     def restore_params(self, step: int, abstract_params: nnx.State,
                        shardings: nnx.State) -> nnx.State:

@@ -44,6 +44,7 @@ class DataConfig:
     eval_fraction: float = 0.05  # documents held out for evaluation (stdlib and text: sources)
     prefetch: int = 2  # batches prepared ahead by a background thread (0: none)
     shuffle_tokens: int = 1 << 20  # chunks are shuffled within windows of about this many tokens
+    streams: int = 8  # independent input streams; any process count dividing it sees the same batches
 
 
 @dataclasses.dataclass(frozen=True)
@@ -279,6 +280,12 @@ def validate(cfg: Config, num_devices: int) -> None:
         raise ConfigError("data.eval_fraction", f"must be in (0, 1), got {cfg.data.eval_fraction}")
     if cfg.data.shuffle_tokens < 0:
         raise ConfigError("data.shuffle_tokens", f"must be >= 0, got {cfg.data.shuffle_tokens}")
+    if cfg.data.streams < 1 or t.batch_size % cfg.data.streams:
+        raise ConfigError("data.streams", f"train.batch_size={t.batch_size} must be a multiple of "
+                          f"data.streams={cfg.data.streams}")
+    if cfg.data.streams % jax_process_count():
+        raise ConfigError("data.streams", f"data.streams={cfg.data.streams} is not divisible by "
+                          f"the {jax_process_count()} processes")
     if cfg.data.prefetch < 0:
         raise ConfigError("data.prefetch", f"must be >= 0, got {cfg.data.prefetch}")
     if t.batch_size % jax_process_count():

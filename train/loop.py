@@ -15,7 +15,7 @@ import jax
 import yaml
 
 from data.batches import equalize_across_processes, to_global
-from data.pipeline import Shard, empty_batch, eval_batches, train_dataset
+from data.pipeline import Shard, empty_batch, eval_batches, regroup_state, train_dataset
 from data.sources import open_source
 from data.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer, make_tokenizer, save_tokenizer
 from eval.generate import generate
@@ -65,8 +65,8 @@ def data_streams(cfg: Config, tokenizer) -> tuple[Any, list]:
               "cache_dir": d.cache_dir or None}
     train_docs = open_source(d.source, "train", **kwargs)
     iterator = iter(train_dataset(train_docs, tokenizer, seq_len=t.seq_len, batch_size=local_batch,
-                                  seed=t.seed, shard=shard, prefetch=d.prefetch,
-                                  shuffle_tokens=d.shuffle_tokens))
+                                  seed=t.seed, shard=shard, streams=d.streams,
+                                  prefetch=d.prefetch, shuffle_tokens=d.shuffle_tokens))
     eval_docs = open_source(d.source, "eval", **kwargs)
     batches = eval_batches(eval_docs, tokenizer, seq_len=t.seq_len, batch_size=local_batch,
                            max_batches=t.eval_batches, shard=shard)
@@ -102,8 +102,9 @@ def train(cfg: Config) -> dict[str, Any]:
         state_sh = state_shardings(abstract, mesh, rules)
         start = checkpointer.latest_step() or 0
         if start:
-            state, _, data_state = checkpointer.restore(start, abstract, state_sh)
-            batches.set_state(data_state)
+            state, _, data_states = checkpointer.restore(start, abstract, state_sh)
+            shard = Shard(jax.process_index(), jax.process_count())
+            batches.set_state(regroup_state(data_states, shard, cfg.data.streams))
         else:
             state = init_state(m, tx, t.seed, state_sh)
         batch_sh = batch_sharding(mesh, rules, t.batch_size, t.seq_len)
