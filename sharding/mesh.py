@@ -61,7 +61,13 @@ def batch_parallelism(mesh: Mesh, rules) -> int:
     return math.prod(mesh.shape[a] for a in _lookup(rules, "batch") if a in mesh.shape)
 
 
-def initialize_distributed(enabled: bool) -> None:
-    """One process per host: join JAX's multi-controller runtime (auto-detected on TPU VMs)."""
-    if enabled:
+def initialize_distributed(coordinator: str = "", num_processes: int = 0,
+                           process_id: int = -1) -> None:
+    """One process per host: join JAX's multi-controller runtime. Without a coordinator address
+    the cluster is auto-detected (TPU VMs, SLURM, ...); with one, the caller names the process
+    count and this process's index (local multi-process runs on CPU use gloo collectives)."""
+    if coordinator:
+        jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id,
+                                   initialization_timeout=120)
+    else:
         jax.distributed.initialize()

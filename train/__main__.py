@@ -6,6 +6,10 @@ Bad configuration prints one ``error:`` line and exits 2, before anything compil
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from train.config import RunConfig
 
 USAGE = """usage: python -m train [CONFIG.yaml] [section.key=value ...]
 
@@ -19,14 +23,16 @@ def parse_args(argv: list[str]) -> tuple[str | None, list[str]]:
     return None, argv
 
 
-def setup_devices(distributed: bool, cpu_devices: int) -> int:
-    """Joins the multi-process runtime if asked and emulates CPU devices; returns the device count."""
+def setup_devices(run: RunConfig) -> int:
+    """Joins the multi-process runtime if asked and emulates CPU devices; returns the global
+    device count."""
     import jax
 
     from sharding.mesh import initialize_distributed
 
-    jax.config.update("jax_num_cpu_devices", cpu_devices)
-    initialize_distributed(distributed)
+    jax.config.update("jax_num_cpu_devices", run.cpu_devices)
+    if run.distributed:
+        initialize_distributed(run.coordinator, run.num_processes, run.process_id)
     return jax.device_count()
 
 
@@ -40,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         path, overrides = parse_args(argv)
         cfg = load_config(path, overrides)
-        validate(cfg, setup_devices(cfg.run.distributed, cfg.run.cpu_devices))
+        validate(cfg, setup_devices(cfg.run))
         from train.loop import train
 
         train(cfg)

@@ -94,7 +94,10 @@ class RunConfig:
 
     dir: str = "runs/default"
     distributed: bool = False  # jax.distributed.initialize() (one process per host on TPU pods)
-    cpu_devices: int = 8  # CPU devices to emulate when JAX runs on the host CPU
+    coordinator: str = ""  # host:port of process 0; "" = auto-detect (TPU VMs, SLURM, ...)
+    num_processes: int = 0  # with coordinator: how many processes join
+    process_id: int = -1  # with coordinator: this process's index
+    cpu_devices: int = 8  # CPU devices to emulate per process when JAX runs on the host CPU
     peak_flops: float = 0.0  # FLOP/s of the whole job for MFU; 0: measure a matmul peak at start-up
     tensorboard: bool = True
     progress: bool = True
@@ -305,6 +308,9 @@ def validate(cfg: Config, num_devices: int) -> None:
         raise ConfigError("checkpoint.every", f"must be >= 0, got {cfg.checkpoint.every}")
     if cfg.checkpoint.keep < 1:
         raise ConfigError("checkpoint.keep", f"must be >= 1, got {cfg.checkpoint.keep}")
+    if cfg.run.coordinator and not 0 <= cfg.run.process_id < cfg.run.num_processes:
+        raise ConfigError("run.process_id", f"must be in [0, run.num_processes="
+                          f"{cfg.run.num_processes}) with run.coordinator, got {cfg.run.process_id}")
     if cfg.run.cpu_devices < 1:
         raise ConfigError("run.cpu_devices", f"must be >= 1, got {cfg.run.cpu_devices}")
     if not cfg.run.dir:

@@ -46,9 +46,19 @@ def prepare_run_dir(cfg: Config) -> Path:
     return run_dir
 
 
+def sync_processes(name: str) -> None:
+    """Every process waits here until all have arrived (files written by process 0 are visible)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
 def run_tokenizer(cfg: Config, run_dir: Path) -> Tokenizer:
     """The run's tokenizer: the one saved in the run directory when resuming, else a new one."""
-    if (run_dir / TOKENIZER_FILE).is_file():
+    resuming = (run_dir / TOKENIZER_FILE).is_file()
+    sync_processes("meshlm: tokenizer looked up")  # before process 0 may write it
+    if resuming:
         return load_tokenizer(run_dir)
     tokenizer = make_tokenizer(cfg.data.tokenizer)
     if jax.process_index() == 0:
@@ -88,6 +98,7 @@ def train(cfg: Config) -> dict[str, Any]:
     run_dir = prepare_run_dir(cfg)
     mesh, rules = make_mesh(cfg.mesh), default_rules()
     t, m = cfg.train, cfg.model
+    sync_processes("meshlm: run directory prepared")
     try:
         tokenizer = run_tokenizer(cfg, run_dir)
         batches, eval_data = data_streams(cfg, tokenizer)
