@@ -16,6 +16,7 @@ INSTALL_REQUIRES = [
     "pyyaml==6.0.3",
     "tqdm==4.70.1",
     "tensorboardX==2.6.5",
+    "matplotlib==3.11.2",  # the MoE expert-load picture at the end of a run
 ]
 
 setup(

@@ -3,17 +3,35 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Literal
 
 Position = Literal["rope", "learned"]
 Activation = Literal["swiglu", "gelu"]
 DType = Literal["float32", "bfloat16"]
 Remat = Literal["none", "full", "dots", "dots_no_batch"]
+MoEImpl = Literal["capacity", "dropless"]
+RouterMode = Literal["softmax_topk", "topk_softmax", "softmax_topk_unnormalized"]
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Architecture of a dense decoder LM. ``head_dim=0`` means ``d_model // num_heads``."""
+    """Architecture of a decoder LM, dense or Mixture-of-Experts. ``head_dim=0`` means
+    ``d_model // num_heads``.
+
+    MoE (``num_experts > 0``): after ``first_dense_layers`` dense blocks, the remaining layers form
+    groups of ``moe_every`` blocks whose last one routes each token to ``experts_per_token`` of
+    ``num_experts`` experts (SwiGLU/GELU of width ``expert_mlp_dim``, 0 = ``mlp_dim``), plus
+    ``num_shared_experts`` always-on experts. ``router_mode``: ``softmax_topk`` = softmax over all
+    experts, then the top-k probabilities renormalised to sum 1; ``topk_softmax`` = softmax over the
+    top-k logits (Mixtral; the same function in exact arithmetic); ``softmax_topk_unnormalized`` =
+    the top-k probabilities as they are (Switch, DeepSeek; the only one whose gates carry a gradient
+    to the router when k = 1). ``moe_impl``: ``capacity`` = each expert takes at most
+    ceil(capacity_factor * T * k / num_experts) assignments of a row of T tokens, in token order, the
+    rest are dropped (the residual carries them); ``dropless`` = grouped matmuls (ragged_dot), nothing
+    dropped. ``aux_loss_coef`` scales the Switch load-balancing loss, ``z_loss_coef`` the router
+    z-loss (both averaged over MoE layers).
+    """
 
     vocab_size: int = 384
     d_model: int = 256
@@ -33,10 +51,44 @@ class ModelConfig:
     scan_layers: bool = True
     remat: Remat = "none"
     init_std: float = 0.02
+    num_experts: int = 0  # 0: dense
+    experts_per_token: int = 2
+    moe_every: int = 1
+    first_dense_layers: int = 0
+    num_shared_experts: int = 0
+    expert_mlp_dim: int = 0  # 0: mlp_dim
+    capacity_factor: float = 1.25
+    moe_impl: MoEImpl = "capacity"
+    router_mode: RouterMode = "softmax_topk"
+    aux_loss_coef: float = 0.01
+    z_loss_coef: float = 0.001
 
     @property
     def resolved_head_dim(self) -> int:
         return self.head_dim or self.d_model // self.num_heads
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    @property
+    def resolved_expert_mlp_dim(self) -> int:
+        return self.expert_mlp_dim or self.mlp_dim
+
+    @property
+    def num_dense_first(self) -> int:
+        """Dense layers before the first MoE group (all layers of a dense model)."""
+        return self.first_dense_layers if self.is_moe else self.num_layers
+
+    @property
+    def num_moe_layers(self) -> int:
+        """MoE layers = groups of ``moe_every`` layers after the first dense ones."""
+        return (self.num_layers - self.num_dense_first) // self.moe_every if self.is_moe else 0
+
+    def expert_capacity(self, tokens: int) -> int:
+        """Assignments one expert takes from a group of ``tokens`` tokens (capacity path)."""
+        k, e = self.experts_per_token, self.num_experts
+        return max(1, min(tokens, math.ceil(self.capacity_factor * tokens * k / e)))
 
     def problems(self) -> list[tuple[str, str]]:
         """Returns (key, message) pairs for every inconsistency; empty when the config is usable."""
@@ -63,4 +115,31 @@ class ModelConfig:
             out.append(("rope_theta", f"must be > 0, got {self.rope_theta}"))
         if self.init_std <= 0:
             out.append(("init_std", f"must be > 0, got {self.init_std}"))
+        return out + self.moe_problems()
+
+    def moe_problems(self) -> list[tuple[str, str]]:
+        """The Mixture-of-Experts keys' checks (none apply to a dense model but the signs)."""
+        out = []
+        if self.num_experts < 0:
+            out.append(("num_experts", f"must be >= 0 (0 = dense), got {self.num_experts}"))
+        if not self.capacity_factor > 0:
+            out.append(("capacity_factor", f"must be > 0, got {self.capacity_factor}"))
+        for key in ("aux_loss_coef", "z_loss_coef"):
+            if not getattr(self, key) >= 0:
+                out.append((key, f"must be >= 0, got {getattr(self, key)}"))
+        for key in ("first_dense_layers", "num_shared_experts", "expert_mlp_dim"):
+            if getattr(self, key) < 0:
+                out.append((key, f"must be >= 0, got {getattr(self, key)}"))
+        if self.moe_every < 1:
+            out.append(("moe_every", f"must be >= 1, got {self.moe_every}"))
+        if out or not self.is_moe:
+            return out
+        if not 1 <= self.experts_per_token <= self.num_experts:
+            out.append(("experts_per_token", f"must be in [1, num_experts={self.num_experts}], got "
+                        f"{self.experts_per_token}"))
+        moe_part = self.num_layers - self.first_dense_layers
+        if moe_part < self.moe_every or moe_part % self.moe_every:
+            out.append(("moe_every", f"the {moe_part} layers after first_dense_layers="
+                        f"{self.first_dense_layers} must form whole groups of moe_every="
+                        f"{self.moe_every} (each ends with an MoE layer)"))
         return out

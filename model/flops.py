@@ -1,9 +1,10 @@
-"""Parameter and FLOP accounting for the dense decoder, and MFU against a measured matmul peak.
+"""Parameter and FLOP accounting for dense and MoE decoders, and MFU against a measured matmul peak.
 
 Training FLOPs per token = 6 * N_matmul + 12 * L * T * N * H, where N_matmul counts every weight used
-in a matmul (attention, MLP and the LM head; not the embedding lookup) and the second term is the
-attention scores and weighted values (QK^T and PV) over a context of T tokens, forward and backward
-(PaLM, appendix B). The causal mask is not subtracted: the kernels compute the full T x T scores.
+in a matmul by one token (attention, MLP or the router plus the k chosen and the shared experts, and
+the LM head; not the embedding lookup) and the second term is the attention scores and weighted
+values (QK^T and PV) over a context of T tokens, forward and backward (PaLM, appendix B). The causal
+mask is not subtracted: the kernels compute the full T x T scores. Capacity padding is not counted.
 """
 
 from __future__ import annotations
@@ -16,27 +17,42 @@ import jax.numpy as jnp
 from model.config import ModelConfig
 
 
+def _layer_params(cfg: ModelConfig) -> dict[str, int]:
+    """Weights of one block's parts: attention, norms, dense MLP, one expert, an MoE layer's router
+    and shared experts."""
+    d, h, n, k = cfg.d_model, cfg.resolved_head_dim, cfg.num_heads, cfg.num_kv_heads
+    per_unit = (3 if cfg.activation == "swiglu" else 2) * d  # one hidden unit of an MLP
+    expert = per_unit * cfg.resolved_expert_mlp_dim
+    return {"attn": d * n * h + 2 * d * k * h + n * h * d, "norms": 2 * d,
+            "mlp": per_unit * cfg.mlp_dim, "expert": expert, "router": d * cfg.num_experts,
+            "shared": cfg.num_shared_experts * expert}
+
+
 def param_counts(cfg: ModelConfig) -> dict[str, int]:
-    """total, embedding (token + learned positions) and non_embedding parameter counts."""
-    d, h, n, k, f, v, l = (cfg.d_model, cfg.resolved_head_dim, cfg.num_heads, cfg.num_kv_heads,
-                           cfg.mlp_dim, cfg.vocab_size, cfg.num_layers)
-    attn = d * n * h + 2 * d * k * h + n * h * d
-    mlp = (3 if cfg.activation == "swiglu" else 2) * d * f
-    norms = 2 * d
-    per_layer = attn + mlp + norms
+    """total, embedding (token + learned positions), non_embedding, and active (total less the
+    experts a token does not use: every MoE layer runs k of its num_experts) parameter counts."""
+    d, v, l = cfg.d_model, cfg.vocab_size, cfg.num_layers
+    p = _layer_params(cfg)
+    moe_layers = cfg.num_moe_layers
+    moe_ffn = p["router"] + cfg.num_experts * p["expert"] + p["shared"]
     embedding = v * d + (cfg.max_seq_len * d if cfg.position == "learned" else 0)
     head = 0 if cfg.tie_embeddings else d * v
-    non_embedding = l * per_layer + d + head
-    return {"total": embedding + non_embedding, "embedding": embedding,
-            "non_embedding": non_embedding}
+    non_embedding = (l * (p["attn"] + p["norms"]) + (l - moe_layers) * p["mlp"] + moe_layers * moe_ffn
+                     + d + head)
+    total = embedding + non_embedding
+    inactive = moe_layers * (cfg.num_experts - cfg.experts_per_token) * p["expert"]
+    return {"total": total, "embedding": embedding, "non_embedding": non_embedding,
+            "active": total - inactive}
 
 
 def matmul_params(cfg: ModelConfig) -> int:
-    """Weights that take part in a matmul per token: attention, MLP and the LM head."""
-    d, h, n, k, f = cfg.d_model, cfg.resolved_head_dim, cfg.num_heads, cfg.num_kv_heads, cfg.mlp_dim
-    attn = d * n * h + 2 * d * k * h + n * h * d
-    mlp = (3 if cfg.activation == "swiglu" else 2) * d * f
-    return cfg.num_layers * (attn + mlp) + d * cfg.vocab_size
+    """Weights that take part in a matmul per token: attention, MLP (or router, k experts and the
+    shared ones) and the LM head."""
+    p = _layer_params(cfg)
+    moe_layers = cfg.num_moe_layers
+    moe_ffn = p["router"] + cfg.experts_per_token * p["expert"] + p["shared"]
+    return (cfg.num_layers * p["attn"] + (cfg.num_layers - moe_layers) * p["mlp"] + moe_layers * moe_ffn
+            + cfg.d_model * cfg.vocab_size)
 
 
 def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:

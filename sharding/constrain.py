@@ -29,6 +29,11 @@ def activation_sharding(mesh: Mesh, rules: Rules) -> Iterator[None]:
         _ACTIVE.reset(token)
 
 
+def active() -> tuple[Mesh, Rules] | None:
+    """The (mesh, rules) of the enclosing ``activation_sharding`` block, or None outside one."""
+    return _ACTIVE.get()
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     """Annotate ``x`` with the sharding its logical ``names`` map to (GSPMD hint, Auto axes)."""
     active = _ACTIVE.get()

@@ -51,3 +51,80 @@ def relative_error(actual, expected) -> float:
     """max |a - e| / max |e|: one number for comparing whole tensors."""
     actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
     return float(np.max(np.abs(actual - expected)) / max(np.max(np.abs(expected)), 1e-30))
+
+
+
+def moe_routing(x_btd, w_router_de, *, k, capacity=None, mask_bt=None):
+    """Which experts each token goes to and which of those assignments are processed, one token at a
+    time: (chosen, kept), chosen[b][t] = the token's k best experts by router logit x @ w_router,
+    best first (ties: lower index); kept[b][t][i] = whether choice i fits. With a ``capacity`` each
+    expert takes a row's assignments in token order until it holds ``capacity``; later ones are
+    dropped. Tokens with mask False are not routed (chosen [], kept all False)."""
+    x, w = np.asarray(x_btd, np.float64), np.asarray(w_router_de, np.float64)
+    num_experts = w.shape[1]
+    chosen, kept = [], []
+    for b in range(x.shape[0]):
+        taken = [0] * num_experts
+        chosen_row, kept_row = [], []
+        for t in range(x.shape[1]):
+            if mask_bt is not None and not mask_bt[b][t]:
+                chosen_row.append([])
+                kept_row.append([False] * k)
+                continue
+            logits = x[b, t] @ w
+            best = sorted(range(num_experts), key=lambda e, logits=logits: -logits[e])[:k]
+            fits = []
+            for e in best:
+                fits.append(capacity is None or taken[e] < capacity)
+                taken[e] += fits[-1]
+            chosen_row.append(best)
+            kept_row.append(fits)
+        chosen.append(chosen_row)
+        kept.append(kept_row)
+    return chosen, kept
+
+
+def moe(x_btd, w_router_de, w_up_edf, w_down_efd, w_gate_edf=None, *, mode, chosen, kept):
+    """Mixture of experts one token at a time, for the routing of ``moe_routing``: each token's
+    output is the sum over its kept choices of gate * expert(x) (0 for an unrouted token).
+
+    Gates from the router logits: ``softmax_topk`` = softmax over all experts, the chosen ones
+    renormalised; ``topk_softmax`` = softmax over the chosen logits; ``softmax_topk_unnormalized`` =
+    the chosen probabilities. Expert e: SwiGLU (silu(x Wg) * x Wu) Wd, or without ``w_gate_edf``
+    GELU (tanh form) gelu(x Wu) Wd. Written with jax.numpy so that jax.grad differentiates it (under
+    jax.enable_x64 with float64 inputs it is a float64 oracle)."""
+    import jax.numpy as jnp
+
+    def expert(x_d, e):
+        up_f = x_d @ w_up_edf[e]
+        if w_gate_edf is None:
+            h_f = 0.5 * up_f * (1 + jnp.tanh(np.sqrt(2 / np.pi) * (up_f + 0.044715 * up_f ** 3)))
+        else:
+            gate_f = x_d @ w_gate_edf[e]
+            h_f = gate_f / (1 + jnp.exp(-gate_f)) * up_f
+        return h_f @ w_down_efd[e]
+
+    rows = []
+    for b in range(x_btd.shape[0]):
+        outs = []
+        for t in range(x_btd.shape[1]):
+            x_d = x_btd[b, t]
+            out_d = jnp.zeros_like(x_d)
+            best = chosen[b][t]
+            if best:
+                logits_e = x_d @ w_router_de
+                if mode == "topk_softmax":
+                    top = jnp.stack([logits_e[e] for e in best])
+                    gates = jnp.exp(top - jnp.max(top)) / jnp.sum(jnp.exp(top - jnp.max(top)))
+                else:
+                    probs_e = jnp.exp(logits_e - jnp.max(logits_e))
+                    probs_e = probs_e / jnp.sum(probs_e)
+                    gates = jnp.stack([probs_e[e] for e in best])
+                    if mode == "softmax_topk":
+                        gates = gates / jnp.sum(gates)
+                for i, e in enumerate(best):
+                    if kept[b][t][i]:
+                        out_d = out_d + gates[i] * expert(x_d, e)
+            outs.append(out_d)
+        rows.append(jnp.stack(outs))
+    return jnp.stack(rows)

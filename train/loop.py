@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 import yaml
 
 from data.batches import equalize_across_processes, to_global
@@ -25,7 +26,7 @@ from sharding.mesh import make_mesh
 from sharding.rules import default_rules
 from train.checkpoint import Checkpointer
 from train.config import Config, ConfigError, dump_yaml
-from train.metrics import MetricsWriter, progress_bar
+from train.metrics import MetricsWriter, progress_bar, write_expert_load_png
 from train.optimizer import make_optimizer
 from train.state import TrainState, abstract_state, init_state, state_shardings
 from train.step import batch_sharding, jit_eval_step, jit_train_step
@@ -37,7 +38,8 @@ def prepare_run_dir(cfg: Config) -> Path:
     saved = run_dir / "config.yaml"
     if saved.is_file():
         previous = yaml.safe_load(saved.read_text()) or {}
-        if previous.get("model") != cfg.to_dict()["model"]:
+        defaults = Config().to_dict()["model"]  # keys added since that run take their defaults
+        if {**defaults, **(previous.get("model") or {})} != cfg.to_dict()["model"]:
             raise ConfigError("run.dir", f"{run_dir} holds a run of a different model; choose "
                               "another run.dir or keep the model.* settings")
     if jax.process_index() == 0:
@@ -127,7 +129,8 @@ def train(cfg: Config) -> dict[str, Any]:
         tokens_per_step = t.batch_size * t.seq_len
         counts = param_counts(m)
         if jax.process_index() == 0:
-            print(f"meshlm: {counts['total'] / 1e6:.2f}M parameters on mesh "
+            active = f" ({counts['active'] / 1e6:.2f}M active)" if m.is_moe else ""
+            print(f"meshlm: {counts['total'] / 1e6:.2f}M parameters{active} on mesh "
                   f"{dict(mesh.shape)} ({jax.device_count()} {jax.default_backend()} devices); "
                   f"steps {start}->{t.steps}; peak {peak / 1e9:.1f} GFLOP/s ({peak_source}); "
                   f"run dir {run_dir}", flush=True)
@@ -136,12 +139,16 @@ def train(cfg: Config) -> dict[str, Any]:
         in_flight: collections.deque[tuple[int, dict]] = collections.deque()
         last: dict[str, Any] = {"step": start}
         clock = {"time": None, "step": start}
+        expert_load: list = []  # MoE: every step's [MoE layers, experts] load, for the picture
 
         def drain(limit: int) -> None:
             """Fetches metrics of the oldest steps until at most ``limit`` remain in flight."""
             while len(in_flight) > limit:
                 step, metrics = in_flight.popleft()
-                values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                values = {k: v.tolist() if np.ndim(v) else float(v)  # MoE per-layer lists
+                          for k, v in jax.device_get(metrics).items()}
+                if "expert_load" in values:
+                    expert_load.append(values["expert_load"])
                 now = time.perf_counter()
                 bar.update(1)
                 last.update(step=step, **values)
@@ -178,6 +185,13 @@ def train(cfg: Config) -> dict[str, Any]:
         if eval_data:
             last["eval_loss"] = evaluate(eval_step, state.params, eval_data, batch_sh, t.batch_size)
             writer.write({"step": final_step, "eval_loss": last["eval_loss"]})
+        if expert_load and jax.process_index() == 0:
+            moe_layer_ids = [m.first_dense_layers + (i + 1) * m.moe_every - 1
+                             for i in range(m.num_moe_layers)]
+            write_expert_load_png(run_dir / "expert_load.png", np.mean(expert_load, axis=0),
+                                  moe_layer_ids, f"expert load, mean over steps "
+                                  f"{final_step - len(expert_load) + 1}-{final_step} "
+                                  f"({m.num_experts} experts, top-{m.experts_per_token})")
         checkpointer.wait()
         checkpointer.close()
         writer.close()

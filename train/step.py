@@ -1,8 +1,10 @@
 """Pure train and eval steps over (state, batch), and their one-time jit with explicit shardings.
 
 Loss: next-token cross-entropy summed over weighted target positions and divided by the weight sum,
-in float32. Gradient accumulation scans over microbatches inside the step, so the update equals the
-full-batch update.
+in float32. An MoE model adds its weighted load-balancing and z-losses to the differentiated
+objective (``loss`` stays the pure cross-entropy) and reports its router metrics. Gradient
+accumulation scans over microbatches inside the step, so the update equals the full-batch update
+(MoE auxiliaries: averaged over microbatches, weighted by their tokens).
 """
 
 from __future__ import annotations
@@ -24,14 +26,40 @@ Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
 
 
-def loss_sums(params: nnx.State, graphdef: nnx.GraphDef, batch: Batch) -> tuple[jax.Array, jax.Array]:
-    """(sum of weighted token losses, sum of weights) for one batch."""
+def forward_sums(params: nnx.State, graphdef: nnx.GraphDef,
+                 batch: Batch) -> tuple[jax.Array, jax.Array, Metrics]:
+    """(sum of weighted token losses, sum of weights, MoE auxiliaries) for one batch; tokens of
+    weight 0 (padding) are not routed to experts."""
     model = nnx.merge(graphdef, params)
-    logits_btv = model(batch["inputs"], batch.get("positions"), batch.get("segment_ids"))
+    weights_bt = batch["weights"].astype(jnp.float32)
+    logits_btv, aux = model(batch["inputs"], batch.get("positions"), batch.get("segment_ids"),
+                            routing_mask_bt=weights_bt > 0, return_aux=True)
     target_logit_bt = jnp.take_along_axis(logits_btv, batch["targets"][..., None], axis=-1)[..., 0]
     nll_bt = jax.nn.logsumexp(logits_btv, axis=-1) - target_logit_bt
-    weights_bt = batch["weights"].astype(jnp.float32)
-    return jnp.sum(nll_bt * weights_bt), jnp.sum(weights_bt)
+    return jnp.sum(nll_bt * weights_bt), jnp.sum(weights_bt), aux
+
+
+def loss_sums(params: nnx.State, graphdef: nnx.GraphDef, batch: Batch) -> tuple[jax.Array, jax.Array]:
+    """(sum of weighted token losses, sum of weights) for one batch."""
+    loss_sum, weight_sum, _ = forward_sums(params, graphdef, batch)
+    return loss_sum, weight_sum
+
+
+def objective_sums(params: nnx.State, graphdef: nnx.GraphDef,
+                   batch: Batch) -> tuple[jax.Array, tuple[jax.Array, jax.Array, Metrics]]:
+    """(what training differentiates, (loss sum, weight sum, MoE metrics times the weight sum)).
+
+    Everything is a sum over tokens, so microbatches add up: the objective is the loss sum plus the
+    weighted MoE auxiliaries times this batch's weight sum."""
+    loss_sum, weight_sum, aux = forward_sums(params, graphdef, batch)
+    if not aux:
+        return loss_sum, (loss_sum, weight_sum, {})
+    metrics = {"moe_aux_loss": jnp.mean(aux["aux_loss"]), "moe_z_loss": jnp.mean(aux["z_loss"]),
+               "moe_dropped_frac": jnp.mean(aux["dropped_frac"]), "expert_load": aux["expert_load"],
+               "moe_aux_loss_per_layer": aux["aux_loss"], "moe_z_loss_per_layer": aux["z_loss"],
+               "moe_dropped_frac_per_layer": aux["dropped_frac"]}
+    scaled = {k: v * weight_sum for k, v in metrics.items()}
+    return loss_sum + aux["loss"] * weight_sum, (loss_sum, weight_sum, scaled)
 
 
 def _split_microbatches(batch: Batch, n: int) -> Batch:
@@ -43,36 +71,52 @@ def _split_microbatches(batch: Batch, n: int) -> Batch:
     return jax.tree.map(split, batch)
 
 
-def grads_and_loss(params: nnx.State, batch: Batch, *, graphdef: nnx.GraphDef,
-                   microbatches: int) -> tuple[nnx.State, jax.Array]:
-    """Mean-token-loss gradients and loss over the batch, accumulated over ``microbatches``."""
-    grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
+def grads_loss_and_metrics(params: nnx.State, batch: Batch, *, graphdef: nnx.GraphDef,
+                           microbatches: int) -> tuple[nnx.State, jax.Array, Metrics]:
+    """Gradients of the mean-token objective, the mean cross-entropy and the (token-weighted mean)
+    MoE metrics over the batch, accumulated over ``microbatches``."""
+    grad_fn = jax.value_and_grad(objective_sums, has_aux=True)
     if microbatches == 1:
-        (loss_sum, weight_sum), grads = grad_fn(params, graphdef, batch)
+        (_, (loss_sum, weight_sum, metrics)), grads = grad_fn(params, graphdef, batch)
     else:
         def body(carry, micro):
-            grads_acc, loss_acc, weight_acc = carry
-            (loss_sum, weight_sum), grads = grad_fn(params, graphdef, micro)
+            grads_acc, loss_acc, weight_acc, metrics_acc = carry
+            (_, (loss_sum, weight_sum, metrics)), grads = grad_fn(params, graphdef, micro)
             grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
-            return (grads_acc, loss_acc + loss_sum, weight_acc + weight_sum), None
+            metrics_acc = jax.tree.map(jnp.add, metrics_acc, metrics)
+            return (grads_acc, loss_acc + loss_sum, weight_acc + weight_sum, metrics_acc), None
 
         zeros = jax.tree.map(jnp.zeros_like, params)
-        init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-        (grads, loss_sum, weight_sum), _ = jax.lax.scan(
-            body, init, _split_microbatches(batch, microbatches))
+        micro_batches = _split_microbatches(batch, microbatches)
+        first = jax.tree.map(lambda x: x[0], micro_batches)
+        metric_zeros = jax.tree.map(jnp.zeros_like,
+                                    jax.eval_shape(objective_sums, params, graphdef, first)[1][2])
+        init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), metric_zeros)
+        (grads, loss_sum, weight_sum, metrics), _ = jax.lax.scan(body, init, micro_batches)
     denom = jnp.maximum(weight_sum, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
-    return grads, loss_sum / denom
+    metrics = jax.tree.map(lambda m: m / denom, metrics)
+    return grads, loss_sum / denom, metrics
+
+
+def grads_and_loss(params: nnx.State, batch: Batch, *, graphdef: nnx.GraphDef,
+                   microbatches: int) -> tuple[nnx.State, jax.Array]:
+    """Mean-token-objective gradients and mean cross-entropy over the batch, accumulated over
+    ``microbatches``."""
+    grads, loss, _ = grads_loss_and_metrics(params, batch, graphdef=graphdef,
+                                            microbatches=microbatches)
+    return grads, loss
 
 
 def train_step(state: TrainState, batch: Batch, *, graphdef: nnx.GraphDef,
                tx: optax.GradientTransformation, schedule: optax.Schedule,
                microbatches: int) -> tuple[TrainState, Metrics]:
-    grads, loss = grads_and_loss(state.params, batch, graphdef=graphdef,
-                                 microbatches=microbatches)
+    grads, loss, moe_metrics = grads_loss_and_metrics(state.params, batch, graphdef=graphdef,
+                                                      microbatches=microbatches)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step),
+               **moe_metrics}
     return TrainState(state.step + 1, params, opt_state), metrics
 
 
