@@ -27,6 +27,7 @@ test-all: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.pipeline
+	$(BIN)/python -m bench.moe
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -13,19 +13,12 @@ import jax
 
 jax.config.update("jax_num_cpu_devices", 8)
 
-import numpy as np  # noqa: E402
-
 from bench.common import print_table, write_result  # noqa: E402
+from bench.timing import step_seconds  # noqa: E402
 from data.pipeline import train_dataset  # noqa: E402
 from data.sources import open_source  # noqa: E402
 from data.tokenizer import make_tokenizer  # noqa: E402
-from sharding.constrain import activation_sharding  # noqa: E402
-from sharding.mesh import make_mesh  # noqa: E402
-from sharding.rules import default_rules  # noqa: E402
 from train.config import load_config  # noqa: E402
-from train.optimizer import make_optimizer  # noqa: E402
-from train.state import abstract_state, init_state, state_shardings  # noqa: E402
-from train.step import batch_sharding, jit_train_step  # noqa: E402
 
 
 def pipeline_tokens_per_s(cfg, batches: int = 300) -> float:
@@ -47,29 +40,7 @@ def pipeline_tokens_per_s(cfg, batches: int = 300) -> float:
 
 def train_tokens_per_s(cfg, steps: int = 8) -> float:
     """Tokens per second the default train step consumes on the configured mesh."""
-    t = cfg.train
-    mesh, rules = make_mesh(cfg.mesh), default_rules()
-    tx, schedule = make_optimizer(cfg.optim, t.steps)
-    with activation_sharding(mesh, rules):
-        graphdef, abstract = abstract_state(cfg.model, tx)
-        shardings = state_shardings(abstract, mesh, rules)
-        state = init_state(cfg.model, tx, 0, shardings)
-        batch_sh = batch_sharding(mesh, rules, t.batch_size, t.seq_len)
-        step = jit_train_step(graphdef, tx, schedule, t.microbatches, shardings, batch_sh)
-        rng = np.random.default_rng(0)
-        tokens = rng.integers(0, 256, (t.batch_size, t.seq_len + 1)).astype(np.int32)
-        batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
-                 "weights": np.ones((t.batch_size, t.seq_len), np.float32)}
-        batch = {k: jax.device_put(v, batch_sh) for k, v in batch.items()}
-        state, metrics = step(state, batch)
-        jax.block_until_ready(metrics)
-        times = []
-        for _ in range(steps):
-            start = time.perf_counter()
-            state, metrics = step(state, batch)
-            jax.block_until_ready(metrics)
-            times.append(time.perf_counter() - start)
-    return t.batch_size * t.seq_len / float(np.median(times))
+    return cfg.train.batch_size * cfg.train.seq_len / step_seconds(cfg, steps)
 
 
 def main(argv: list[str]) -> int:
