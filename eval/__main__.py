@@ -32,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-new-tokens", type=int, default=200)
     gen.add_argument("--temperature", type=float, default=0.8)
     gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     ppl = sub.add_parser("perplexity", help="loss and perplexity over held-out text")
@@ -44,12 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_args(args: argparse.Namespace) -> None:
     if args.command == "generate":
+        from eval.sampling import SamplingConfig
+
         if args.max_new_tokens < 1:
             raise UsageError("--max-new-tokens must be >= 1")
-        if args.temperature < 0:
-            raise UsageError(f"--temperature must be >= 0, got {args.temperature}")
-        if args.top_k < 0:
-            raise UsageError(f"--top-k must be >= 0, got {args.top_k}")
+        for problem in SamplingConfig(args.temperature, args.top_k, args.top_p).problems():
+            raise UsageError(problem)
     if args.command == "perplexity" and (args.batch_size < 0 or args.max_batches < 0):
         raise UsageError("--batch-size and --max-batches must be >= 0")
 
@@ -75,15 +76,15 @@ def run_generate(args: argparse.Namespace, run) -> None:
 
     tok = run.tokenizer
     prompts = read_prompts(args)
-    window = run.cfg.model.max_seq_len
+    window = run.cfg.train.seq_len  # the context the model was trained on
     for prompt in prompts:
-        ids = tok.encode(prompt)
+        ids = ([tok.bos_id] if tok.bos_id >= 0 else []) + tok.encode(prompt)  # as in training
         if len(ids) >= window:
             print(f"warning: prompt of {len(ids)} tokens keeps only its last {window - 1}",
                   file=sys.stderr)
         stream = generate(run.params, run.graphdef, ids, args.max_new_tokens, window,
-                          temperature=args.temperature, top_k=args.top_k, seed=args.seed,
-                          stop_id=tok.eos_id)
+                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                          seed=args.seed, stop_id=tok.eos_id)
         new: list[int] = []
         if args.json or len(prompts) > 1:
             new = list(stream)

@@ -1,10 +1,11 @@
-"""Autoregressive sampling (greedy, temperature, top-k) by re-running the full forward pass over a
-fixed-size window each token: one compile, no cache. Simple and exact; a KV-cache decoder replaces it
-for long generations.
+"""Autoregressive sampling (greedy, temperature, top-k, top-p) by re-running the full forward pass
+over a fixed-size window each token: one compile per (model, sampling settings), no cache. Simple
+and exact; a KV-cache decoder replaces it for long generations.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 
 import jax
@@ -12,38 +13,32 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-
-def sample_logits(logits_v: jax.Array, key: jax.Array, temperature: float, top_k: int) -> jax.Array:
-    """One token id from logits [V]: greedy when temperature == 0, else softmax(logits / T) over the
-    ``top_k`` largest (all when top_k == 0)."""
-    if temperature == 0:
-        return jnp.argmax(logits_v)
-    logits_v = logits_v / temperature
-    if top_k:
-        kth = jax.lax.top_k(logits_v, top_k)[0][-1]
-        logits_v = jnp.where(logits_v < kth, -jnp.inf, logits_v)
-    return jax.random.categorical(key, logits_v)
+from eval.sampling import SamplingConfig, sample
 
 
-def make_sampler(graphdef: nnx.GraphDef, temperature: float, top_k: int) -> Callable:
-    """jit(params, tokens [1, W], length, key) -> next token after the first ``length`` tokens."""
+@functools.lru_cache(maxsize=16)
+def make_sampler(graphdef: nnx.GraphDef, sampling: SamplingConfig) -> Callable:
+    """jit(params, tokens [1, W], length, key) -> next token after the first ``length`` tokens.
+    Positions past ``length`` are padding: masked out of the experts' routing, ignored by the
+    causal attention of the positions that matter."""
 
     @jax.jit
     def next_token(params, tokens_bt, length, key):
-        logits_btv = nnx.merge(graphdef, params)(tokens_bt)
-        return sample_logits(logits_btv[0, length - 1], key, temperature, top_k)
+        routing_mask_bt = jnp.arange(tokens_bt.shape[1])[None] < length
+        logits_btv = nnx.merge(graphdef, params)(tokens_bt, routing_mask_bt=routing_mask_bt)
+        return sample(logits_btv[:, length - 1], key, sampling)[0]
 
     return next_token
 
 
 def generate(params: nnx.State, graphdef: nnx.GraphDef, prompt_ids: list[int], max_new_tokens: int,
-             window: int, *, temperature: float = 0.8, top_k: int = 0, seed: int = 0,
-             stop_id: int | None = None) -> Iterator[int]:
+             window: int, *, temperature: float = 0.8, top_k: int = 0, top_p: float = 1.0,
+             seed: int = 0, stop_id: int | None = None) -> Iterator[int]:
     """Yields up to ``max_new_tokens`` ids continuing ``prompt_ids``; the model sees at most the last
-    ``window`` tokens (its maximum context)."""
+    ``window`` tokens (the context it was trained on)."""
     if not prompt_ids:
         raise ValueError("the prompt must hold at least one token")
-    next_token = make_sampler(graphdef, temperature, top_k)
+    next_token = make_sampler(graphdef, SamplingConfig(temperature, top_k, top_p))
     ids = list(prompt_ids)
     key = jax.random.key(seed)
     for _ in range(max_new_tokens):

@@ -65,7 +65,7 @@ def load_run(path: str | Path, mesh_cfg: MeshConfig | None = None) -> LoadedRun:
                          f"only {cfg.model.vocab_size}: they do not belong together")
     mesh, rules = make_mesh(mesh_cfg or MeshConfig()), default_rules()
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Transformer(cfg.model, nnx.Rngs(0))))
-    checkpointer = Checkpointer(run_dir, cfg.checkpoint, create=False)
+    checkpointer = Checkpointer(run_dir, cfg.checkpoint, read_only=True)  # the run may be live
     try:
         steps = checkpointer.all_steps()
         if step is None:

@@ -49,6 +49,8 @@ def perplexity(run: LoadedRun, source: str | None = None, batch_size: int = 0,
         from jax.experimental import multihost_utils
 
         byte_count = int(multihost_utils.process_allgather(byte_count).sum())
+    if weight_sum == 0:
+        raise ValueError(f"the evaluation split of {source} holds no tokens")
     loss = loss_sum / max(weight_sum, 1.0)
     return {"loss": loss, "perplexity": math.exp(loss), "tokens": int(weight_sum),
             "bits_per_byte": loss_sum / math.log(2) / max(byte_count, 1), "source": source,

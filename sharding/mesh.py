@@ -54,13 +54,6 @@ def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
                 axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
-def batch_parallelism(mesh: Mesh, rules) -> int:
-    """How many ways the ``batch`` logical axis is split on this mesh."""
-    from sharding.rules import _lookup
-
-    return math.prod(mesh.shape[a] for a in _lookup(rules, "batch") if a in mesh.shape)
-
-
 def initialize_distributed(coordinator: str = "", num_processes: int = 0,
                            process_id: int = -1) -> None:
     """One process per host: join JAX's multi-controller runtime. Without a coordinator address

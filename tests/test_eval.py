@@ -55,3 +55,20 @@ def test_eval_errors_exit_2(trained_run, args, message):
     result = run_eval(*[a.replace("RUN", str(run_dir)) for a in args])
     assert result.returncode == 2 and result.stderr.startswith("error:") and message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_damaged_input_position_stops_the_resume_with_one_line(trained_run, tmp_path):
+    import shutil
+
+    run_dir, _ = trained_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    (copy / "checkpoints" / "20" / "data" / "process_0-of-1.json").write_text("{not json")
+    result = subprocess.run([sys.executable, "-m", "train", "configs/tiny.yaml", f"run.dir={copy}",
+                             "train.steps=30", "mesh.data=2", "mesh.tensor=4",
+                             "checkpoint.every=10"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines() == [
+        "error: run.dir: cannot resume from checkpoint 20: checkpoint 20 has a damaged input "
+        "position (Expecting property name enclosed in double quotes: line 1 column 2 (char 1))"]

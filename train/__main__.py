@@ -41,11 +41,12 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0
-    from train.config import ConfigError, load_config, validate
+    from train.config import ConfigError, load_config, validate, validate_run
 
     try:
         path, overrides = parse_args(argv)
         cfg = load_config(path, overrides)
+        validate_run(cfg.run)  # before JAX starts: a bad coordinator setting must not hang
         validate(cfg, setup_devices(cfg.run))
         from train.loop import train
 

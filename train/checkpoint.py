@@ -33,10 +33,11 @@ class _IteratorSnapshot:
 class Checkpointer:
     """A thin, typed wrapper over ``ocp.CheckpointManager`` for one run directory."""
 
-    def __init__(self, run_dir: str | Path, cfg: CheckpointConfig, create: bool = True):
+    def __init__(self, run_dir: str | Path, cfg: CheckpointConfig, read_only: bool = False):
         self.directory = Path(run_dir).resolve() / "checkpoints"
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=cfg.keep, enable_async_checkpointing=cfg.async_save, create=create)
+            max_to_keep=cfg.keep, enable_async_checkpointing=cfg.async_save, create=not read_only,
+            read_only=read_only)
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_names=("state", "meta", "data"))
 

@@ -233,6 +233,20 @@ def tokenizer_vocab_size(data: DataConfig) -> int:
         raise ConfigError("data.tokenizer", str(e)) from None
 
 
+def validate_run(run: RunConfig) -> None:
+    """Checks of the run section that must hold before devices are set up (no JAX needed)."""
+    if run.coordinator and not 0 <= run.process_id < run.num_processes:
+        raise ConfigError("run.process_id", f"must be in [0, run.num_processes="
+                          f"{run.num_processes}) with run.coordinator, got {run.process_id}")
+    if run.cpu_devices < 1:
+        raise ConfigError("run.cpu_devices", f"must be >= 1, got {run.cpu_devices}")
+    if not run.dir:
+        raise ConfigError("run.dir", "must not be empty")
+    if "://" in run.dir:
+        raise ConfigError("run.dir", f"{run.dir!r}: only local or mounted paths are supported "
+                          "(put the run on a shared filesystem mounted on every host)")
+
+
 def jax_process_count() -> int:
     import jax
 
@@ -308,13 +322,7 @@ def validate(cfg: Config, num_devices: int) -> None:
         raise ConfigError("checkpoint.every", f"must be >= 0, got {cfg.checkpoint.every}")
     if cfg.checkpoint.keep < 1:
         raise ConfigError("checkpoint.keep", f"must be >= 1, got {cfg.checkpoint.keep}")
-    if cfg.run.coordinator and not 0 <= cfg.run.process_id < cfg.run.num_processes:
-        raise ConfigError("run.process_id", f"must be in [0, run.num_processes="
-                          f"{cfg.run.num_processes}) with run.coordinator, got {cfg.run.process_id}")
-    if cfg.run.cpu_devices < 1:
-        raise ConfigError("run.cpu_devices", f"must be >= 1, got {cfg.run.cpu_devices}")
-    if not cfg.run.dir:
-        raise ConfigError("run.dir", "must not be empty")
+    validate_run(cfg.run)
 
 
 def config_from_dict(raw: dict[str, dict[str, Any]]) -> Config:

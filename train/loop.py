@@ -37,14 +37,20 @@ def prepare_run_dir(cfg: Config) -> Path:
     run_dir = Path(cfg.run.dir)
     saved = run_dir / "config.yaml"
     if saved.is_file():
-        previous = yaml.safe_load(saved.read_text()) or {}
+        try:
+            previous = yaml.safe_load(saved.read_text()) or {}
+        except yaml.YAMLError:
+            raise ConfigError("run.dir", f"{saved} is not valid YAML") from None
         defaults = Config().to_dict()["model"]  # keys added since that run take their defaults
         if {**defaults, **(previous.get("model") or {})} != cfg.to_dict()["model"]:
             raise ConfigError("run.dir", f"{run_dir} holds a run of a different model; choose "
                               "another run.dir or keep the model.* settings")
+    sync_processes("meshlm: run directory checked")  # every process read it before it changes
     if jax.process_index() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        saved.write_text(dump_yaml(cfg))
+        tmp = saved.with_suffix(".yaml.tmp")
+        tmp.write_text(dump_yaml(cfg))
+        tmp.replace(saved)
     return run_dir
 
 
@@ -75,11 +81,18 @@ def data_streams(cfg: Config, tokenizer) -> tuple[Any, list]:
     local_batch = t.batch_size // shard.count
     kwargs = {"eval_fraction": d.eval_fraction, "data_dir": d.data_dir or None,
               "cache_dir": d.cache_dir or None}
-    train_docs = open_source(d.source, "train", **kwargs)
+
+    def open_splits() -> tuple:
+        return open_source(d.source, "train", **kwargs), open_source(d.source, "eval", **kwargs)
+
+    if shard.index == 0:  # process 0 prepares text: sources once; the others then reuse them
+        train_docs, eval_docs = open_splits()
+    sync_processes("meshlm: data sources prepared")
+    if shard.index != 0:
+        train_docs, eval_docs = open_splits()
     iterator = iter(train_dataset(train_docs, tokenizer, seq_len=t.seq_len, batch_size=local_batch,
                                   seed=t.seed, shard=shard, streams=d.streams,
                                   prefetch=d.prefetch, shuffle_tokens=d.shuffle_tokens))
-    eval_docs = open_source(d.source, "eval", **kwargs)
     batches = eval_batches(eval_docs, tokenizer, seq_len=t.seq_len, batch_size=local_batch,
                            max_batches=t.eval_batches, shard=shard)
     return iterator, equalize_across_processes(batches, empty_batch(local_batch, t.seq_len))
@@ -115,9 +128,13 @@ def train(cfg: Config) -> dict[str, Any]:
         state_sh = state_shardings(abstract, mesh, rules)
         start = checkpointer.latest_step() or 0
         if start:
-            state, _, data_states = checkpointer.restore(start, abstract, state_sh)
-            shard = Shard(jax.process_index(), jax.process_count())
-            batches.set_state(regroup_state(data_states, shard, cfg.data.streams))
+            try:
+                state, _, data_states = checkpointer.restore(start, abstract, state_sh)
+                shard = Shard(jax.process_index(), jax.process_count())
+                batches.set_state(regroup_state(data_states, shard, cfg.data.streams))
+            except ValueError as e:
+                raise ConfigError("run.dir", f"cannot resume from checkpoint {start}: "
+                                  f"{str(e).splitlines()[0]}") from None
         else:
             state = init_state(m, tx, t.seed, state_sh)
         batch_sh = batch_sharding(mesh, rules, t.batch_size, t.seq_len)
@@ -139,7 +156,7 @@ def train(cfg: Config) -> dict[str, Any]:
         in_flight: collections.deque[tuple[int, dict]] = collections.deque()
         last: dict[str, Any] = {"step": start}
         clock = {"time": None, "step": start}
-        expert_load: list = []  # MoE: every step's [MoE layers, experts] load, for the picture
+        load_sum = {"total": 0.0, "steps": 0}  # MoE: summed [MoE layers, experts] load, for the picture
 
         def drain(limit: int) -> None:
             """Fetches metrics of the oldest steps until at most ``limit`` remain in flight."""
@@ -148,7 +165,8 @@ def train(cfg: Config) -> dict[str, Any]:
                 values = {k: v.tolist() if np.ndim(v) else float(v)  # MoE per-layer lists
                           for k, v in jax.device_get(metrics).items()}
                 if "expert_load" in values:
-                    expert_load.append(values["expert_load"])
+                    load_sum["total"] = load_sum["total"] + np.asarray(values["expert_load"])
+                    load_sum["steps"] += 1
                 now = time.perf_counter()
                 bar.update(1)
                 last.update(step=step, **values)
@@ -172,7 +190,7 @@ def train(cfg: Config) -> dict[str, Any]:
             done = step + 1
             if cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done != t.steps:
                 checkpointer.save(done, state, {"step": done}, batches.get_state())
-            if t.eval_every and done % t.eval_every == 0 and done != t.steps:
+            if t.eval_every and done % t.eval_every == 0 and done != t.steps and eval_data:
                 drain(0)
                 eval_loss = evaluate(eval_step, state.params, eval_data, batch_sh, t.batch_size)
                 writer.write({"step": done, "eval_loss": eval_loss})
@@ -185,29 +203,31 @@ def train(cfg: Config) -> dict[str, Any]:
         if eval_data:
             last["eval_loss"] = evaluate(eval_step, state.params, eval_data, batch_sh, t.batch_size)
             writer.write({"step": final_step, "eval_loss": last["eval_loss"]})
-        if expert_load and jax.process_index() == 0:
+        if load_sum["steps"] and jax.process_index() == 0:
             moe_layer_ids = [m.first_dense_layers + (i + 1) * m.moe_every - 1
                              for i in range(m.num_moe_layers)]
-            write_expert_load_png(run_dir / "expert_load.png", np.mean(expert_load, axis=0),
+            write_expert_load_png(run_dir / "expert_load.png", load_sum["total"] / load_sum["steps"],
                                   moe_layer_ids, f"expert load, mean over steps "
-                                  f"{final_step - len(expert_load) + 1}-{final_step} "
+                                  f"{final_step - load_sum['steps'] + 1}-{final_step} "
                                   f"({m.num_experts} experts, top-{m.experts_per_token})")
         checkpointer.wait()
         checkpointer.close()
         writer.close()
         batches.close()
 
-        if t.sample_tokens and jax.process_index() == 0:
+        if t.sample_tokens:  # every process takes part (params span them); process 0 prints
             print_sample(cfg, state, graphdef, tokenizer)
     return last
 
 
 def print_sample(cfg: Config, state: TrainState, graphdef, tokenizer) -> None:
     prompt = cfg.train.sample_prompt
-    ids = tokenizer.encode(prompt)
+    ids = ([tokenizer.bos_id] if tokenizer.bos_id >= 0 else []) + tokenizer.encode(prompt)
     new = list(generate(state.params, graphdef, ids, cfg.train.sample_tokens,
                         window=cfg.train.seq_len, temperature=0.8, seed=cfg.train.seed,
                         stop_id=tokenizer.eos_id))
+    if jax.process_index() != 0:
+        return
     print("--- sample (temperature 0.8) ---")
     print(prompt + tokenizer.decode(new))
     print("--- end of sample ---", flush=True)

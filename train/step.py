@@ -86,7 +86,7 @@ def grads_loss_and_metrics(params: nnx.State, batch: Batch, *, graphdef: nnx.Gra
             metrics_acc = jax.tree.map(jnp.add, metrics_acc, metrics)
             return (grads_acc, loss_acc + loss_sum, weight_acc + weight_sum, metrics_acc), None
 
-        zeros = jax.tree.map(jnp.zeros_like, params)
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)  # f32 accumulators
         micro_batches = _split_microbatches(batch, microbatches)
         first = jax.tree.map(lambda x: x[0], micro_batches)
         metric_zeros = jax.tree.map(jnp.zeros_like,
