@@ -24,7 +24,7 @@ def _layer_params(cfg: ModelConfig) -> dict[str, int]:
     per_unit = (3 if cfg.activation == "swiglu" else 2) * d  # one hidden unit of an MLP
     expert = per_unit * cfg.resolved_expert_mlp_dim
     return {"attn": d * n * h + 2 * d * k * h + n * h * d, "norms": 2 * d,
-            "mlp": per_unit * cfg.mlp_dim, "expert": expert, "router": d * cfg.num_experts,
+            "mlp": per_unit * cfg.mlp_dim, "one_expert": expert, "router": d * cfg.num_experts,
             "shared": cfg.num_shared_experts * expert}
 
 
@@ -34,13 +34,13 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
     d, v, l = cfg.d_model, cfg.vocab_size, cfg.num_layers
     p = _layer_params(cfg)
     moe_layers = cfg.num_moe_layers
-    moe_ffn = p["router"] + cfg.num_experts * p["expert"] + p["shared"]
+    moe_ffn = p["router"] + cfg.num_experts * p["one_expert"] + p["shared"]
     embedding = v * d + (cfg.max_seq_len * d if cfg.position == "learned" else 0)
     head = 0 if cfg.tie_embeddings else d * v
     non_embedding = (l * (p["attn"] + p["norms"]) + (l - moe_layers) * p["mlp"] + moe_layers * moe_ffn
                      + d + head)
     total = embedding + non_embedding
-    inactive = moe_layers * (cfg.num_experts - cfg.experts_per_token) * p["expert"]
+    inactive = moe_layers * (cfg.num_experts - cfg.experts_per_token) * p["one_expert"]
     return {"total": total, "embedding": embedding, "non_embedding": non_embedding,
             "active": total - inactive}
 
@@ -50,7 +50,7 @@ def matmul_params(cfg: ModelConfig) -> int:
     shared ones) and the LM head."""
     p = _layer_params(cfg)
     moe_layers = cfg.num_moe_layers
-    moe_ffn = p["router"] + cfg.experts_per_token * p["expert"] + p["shared"]
+    moe_ffn = p["router"] + cfg.experts_per_token * p["one_expert"] + p["shared"]
     return (cfg.num_layers * p["attn"] + (cfg.num_layers - moe_layers) * p["mlp"] + moe_layers * moe_ffn
             + cfg.d_model * cfg.vocab_size)
 
