@@ -15,7 +15,7 @@ from sharding.rules import default_rules
 from train.config import CONFIG_DIR, Config, OptimConfig, build_config, load_yaml, validate
 from train.optimizer import make_optimizer
 from train.state import abstract_state, init_state, state_shardings
-from train.step import batch_sharding, grads_and_loss
+from train.step import batch_sharding, grads_loss_and_metrics
 
 SMALL = ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
                     mlp_dim=48, max_seq_len=16)
@@ -29,19 +29,23 @@ def random_batch(batch_size: int, seq_len: int, vocab: int, seed: int = 0) -> di
 
 
 def loss_and_grads(cfg: ModelConfig, mesh_axes: dict[str, int], batch: dict[str, np.ndarray],
-                   microbatches: int = 1, devices: list | None = None):
-    """(loss, grads as host arrays) of freshly initialised params (seed 0) on the given mesh."""
+                   microbatches: int = 1, devices: list | None = None, params=None):
+    """(loss, grads as host arrays) on the given mesh, of ``params`` (host or device arrays) or
+    else of freshly initialised params (seed 0), created sharded."""
     mesh = make_mesh(MeshConfig(**mesh_axes), devices)
     rules = default_rules()
     tx, _ = make_optimizer(OptimConfig(), 10)
     with activation_sharding(mesh, rules):
         graphdef, abstract = abstract_state(cfg, tx)
         shardings = state_shardings(abstract, mesh, rules)
-        state = init_state(cfg, tx, 0, shardings)
+        if params is None:
+            params = init_state(cfg, tx, 0, shardings).params
+        params = jax.device_put(params, shardings.params)
         batch_sh = batch_sharding(mesh, rules, *batch["inputs"].shape)
-        fn = jax.jit(functools.partial(grads_and_loss, graphdef=graphdef, microbatches=microbatches),
+        fn = jax.jit(functools.partial(grads_loss_and_metrics, graphdef=graphdef,
+                                       microbatches=microbatches),
                      in_shardings=(shardings.params, batch_sh))
-        grads, loss = fn(state.params, {k: jax.device_put(v, batch_sh) for k, v in batch.items()})
+        grads, loss, _ = fn(params, {k: jax.device_put(v, batch_sh) for k, v in batch.items()})
         return float(loss), jax.device_get(grads)
 
 

@@ -2,7 +2,6 @@
 auxiliary losses, expert parallelism equal to one device, layouts, training, configuration errors."""
 
 import dataclasses
-import functools
 import json
 import math
 import subprocess
@@ -23,10 +22,9 @@ from sharding.constrain import activation_sharding
 from sharding.mesh import MeshConfig, make_mesh
 from sharding.rules import default_rules, tree_shardings
 from tests import reference
-from tests.helpers import SMALL, random_batch, small_text
+from tests.helpers import SMALL, loss_and_grads, random_batch, small_text
 from train.config import CONFIG_DIR, build_config, load_yaml, validate
 from train.loop import train
-from train.step import batch_sharding, grads_and_loss
 
 TOL_OP = 1e-5  # fp32, simple ops
 TOL_MODEL = 1e-4  # fp32, whole models
@@ -204,18 +202,8 @@ def _init_params(cfg: ModelConfig) -> nnx.State:
 
 def _loss_and_grads(cfg: ModelConfig, params: nnx.State, mesh_axes: dict, batch: dict,
                     devices: list | None = None, microbatches: int = 1):
-    """(loss, host grads) of ``params`` laid out by the default rules on the given mesh (what
-    tests/helpers.py loss_and_grads does, without initialising the parameters again)."""
-    mesh, rules = make_mesh(MeshConfig(**mesh_axes), devices), default_rules()
-    with activation_sharding(mesh, rules):
-        graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))))
-        shardings = tree_shardings(abstract, mesh, rules)
-        batch_sh = batch_sharding(mesh, rules, *batch["inputs"].shape)
-        fn = jax.jit(functools.partial(grads_and_loss, graphdef=graphdef, microbatches=microbatches),
-                     in_shardings=(shardings, batch_sh))
-        grads, loss = fn(jax.device_put(params, shardings),
-                         {k: jax.device_put(v, batch_sh) for k, v in batch.items()})
-        return float(loss), jax.device_get(grads)
+    """(loss, host grads) of ``params`` on the given mesh (without initialising them again)."""
+    return loss_and_grads(cfg, mesh_axes, batch, microbatches, devices, params=params)
 
 
 def _assert_same(result, expected):

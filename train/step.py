@@ -99,15 +99,6 @@ def grads_loss_and_metrics(params: nnx.State, batch: Batch, *, graphdef: nnx.Gra
     return grads, loss_sum / denom, metrics
 
 
-def grads_and_loss(params: nnx.State, batch: Batch, *, graphdef: nnx.GraphDef,
-                   microbatches: int) -> tuple[nnx.State, jax.Array]:
-    """Mean-token-objective gradients and mean cross-entropy over the batch, accumulated over
-    ``microbatches``."""
-    grads, loss, _ = grads_loss_and_metrics(params, batch, graphdef=graphdef,
-                                            microbatches=microbatches)
-    return grads, loss
-
-
 def train_step(state: TrainState, batch: Batch, *, graphdef: nnx.GraphDef,
                tx: optax.GradientTransformation, schedule: optax.Schedule,
                microbatches: int) -> tuple[TrainState, Metrics]:
