@@ -12,6 +12,10 @@ import sys
 from pathlib import Path
 
 
+# Subcommands that live in their own module, each with ``main(argv) -> exit code``.
+SUBPROGRAMS = {"scaling": "eval.scaling"}
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2, no usage dump
         raise UsageError(message)
@@ -104,6 +108,10 @@ def run_generate(args: argparse.Namespace, run) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in SUBPROGRAMS:  # subcommands with their own parsers
+        import importlib
+
+        return importlib.import_module(SUBPROGRAMS[argv[0]]).main(argv[1:])
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
