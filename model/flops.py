@@ -1,18 +1,20 @@
-"""Parameter and FLOP accounting for dense and MoE decoders, and MFU against a measured matmul peak.
+"""Parameter, FLOP and KV-cache accounting for dense and MoE decoders, and MFU against a measured
+matmul peak. Pure arithmetic on a ModelConfig; only the peak-FLOP/s helpers at the end import JAX.
 
 Training FLOPs per token = 6 * N_matmul + 12 * L * T * N * H, where N_matmul counts every weight used
 in a matmul by one token (attention, MLP or the router plus the k chosen and the shared experts, and
 the LM head; not the embedding lookup) and the second term is the attention scores and weighted
 values (QK^T and PV) over a context of T tokens, forward and backward (PaLM, appendix B). The causal
-mask is not subtracted: the kernels compute the full T x T scores. Capacity padding is not counted.
+mask is not subtracted: the kernels compute the full T x T scores. Capacity padding is not counted
+unless asked for (``executed=True``: what the capacity path's expert matmuls really compute).
+Inference (forward only) is a third of that: 2 * N_matmul + 4 * L * S * N * H for a token attending
+to S keys. Elementwise work (norms, softmax, RoPE, the optimizer) is not counted; on the presets it
+is a few per cent of what XLA's ``cost_analysis()`` reports for the compiled step.
 """
 
 from __future__ import annotations
 
 import time
-
-import jax
-import jax.numpy as jnp
 
 from model.config import ModelConfig
 
@@ -55,15 +57,78 @@ def matmul_params(cfg: ModelConfig) -> int:
             + cfg.d_model * cfg.vocab_size)
 
 
-def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Forward + backward FLOPs per trained token at context length ``seq_len``."""
-    attention = 12 * cfg.num_layers * seq_len * cfg.num_heads * cfg.resolved_head_dim
-    return 6 * matmul_params(cfg) + attention
+def expert_slots_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Expert MLP applications per token in one MoE layer as computed: k when dropless; with the
+    capacity path every expert runs over all its ``expert_capacity(seq_len)`` slots of a row of
+    ``seq_len`` tokens, used or padding, so E * C / T (about capacity_factor * k)."""
+    if not cfg.is_moe:
+        return 0.0
+    if cfg.moe_impl == "dropless":
+        return float(cfg.experts_per_token)
+    return cfg.num_experts * cfg.expert_capacity(seq_len) / seq_len
+
+
+def attention_flops_per_token(cfg: ModelConfig, context: int, backward: bool = True) -> float:
+    """QK^T and PV FLOPs of one token attending to ``context`` keys in every layer: 4 * L * S * N * H
+    forward, three times that with the backward pass. Linear in the context per token, so O(n^2)
+    per sequence of n tokens."""
+    forward = 4 * cfg.num_layers * context * cfg.num_heads * cfg.resolved_head_dim
+    return 3 * forward if backward else forward
+
+
+def _executed_matmul_params(cfg: ModelConfig, seq_len: int, executed: bool) -> float:
+    """matmul_params, plus (``executed``) the capacity path's padded expert slots."""
+    matmul = float(matmul_params(cfg))
+    if executed and cfg.is_moe:
+        extra = expert_slots_per_token(cfg, seq_len) - cfg.experts_per_token
+        matmul += cfg.num_moe_layers * extra * _layer_params(cfg)["one_expert"]
+    return matmul
+
+
+def train_flops_per_token(cfg: ModelConfig, seq_len: int, executed: bool = False) -> float:
+    """Forward + backward FLOPs per trained token at context length ``seq_len``; ``executed``
+    counts the capacity path's padded expert slots too (see ``expert_slots_per_token``)."""
+    return 6 * _executed_matmul_params(cfg, seq_len, executed) + attention_flops_per_token(cfg, seq_len)
+
+
+def inference_flops_per_token(cfg: ModelConfig, context: int, executed: bool = False) -> float:
+    """Forward FLOPs of one token attending to ``context`` keys: a decode step at a cache of that
+    length, or (times n) a prefill of n = ``context`` tokens with the full n x n scores;
+    ``executed`` as in ``train_flops_per_token`` (rows of ``context`` tokens)."""
+    return (2 * _executed_matmul_params(cfg, context, executed)
+            + attention_flops_per_token(cfg, context, backward=False))
+
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1, "float8": 1}
+
+
+def kv_cache_bytes_per_token(cfg: ModelConfig, dtype: str = "") -> int:
+    """Bytes one cached token takes: keys and values of K heads of H in every layer, in ``dtype``
+    (default: the compute dtype, which the decoder's cache uses)."""
+    width = DTYPE_BYTES[dtype or cfg.dtype]
+    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.resolved_head_dim * width
+
+
+def accounting(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
+    """Every figure above for one config at context ``seq_len``, as one flat dict."""
+    counts = param_counts(cfg)
+    train = train_flops_per_token(cfg, seq_len)
+    attention = attention_flops_per_token(cfg, seq_len)
+    return {**{f"params_{k}": v for k, v in counts.items()},
+            "matmul_params": matmul_params(cfg), "seq_len": seq_len,
+            "train_flops_per_token": train, "train_attention_flops_per_token": attention,
+            "train_attention_share": attention / train,
+            "train_flops_per_token_executed": train_flops_per_token(cfg, seq_len, executed=True),
+            "inference_flops_per_token": inference_flops_per_token(cfg, seq_len),
+            "kv_cache_bytes_per_token": kv_cache_bytes_per_token(cfg)}
 
 
 def measure_matmul_peak(size: int = 1024, repeats: int = 10) -> float:
     """FLOP/s of the best of ``repeats`` float32 [size x size] matmuls on the first local device:
     the practical compute limit of a CPU host (all its emulated devices share those cores)."""
+    import jax
+    import jax.numpy as jnp
+
     device = jax.local_devices()[0]
     a = jax.device_put(jnp.ones((size, size), jnp.float32), device)
     matmul = jax.jit(lambda x: x @ x)
@@ -83,6 +148,8 @@ TPU_PEAK_FLOPS = {"v4": 275e12, "v5 lite": 197e12, "v5e": 197e12, "v5p": 459e12,
 
 def peak_flops(configured: float) -> tuple[float, str]:
     """(peak FLOP/s of the whole job, where the figure came from); 0 when unknown."""
+    import jax
+
     if configured > 0:
         return configured, "configured (run.peak_flops)"
     if jax.default_backend() == "cpu":
