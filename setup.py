@@ -26,7 +26,14 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["model*", "train*", "sharding*", "eval*", "data*"]),
     install_requires=INSTALL_REQUIRES,
-    extras_require={"test": ["pytest==9.2.0", "ruff==0.17.6", "hypothesis==6.170.17"]},
+    extras_require={
+        "test": ["pytest==9.2.0", "ruff==0.17.6", "hypothesis==6.170.17", "lm-eval==0.4.13"],
+        # python -m eval harness: EleutherAI's lm-evaluation-harness (no torch needed).
+        "harness": ["lm-eval==0.4.13"],
+        # TPU runtime: ahead-of-time compiles for TPU topologies on any host (train.compile), and
+        # training on TPU VMs. jax[tpu]==0.10.2 pins libtpu==0.0.42.*.
+        "tpu": ["libtpu==0.0.42.1"],
+    },
     entry_points={
         "console_scripts": [
             "meshlm-train=train.__main__:main",

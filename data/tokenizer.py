@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import hashlib
 import json
 import os
 import re
@@ -146,6 +147,7 @@ def save_tokenizer(tokenizer: Tokenizer, run_dir: str | Path) -> None:
     if isinstance(tokenizer, SentencePieceTokenizer):
         (Path(run_dir) / MODEL_FILE).write_bytes(tokenizer.model_proto)
         meta["file"] = MODEL_FILE
+        meta["sha256"] = hashlib.sha256(tokenizer.model_proto).hexdigest()
     (Path(run_dir) / TOKENIZER_FILE).write_text(json.dumps(meta) + "\n")
 
 
@@ -160,7 +162,12 @@ def load_tokenizer(run_dir: str | Path) -> Tokenizer:
         if kind == "byte":
             tokenizer: Tokenizer = ByteTokenizer()
         elif kind == "sentencepiece":
-            tokenizer = SentencePieceTokenizer(Path(run_dir) / meta["file"])
+            model_path = Path(run_dir) / meta["file"]
+            if "sha256" in meta and model_path.is_file() and \
+                    hashlib.sha256(model_path.read_bytes()).hexdigest() != meta["sha256"]:
+                raise ValueError(f"{model_path} is not the model this run was trained with "
+                                 "(its sha256 differs)")
+            tokenizer = SentencePieceTokenizer(model_path)
         else:
             raise ValueError(f"unknown kind {kind!r}")
         if meta.get("vocab_size", tokenizer.vocab_size) != tokenizer.vocab_size:

@@ -11,7 +11,6 @@ import json
 import sys
 from pathlib import Path
 
-
 # Subcommands that live in their own module, each with ``main(argv) -> exit code``.
 SUBPROGRAMS = {"scaling": "eval.scaling"}
 

@@ -1,53 +1,195 @@
-"""Autoregressive sampling (greedy, temperature, top-k, top-p) by re-running the full forward pass
-over a fixed-size window each token: one compile per (model, sampling settings), no cache. Simple
-and exact; a KV-cache decoder replaces it for long generations.
+"""Batched autoregressive generation with a preallocated key/value cache.
+
+Two jitted steps, each compiled once per shape with explicit shardings (rows over the data axes, kv
+heads over ``tensor``, experts over ``expert``, as in training) and the cache donated:
+- ``prefill``: prompts right-padded to a bucket length run in one pass; their keys and values fill
+  cache slots [0, T); each row's next token is sampled from the logits at its own last position.
+- ``decode``: every row feeds its newest token at its own position (rows of different lengths
+  advance together) and samples the next one.
+
+The host loop dispatches step i + 1 before it reads token i, so the device never waits on Python.
+Rows stop at the stop id (EOS) or after ``max_new_tokens``. The cache holds
+``min(window, prompt + new tokens)`` slots (rounded up to a power of two); when a row would pass the
+model's window, every row is re-prefilled with the last half of its context (a context shift) and
+generation goes on. A prompt longer than the window keeps its last ``window`` tokens.
+
+An MoE model generates with enough expert capacity that no token is ever dropped (inference routes
+every token to its k experts, as the dropless path does), so a cached step equals the full forward.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from eval.sampling import SamplingConfig, sample
+from model.config import ModelConfig
+from model.transformer import CACHE_AXES, Cache, Transformer, cache_shapes
+from sharding.constrain import activation_sharding
+from sharding.rules import Rules, logical_to_spec
+
+MIN_BUCKET = 8
 
 
-@functools.lru_cache(maxsize=16)
-def make_sampler(graphdef: nnx.GraphDef, sampling: SamplingConfig) -> Callable:
-    """jit(params, tokens [1, W], length, key) -> next token after the first ``length`` tokens.
-    Positions past ``length`` are padding: masked out of the experts' routing, ignored by the
-    causal attention of the positions that matter."""
-
-    @jax.jit
-    def next_token(params, tokens_bt, length, key):
-        routing_mask_bt = jnp.arange(tokens_bt.shape[1])[None] < length
-        logits_btv = nnx.merge(graphdef, params)(tokens_bt, routing_mask_bt=routing_mask_bt)
-        return sample(logits_btv[:, length - 1], key, sampling)[0]
-
-    return next_token
+def inference_config(cfg: ModelConfig) -> ModelConfig:
+    """The model config for generation: the capacity path sized so that no assignment is dropped
+    (an expert can receive at most one assignment per token of a row)."""
+    if cfg.num_experts and cfg.moe_impl == "capacity":
+        return dataclasses.replace(cfg, capacity_factor=cfg.num_experts / cfg.experts_per_token)
+    return cfg
 
 
-def generate(params: nnx.State, graphdef: nnx.GraphDef, prompt_ids: list[int], max_new_tokens: int,
-             window: int, *, temperature: float = 0.8, top_k: int = 0, top_p: float = 1.0,
-             seed: int = 0, stop_id: int | None = None) -> Iterator[int]:
-    """Yields up to ``max_new_tokens`` ids continuing ``prompt_ids``; the model sees at most the last
-    ``window`` tokens (the context it was trained on)."""
-    if not prompt_ids:
-        raise ValueError("the prompt must hold at least one token")
-    next_token = make_sampler(graphdef, SamplingConfig(temperature, top_k, top_p))
-    ids = list(prompt_ids)
-    key = jax.random.key(seed)
-    for _ in range(max_new_tokens):
-        context = ids[-window:]
-        buf = np.zeros((1, window), np.int32)
-        buf[0, : len(context)] = context
-        key, sub = jax.random.split(key)
-        token = int(next_token(params, buf, len(context), sub))
-        if stop_id is not None and token == stop_id:
-            return
-        ids.append(token)
-        yield token
+def bucket(n: int, limit: int) -> int:
+    """The power of two >= n (at least MIN_BUCKET), capped at ``limit``."""
+    return min(limit, max(MIN_BUCKET, 1 << max(n - 1, 0).bit_length()))
+
+
+@dataclasses.dataclass
+class Generation:
+    """New tokens per row (stop id excluded), whether each row stopped at the stop id, and (when
+    asked for) the float32 logits [n_new, V] each new token was drawn from."""
+
+    tokens: list[list[int]]
+    stopped: list[bool]
+    logits: list[np.ndarray] | None = None
+
+
+class Generator:
+    """Prefill and decode steps for one model, mesh and sampling setting; reusable across calls."""
+
+    def __init__(self, cfg: ModelConfig, params: nnx.State, mesh: Mesh, rules: Rules, window: int,
+                 sampling: SamplingConfig):
+        if window < 2:
+            raise ValueError(f"the context window must hold at least 2 tokens, got {window}")
+        self.cfg = inference_config(cfg)
+        self.params, self.mesh, self.rules = params, mesh, rules
+        self.window = window
+        self.sampling = sampling
+        self.graphdef = nnx.split(nnx.eval_shape(lambda: Transformer(self.cfg, nnx.Rngs(0))))[0]
+        self._params_sh = jax.tree.map(lambda x: x.sharding, params)
+        self._replicated = NamedSharding(mesh, PartitionSpec())
+
+    # ------------------------------------------------------------------------ shardings and steps
+
+    def _sharding(self, names: Sequence[str | None], shape: Sequence[int]) -> NamedSharding:
+        return NamedSharding(self.mesh, logical_to_spec(names, shape, self.mesh, self.rules))
+
+    def _cache_sharding(self, batch: int, length: int) -> Any:
+        return jax.tree.map(lambda s: self._sharding(CACHE_AXES, s.shape),
+                            cache_shapes(self.cfg, batch, length))
+
+    @functools.cache  # noqa: B019 (one Generator per loaded model; shapes are few)
+    def _prefill(self, batch: int, length: int, cache_length: int) -> Callable:
+        graphdef, sampling, cfg = self.graphdef, self.sampling, self.cfg
+
+        def prefill(params, tokens_bt, lengths_b, key):
+            model = nnx.merge(graphdef, params)
+            b, t = tokens_bt.shape
+            cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                                 cache_shapes(cfg, b, cache_length))
+            positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+            routing_mask_bt = positions_bt < lengths_b[:, None]  # padding stays out of the experts
+            logits_btv, cache = model.with_cache(tokens_bt, positions_bt, cache, decode=False,
+                                                 routing_mask_bt=routing_mask_bt)
+            last_bv = logits_btv[jnp.arange(b), lengths_b - 1]
+            return sample(last_bv, key, sampling), last_bv, cache
+
+        rows = self._sharding(("batch",), (batch,))
+        return jax.jit(prefill, in_shardings=(self._params_sh, self._sharding(("batch", "length"),
+                                                                               (batch, length)),
+                                              rows, self._replicated),
+                       out_shardings=(rows, self._sharding(("batch", "vocab"), (batch, cfg.vocab_size)),
+                                      self._cache_sharding(batch, cache_length)))
+
+    @functools.cache  # noqa: B019
+    def _decode(self, batch: int, cache_length: int) -> Callable:
+        graphdef, sampling, cfg = self.graphdef, self.sampling, self.cfg
+
+        def decode(params, tokens_b, positions_b, cache: Cache, key):
+            model = nnx.merge(graphdef, params)
+            logits_b1v, cache = model.with_cache(tokens_b[:, None], positions_b[:, None], cache,
+                                                 decode=True)
+            return sample(logits_b1v[:, 0], key, sampling), logits_b1v[:, 0], cache
+
+        rows = self._sharding(("batch",), (batch,))
+        cache_sh = self._cache_sharding(batch, cache_length)
+        return jax.jit(decode, in_shardings=(self._params_sh, rows, rows, cache_sh, self._replicated),
+                       out_shardings=(rows, self._sharding(("batch", "vocab"), (batch, cfg.vocab_size)),
+                                      cache_sh),
+                       donate_argnums=3)
+
+    def _run_prefill(self, contexts: list[list[int]], cache_length: int, key: jax.Array) -> tuple:
+        lengths = [len(c) for c in contexts]
+        length = bucket(max(lengths), cache_length)
+        tokens_bt = np.zeros((len(contexts), length), np.int32)
+        for row, context in enumerate(contexts):
+            tokens_bt[row, : len(context)] = context
+        step = self._prefill(len(contexts), length, cache_length)
+        return step(self.params, tokens_bt, np.asarray(lengths, np.int32), key)
+
+    # ----------------------------------------------------------------------------- the host loop
+
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, seed: int = 0,
+                 stop_id: int | None = None, on_token: Callable[[int, int], None] | None = None,
+                 return_logits: bool = False) -> Generation:
+        """Up to ``max_new_tokens`` new ids per prompt. ``on_token(row, id)`` is called as each token
+        arrives (stream it); tokens are drawn with ``jax.random.fold_in(key(seed), step)``."""
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt must hold at least one token")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        contexts = [list(p)[-self.window:] for p in prompts]
+        batch = len(contexts)
+        cache_length = bucket(max(map(len, contexts)) + max_new_tokens, self.window)
+        base_key = jax.random.key(seed)
+        out = Generation([[] for _ in range(batch)], [False] * batch,
+                         [[] for _ in range(batch)] if return_logits else None)
+        decode = self._decode(batch, cache_length)
+        with activation_sharding(self.mesh, self.rules):
+            token_b, logits_bv, cache = self._run_prefill(contexts, cache_length,
+                                                          jax.random.fold_in(base_key, 0))
+            positions = np.array([len(c) for c in contexts], np.int32)  # where token_b goes next
+            for i in range(max_new_tokens):
+                last = i == max_new_tokens - 1
+                shift = positions.max() >= cache_length
+                if not last and not shift:  # queue the next step before reading this one
+                    next_b, next_logits_bv, cache = decode(self.params, token_b, positions, cache,
+                                                           jax.random.fold_in(base_key, i + 1))
+                tokens = np.asarray(token_b)
+                if return_logits:
+                    logits = np.asarray(logits_bv)
+                for row in range(batch):
+                    if out.stopped[row]:
+                        continue
+                    token = int(tokens[row])
+                    if stop_id is not None and token == stop_id:
+                        out.stopped[row] = True
+                        continue
+                    out.tokens[row].append(token)
+                    contexts[row].append(token)
+                    if return_logits:
+                        out.logits[row].append(logits[row])
+                    if on_token is not None:
+                        on_token(row, token)
+                if last or all(out.stopped):
+                    break
+                if shift:  # re-prefill the last half of every row's context, newest token included
+                    half = [c[-(cache_length // 2):] for c in contexts]
+                    next_b, next_logits_bv, cache = self._run_prefill(
+                        half, cache_length, jax.random.fold_in(base_key, i + 1))
+                    positions = np.array([len(c) for c in half], np.int32)
+                else:
+                    positions = positions + 1
+                token_b, logits_bv = next_b, next_logits_bv
+        if return_logits:
+            out.logits = [np.stack(rows) if rows else np.zeros((0, self.cfg.vocab_size), np.float32)
+                          for rows in out.logits]
+        return out

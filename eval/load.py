@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import jax
 import yaml
 from flax import nnx
 from jax.sharding import Mesh
@@ -53,6 +54,15 @@ def read_run_config(run_dir: Path) -> Config:
         raise ValueError(f"{run_dir / 'config.yaml'} is not a valid meshlm config ({e})") from None
 
 
+def eval_mesh_config(cfg: Config) -> MeshConfig:
+    """The mesh the run trained on when it fits the devices here, else every device on ``data``."""
+    try:
+        cfg.mesh.sizes(jax.device_count())
+        return cfg.mesh
+    except ValueError:
+        return MeshConfig()
+
+
 def load_run(path: str | Path, mesh_cfg: MeshConfig | None = None) -> LoadedRun:
     """Restores the parameters of ``path`` (latest step of a run, or one step directory)."""
     from train.checkpoint import Checkpointer
@@ -60,10 +70,14 @@ def load_run(path: str | Path, mesh_cfg: MeshConfig | None = None) -> LoadedRun:
     run_dir, step = resolve_checkpoint(path)
     cfg = read_run_config(run_dir)
     tokenizer = load_tokenizer(run_dir)
+    kind = cfg.data.tokenizer.partition(":")[0]
+    if tokenizer.kind != kind:
+        raise ValueError(f"the tokenizer in {run_dir} is {tokenizer.kind!r} but the run was trained "
+                         f"with data.tokenizer={cfg.data.tokenizer!r}: they do not belong together")
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ValueError(f"the tokenizer in {run_dir} has {tokenizer.vocab_size} ids but the model "
                          f"only {cfg.model.vocab_size}: they do not belong together")
-    mesh, rules = make_mesh(mesh_cfg or MeshConfig()), default_rules()
+    mesh, rules = make_mesh(mesh_cfg or eval_mesh_config(cfg)), default_rules()
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Transformer(cfg.model, nnx.Rngs(0))))
     checkpointer = Checkpointer(run_dir, cfg.checkpoint, read_only=True)  # the run may be live
     try:

@@ -2,6 +2,11 @@
 
 Scores, masking and softmax run in float32 whatever the compute dtype. Packed rows are supported:
 a query attends only to earlier keys of the same segment.
+
+Decoding keeps a preallocated key/value cache per layer, ``(k_bskh, v_bskh)`` with S slots; slot s
+holds the token at position s. A prefill writes a prompt's T keys into slots [0, T) and attends
+among them causally; a decode step writes each row's one new key at the slot of its own position
+(rows may be at different positions) and attends to the slots at or before it.
 """
 
 from __future__ import annotations
@@ -23,6 +28,25 @@ def causal_mask(segment_ids_bt: jax.Array | None, batch: int, length: int) -> ja
         return jnp.broadcast_to(mask_tt, (batch, length, length))
     same_bts = segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :]
     return mask_tt[None] & same_bts
+
+
+def decode_mask(positions_bt: jax.Array, cache_length: int) -> jax.Array:
+    """[B, T, S] boolean mask for queries at ``positions_bt`` over a cache: slot s <= position."""
+    return jnp.arange(cache_length)[None, None, :] <= positions_bt[:, :, None]
+
+
+KVCache = tuple[jax.Array, jax.Array]  # (k_bskh, v_bskh) of one layer
+
+
+def update_cache(cache_bskh: jax.Array, new_btkh: jax.Array, positions_bt: jax.Array,
+                 decode: bool) -> jax.Array:
+    """The cache with ``new_btkh`` written in: at each row's own slot ``positions_bt[:, 0]`` when
+    decoding one token (T = 1), else into slots [0, T) (a prefill from the start)."""
+    new_btkh = new_btkh.astype(cache_bskh.dtype)
+    if decode:
+        hit_bs = jnp.arange(cache_bskh.shape[1])[None, :] == positions_bt[:, :1]
+        return jnp.where(hit_bs[:, :, None, None], new_btkh, cache_bskh)
+    return jax.lax.dynamic_update_slice(cache_bskh, new_btkh, (0, 0, 0, 0))
 
 
 def dot_product_attention(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array,
@@ -55,7 +79,11 @@ class Attention(nnx.Module):
         self.rope_theta = cfg.rope_theta
         self.dtype = dtype_of(cfg.dtype)
 
-    def __call__(self, x_btd: jax.Array, positions_bt: jax.Array, mask_bts: jax.Array) -> jax.Array:
+    def __call__(self, x_btd: jax.Array, positions_bt: jax.Array, mask_bts: jax.Array,
+                 cache: KVCache | None = None, *, decode: bool = False
+                 ) -> tuple[jax.Array, KVCache | None]:
+        """(output [B, T, D], the updated cache or None). Without a cache, or in a prefill,
+        ``mask_bts`` is over the T new tokens; in a decode step (T = 1) it is over the S slots."""
         dt = self.dtype
         q_btnh = jnp.einsum("btd,dnh->btnh", x_btd, self.w_q_dnh[...].astype(dt))
         k_btkh = jnp.einsum("btd,dkh->btkh", x_btd, self.w_k_dkh[...].astype(dt))
@@ -66,6 +94,12 @@ class Attention(nnx.Module):
         q_btnh = constrain(q_btnh, ("batch", "length", "heads", "head_dim"))
         k_btkh = constrain(k_btkh, ("batch", "length", "kv_heads", "head_dim"))
         v_btkh = constrain(v_btkh, ("batch", "length", "kv_heads", "head_dim"))
+        if cache is not None:
+            cache_names = ("batch", "length", "kv_heads", "head_dim")
+            cache = tuple(constrain(update_cache(c_bskh, new_btkh, positions_bt, decode), cache_names)
+                          for c_bskh, new_btkh in zip(cache, (k_btkh, v_btkh), strict=True))
+            if decode:
+                k_btkh, v_btkh = cache  # attend over every cached slot (the mask hides the future)
         out_btnh = dot_product_attention(q_btnh, k_btkh, v_btkh, mask_bts)
         out_btd = jnp.einsum("btnh,nhd->btd", out_btnh, self.w_o_nhd[...].astype(dt))
-        return constrain(out_btd, ("batch", "length", "embed"))
+        return constrain(out_btd, ("batch", "length", "embed")), cache

@@ -2,6 +2,9 @@
 ``layers`` axis and run by ``jax.lax.scan`` (compile time flat in depth) or unrolled, then a final
 norm and a tied or untied LM head.
 
+Decoding threads a key/value cache through the same stacks: ``{stack name: (k_lbskh, v_lbskh)}``
+with one [B, S, K, H] slab per layer of that stack (see ``init_cache``).
+
 Stacks: ``blocks`` holds the first dense layers (all layers of a dense model); an MoE model then
 scans over groups of ``moe_every`` layers: ``group_blocks`` (moe_every - 1 dense blocks per group,
 stored flat) followed by one of ``moe_blocks``.
@@ -9,6 +12,7 @@ stored flat) followed by one of ``moe_blocks``.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -16,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from model.attention import Attention, causal_mask
+from model.attention import Attention, KVCache, causal_mask, decode_mask
 from model.config import ModelConfig
 from model.layers import MLP, Embed, LearnedPositions, RMSNorm, param
 from model.moe import MoE
@@ -38,10 +42,13 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg, rngs)
         self.mlp = MLP(cfg, rngs)
 
-    def __call__(self, x_btd: jax.Array, positions_bt: jax.Array, mask_bts: jax.Array) -> jax.Array:
-        x_btd = x_btd + self.attn(self.attn_norm(x_btd), positions_bt, mask_bts)
+    def __call__(self, x_btd: jax.Array, positions_bt: jax.Array, mask_bts: jax.Array,
+                 cache: KVCache | None = None, *, decode: bool = False
+                 ) -> tuple[jax.Array, KVCache | None]:
+        y_btd, cache = self.attn(self.attn_norm(x_btd), positions_bt, mask_bts, cache, decode=decode)
+        x_btd = x_btd + y_btd
         x_btd = x_btd + self.mlp(self.mlp_norm(x_btd))
-        return constrain(x_btd, ("batch", "length", "embed"))
+        return constrain(x_btd, ("batch", "length", "embed")), cache
 
 
 class MoEBlock(nnx.Module):
@@ -54,10 +61,12 @@ class MoEBlock(nnx.Module):
         self.moe = MoE(cfg, rngs)
 
     def __call__(self, x_btd: jax.Array, positions_bt: jax.Array, mask_bts: jax.Array,
-                 routing_mask_bt: jax.Array | None) -> tuple[jax.Array, dict[str, jax.Array]]:
-        x_btd = x_btd + self.attn(self.attn_norm(x_btd), positions_bt, mask_bts)
+                 routing_mask_bt: jax.Array | None, cache: KVCache | None = None, *,
+                 decode: bool = False) -> tuple[jax.Array, dict[str, jax.Array], KVCache | None]:
+        y_btd, cache = self.attn(self.attn_norm(x_btd), positions_bt, mask_bts, cache, decode=decode)
+        x_btd = x_btd + y_btd
         y_btd, metrics = self.moe(self.mlp_norm(x_btd), routing_mask_bt)
-        return constrain(x_btd + y_btd, ("batch", "length", "embed")), metrics
+        return constrain(x_btd + y_btd, ("batch", "length", "embed")), metrics, cache
 
 
 def stack(make: Callable[[nnx.Rngs], nnx.Module], count: int, rngs: nnx.Rngs) -> nnx.Module:
@@ -111,24 +120,53 @@ class Transformer(nnx.Module):
         ``loss`` (the weighted aux + z losses to add to the training loss) and, per MoE layer,
         ``aux_loss``, ``z_loss``, ``dropped_frac`` [L_moe] and ``expert_load`` [L_moe, E].
         ``routing_mask_bt`` (True = route) keeps padding out of the experts and their statistics."""
-        cfg = self.cfg
         b, t = tokens_bt.shape
         if positions_bt is None:
             positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         mask_bts = causal_mask(segment_ids_bt, b, t)
+        logits_btv, aux, _ = self._forward(tokens_bt, positions_bt, mask_bts, routing_mask_bt, None,
+                                           decode=False)
+        return (logits_btv, aux) if return_aux else logits_btv
+
+    def with_cache(self, tokens_bt: jax.Array, positions_bt: jax.Array, cache: Cache, *,
+                   decode: bool, routing_mask_bt: jax.Array | None = None) -> tuple[jax.Array, Cache]:
+        """(logits [B, T, V], updated cache). A prefill (``decode=False``) runs a prompt batch whose
+        row b sits at positions 0..T-1 and fills cache slots [0, T); a decode step (``decode=True``,
+        T = 1) runs each row's next token at its own position, attending to the cached slots."""
+        if decode:
+            if tokens_bt.shape[1] != 1:
+                raise ValueError(f"a decode step takes one token per row, got {tokens_bt.shape[1]}")
+            mask_bts = decode_mask(positions_bt, cache_length(cache))
+        else:
+            mask_bts = causal_mask(None, *tokens_bt.shape)
+        logits_btv, _, cache = self._forward(tokens_bt, positions_bt, mask_bts, routing_mask_bt, cache,
+                                             decode=decode)
+        return logits_btv, cache
+
+    def _forward(self, tokens_bt: jax.Array, positions_bt: jax.Array, mask_bts: jax.Array,
+                 routing_mask_bt: jax.Array | None, cache: Cache | None, *,
+                 decode: bool) -> tuple[jax.Array, dict[str, jax.Array], Cache | None]:
+        cfg = self.cfg
+        cache = cache or {}
+        new_cache: Cache = {}
         x_btd = self.embed(tokens_bt)
         if cfg.position == "learned":
             x_btd = x_btd + self.positions(positions_bt).astype(x_btd.dtype)
 
         def layer_fn(stacked_module: nnx.Module):
-            """(fn(x, layer_state) -> (x, MoE metrics or None), the stacked parameters)."""
+            """(fn(x, (layer_state, layer_cache)) -> (x, (MoE metrics or None, layer_cache)),
+            the stacked parameters)."""
             graphdef, stacked = nnx.split(stacked_module)
 
-            def fn(x_btd, layer_state):
+            def fn(x_btd, state_and_cache):
+                layer_state, layer_cache = state_and_cache
                 block = nnx.merge(graphdef, layer_state)
                 if isinstance(block, MoEBlock):
-                    return block(x_btd, positions_bt, mask_bts, routing_mask_bt)
-                return block(x_btd, positions_bt, mask_bts), None
+                    x_btd, metrics, layer_cache = block(x_btd, positions_bt, mask_bts, routing_mask_bt,
+                                                        layer_cache, decode=decode)
+                    return x_btd, (metrics, layer_cache)
+                x_btd, layer_cache = block(x_btd, positions_bt, mask_bts, layer_cache, decode=decode)
+                return x_btd, (None, layer_cache)
 
             if cfg.remat != "none":
                 fn = jax.checkpoint(fn, policy=REMAT_POLICIES[cfg.remat])
@@ -136,25 +174,33 @@ class Transformer(nnx.Module):
 
         if cfg.num_dense_first:
             dense_fn, stacked = layer_fn(self.blocks)
-            x_btd, _ = run_stack(dense_fn, x_btd, stacked, cfg.num_dense_first, cfg.scan_layers)
+            x_btd, (_, new_cache["blocks"]) = run_stack(
+                dense_fn, x_btd, (stacked, cache.get("blocks")), cfg.num_dense_first, cfg.scan_layers)
         aux: dict[str, jax.Array] = {}
         if cfg.num_moe_layers:
             groups, per_group = cfg.num_moe_layers, cfg.moe_every - 1
             moe_fn, moe_stacked = layer_fn(self.moe_blocks)
-            group_stacked = None
+            group_stacked = group_cache = None
             if per_group:
                 group_fn, group_stacked = layer_fn(self.group_blocks)
-                group_stacked = jax.tree.map(lambda a: a.reshape((groups, per_group) + a.shape[1:]),
-                                             group_stacked)
+                by_group = functools.partial(_split_leading, groups=groups, per_group=per_group)
+                group_stacked = jax.tree.map(by_group, group_stacked)
+                group_cache = jax.tree.map(by_group, cache.get("group_blocks"))
 
             def moe_group_fn(x_btd, state):
-                dense_state, moe_state = state
+                (dense_state, dense_cache), moe_state_and_cache = state
                 if dense_state is not None:
-                    x_btd, _ = run_stack(group_fn, x_btd, dense_state, per_group, cfg.scan_layers)
-                return moe_fn(x_btd, moe_state)
+                    x_btd, (_, dense_cache) = run_stack(group_fn, x_btd, (dense_state, dense_cache),
+                                                        per_group, cfg.scan_layers)
+                x_btd, (metrics, moe_cache) = moe_fn(x_btd, moe_state_and_cache)
+                return x_btd, (metrics, dense_cache, moe_cache)
 
-            x_btd, aux = run_stack(moe_group_fn, x_btd, (group_stacked, moe_stacked), groups,
-                                   cfg.scan_layers)
+            x_btd, (aux, group_cache, new_cache["moe_blocks"]) = run_stack(
+                moe_group_fn, x_btd, ((group_stacked, group_cache), (moe_stacked, cache.get("moe_blocks"))),
+                groups, cfg.scan_layers)
+            if per_group:
+                new_cache["group_blocks"] = jax.tree.map(
+                    lambda a: a.reshape((groups * per_group,) + a.shape[2:]), group_cache)
             aux["loss"] = (cfg.aux_loss_coef * jnp.mean(aux["aux_loss"]) +
                            cfg.z_loss_coef * jnp.mean(aux["z_loss"]))
 
@@ -164,4 +210,35 @@ class Transformer(nnx.Module):
         else:
             logits_btv = jnp.einsum("btd,dv->btv", x_btd, self.head_dv[...].astype(x_btd.dtype))
         logits_btv = constrain(logits_btv.astype(jnp.float32), ("batch", "length", "vocab"))
-        return (logits_btv, aux) if return_aux else logits_btv
+        new_cache = {name: c for name, c in new_cache.items() if c is not None}
+        return logits_btv, aux, new_cache or None
+
+
+# ------------------------------------------------------------------------------------ the KV cache
+
+Cache = dict[str, tuple[jax.Array, jax.Array]]  # stack name -> (k_lbskh, v_lbskh)
+CACHE_AXES = ("layers", "batch", "length", "kv_heads", "head_dim")
+
+
+def _split_leading(a: jax.Array, *, groups: int, per_group: int) -> jax.Array:
+    return a.reshape((groups, per_group) + a.shape[1:])
+
+
+def cache_layers(cfg: ModelConfig) -> dict[str, int]:
+    """Layers per stack, for the stacks this config has."""
+    counts = {"blocks": cfg.num_dense_first, "group_blocks": cfg.num_moe_layers * (cfg.moe_every - 1),
+              "moe_blocks": cfg.num_moe_layers}
+    return {name: n for name, n in counts.items() if n}
+
+
+def cache_shapes(cfg: ModelConfig, batch: int, length: int) -> Cache:
+    """Abstract cache (``jax.ShapeDtypeStruct`` leaves) of ``length`` slots for ``batch`` rows, in the
+    compute dtype."""
+    dt = jnp.dtype(cfg.dtype)
+    return {name: tuple(jax.ShapeDtypeStruct((n, batch, length, cfg.num_kv_heads,
+                                              cfg.resolved_head_dim), dt) for _ in range(2))
+            for name, n in cache_layers(cfg).items()}
+
+
+def cache_length(cache: Cache) -> int:
+    return next(iter(cache.values()))[0].shape[2]
