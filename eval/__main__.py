@@ -1,18 +1,20 @@
-"""``python -m eval {generate,perplexity} --checkpoint PATH ...`` (also ``meshlm-eval``).
+"""``python -m eval {generate,perplexity,harness,scaling} ...`` (also ``meshlm-eval``).
 
 Mistakes (bad arguments, missing or damaged checkpoints, unreadable prompt files) print one
-``error:`` line and exit 2.
+``error:`` line and exit 2. A prompt longer than the model's context window keeps its last window
+tokens, with a warning on stderr.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
 # Subcommands that live in their own module, each with ``main(argv) -> exit code``.
-SUBPROGRAMS = {"scaling": "eval.scaling"}
+SUBPROGRAMS = {"scaling": "eval.scaling", "harness": "eval.harness"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -27,22 +29,28 @@ class UsageError(Exception):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m eval", description="Evaluate or sample a meshlm checkpoint.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    gen = sub.add_parser("generate", help="sample text continuing a prompt")
+    gen = sub.add_parser("generate", help="sample text continuing prompts (KV-cache decoding)")
     gen.add_argument("--checkpoint", required=True, help="run directory or checkpoints/<step>")
     src = gen.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt")
     src.add_argument("--prompts-file", help="UTF-8 file, one prompt per line")
     gen.add_argument("--max-new-tokens", type=int, default=200)
-    gen.add_argument("--temperature", type=float, default=0.8)
-    gen.add_argument("--top-k", type=int, default=0)
-    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    gen.add_argument("--top-k", type=int, default=0, help="0 = off")
+    gen.add_argument("--top-p", type=float, default=1.0, help="in (0, 1]; 1 = off")
     gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--batch-size", type=int, default=8, help="prompts decoded together")
     gen.add_argument("--json", action="store_true", help="print one JSON object per prompt")
-    ppl = sub.add_parser("perplexity", help="loss and perplexity over held-out text")
+    ppl = sub.add_parser("perplexity", help="loss, perplexity and bits per byte over held-out text")
     ppl.add_argument("--checkpoint", required=True, help="run directory or checkpoints/<step>")
-    ppl.add_argument("--data", help="data.source spec (default: the run's own held-out split)")
+    data = ppl.add_mutually_exclusive_group()
+    data.add_argument("--data", help="data.source spec, its eval split (default: the run's own)")
+    data.add_argument("--text", help="a UTF-8 text file, all of it")
     ppl.add_argument("--batch-size", type=int, default=0)
     ppl.add_argument("--max-batches", type=int, default=0, help="0: one full pass")
+    sub.add_parser("harness", help="lm-evaluation-harness tasks (see: harness --help)", add_help=False)
+    sub.add_parser("scaling", help="FLOPs, compute-optimal plans, sweeps (see: scaling --help)",
+                   add_help=False)
     return parser
 
 
@@ -52,6 +60,8 @@ def check_args(args: argparse.Namespace) -> None:
 
         if args.max_new_tokens < 1:
             raise UsageError("--max-new-tokens must be >= 1")
+        if args.batch_size < 1:
+            raise UsageError("--batch-size must be >= 1")
         for problem in SamplingConfig(args.temperature, args.top_k, args.top_p).problems():
             raise UsageError(problem)
     if args.command == "perplexity" and (args.batch_size < 0 or args.max_batches < 0):
@@ -74,35 +84,54 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
+class _Stream:
+    """Prints one row's text as its tokens arrive, holding back an incomplete UTF-8 character."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.ids, self.shown = tokenizer, [], ""
+
+    def __call__(self, row: int, token: int) -> None:
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids).rstrip("\ufffd")
+        if len(text) > len(self.shown):
+            print(text[len(self.shown):], end="", flush=True)
+            self.shown = text
+
+    def finish(self) -> None:
+        text = self.tokenizer.decode(self.ids)
+        print(text[len(self.shown):], flush=True)
+
+
 def run_generate(args: argparse.Namespace, run) -> None:
-    from eval.generate import generate
+    from eval.generate import Generator
+    from eval.sampling import SamplingConfig
 
     tok = run.tokenizer
     prompts = read_prompts(args)
     window = run.cfg.train.seq_len  # the context the model was trained on
-    for prompt in prompts:
-        ids = ([tok.bos_id] if tok.bos_id >= 0 else []) + tok.encode(prompt)  # as in training
-        if len(ids) >= window:
-            print(f"warning: prompt of {len(ids)} tokens keeps only its last {window - 1}",
-                  file=sys.stderr)
-        stream = generate(run.params, run.graphdef, ids, args.max_new_tokens, window,
-                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                          seed=args.seed, stop_id=tok.eos_id)
-        new: list[int] = []
-        if args.json or len(prompts) > 1:
-            new = list(stream)
+    ids = []
+    for i, prompt in enumerate(prompts):
+        row = ([tok.bos_id] if tok.bos_id >= 0 else []) + tok.encode(prompt)  # as in training
+        if len(row) > window:
+            name = "prompt" if len(prompts) == 1 else f"prompt {i + 1}"
+            print(f"warning: {name} has {len(row)} tokens, more than the model's window of {window}: "
+                  f"keeping its last {window}", file=sys.stderr)
+        ids.append(row)
+    generator = Generator(run.cfg.model, run.params, run.mesh, run.rules, window,
+                          SamplingConfig(args.temperature, args.top_k, args.top_p))
+    kwargs = {"seed": args.seed, "stop_id": tok.eos_id if tok.eos_id >= 0 else None}
+    if len(prompts) == 1 and not args.json:  # stream the completion as it is produced
+        print(prompts[0], end="", flush=True)
+        stream = _Stream(tok)
+        generator.generate(ids, args.max_new_tokens, on_token=stream, **kwargs)
+        stream.finish()
+        return
+    for start in range(0, len(prompts), args.batch_size):
+        out = generator.generate(ids[start:start + args.batch_size], args.max_new_tokens, **kwargs)
+        for prompt, new, stopped in zip(prompts[start:], out.tokens, out.stopped, strict=False):
             text = tok.decode(new)
-            print(json.dumps({"prompt": prompt, "completion": text, "tokens": len(new)})
-                  if args.json else prompt + text, flush=True)
-            continue
-        print(prompt, end="", flush=True)
-        shown = ""
-        for token in stream:  # stream: print what decodes so far
-            new.append(token)
-            text = tok.decode(new)
-            print(text[len(shown):], end="", flush=True)
-            shown = text
-        print(flush=True)
+            print(json.dumps({"prompt": prompt, "completion": text, "tokens": len(new),
+                              "stopped": stopped}) if args.json else prompt + text, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,6 +146,10 @@ def main(argv: list[str] | None = None) -> int:
         check_args(args)
         if args.command == "generate":
             read_prompts(args)  # fail on bad prompts before loading anything
+        if args.command == "perplexity" and args.text is not None:
+            from data.tokenizer import check_utf8
+
+            check_utf8(Path(args.text))
         from eval.load import read_run_config, resolve_checkpoint
 
         run_dir, _ = resolve_checkpoint(args.checkpoint)
@@ -124,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         import jax
 
         jax.config.update("jax_num_cpu_devices", cfg.run.cpu_devices)
+        logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's read-only notices are not news
         from eval.load import load_run
 
         run = load_run(args.checkpoint)
@@ -132,7 +166,12 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from eval.perplexity import perplexity
 
-            print(json.dumps(perplexity(run, args.data, args.batch_size, args.max_batches)))
+            report = perplexity(run, args.data, args.batch_size, args.max_batches,
+                                text_file=args.text)
+            print(f"loss {report['loss']:.4f}  perplexity {report['perplexity']:.3f}  "
+                  f"tokens {report['tokens']}  bits/byte {report['bits_per_byte']:.4f}  "
+                  f"({report['source']}, step {report['step']})")
+            print(json.dumps(report))
     except (UsageError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

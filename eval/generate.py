@@ -34,7 +34,7 @@ from eval.sampling import SamplingConfig, sample
 from model.config import ModelConfig
 from model.transformer import CACHE_AXES, Cache, Transformer, cache_shapes
 from sharding.constrain import activation_sharding
-from sharding.rules import Rules, logical_to_spec
+from sharding.rules import Rules, default_rules, logical_to_spec
 
 MIN_BUCKET = 8
 
@@ -193,3 +193,15 @@ class Generator:
             out.logits = [np.stack(rows) if rows else np.zeros((0, self.cfg.vocab_size), np.float32)
                           for rows in out.logits]
         return out
+
+
+def generate(params: nnx.State, graphdef: nnx.GraphDef, prompt_ids: Sequence[int], max_new_tokens: int,
+             window: int, *, temperature: float = 0.8, top_k: int = 0, top_p: float = 1.0,
+             seed: int = 0, stop_id: int | None = None) -> list[int]:
+    """One prompt's new tokens, on the mesh its (sharded) ``params`` live on: a one-off convenience
+    (the training loop's sample); build a ``Generator`` to generate repeatedly."""
+    cfg = nnx.merge(graphdef, params).cfg
+    mesh = jax.tree.leaves(params)[0].sharding.mesh
+    generator = Generator(cfg, params, mesh, default_rules(), window,
+                          SamplingConfig(temperature, top_k, top_p))
+    return generator.generate([list(prompt_ids)], max_new_tokens, seed=seed, stop_id=stop_id).tokens[0]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import glob
 import math
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -10,24 +12,30 @@ import jax
 from data.batches import equalize_across_processes, to_global
 from data.pipeline import Shard, empty_batch, eval_batches
 from data.sources import open_source
+from data.tokenizer import check_utf8
 from eval.load import LoadedRun
 from sharding.constrain import activation_sharding
 from train.step import batch_sharding, jit_eval_step
 
 
 def perplexity(run: LoadedRun, source: str | None = None, batch_size: int = 0,
-               max_batches: int = 0) -> dict[str, Any]:
+               max_batches: int = 0, *, text_file: str | None = None) -> dict[str, Any]:
     """Loss, perplexity, token count and bits per byte over the evaluation split of ``source``
-    (default: the run's own data.source). Every held-out token counts exactly once."""
+    (default: the run's own data.source), or over all of ``text_file``. Every token counts once."""
     d = run.cfg.data
-    source = source or d.source
+    if text_file is not None:
+        path = Path(text_file).resolve()
+        check_utf8(path)
+        source, split, eval_fraction = f"text:{glob.escape(str(path))}", "train", 0.0
+    else:
+        source, split, eval_fraction = source or d.source, "eval", d.eval_fraction
     seq_len = run.cfg.train.seq_len
     batch_size = batch_size or run.cfg.train.batch_size
     if batch_size % jax.process_count():
         raise ValueError(f"--batch-size {batch_size} is not divisible by the process count")
     shard = Shard(jax.process_index(), jax.process_count())
     local_batch = batch_size // shard.count
-    docs = open_source(source, "eval", eval_fraction=d.eval_fraction, data_dir=d.data_dir or None,
+    docs = open_source(source, split, eval_fraction=eval_fraction, data_dir=d.data_dir or None,
                        cache_dir=d.cache_dir or None)
     batches = eval_batches(docs, run.tokenizer, seq_len=seq_len, batch_size=local_batch,
                            max_batches=max_batches, shard=shard)
@@ -50,7 +58,7 @@ def perplexity(run: LoadedRun, source: str | None = None, batch_size: int = 0,
 
         byte_count = int(multihost_utils.process_allgather(byte_count).sum())
     if weight_sum == 0:
-        raise ValueError(f"the evaluation split of {source} holds no tokens")
+        raise ValueError(f"{text_file or f'the evaluation split of {source}'} holds no tokens")
     loss = loss_sum / max(weight_sum, 1.0)
     return {"loss": loss, "perplexity": math.exp(loss), "tokens": int(weight_sum),
             "bits_per_byte": loss_sum / math.log(2) / max(byte_count, 1), "source": source,

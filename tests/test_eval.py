@@ -44,17 +44,115 @@ def test_generate_from_a_step_directory(eight_devices, trained_run):
     assert out["prompt"] == "def " and out["tokens"] <= 8
 
 
+def test_streamed_generation_equals_the_batched_one(eight_devices, trained_run, tmp_path):
+    run_dir, _ = trained_run
+    prompts = ["def ", "import numpy as np; x = ", "class"]
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    batched = run_eval("generate", "--checkpoint", str(run_dir), "--prompts-file",
+                       str(tmp_path / "prompts.txt"), "--max-new-tokens", "12", "--temperature", "0",
+                       "--json", "--batch-size", "2")
+    assert batched.returncode == 0, batched.stderr
+    rows = [json.loads(line) for line in batched.stdout.strip().splitlines()]
+    assert [r["prompt"] for r in rows] == prompts
+    streamed = run_eval("generate", "--checkpoint", str(run_dir), "--prompt", prompts[1],
+                        "--max-new-tokens", "12", "--temperature", "0")
+    assert streamed.returncode == 0, streamed.stderr
+    assert streamed.stdout == prompts[1] + rows[1]["completion"] + "\n"
+
+
+def test_a_prompt_longer_than_the_window_is_cut_with_a_warning(eight_devices, trained_run):
+    run_dir, _ = trained_run
+    result = run_eval("generate", "--checkpoint", str(run_dir), "--prompt", "x" * 100,
+                      "--max-new-tokens", "3", "--temperature", "0", "--json")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip() == ("warning: prompt has 101 tokens, more than the model's window of "
+                                     "32: keeping its last 32")
+
+
+def test_perplexity_of_a_text_file_is_exp_of_the_eval_step_mean_loss(eight_devices, trained_run,
+                                                                     tmp_path):
+    import functools
+    import math
+
+    import jax
+
+    from data.pipeline import eval_batches
+    from eval.load import load_run
+    from train.step import eval_step
+
+    run_dir, _ = trained_run
+    text = tmp_path / "poem.txt"
+    text.write_text("Shall I compare thee to a summer's day?\nThou art more lovely and more temperate.\n"
+                    * 6)
+    result = run_eval("perplexity", "--checkpoint", str(run_dir), "--text", str(text))
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    run = load_run(run_dir)
+    step = jax.jit(functools.partial(eval_step, graphdef=run.graphdef))
+    params = jax.device_get(run.params)
+    sums = [jax.device_get(step(params, batch))
+            for batch in eval_batches([text.read_text()], run.tokenizer, seq_len=32, batch_size=16)]
+    loss = sum(float(s["loss_sum"]) for s in sums) / sum(float(s["weight_sum"]) for s in sums)
+    assert report["tokens"] == sum(int(s["weight_sum"]) for s in sums) == len(text.read_bytes()) + 1
+    assert abs(report["loss"] - loss) <= 1e-5 * loss
+    assert report["perplexity"] == pytest.approx(math.exp(loss), rel=1e-5)
+    assert report["bits_per_byte"] == pytest.approx(
+        report["loss"] * report["tokens"] / math.log(2) / len(text.read_bytes()), rel=1e-5)
+
+
 @pytest.mark.parametrize("args, message", [
     (["perplexity", "--checkpoint", "/nonexistent/run"], "neither a meshlm run directory"),
     (["generate", "--checkpoint", "RUN/checkpoints/7", "--prompt", "x"], "does not exist"),
+    (["generate", "--checkpoint", "RUN/checkpoints/30.orbax-checkpoint-tmp-1", "--prompt", "x"],
+     "is not a checkpoint step directory"),
     (["generate", "--checkpoint", "RUN", "--prompt", ""], "empty prompt"),
+    (["generate", "--checkpoint", "RUN", "--prompts-file", "LATIN1"], "is not UTF-8 text"),
+    (["generate", "--checkpoint", "RUN", "--prompts-file", "/nonexistent/p.txt"], "cannot read"),
     (["generate", "--checkpoint", "RUN", "--prompt", "x", "--temperature", "-1"], "--temperature"),
+    (["generate", "--checkpoint", "RUN", "--prompt", "x", "--top-p", "0"], "--top-p must be in (0, 1]"),
+    (["generate", "--checkpoint", "RUN", "--prompt", "x", "--top-p", "1.5"], "--top-p must be in"),
+    (["generate", "--checkpoint", "RUN", "--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens"),
+    (["perplexity", "--checkpoint", "RUN", "--text", "LATIN1"], "is not UTF-8 text"),
+    (["generate", "--checkpoint", "RUN", "--prompt", "x", "--bogus"], "unrecognized arguments"),
 ])
-def test_eval_errors_exit_2(trained_run, args, message):
+def test_eval_errors_exit_2(trained_run, tmp_path, args, message):
     run_dir, _ = trained_run
-    result = run_eval(*[a.replace("RUN", str(run_dir)) for a in args])
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    result = run_eval(*[a.replace("RUN", str(run_dir)).replace("LATIN1", str(tmp_path / "latin1.txt"))
+                        for a in args])
     assert result.returncode == 2 and result.stderr.startswith("error:") and message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_half_written_checkpoint_is_passed_over(eight_devices, trained_run, tmp_path):
+    import shutil
+
+    run_dir, _ = trained_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    shutil.copytree(copy / "checkpoints" / "20", copy / "checkpoints" / "30.orbax-checkpoint-tmp-99")
+    (copy / "checkpoints" / "30.orbax-checkpoint-tmp-99" / "_CHECKPOINT_METADATA").unlink(missing_ok=True)
+    result = run_eval("perplexity", "--checkpoint", str(copy), "--max-batches", "1")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.strip().splitlines()[-1])["step"] == 20
+
+
+def test_a_tokenizer_that_does_not_belong_to_the_run_is_refused(trained_run, tmp_path):
+    import shutil
+
+    run_dir, _ = trained_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    (copy / "tokenizer.json").write_text(json.dumps({"kind": "byte", "vocab_size": 300}))
+    result = run_eval("generate", "--checkpoint", str(copy), "--prompt", "x")
+    assert result.returncode == 2 and result.stderr.startswith("error:"), result.stderr
+    assert "tokenizer" in result.stderr and "Traceback" not in result.stderr
+    config = (copy / "config.yaml").read_text()
+    (copy / "tokenizer.json").write_text(json.dumps({"kind": "byte", "vocab_size": 259}))
+    (copy / "config.yaml").write_text(config.replace("tokenizer: byte", "tokenizer: sentencepiece:x.model"))
+    result = run_eval("generate", "--checkpoint", str(copy), "--prompt", "x")
+    assert result.returncode == 2 and "do not belong together" in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
 
 
 def test_damaged_input_position_stops_the_resume_with_one_line(trained_run, tmp_path):
