@@ -25,6 +25,8 @@ setup(
     description="Sharded dense and Mixture-of-Experts language models in JAX/Flax NNX for TPU pods",
     python_requires=">=3.11",
     packages=find_packages(include=["model*", "train*", "sharding*", "eval*", "data*"]),
+    # the local lm-eval tasks (YAML, JSONL and their loader) of python -m eval harness
+    package_data={"eval": ["tasks/*/*.yaml", "tasks/*/*.jsonl", "tasks/*/*.py"]},
     install_requires=INSTALL_REQUIRES,
     extras_require={
         "test": ["pytest==9.2.0", "ruff==0.17.6", "hypothesis==6.170.17", "lm-eval==0.4.13"],
