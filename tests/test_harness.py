@@ -1,0 +1,169 @@
+"""The lm-eval adapter on a tiny trained run: loglikelihood is the sum of the model's token log-probs,
+rolling loglikelihood sums lm_eval's windows, and the local tasks run through lm_eval and the CLI."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+from lm_eval import simple_evaluate
+from lm_eval.api.instance import Instance
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+from eval import harness
+from eval.harness import MeshLM
+from eval.load import load_run
+from eval.sampling import SamplingConfig
+from tests.helpers import tiny_config
+from train.loop import train
+
+ROOT = Path(__file__).resolve().parent.parent
+TOL = 1e-5  # fp32, relative
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("harness") / "run"
+    train(tiny_config(run_dir, "train.steps=20", "mesh.data=2", "mesh.tensor=4", "checkpoint.every=10"))
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def lm(eight_devices, run_dir):
+    return MeshLM(run=load_run(run_dir), batch_size=4)
+
+
+def _requests(kind, args):
+    return [Instance(request_type=kind, doc={}, arguments=a, idx=0) for a in args]
+
+
+def _oracle(lm, row, n):
+    """(sum of the log-probs of the last n tokens of row, whether each is the argmax), from the plain
+    full forward pass over row[:-1] on host parameters."""
+    model = nnx.merge(lm.run.graphdef, jax.device_get(lm.run.params))
+    logits = np.asarray(model(np.asarray([row[:-1]], np.int32))[0], np.float64)
+    logprobs = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+        - logits.max(-1, keepdims=True)
+    targets = np.asarray(row[1:])
+    picked = logprobs[np.arange(len(targets)), targets][-n:]
+    return float(picked.sum()), bool((logits.argmax(-1)[-n:] == targets[-n:]).all())
+
+
+def test_loglikelihood_is_the_sum_of_token_log_probs(lm):
+    bos, window = lm.tok.bos_id, lm.window
+    greedy_id = int(np.argmax(nnx.merge(lm.run.graphdef, jax.device_get(lm.run.params))(
+        np.asarray([[bos, *lm.tok.encode("import o")]], np.int32))[0, -1]))
+    assert greedy_id < 128  # one ASCII byte, so the text below encodes to exactly this token
+    long_context = "x = [" + ", ".join(str(i) for i in range(30)) + "]\n"  # longer than the window
+    pairs = [("import o", "s"), ("import o", chr(greedy_id)), ("", "def f(x):"),
+             ("for i in range(10): ", "print(i)"), (long_context, "y = x"), ("a", "")]
+    results = lm.loglikelihood(_requests("loglikelihood", pairs))
+    for (context, continuation), (logprob, is_greedy) in zip(pairs, results, strict=True):
+        if not continuation:
+            assert (logprob, is_greedy) == (0.0, True)
+            continue
+        stripped = context.rstrip()  # lm_eval moves a context's trailing spaces to the continuation
+        cont = lm.tok.encode(context[len(stripped):] + continuation)
+        row = [bos, *lm.tok.encode(stripped), *cont][-(window + 1):]  # left-truncated to the window
+        expected, expected_greedy = _oracle(lm, row, len(cont))
+        assert abs(logprob - expected) <= TOL * abs(expected), (context, continuation)
+        assert is_greedy == expected_greedy
+    assert results[1][1]  # the model's own greedy byte is greedy
+
+
+def test_long_continuation_is_scored_whole_in_window_pieces(lm):
+    text = "import os, sys, re, json, math, time, random, itertools\n"  # longer than the window
+    (logprob, _), = lm.loglikelihood(_requests("loglikelihood", [("", text)]))
+    tokens = [lm.tok.bos_id, *lm.tok.encode(text)]
+    expected, end = 0.0, len(tokens)
+    while end > 1:  # pieces of at most `window` targets from the end, each with maximal context
+        n = min(lm.window, end - 1)
+        expected += _oracle(lm, tokens[max(0, end - lm.window - 1):end], n)[0]
+        end -= n
+    assert abs(logprob - expected) <= TOL * abs(expected)
+
+
+def test_rolling_loglikelihood_sums_lm_evals_windows(lm):
+    text = "def add(a, b):\n    \"\"\"Sum.\"\"\"\n    return a + b\n\n\nprint(add(1, 2))\n" * 2
+    tokens = lm.tok.encode(text)
+    assert len(tokens) > 3 * lm.window
+    windows = [make_disjoint_window(w) for w in get_rolling_token_windows(
+        tokens, prefix_token=lm.tok.bos_id, max_seq_len=lm.window, context_len=1)]
+    assert sum(len(pred) for _, pred in windows) == len(tokens)  # every token predicted once
+    expected = sum(_oracle(lm, ctx + pred, len(pred))[0] for ctx, pred in windows)
+    short = "x = 1\n"
+    got, got_short = lm.loglikelihood_rolling(_requests("loglikelihood_rolling", [(text,), (short,)]))
+    assert abs(got - expected) <= TOL * abs(expected)
+    row = [lm.tok.bos_id, *lm.tok.encode(short)]
+    assert abs(got_short - _oracle(lm, row, len(row) - 1)[0]) <= TOL * abs(got_short)
+
+
+def test_generate_until_cuts_at_the_stop_string(lm):
+    args = [("import o", {"until": ["\n"], "max_gen_toks": 6, "do_sample": False}),
+            ("def f(", {"until": ["\n"], "max_gen_toks": 6, "do_sample": False}),
+            ("def f(", {"until": [], "max_gen_toks": 6, "do_sample": False})]
+    cut, _, free = lm.generate_until(_requests("generate_until", args))
+    prompt = [lm.tok.bos_id, *lm.tok.encode("def f(")]
+    full = lm._generator(SamplingConfig(temperature=0.0)).generate([prompt], 6, stop_id=lm.tok.eos_id)
+    assert free == lm.tok.decode(full.tokens[0])  # no stop string: the greedy continuation
+    assert "\n" not in cut and len(lm.tok.encode(cut)) <= 6
+
+
+def test_local_tasks_run_end_to_end_through_lm_eval(lm, run_dir):
+    results = simple_evaluate(model="meshlm", model_args={"checkpoint": str(run_dir), "batch_size": 8},
+                              tasks=["meshlm_tiny"], task_manager=harness.task_manager(["meshlm_tiny"]),
+                              bootstrap_iters=0, log_samples=False)["results"]
+    assert set(results) == {"meshlm_tiny_mc", "meshlm_tiny_ppl", "meshlm_tiny_gen"}
+    assert 0 <= results["meshlm_tiny_mc"]["acc,none"] <= 1
+    assert 0 <= results["meshlm_tiny_gen"]["exact_match,none"] <= 1
+    # bits per byte of the perplexity task, recomputed from our own rolling loglikelihoods
+    texts = [json.loads(line)["text"]
+             for line in (harness.TASKS_DIR / "meshlm_tiny" / "ppl.jsonl").read_text().splitlines()]
+    lls = lm.loglikelihood_rolling(_requests("loglikelihood_rolling", [(t,) for t in texts]))
+    bpb = -sum(lls) / sum(len(t.encode()) for t in texts) / math.log(2)
+    assert abs(results["meshlm_tiny_ppl"]["bits_per_byte,none"] - bpb) <= 1e-6 * bpb
+
+
+def test_cli_runs_local_tasks(eight_devices, run_dir, tmp_path):
+    out = tmp_path / "results.json"
+    result = subprocess.run([sys.executable, "-m", "eval", "harness", "--checkpoint",
+                             str(run_dir / "checkpoints" / "10"), "--tasks", "meshlm_tiny_mc,meshlm_tiny_gen",
+                             "--limit", "3", "--batch-size", "2", "--num-fewshot", "1", "--output", str(out)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "meshlm_tiny_mc" in result.stdout and "|" in result.stdout  # the results table
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["step"] == 10 and set(report["results"]) == {"meshlm_tiny_mc", "meshlm_tiny_gen"}
+    full = json.loads(out.read_text())
+    assert full["n-shot"]["meshlm_tiny_mc"] == 1 and full["config"]["meshlm_step"] == 10
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--checkpoint", "/nonexistent/run", "--tasks", "meshlm_tiny"], "neither a meshlm run directory"),
+    (["--checkpoint", "RUN/checkpoints/7", "--tasks", "meshlm_tiny"], "does not exist"),
+    (["--checkpoint", "RUN", "--tasks", "no_such_task_xyz"], "unknown task no_such_task_xyz"),
+    (["--checkpoint", "RUN", "--tasks", " , "], "--tasks names no task"),
+    (["--checkpoint", "RUN", "--tasks", "meshlm_tiny", "--batch-size", "0"], "--batch-size"),
+    (["--checkpoint", "RUN", "--tasks", "meshlm_tiny", "--limit", "-1"], "--limit"),
+    (["--checkpoint", "RUN", "--tasks", "meshlm_tiny", "--include-path", "/nonexistent"], "--include-path"),
+    (["--checkpoint", "RUN", "--tasks", "meshlm_tiny", "--output", "/nonexistent/x.json"], "--output"),
+    (["--checkpoint", "RUN"], "--tasks"),
+    (["--checkpoint", "RUN", "--tasks", "meshlm_tiny", "--bogus"], "unrecognized arguments"),
+])
+def test_cli_errors_are_one_line(run_dir, capsys, args, message):
+    code = harness.main([a.replace("RUN", str(run_dir)) for a in args])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error:") and message in err and len(err.splitlines()) == 1
+
+
+def test_cli_error_through_python_m_eval_has_no_traceback(run_dir):
+    result = subprocess.run([sys.executable, "-m", "eval", "harness", "--checkpoint", str(run_dir),
+                             "--tasks", "meshlm_tiny", "--limit", "0"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        "error: --limit must be > 0, got 0"]
