@@ -236,8 +236,9 @@ class MeshLM(TemplateLM):
             temperature = float(kwargs.get("temperature", 1.0)) if kwargs.get("do_sample") else 0.0
             sampling = SamplingConfig(temperature, int(kwargs.get("top_k") or 0),
                                       float(kwargs.get("top_p") or 1.0))
-            for problem in sampling.problems():
-                raise ValueError(f"generation kwargs: {problem.lstrip('-').replace('-', '_')}")
+            for problem in sampling.problems():  # "--top-p must be ..." -> "top_p must be ..."
+                flag, rest = problem.split(" ", 1)
+                raise ValueError(f"generation kwargs: {flag.lstrip('-').replace('-', '_')} {rest}")
             keep = max(self.window - max_new, self.window // 2, 1)
             prompts = {i: self.tok_encode(requests[i].args[0])[-keep:] for i in indices}
             order = sorted(indices, key=lambda i: -len(prompts[i]))
