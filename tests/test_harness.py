@@ -1,6 +1,7 @@
 """The lm-eval adapter on a tiny trained run: loglikelihood is the sum of the model's token log-probs,
 rolling loglikelihood sums lm_eval's windows, and the local tasks run through lm_eval and the CLI."""
 
+import dataclasses
 import json
 import math
 import subprocess
@@ -19,7 +20,12 @@ from eval import harness
 from eval.harness import MeshLM
 from eval.load import load_run
 from eval.sampling import SamplingConfig
-from tests.helpers import tiny_config
+from eval.score import Scorer
+from model.transformer import Transformer
+from sharding.mesh import MeshConfig, make_mesh
+from sharding.rules import default_rules, tree_shardings
+from tests import reference
+from tests.helpers import SMALL, tiny_config
 from train.loop import train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -127,6 +133,28 @@ def test_local_tasks_run_end_to_end_through_lm_eval(lm, run_dir):
     lls = lm.loglikelihood_rolling(_requests("loglikelihood_rolling", [(t,) for t in texts]))
     bpb = -sum(lls) / sum(len(t.encode()) for t in texts) / math.log(2)
     assert abs(results["meshlm_tiny_ppl"]["bits_per_byte,none"] - bpb) <= 1e-6 * bpb
+
+
+def test_scorer_equals_the_full_forward_pass_for_moe_with_padded_rows(eight_devices):
+    cfg = dataclasses.replace(SMALL, max_seq_len=64, init_std=0.3, num_layers=3, first_dense_layers=1,
+                              moe_every=2, num_experts=8, experts_per_token=2, expert_mlp_dim=16)
+    mesh, rules = make_mesh(MeshConfig(data=2, expert=4)), default_rules()
+    params = nnx.split(Transformer(cfg, nnx.Rngs(0)))[1]
+    scorer = Scorer(cfg, jax.device_put(params, tree_shardings(params, mesh, rules)), mesh, rules,
+                    window=8, batch_size=2)
+    rows = [[5, 9, 2, 33, 7], list(range(1, 10)), [42, 3]]  # two batches, the second padded
+    dropless = dataclasses.replace(cfg, moe_impl="dropless")  # never drops: the oracle
+    ref = nnx.merge(nnx.split(nnx.eval_shape(lambda: Transformer(dropless, nnx.Rngs(0))))[0], params)
+    inputs = np.zeros((len(rows), 8), np.int32)  # right padding cannot reach earlier tokens here
+    for i, row in enumerate(rows):
+        inputs[i, :len(row) - 1] = row[:-1]
+    all_logits = np.asarray(ref(inputs), np.float64)
+    for row, logits, (logprob, greedy) in zip(rows, all_logits, scorer.score(rows), strict=True):
+        logits, targets = logits[:len(row) - 1], np.asarray(row[1:])
+        expected = (logits - jax.nn.logsumexp(logits, axis=-1, keepdims=True))[np.arange(len(targets)),
+                                                                              targets]
+        assert reference.relative_error(logprob, expected) < 1e-5
+        assert greedy.tolist() == (logits.argmax(-1) == targets).tolist()
 
 
 def test_cli_runs_local_tasks(eight_devices, run_dir, tmp_path):
