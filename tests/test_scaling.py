@@ -76,7 +76,7 @@ def test_flop_formula_within_10_percent_of_xla_cost_analysis(name):
     """Dense presets: the formula as written; MoE: counting the capacity path's padded slots."""
     cfg = MODELS[name]
     seq_len = load_config(CONFIG_DIR / f"{name}.yaml", []).train.seq_len
-    got = compiled_flops(cfg, 8, seq_len)
+    got = compiled_flops(cfg, 16, seq_len)  # rows enough that per-parameter optimizer work stays small
     suffix = "_executed" if cfg.is_moe else ""
     for step in ("train", "eval"):
         ratio = got[f"formula_{step}_flops{suffix}"] / got[f"xla_{step}_flops"]
