@@ -21,7 +21,8 @@ from jax.experimental import mesh_utils, topologies
 from jax.sharding import Mesh
 
 from data.pipeline import empty_batch
-from model.flops import param_counts, train_flops_per_token
+from model.config import ModelConfig
+from model.flops import matmul_params, param_counts, train_flops_per_token
 from sharding.axes import MESH_AXES
 from sharding.constrain import activation_sharding
 from sharding.mesh import make_mesh
@@ -182,6 +183,24 @@ def roofline(flops_per_device: float, bytes_per_device: float, topo: Topology,
             "tokens_per_s": tokens / step_s if step_s else 0.0, "mfu": mfu}
 
 
+def executed_flops_per_step(m: ModelConfig, batch_size: int, seq_len: int) -> float:
+    """model/flops.py's FLOPs plus the work a step executes beyond them: the capacity path's padded
+    expert slots (E * C per row and MoE layer instead of T * k) and the forward pass that
+    ``model.remat`` recomputes in the backward pass (``full``: every layer's matmuls and attention;
+    ``dots_no_batch``: attention's batched einsums; ``dots``: none). Not in model/flops.py, which
+    counts the model's FLOPs as MFU defines them."""
+    tokens = batch_size * seq_len
+    one_expert = (3 if m.activation == "swiglu" else 2) * m.d_model * m.resolved_expert_mlp_dim
+    extra_slots = 0  # per row and MoE layer
+    if m.is_moe and m.moe_impl == "capacity":
+        extra_slots = m.num_experts * m.expert_capacity(seq_len) - seq_len * m.experts_per_token
+    padding = one_expert * extra_slots * batch_size * m.num_moe_layers  # forward FLOPs / 2
+    attention_fwd = 4 * m.num_layers * seq_len * m.num_heads * m.resolved_head_dim * tokens
+    layers_fwd = 2 * (matmul_params(m) - m.d_model * m.vocab_size) * tokens + 2 * padding + attention_fwd
+    recompute = {"full": layers_fwd, "dots_no_batch": attention_fwd}.get(m.remat, 0)
+    return train_flops_per_token(m, seq_len) * tokens + 6 * padding + recompute
+
+
 def compile_report(cfg: Config, topology_name: str, config_name: str) -> dict[str, Any]:
     """Compiles the train step of ``cfg`` for ``topology_name`` and returns the report (a JSON-able
     dict). Raises CompileError (or ConfigError) for what the user must change, including a state or
@@ -205,6 +224,7 @@ def compile_report(cfg: Config, topology_name: str, config_name: str) -> dict[st
     tokens = t.batch_size * t.seq_len
     n = len(topo.devices)
     formula = train_flops_per_token(m, t.seq_len) * tokens
+    executed = executed_flops_per_step(m, t.batch_size, t.seq_len)
     compiled_flops = costs["flops"] * n
     counts = param_counts(m)
     return {
@@ -229,7 +249,8 @@ def compile_report(cfg: Config, topology_name: str, config_name: str) -> dict[st
         "hbm_fraction": memory["total"] / capacity,
         "state_bytes_per_device": state_bytes,
         "flops": {"compiled_per_step": compiled_flops, "compiled_per_device": costs["flops"],
-                  "formula_per_step": formula, "ratio": compiled_flops / formula if formula else 0.0},
+                  "formula_per_step": formula, "ratio": compiled_flops / formula,
+                  "executed_per_step": executed, "executed_ratio": compiled_flops / executed},
         "bytes_accessed_per_device": costs["bytes accessed"],
         "xla_optimal_seconds": costs["optimal_seconds"],
         "roofline": roofline(costs["flops"], costs["bytes accessed"], topo, formula, tokens),

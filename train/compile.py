@@ -110,7 +110,9 @@ def format_report(r: dict[str, Any]) -> str:
         *(f"  {name:<12} {size(value):>12}" + (f"  ({note})" if note else "")
           for name, value, note in rows),
         f"FLOPs per step: compiled {fl['compiled_per_step']:.4g} ({fl['compiled_per_device']:.4g} per "
-        f"device), model/flops.py {fl['formula_per_step']:.4g}, ratio {fl['ratio']:.3f}",
+        f"device); model/flops.py {fl['formula_per_step']:.4g} (ratio {fl['ratio']:.3f}); with "
+        f"remat recompute and capacity padding {fl['executed_per_step']:.4g} (ratio "
+        f"{fl['executed_ratio']:.3f})",
         f"HBM traffic per device per step: {r['bytes_accessed_per_device']:.4g} bytes",
         f"roofline ({chip['peak_bf16_flops'] / 1e12:.0f} TFLOP/s bf16, "
         f"{chip['hbm_bandwidth'] / 1e9:.0f} GB/s HBM per chip; ICI collectives not modelled):",
