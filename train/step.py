@@ -102,13 +102,28 @@ def grads_loss_and_metrics(params: nnx.State, batch: Batch, *, graphdef: nnx.Gra
 def train_step(state: TrainState, batch: Batch, *, graphdef: nnx.GraphDef,
                tx: optax.GradientTransformation, schedule: optax.Schedule,
                microbatches: int) -> tuple[TrainState, Metrics]:
+    """One optimizer step. Non-finite guard: if the loss or the gradient norm is not finite, the
+    update is skipped -- params and optimizer state (its step count included) stay as they were,
+    ``skipped`` is 1 -- while ``state.step`` still advances (the batch is consumed and the
+    learning-rate schedule moves on), so step numbers keep matching batches."""
     grads, loss, moe_metrics = grads_loss_and_metrics(state.params, batch, graphdef=graphdef,
                                                       microbatches=microbatches)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step),
-               **moe_metrics}
-    return TrainState(state.step + 1, params, opt_state), metrics
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep_new = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
+    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step),
+               "skipped": 1 - finite.astype(jnp.int32), **moe_metrics}
+    return TrainState(state.step + 1, keep_new(params, state.params),
+                      keep_new(opt_state, state.opt_state)), metrics
+
+
+def all_finite(tree: Any) -> jax.Array:
+    """True if every floating-point leaf of ``tree`` is finite everywhere."""
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+              if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
 def eval_step(params: nnx.State, batch: Batch, *, graphdef: nnx.GraphDef) -> Metrics:
@@ -130,6 +145,12 @@ def jit_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                            microbatches=microbatches)
     return jax.jit(fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated),
                    donate_argnums=0)
+
+
+def jit_all_finite(state_sh: TrainState, mesh: Mesh) -> Any:
+    """``all_finite`` over the sharded state, jitted once (checked before every save)."""
+    return jax.jit(all_finite, in_shardings=(state_sh,),
+                   out_shardings=NamedSharding(mesh, PartitionSpec()))
 
 
 def jit_eval_step(graphdef: nnx.GraphDef, params_sh: nnx.State, batch_sh: NamedSharding) -> Any:
