@@ -55,12 +55,35 @@ def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
 
 
 def initialize_distributed(coordinator: str = "", num_processes: int = 0,
-                           process_id: int = -1) -> None:
+                           process_id: int = -1, init_timeout: int = 120,
+                           heartbeat_timeout: int = 100) -> None:
     """One process per host: join JAX's multi-controller runtime. Without a coordinator address
     the cluster is auto-detected (TPU VMs, SLURM, ...); with one, the caller names the process
-    count and this process's index (local multi-process runs on CPU use gloo collectives)."""
+    count and this process's index (local multi-process runs on CPU use gloo collectives).
+    Joining gives up after ``init_timeout`` seconds; a process silent for ``heartbeat_timeout``
+    seconds counts as dead and the coordination service stops the others."""
+    timeouts = {"initialization_timeout": init_timeout,
+                "heartbeat_timeout_seconds": heartbeat_timeout}
     if coordinator:
         jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id,
-                                   initialization_timeout=120)
+                                   **timeouts)
     else:
-        jax.distributed.initialize()
+        jax.distributed.initialize(**timeouts)
+
+
+def sync_processes(name: str) -> None:
+    """Every process waits here until all have arrived (files written by process 0 are visible)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def broadcast_from_0(value: int) -> int:
+    """Process 0's ``value`` on every process (a collective when there are several), so that all
+    take the same branch after a check only process 0 made."""
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+
+    return int(multihost_utils.broadcast_one_to_all(np.int32(value)))

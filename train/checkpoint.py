@@ -1,20 +1,49 @@
 """Orbax checkpoints of a run: ``run_dir/checkpoints/<step>/`` holding the sharded TrainState, a
 small JSON record and the input pipeline's position (one file per process); asynchronous saves,
 keep-last-K, and restore onto any mesh (every target array carries its NamedSharding).
+
+Crash consistency: orbax writes a step into ``<step>.orbax-checkpoint-tmp*`` and renames it when
+every process has written its part, so a killed save leaves only a temporary directory, which is
+ignored and removed at the next start. Just before that rename, process 0 writes
+``meshlm_manifest.json`` into the directory (size and SHA-256 of every file, and of the run's
+tokenizer files), so a committed checkpoint always carries its manifest; ``verify`` detects a
+truncated, altered or missing file, and ``resume_step`` moves damaged checkpoints aside to
+``run_dir/damaged_checkpoints/`` and falls back to the newest good one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
 import grain
+import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from sharding.mesh import broadcast_from_0, sync_processes
 from train.config import CheckpointConfig
 from train.state import TrainState, with_shardings
+
+MANIFEST = "meshlm_manifest.json"
+RUN_FILES = ("tokenizer.json", "tokenizer.model")  # run-level files a checkpoint depends on
+TMP_SUFFIX = ".orbax-checkpoint-tmp"
+# Orbax rewrites its step metadata (commit time) after the rename: not covered by the manifest.
+UNHASHED = (MANIFEST, "_CHECKPOINT_METADATA")
+DAMAGED_DIR = "damaged_checkpoints"
+
+
+class DamagedCheckpointError(ValueError):
+    """A checkpoint whose files do not match its manifest (truncated, altered or missing)."""
+
+
+class DamagedRunFileError(ValueError):
+    """A run-level file (the tokenizer) differs from the one the checkpoints were written with."""
 
 
 class _IteratorSnapshot:
@@ -29,15 +58,94 @@ class _IteratorSnapshot:
         return json.dumps(self.state).encode()
 
 
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _describe(path: Path) -> dict[str, Any]:
+    return {"size": path.stat().st_size, "sha256": file_digest(path)}
+
+
+def write_manifest(step_dir: Path, run_dir: Path) -> None:
+    """Records size and digest of every file under ``step_dir`` and of the run's tokenizer files
+    (written atomically: a temporary file, fsync, rename)."""
+    files = {p.relative_to(step_dir).as_posix(): _describe(p)
+             for p in sorted(step_dir.rglob("*")) if p.is_file() and p.name not in UNHASHED}
+    run_files = {name: _describe(run_dir / name) for name in RUN_FILES if (run_dir / name).is_file()}
+    tmp = step_dir / (MANIFEST + ".tmp")
+    with tmp.open("w") as f:
+        json.dump({"version": 1, "files": files, "run_files": run_files}, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(step_dir / MANIFEST)
+
+
+def _check_files(base: Path, expected: dict[str, Any]) -> str:
+    """The first problem of the files under ``base`` against their recorded size and digest."""
+    for rel, want in expected.items():
+        path = base / rel
+        if not path.is_file():
+            return f"{rel} is missing"
+        size = path.stat().st_size
+        if size != want["size"]:
+            return f"{rel} has {size} bytes, {want['size']} were written (truncated or altered)"
+        if file_digest(path) != want["sha256"]:
+            return f"{rel} does not match its recorded SHA-256 (altered)"
+    return ""
+
+
+def verify(step_dir: Path, run_dir: Path) -> bool:
+    """True if ``step_dir`` matches its manifest, False if it has none (written before manifests
+    existed); raises DamagedCheckpointError or DamagedRunFileError naming the first bad file."""
+    step = step_dir.name
+    path = step_dir / MANIFEST
+    if not path.is_file():
+        return False
+    try:
+        manifest = json.loads(path.read_bytes().decode("utf-8"))
+        files, run_files = dict(manifest["files"]), dict(manifest["run_files"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise DamagedCheckpointError(f"checkpoint {step} is damaged: its {MANIFEST} is unreadable "
+                                f"({type(e).__name__})") from None
+    if problem := _check_files(step_dir, files):
+        raise DamagedCheckpointError(f"checkpoint {step} is damaged: {problem}")
+    if problem := _check_files(run_dir, run_files):
+        raise DamagedRunFileError(f"{run_dir}: {problem} since checkpoint {step} was written")
+    return True
+
+
+def free_bytes(path: Path) -> int:
+    """Free space on the filesystem holding ``path`` (tests replace this to simulate a full disk)."""
+    return shutil.disk_usage(path).free
+
+
+def warn(message: str) -> None:
+    """One ``warning:`` line on stderr, from process 0 only."""
+    if jax.process_index() == 0:
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+
 
 class Checkpointer:
-    """A thin, typed wrapper over ``ocp.CheckpointManager`` for one run directory."""
+    """A thin, typed wrapper over ``ocp.CheckpointManager`` for one run directory.
+
+    Saves always run through orbax's asynchronous checkpointer (so the manifest is written inside
+    the temporary directory before its commit); ``async_save=False`` waits for each save."""
 
     def __init__(self, run_dir: str | Path, cfg: CheckpointConfig, read_only: bool = False):
-        self.directory = Path(run_dir).resolve() / "checkpoints"
+        self.run_dir = Path(run_dir).resolve()
+        self.directory = self.run_dir / "checkpoints"
+        self.wait_each_save = not cfg.async_save
+        self._pending: int | None = None
+        async_options = None if read_only else ocp.AsyncOptions(
+            post_finalization_callback=self._before_commit)
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=cfg.keep, enable_async_checkpointing=cfg.async_save, create=not read_only,
-            read_only=read_only)
+            max_to_keep=cfg.keep, enable_async_checkpointing=True, create=not read_only,
+            read_only=read_only, cleanup_tmp_directories=not read_only, async_options=async_options)
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_names=("state", "meta", "data"))
 
@@ -45,14 +153,79 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def all_steps(self) -> list[int]:
+        """Committed steps (temporary directories of unfinished saves are never listed)."""
         return list(self.manager.all_steps())
 
     def save(self, step: int, state: TrainState, meta: dict[str, Any],
-             data_state: dict[str, Any]) -> None:
-        """Starts an (asynchronous) save; the state may be donated as soon as this returns."""
+             data_state: dict[str, Any], need_bytes: int = 0) -> None:
+        """Starts an (asynchronous) save; the state may be donated as soon as this returns.
+        An earlier save that failed raises here (orbax waits for it first). With ``need_bytes``,
+        too little free space on the checkpoint filesystem raises OSError before anything is
+        written (process 0 decides for all)."""
+        self.manager.wait_until_finished()
+        if need_bytes:
+            free = free_bytes(self.directory) if jax.process_index() == 0 else 0
+            if broadcast_from_0(int(free < need_bytes)):
+                raise OSError(f"not enough disk space for checkpoint {step} in {self.directory}: "
+                              f"{free / 2**20:.1f} MiB free, {need_bytes / 2**20:.1f} MiB needed")
+        self._pending = step
         self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta),
             data=grain.checkpoint.CheckpointSave(_IteratorSnapshot(data_state))), force=True)
+        if self.wait_each_save:
+            self.wait()
+
+    def _before_commit(self) -> None:
+        """Orbax's post-finalization hook (process 0, background thread): every process has
+        written its part into the temporary directory, which is renamed right after this."""
+        step = self._pending
+        candidates = sorted(self.directory.glob(f"{step}{TMP_SUFFIX}*"), key=lambda p: p.stat().st_mtime)
+        if not candidates:
+            raise FileNotFoundError(f"checkpoint {step}: no temporary directory to finish")
+        write_manifest(candidates[-1], self.run_dir)
+
+    def verify(self, step: int) -> bool:
+        """See ``verify``: True (manifest matches), False (no manifest) or an exception."""
+        return verify(self.directory / str(step), self.run_dir)
+
+    def resume_step(self) -> int | None:
+        """The newest committed checkpoint that matches its manifest, or None. Damaged newer ones
+        are moved to ``run_dir/damaged_checkpoints/`` with a warning (process 0 checks and moves;
+        every process gets the same answer). A changed tokenizer raises DamagedRunFileError."""
+        while steps := self.all_steps():
+            step = max(steps)
+            problem, run_problem = "", ""
+            if jax.process_index() == 0:
+                try:
+                    self.verify(step)
+                except DamagedCheckpointError as e:
+                    problem = str(e)
+                except DamagedRunFileError as e:
+                    run_problem = str(e)
+            if broadcast_from_0(2 if run_problem else 1 if problem else 0) == 2:
+                raise DamagedRunFileError(run_problem or "the run's tokenizer files do not match its "
+                                     "checkpoints (see process 0)")
+            if not broadcast_from_0(1 if problem else 0):
+                return step
+            older = [s for s in steps if s < step]
+            warn(f"{problem}; it is moved to {self.run_dir / DAMAGED_DIR} and "
+                 + (f"training resumes from checkpoint {max(older)}" if older
+                    else "training starts from scratch"))
+            if jax.process_index() == 0:
+                self.quarantine(step)
+            sync_processes(f"meshlm: damaged checkpoint {step} moved")
+            self.manager.reload()
+        return None
+
+    def quarantine(self, step: int) -> Path:
+        """Moves checkpoint ``step`` out of the checkpoint directory (kept for inspection)."""
+        target_dir = self.run_dir / DAMAGED_DIR
+        target_dir.mkdir(exist_ok=True)
+        target, n = target_dir / str(step), 1
+        while target.exists():
+            target, n = target_dir / f"{step}.{n}", n + 1
+        shutil.move(str(self.directory / str(step)), str(target))
+        return target
 
     def restore(self, step: int, abstract: TrainState, shardings: TrainState
                 ) -> tuple[TrainState, dict[str, Any], list[dict[str, Any]]]:
@@ -76,12 +249,14 @@ class Checkpointer:
                              "processes")
         try:
             return [json.loads(by_index[i].read_text()) for i in range(count)]
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"checkpoint {step} has a damaged input position ({e})") from None
 
     def restore_params(self, step: int, abstract_params: nnx.State,
                        shardings: nnx.State) -> nnx.State:
-        """Only the parameters at ``step`` (no optimizer state is read), laid out by ``shardings``."""
+        """Only the parameters at ``step`` (no optimizer state is read), laid out by ``shardings``;
+        the checkpoint is verified against its manifest first (DamagedCheckpointError if it fails)."""
+        self.verify(step)
         target = {"params": with_shardings(abstract_params, shardings)}
         out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
             item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
@@ -89,7 +264,9 @@ class Checkpointer:
         return out["state"]["params"]
 
     def wait(self) -> None:
+        """Blocks until the pending save is committed (raises if it failed)."""
         self.manager.wait_until_finished()
+        self.manager.check_for_errors()
 
     def close(self) -> None:
         self.manager.close()

@@ -27,6 +27,16 @@ class ConfigError(ValueError):
         self.key = key
 
 
+def one_line(text: str) -> str:
+    """``text`` with line breaks and other unprintable characters escaped, for an ``error:`` line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+class RunError(RuntimeError):
+    """A failure that ends a run (not a configuration mistake): a full disk, a non-finite
+    divergence, a lost peer process. The CLI prints it as one ``error:`` line and exits 1."""
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     """Where text comes from and how it becomes tokens.
@@ -75,6 +85,7 @@ class TrainConfig:
     eval_every: int = 0  # 0: only at the end
     eval_batches: int = 4  # 0: one full pass over the held-out split
     steps_in_flight: int = 4  # bounded dispatch-ahead (the emulated CPU mesh deadlocks without it)
+    max_skipped_steps: int = 10  # non-finite steps skipped in a row before the run stops (0: none)
     sample_tokens: int = 200
     sample_prompt: str = "def "
 
@@ -97,6 +108,8 @@ class RunConfig:
     coordinator: str = ""  # host:port of process 0; "" = auto-detect (TPU VMs, SLURM, ...)
     num_processes: int = 0  # with coordinator: how many processes join
     process_id: int = -1  # with coordinator: this process's index
+    init_timeout: int = 120  # seconds to wait for every process to join the coordinator
+    heartbeat_timeout: int = 100  # seconds without a heartbeat before a process counts as dead
     cpu_devices: int = 8  # CPU devices to emulate per process when JAX runs on the host CPU
     peak_flops: float = 0.0  # FLOP/s of the whole job for MFU; 0: measure a matmul peak at start-up
     tensorboard: bool = True
@@ -238,6 +251,9 @@ def validate_run(run: RunConfig) -> None:
     if run.coordinator and not 0 <= run.process_id < run.num_processes:
         raise ConfigError("run.process_id", f"must be in [0, run.num_processes="
                           f"{run.num_processes}) with run.coordinator, got {run.process_id}")
+    for key in ("init_timeout", "heartbeat_timeout"):
+        if getattr(run, key) < 1:
+            raise ConfigError(f"run.{key}", f"must be >= 1 second, got {getattr(run, key)}")
     if run.cpu_devices < 1:
         raise ConfigError("run.cpu_devices", f"must be >= 1, got {run.cpu_devices}")
     if not run.dir:
@@ -272,7 +288,7 @@ def validate(cfg: Config, num_devices: int) -> None:
     for key in ("steps", "batch_size", "seq_len", "microbatches", "log_every", "steps_in_flight"):
         if getattr(t, key) < 1:
             raise ConfigError(f"train.{key}", f"must be >= 1, got {getattr(t, key)}")
-    for key in ("eval_every", "eval_batches", "sample_tokens"):
+    for key in ("eval_every", "eval_batches", "sample_tokens", "max_skipped_steps"):
         if getattr(t, key) < 0:
             raise ConfigError(f"train.{key}", f"must be >= 0, got {getattr(t, key)}")
     if t.seq_len > m.max_seq_len:

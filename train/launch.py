@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds the other processes get to stop after one fails")
     args, rest = parser.parse_known_args(argv)
     from train.__main__ import parse_args
-    from train.config import ConfigError, load_config
+    from train.config import ConfigError, load_config, one_line
 
     try:
         path, overrides = parse_args(rest)
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("--processes", f"{args.processes} processes cannot share "
                               f"run.cpu_devices={cfg.run.cpu_devices} devices evenly")
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(str(e))}", file=sys.stderr)
         return 2
     coordinator = f"127.0.0.1:{free_port()}"
     logs = Path(cfg.run.dir) / "logs"
