@@ -155,7 +155,7 @@ def test_a_tokenizer_that_does_not_belong_to_the_run_is_refused(trained_run, tmp
     assert len(result.stderr.strip().splitlines()) == 1
 
 
-def test_damaged_input_position_stops_the_resume_with_one_line(trained_run, tmp_path):
+def test_damaged_input_position_is_detected_and_the_previous_checkpoint_used(trained_run, tmp_path):
     import shutil
 
     run_dir, _ = trained_run
@@ -166,7 +166,7 @@ def test_damaged_input_position_stops_the_resume_with_one_line(trained_run, tmp_
                              "train.steps=30", "mesh.data=2", "mesh.tensor=4",
                              "checkpoint.every=10"], cwd=ROOT, capture_output=True, text=True,
                             timeout=300)
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert result.stderr.strip().splitlines() == [
-        "error: run.dir: cannot resume from checkpoint 20: checkpoint 20 has a damaged input "
-        "position (Expecting property name enclosed in double quotes: line 1 column 2 (char 1))"]
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert ("warning: checkpoint 20 is damaged: data/process_0-of-1.json has 9 bytes"
+            in result.stderr and "training resumes from checkpoint 10" in result.stderr)
+    assert "steps 10->30" in result.stdout and (copy / "damaged_checkpoints" / "20").is_dir()

@@ -1,10 +1,18 @@
 """Multi-process training on one machine: 2 processes x 4 CPU devices (jax.distributed, gloo)
-train the same losses as 1 process x 8 devices, and their checkpoint resumes in one process."""
+train the same losses as 1 process x 8 devices, and their checkpoint resumes in one process; a
+SIGTERM to one process stops both at the same step with a checkpoint; a process that dies makes the
+other exit with one line in bounded time."""
 
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import pytest
+
+from train.checkpoint import verify
 from train.loop import losses_of
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,3 +50,82 @@ def test_launcher_rejects_an_uneven_split(tmp_path):
                              "configs/tiny.yaml", f"run.dir={tmp_path}"], cwd=ROOT,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and result.stderr.startswith("error: --processes")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_pair(run_dir: Path, *extra: str) -> list[subprocess.Popen]:
+    """Two processes of one job, started directly (as on two hosts), output in files."""
+    coordinator = f"127.0.0.1:{_free_port()}"
+    run_dir.mkdir(parents=True)
+    procs = []
+    for i in range(2):
+        log = (run_dir.parent / f"process_{i}.log").open("w")
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "train", "configs/tiny.yaml", f"run.dir={run_dir}",
+             "run.distributed=true", f"run.coordinator={coordinator}", "run.num_processes=2",
+             f"run.process_id={i}", "run.cpu_devices=4", "train.log_every=1",
+             "run.tensorboard=false", "run.peak_flops=1e12", *extra],
+            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True))
+    return procs
+
+
+def _wait_for_steps(run_dir: Path, procs: list[subprocess.Popen], steps: int) -> None:
+    deadline = time.monotonic() + 300
+    metrics = run_dir / "metrics.jsonl"
+    while not (metrics.is_file() and len(metrics.read_bytes().splitlines()) >= steps):
+        assert all(p.poll() is None for p in procs), "a process ended early"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+def _committed(run_dir: Path) -> list[int]:
+    ckpt = run_dir / "checkpoints"
+    return sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit() and verify(p, run_dir))
+
+
+@pytest.mark.parametrize("dead", [1, pytest.param(0, marks=pytest.mark.slow)])
+def test_a_dead_peer_makes_the_other_exit_with_one_line_within_120_s(tmp_path, dead):
+    run_dir = tmp_path / "run"
+    procs = _start_pair(run_dir, "train.steps=5000", "checkpoint.every=5")
+    survivor = 1 - dead
+    try:
+        _wait_for_steps(run_dir, procs, 12)
+        procs[dead].kill()
+        killed = time.monotonic()
+        code = procs[survivor].wait(timeout=180)
+        elapsed = time.monotonic() - killed
+    finally:
+        for p in procs:
+            p.kill()
+    log = (tmp_path / f"process_{survivor}.log").read_text()
+    errors = [line for line in log.splitlines() if line.startswith("error:")]
+    assert code == 1 and elapsed < 120, (code, elapsed, log[-3000:])
+    assert len(errors) == 1 and "lost contact with another process" in errors[0], log[-3000:]
+    assert "Traceback" not in log
+    print(f"process {survivor} exited {elapsed:.1f} s after process {dead} was killed: {errors[0]}",
+          file=sys.stderr)
+    assert _committed(run_dir)  # what was committed before still verifies
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
+    run_dir = tmp_path / "run"
+    procs = _start_pair(run_dir, "train.steps=5000", "checkpoint.every=1000")
+    try:
+        _wait_for_steps(run_dir, procs, 8)
+        procs[1].send_signal(signal.SIGTERM)  # a preemption notice reaching one host only
+        codes = [p.wait(timeout=180) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    log = (tmp_path / "process_0.log").read_text()
+    assert codes == [0, 0], log[-3000:]
+    stopped = int(log.split("stopped by SIGTERM after step ")[1].split()[0])
+    assert _committed(run_dir) == [stopped]
+    assert sorted(p.name for p in (run_dir / f"checkpoints/{stopped}/data").glob("*.json")) == [
+        "process_0-of-2.json", "process_1-of-2.json"]
