@@ -31,8 +31,9 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from eval.sampling import SamplingConfig, sample
+from model.attention import CACHE_AXES
 from model.config import ModelConfig
-from model.transformer import CACHE_AXES, Cache, Transformer, cache_shapes
+from model.transformer import Cache, Transformer, cache_shapes
 from sharding.constrain import activation_sharding
 from sharding.rules import Rules, default_rules, logical_to_spec
 

@@ -3,10 +3,12 @@
 Scores, masking and softmax run in float32 whatever the compute dtype. Packed rows are supported:
 a query attends only to earlier keys of the same segment.
 
-Decoding keeps a preallocated key/value cache per layer, ``(k_bskh, v_bskh)`` with S slots; slot s
-holds the token at position s. A prefill writes a prompt's T keys into slots [0, T) and attends
-among them causally; a decode step writes each row's one new key at the slot of its own position
-(rows may be at different positions) and attends to the slots at or before it.
+Decoding keeps a preallocated key/value cache for a stack of L layers, ``(k_lbskh, v_lbskh)`` with
+S slots; slot s holds the token at position s. Each layer gets the whole stack's cache and its own
+layer index and writes only its new entries, so the buffers are updated in place across the scanned
+layers (no per-layer copies). A prefill writes a prompt's T keys into slots [0, T) and attends among
+them causally; a decode step writes each row's one new key at the slot of its own position (rows may
+be at different positions) and attends to the slots at or before it.
 """
 
 from __future__ import annotations
@@ -35,18 +37,19 @@ def decode_mask(positions_bt: jax.Array, cache_length: int) -> jax.Array:
     return jnp.arange(cache_length)[None, None, :] <= positions_bt[:, :, None]
 
 
-KVCache = tuple[jax.Array, jax.Array]  # (k_bskh, v_bskh) of one layer
+KVCache = tuple[jax.Array, jax.Array]  # (k_lbskh, v_lbskh) of a stack of layers
+CACHE_AXES = ("layers", "batch", "length", "kv_heads", "head_dim")
 
 
-def update_cache(cache_bskh: jax.Array, new_btkh: jax.Array, positions_bt: jax.Array,
-                 decode: bool) -> jax.Array:
-    """The cache with ``new_btkh`` written in: at each row's own slot ``positions_bt[:, 0]`` when
-    decoding one token (T = 1), else into slots [0, T) (a prefill from the start)."""
-    new_btkh = new_btkh.astype(cache_bskh.dtype)
-    if decode:
-        hit_bs = jnp.arange(cache_bskh.shape[1])[None, :] == positions_bt[:, :1]
-        return jnp.where(hit_bs[:, :, None, None], new_btkh, cache_bskh)
-    return jax.lax.dynamic_update_slice(cache_bskh, new_btkh, (0, 0, 0, 0))
+def update_cache(cache_lbskh: jax.Array, new_btkh: jax.Array, layer: jax.Array | int,
+                 positions_bt: jax.Array, decode: bool) -> jax.Array:
+    """The stack's cache with layer ``layer``'s ``new_btkh`` written in: at each row's own slot
+    ``positions_bt[:, 0]`` when decoding one token (T = 1), else into slots [0, T) (a prefill)."""
+    new_btkh = new_btkh.astype(cache_lbskh.dtype)
+    if decode:  # a scatter of B x K x H values, in place (the cache buffer is donated)
+        rows_b = jnp.arange(new_btkh.shape[0])
+        return cache_lbskh.at[layer, rows_b, positions_bt[:, 0]].set(new_btkh[:, 0])
+    return jax.lax.dynamic_update_slice(cache_lbskh, new_btkh[None], (layer, 0, 0, 0, 0))
 
 
 def dot_product_attention(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array,
@@ -80,10 +83,11 @@ class Attention(nnx.Module):
         self.dtype = dtype_of(cfg.dtype)
 
     def __call__(self, x_btd: jax.Array, positions_bt: jax.Array, mask_bts: jax.Array,
-                 cache: KVCache | None = None, *, decode: bool = False
+                 cache: KVCache | None = None, layer: jax.Array | int = 0, *, decode: bool = False
                  ) -> tuple[jax.Array, KVCache | None]:
-        """(output [B, T, D], the updated cache or None). Without a cache, or in a prefill,
-        ``mask_bts`` is over the T new tokens; in a decode step (T = 1) it is over the S slots."""
+        """(output [B, T, D], the stack's updated cache or None); this is layer ``layer`` of the
+        cache's stack. Without a cache, or in a prefill, ``mask_bts`` is over the T new tokens; in a
+        decode step (T = 1) it is over the S slots."""
         dt = self.dtype
         q_btnh = jnp.einsum("btd,dnh->btnh", x_btd, self.w_q_dnh[...].astype(dt))
         k_btkh = jnp.einsum("btd,dkh->btkh", x_btd, self.w_k_dkh[...].astype(dt))
@@ -95,11 +99,10 @@ class Attention(nnx.Module):
         k_btkh = constrain(k_btkh, ("batch", "length", "kv_heads", "head_dim"))
         v_btkh = constrain(v_btkh, ("batch", "length", "kv_heads", "head_dim"))
         if cache is not None:
-            cache_names = ("batch", "length", "kv_heads", "head_dim")
-            cache = tuple(constrain(update_cache(c_bskh, new_btkh, positions_bt, decode), cache_names)
-                          for c_bskh, new_btkh in zip(cache, (k_btkh, v_btkh), strict=True))
-            if decode:
-                k_btkh, v_btkh = cache  # attend over every cached slot (the mask hides the future)
+            cache = tuple(constrain(update_cache(c_lbskh, new_btkh, layer, positions_bt, decode), CACHE_AXES)
+                          for c_lbskh, new_btkh in zip(cache, (k_btkh, v_btkh), strict=True))
+            if decode:  # attend over every cached slot of this layer (the mask hides the future)
+                k_btkh, v_btkh = (constrain(c_lbskh[layer], CACHE_AXES[1:]) for c_lbskh in cache)
         out_btnh = dot_product_attention(q_btnh, k_btkh, v_btkh, mask_bts)
         out_btd = jnp.einsum("btnh,nhd->btd", out_btnh, self.w_o_nhd[...].astype(dt))
         return constrain(out_btd, ("batch", "length", "embed")), cache

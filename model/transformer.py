@@ -43,9 +43,10 @@ class Block(nnx.Module):
         self.mlp = MLP(cfg, rngs)
 
     def __call__(self, x_btd: jax.Array, positions_bt: jax.Array, mask_bts: jax.Array,
-                 cache: KVCache | None = None, *, decode: bool = False
+                 cache: KVCache | None = None, layer: jax.Array | int = 0, *, decode: bool = False
                  ) -> tuple[jax.Array, KVCache | None]:
-        y_btd, cache = self.attn(self.attn_norm(x_btd), positions_bt, mask_bts, cache, decode=decode)
+        y_btd, cache = self.attn(self.attn_norm(x_btd), positions_bt, mask_bts, cache, layer,
+                                 decode=decode)
         x_btd = x_btd + y_btd
         x_btd = x_btd + self.mlp(self.mlp_norm(x_btd))
         return constrain(x_btd, ("batch", "length", "embed")), cache
@@ -61,9 +62,11 @@ class MoEBlock(nnx.Module):
         self.moe = MoE(cfg, rngs)
 
     def __call__(self, x_btd: jax.Array, positions_bt: jax.Array, mask_bts: jax.Array,
-                 routing_mask_bt: jax.Array | None, cache: KVCache | None = None, *,
-                 decode: bool = False) -> tuple[jax.Array, dict[str, jax.Array], KVCache | None]:
-        y_btd, cache = self.attn(self.attn_norm(x_btd), positions_bt, mask_bts, cache, decode=decode)
+                 routing_mask_bt: jax.Array | None, cache: KVCache | None = None,
+                 layer: jax.Array | int = 0, *, decode: bool = False
+                 ) -> tuple[jax.Array, dict[str, jax.Array], KVCache | None]:
+        y_btd, cache = self.attn(self.attn_norm(x_btd), positions_bt, mask_bts, cache, layer,
+                                 decode=decode)
         x_btd = x_btd + y_btd
         y_btd, metrics = self.moe(self.mlp_norm(x_btd), routing_mask_bt)
         return constrain(x_btd + y_btd, ("batch", "length", "embed")), metrics, cache
@@ -80,17 +83,16 @@ def stack(make: Callable[[nnx.Rngs], nnx.Module], count: int, rngs: nnx.Rngs) ->
     return make_stack(rngs)
 
 
-def run_stack(fn: Callable, x_btd: jax.Array, stacked: Any, count: int,
-              scan: bool) -> tuple[jax.Array, Any]:
-    """Applies ``fn(x, layer_state) -> (x, out)`` to each of ``count`` stacked layers in turn;
-    returns x and the outputs stacked on a leading axis."""
+def run_stack(fn: Callable, carry: Any, stacked: Any, count: int, scan: bool) -> tuple[Any, Any]:
+    """Applies ``fn(carry, layer_state) -> (carry, out)`` to each of ``count`` stacked layers in
+    turn; returns the carry and the outputs stacked on a leading axis."""
     if scan:
-        return jax.lax.scan(fn, x_btd, stacked)
+        return jax.lax.scan(fn, carry, stacked)
     outs = []
     for i in range(count):
-        x_btd, out = fn(x_btd, jax.tree.map(lambda a, i=i: a[i], stacked))
+        carry, out = fn(carry, jax.tree.map(lambda a, i=i: a[i], stacked))
         outs.append(out)
-    return x_btd, jax.tree.map(lambda *o: jnp.stack(o), *outs)
+    return carry, jax.tree.map(lambda *o: jnp.stack(o), *outs)
 
 
 class Transformer(nnx.Module):
@@ -154,53 +156,58 @@ class Transformer(nnx.Module):
             x_btd = x_btd + self.positions(positions_bt).astype(x_btd.dtype)
 
         def layer_fn(stacked_module: nnx.Module):
-            """(fn(x, (layer_state, layer_cache)) -> (x, (MoE metrics or None, layer_cache)),
-            the stacked parameters)."""
+            """(fn((x, stack cache), (layer_state, layer index)) -> ((x, stack cache), MoE metrics
+            or None), the stacked parameters). The cache of the whole stack rides in the carry."""
             graphdef, stacked = nnx.split(stacked_module)
 
-            def fn(x_btd, state_and_cache):
-                layer_state, layer_cache = state_and_cache
+            def fn(carry, state_and_layer):
+                x_btd, stack_cache = carry
+                layer_state, layer = state_and_layer
                 block = nnx.merge(graphdef, layer_state)
                 if isinstance(block, MoEBlock):
-                    x_btd, metrics, layer_cache = block(x_btd, positions_bt, mask_bts, routing_mask_bt,
-                                                        layer_cache, decode=decode)
-                    return x_btd, (metrics, layer_cache)
-                x_btd, layer_cache = block(x_btd, positions_bt, mask_bts, layer_cache, decode=decode)
-                return x_btd, (None, layer_cache)
+                    x_btd, metrics, stack_cache = block(x_btd, positions_bt, mask_bts, routing_mask_bt,
+                                                        stack_cache, layer, decode=decode)
+                    return (x_btd, stack_cache), metrics
+                x_btd, stack_cache = block(x_btd, positions_bt, mask_bts, stack_cache, layer,
+                                           decode=decode)
+                return (x_btd, stack_cache), None
 
             if cfg.remat != "none":
                 fn = jax.checkpoint(fn, policy=REMAT_POLICIES[cfg.remat])
             return fn, stacked
 
+        def layers(count: int) -> jax.Array:
+            return jnp.arange(count, dtype=jnp.int32)
+
         if cfg.num_dense_first:
             dense_fn, stacked = layer_fn(self.blocks)
-            x_btd, (_, new_cache["blocks"]) = run_stack(
-                dense_fn, x_btd, (stacked, cache.get("blocks")), cfg.num_dense_first, cfg.scan_layers)
+            n = cfg.num_dense_first
+            (x_btd, new_cache["blocks"]), _ = run_stack(
+                dense_fn, (x_btd, cache.get("blocks")), (stacked, layers(n)), n, cfg.scan_layers)
         aux: dict[str, jax.Array] = {}
         if cfg.num_moe_layers:
             groups, per_group = cfg.num_moe_layers, cfg.moe_every - 1
             moe_fn, moe_stacked = layer_fn(self.moe_blocks)
-            group_stacked = group_cache = None
+            group_stacked = group_layers = None
             if per_group:
                 group_fn, group_stacked = layer_fn(self.group_blocks)
                 by_group = functools.partial(_split_leading, groups=groups, per_group=per_group)
                 group_stacked = jax.tree.map(by_group, group_stacked)
-                group_cache = jax.tree.map(by_group, cache.get("group_blocks"))
+                group_layers = by_group(layers(groups * per_group))
 
-            def moe_group_fn(x_btd, state):
-                (dense_state, dense_cache), moe_state_and_cache = state
+            def moe_group_fn(carry, state):
+                x_btd, group_cache, moe_cache = carry
+                (dense_state, dense_layers), moe_state_and_layer = state
                 if dense_state is not None:
-                    x_btd, (_, dense_cache) = run_stack(group_fn, x_btd, (dense_state, dense_cache),
-                                                        per_group, cfg.scan_layers)
-                x_btd, (metrics, moe_cache) = moe_fn(x_btd, moe_state_and_cache)
-                return x_btd, (metrics, dense_cache, moe_cache)
+                    (x_btd, group_cache), _ = run_stack(group_fn, (x_btd, group_cache),
+                                                        (dense_state, dense_layers), per_group,
+                                                        cfg.scan_layers)
+                (x_btd, moe_cache), metrics = moe_fn((x_btd, moe_cache), moe_state_and_layer)
+                return (x_btd, group_cache, moe_cache), metrics
 
-            x_btd, (aux, group_cache, new_cache["moe_blocks"]) = run_stack(
-                moe_group_fn, x_btd, ((group_stacked, group_cache), (moe_stacked, cache.get("moe_blocks"))),
-                groups, cfg.scan_layers)
-            if per_group:
-                new_cache["group_blocks"] = jax.tree.map(
-                    lambda a: a.reshape((groups * per_group,) + a.shape[2:]), group_cache)
+            (x_btd, new_cache["group_blocks"], new_cache["moe_blocks"]), aux = run_stack(
+                moe_group_fn, (x_btd, cache.get("group_blocks"), cache.get("moe_blocks")),
+                ((group_stacked, group_layers), (moe_stacked, layers(groups))), groups, cfg.scan_layers)
             aux["loss"] = (cfg.aux_loss_coef * jnp.mean(aux["aux_loss"]) +
                            cfg.z_loss_coef * jnp.mean(aux["z_loss"]))
 
@@ -217,7 +224,6 @@ class Transformer(nnx.Module):
 # ------------------------------------------------------------------------------------ the KV cache
 
 Cache = dict[str, tuple[jax.Array, jax.Array]]  # stack name -> (k_lbskh, v_lbskh)
-CACHE_AXES = ("layers", "batch", "length", "kv_heads", "head_dim")
 
 
 def _split_leading(a: jax.Array, *, groups: int, per_group: int) -> jax.Array:
