@@ -28,6 +28,7 @@ test-all: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m bench.pipeline
 	$(BIN)/python -m bench.moe
+	$(BIN)/python -m bench.decode
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
