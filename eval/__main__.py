@@ -136,6 +136,9 @@ def run_generate(args: argparse.Namespace, run) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    from sharding.host import quiet_tpu_probe
+
+    quiet_tpu_probe()  # before JAX loads
     if argv and argv[0] in SUBPROGRAMS:  # subcommands with their own parsers
         import importlib
 
