@@ -139,10 +139,11 @@ class Generator:
     # ----------------------------------------------------------------------------- the host loop
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, seed: int = 0,
-                 stop_id: int | None = None, on_token: Callable[[int, int], None] | None = None,
+                 stop_id: int | None = None, on_token: Callable[[int, int], bool | None] | None = None,
                  return_logits: bool = False) -> Generation:
         """Up to ``max_new_tokens`` new ids per prompt. ``on_token(row, id)`` is called as each token
-        arrives (stream it); tokens are drawn with ``jax.random.fold_in(key(seed), step)``."""
+        arrives (stream it); when it returns True the row stops after that token (e.g. a stop string
+        is complete). Tokens are drawn with ``jax.random.fold_in(key(seed), step)``."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt must hold at least one token")
         if max_new_tokens < 1:
@@ -178,8 +179,8 @@ class Generator:
                     contexts[row].append(token)
                     if return_logits:
                         out.logits[row].append(logits[row])
-                    if on_token is not None:
-                        on_token(row, token)
+                    if on_token is not None and on_token(row, token):
+                        out.stopped[row] = True
                 if last or all(out.stopped):
                     break
                 if shift:  # re-prefill the last half of every row's context, newest token included

@@ -51,10 +51,6 @@ class _QuietCustomDatasetNote(logging.Filter):
         return "Custom kwargs can be passed" not in record.getMessage()
 
 
-class _AllStopped(Exception):  # noqa: N818 (control flow, not an error)
-    """Raised from the token callback once every row of a generation batch has stopped."""
-
-
 def _batch_size(value: int | str | None) -> int:
     """lm_eval passes ints, digit strings, or "auto" (no probing here: the default)."""
     if value is None or (isinstance(value, str) and not value.strip().isdigit()):
@@ -256,27 +252,20 @@ class MeshLM(TemplateLM):
         """One batch (padded to the batch size with copies of its last prompt, so shapes repeat)."""
         real = len(prompts)
         tokens: list[list[int]] = [[] for _ in range(real)]
-        done = [False] * real
 
-        def on_token(row: int, token: int) -> None:
-            if row >= real or done[row]:
-                return
+        def on_token(row: int, token: int) -> bool:
+            """True (stop this row) at EOS, at a complete stop string, or for a padding row."""
+            if row >= real:
+                return True
             if token == self.tok.eos_id:
-                done[row] = True
-            else:
-                tokens[row].append(token)
-                text = self.tok.decode(tokens[row])
-                done[row] = any(s in text for s in until)
-            if all(done):
-                raise _AllStopped  # the generator has no stop-string test: end its loop here
+                return True
+            tokens[row].append(token)
+            return any(s in self.tok.decode(tokens[row]) for s in until)
 
         padded = prompts + [prompts[-1]] * (self.batch_size - real)
         self._generate_calls += 1
-        try:
-            self._generator(sampling).generate(padded, max_new, seed=self.seed + self._generate_calls,
-                                               stop_id=None, on_token=on_token)
-        except _AllStopped:
-            pass
+        self._generator(sampling).generate(padded, max_new, seed=self.seed + self._generate_calls,
+                                           stop_id=None, on_token=on_token)
         return [postprocess_generated_text(self.tok.decode(t), until, None) for t in tokens]
 
 
