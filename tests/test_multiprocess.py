@@ -129,3 +129,22 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
     assert _committed(run_dir) == [stopped]
     assert sorted(p.name for p in (run_dir / f"checkpoints/{stopped}/data").glob("*.json")) == [
         "process_0-of-2.json", "process_1-of-2.json"]
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_launcher_reaches_every_process(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "train.launch", "--processes", "2",
+                             "configs/tiny.yaml", f"run.dir={run_dir}", "train.steps=5000",
+                             "checkpoint.every=1000", "train.log_every=1", "run.tensorboard=false",
+                             "run.peak_flops=1e12"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_for_steps(run_dir, [proc], 8)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=180)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out[-3000:]
+    stopped = int(out.split("stopped by SIGTERM after step ")[1].split()[0])
+    assert _committed(run_dir) == [stopped]

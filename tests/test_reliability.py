@@ -113,13 +113,14 @@ def test_sigterm_saves_exits_0_and_resume_continues_the_same_curve(eight_devices
     assert [losses[s] for s in range(1, STEPS + 1)] == [reference[s] for s in range(1, STEPS + 1)]
 
 
-def _kill_trial(run_dir: Path, rng: random.Random, during_save: bool, capsys) -> tuple[int, list[int]]:
-    """Starts a run, SIGKILLs it (inside an async save, or at a random moment), resumes it in this
-    process to the end; returns (the step it resumed from, the committed steps at the kill)."""
+def _kill_trial(run_dir: Path, rng: random.Random, when: str, capsys) -> dict:
+    """Starts a run and SIGKILLs it -- inside its nth asynchronous save (``save``), at a random
+    moment of training (``train``) or of the whole process life (``any``) -- then resumes it in
+    this process to the end. Returns what the kill left and where the resume started."""
     proc = _start(run_dir)
     ckpt = run_dir / "checkpoints"
-    if during_save:
-        nth = rng.randint(1, 4)  # inside the nth save of the run
+    if when == "save":
+        nth = rng.randint(1, 5)  # inside the nth save of the run
         seen: set[str] = set()
 
         def in_save() -> bool:
@@ -128,28 +129,33 @@ def _kill_trial(run_dir: Path, rng: random.Random, during_save: bool, capsys) ->
             return len(seen) >= nth
         _wait_for(in_save, proc, poll=0.001)
         time.sleep(rng.uniform(0, 0.05))
+    elif when == "train":
+        _wait_for(lambda: _metric_lines(run_dir) >= 1, proc, poll=0.01)
+        time.sleep(rng.uniform(0, 5))  # the 24 steps and their 6 saves take a few seconds
     else:
-        time.sleep(rng.uniform(4, 14))  # start-up takes several seconds; the run ~10 more
+        time.sleep(rng.uniform(0, 12))  # start-up (config, tokenizer, compile) takes several
     proc.kill()
     proc.communicate()
+    unfinished = bool(ckpt.is_dir() and [p for p in os.listdir(ckpt) if TMP_SUFFIX in p])
     committed = _committed(run_dir)
     capsys.readouterr()
     train(_cfg(run_dir))
     resumed = _resumed_from(capsys.readouterr().out)
     assert not [p for p in os.listdir(ckpt) if TMP_SUFFIX in p]  # unfinished saves cleaned up
-    return resumed, committed
+    return {"when": when, "committed": committed, "unfinished_save": unfinished, "resumed": resumed}
 
 
-def _check_trial(run_dir: Path, resumed: int, committed: list[int], reference) -> None:
-    assert resumed == (committed[-1] if committed else 0), (resumed, committed)
+def _check_trial(run_dir: Path, trial: dict, reference) -> None:
+    committed = trial["committed"]
+    assert trial["resumed"] == (committed[-1] if committed else 0), trial
     losses = losses_of(run_dir)
     assert [losses[s] for s in range(1, STEPS + 1)] == [reference[s] for s in range(1, STEPS + 1)]
 
 
 def test_sigkill_during_an_async_save_resumes_from_the_last_committed(eight_devices, reference,
                                                                      tmp_path, capsys):
-    resumed, committed = _kill_trial(tmp_path / "run", random.Random(1), True, capsys)
-    _check_trial(tmp_path / "run", resumed, committed, reference)
+    trial = _kill_trial(tmp_path / "run", random.Random(1), "save", capsys)
+    _check_trial(tmp_path / "run", trial, reference)
 
 
 @pytest.mark.slow
@@ -158,10 +164,14 @@ def test_sigkill_at_random_points_always_resumes_exactly(eight_devices, referenc
     trials = []
     for i in range(12):
         run_dir = tmp_path / f"trial{i}"
-        resumed, committed = _kill_trial(run_dir, rng, during_save=i % 2 == 0, capsys=capsys)
-        _check_trial(run_dir, resumed, committed, reference)
-        trials.append((resumed, committed))
-    print("kill trials (resumed from, committed at kill):", trials, file=sys.stderr)
+        trial = _kill_trial(run_dir, rng, ("save", "train", "any")[i % 3], capsys)
+        _check_trial(run_dir, trial, reference)
+        trials.append(trial)
+    with capsys.disabled():
+        print(f"\n{len(trials)} kill trials survived, "
+              f"{sum(t['unfinished_save'] for t in trials)} left an unfinished save:")
+        for t in trials:
+            print(" ", t)
 
 
 def _nan_weights(steps: set[int]):
@@ -312,6 +322,18 @@ def test_full_disk_at_save_ends_the_run_without_a_checkpoint(eight_devices, tmp_
                                        r"for checkpoint 4 .* 0.0 MiB free"):
         train(_cfg(tmp_path / "run", "train.steps=8"))
     assert not any((tmp_path / "run/checkpoints").iterdir())
+
+
+def test_a_failed_async_write_ends_the_run_and_commits_nothing(eight_devices, tmp_path, monkeypatch):
+    def no_space(step_dir, run_dir):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(checkpoint_module, "write_manifest", no_space)
+    with pytest.raises(RunError, match=r"^checkpoint 4 could not be written: .*No space left on device"):
+        train(_cfg(tmp_path / "run", "train.steps=8"))
+    assert _committed(tmp_path / "run") == []
+    monkeypatch.undo()  # the disk has space again: the run starts over cleanly
+    train(_cfg(tmp_path / "run", "train.steps=4"))
+    assert _committed(tmp_path / "run") == [4]
 
 
 def test_unwritable_run_dir_is_a_config_error(tmp_path):

@@ -46,6 +46,10 @@ class DamagedRunFileError(ValueError):
     """A run-level file (the tokenizer) differs from the one the checkpoints were written with."""
 
 
+class CheckpointWriteError(RuntimeError):
+    """A save that could not be completed (nothing was committed for its step)."""
+
+
 class _IteratorSnapshot:
     """An iterator position captured when the save starts, in the form grain's orbax handler
     stores (bytes from ``get_state``): later batches drawn during an async save do not leak in.
@@ -162,7 +166,7 @@ class Checkpointer:
         An earlier save that failed raises here (orbax waits for it first). With ``need_bytes``,
         too little free space on the checkpoint filesystem raises OSError before anything is
         written (process 0 decides for all)."""
-        self.manager.wait_until_finished()
+        self.wait()
         if need_bytes:
             free = free_bytes(self.directory) if jax.process_index() == 0 else 0
             if broadcast_from_0(int(free < need_bytes)):
@@ -264,9 +268,15 @@ class Checkpointer:
         return out["state"]["params"]
 
     def wait(self) -> None:
-        """Blocks until the pending save is committed (raises if it failed)."""
-        self.manager.wait_until_finished()
-        self.manager.check_for_errors()
+        """Blocks until the pending save is committed; CheckpointWriteError if it failed."""
+        try:
+            self.manager.wait_until_finished()
+            self.manager.check_for_errors()
+        except Exception as e:  # orbax and tensorstore raise many types for I/O failures
+            text = str(e).strip()
+            raise CheckpointWriteError(f"checkpoint {self._pending} could not be written: "
+                                       f"{text.splitlines()[0] if text else type(e).__name__}"
+                                       ) from e
 
     def close(self) -> None:
         self.manager.close()

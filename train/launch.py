@@ -5,12 +5,14 @@ tested on one machine; on a real pod, start ``python -m train ... run.distribute
 host instead.
 
 Process 0's output is shown; the others' goes to ``RUN_DIR/logs/process_I.log``. If any process
-fails, the others are stopped and the launcher exits with its code.
+fails, the others are stopped and the launcher exits with its code. A SIGTERM to the launcher is
+passed on to every process (a preemption: they save and exit 0).
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import socket
 import subprocess
 import sys
@@ -52,6 +54,12 @@ def main(argv: list[str] | None = None) -> int:
                f"run.process_id={i}", f"run.cpu_devices={cfg.run.cpu_devices // args.processes}"]
         out = None if i == 0 else (logs / f"process_{i}.log").open("w")
         procs.append(subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if out else None))
+
+    def forward(signum: int, frame: object) -> None:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signum)
+    signal.signal(signal.SIGTERM, forward)
     return wait_all(procs, args.grace)
 
 

@@ -35,7 +35,7 @@ from model.flops import param_counts, peak_flops, train_flops_per_token
 from sharding.constrain import activation_sharding
 from sharding.mesh import broadcast_from_0, make_mesh, sync_processes
 from sharding.rules import default_rules
-from train.checkpoint import Checkpointer, DamagedRunFileError, warn
+from train.checkpoint import Checkpointer, CheckpointWriteError, DamagedRunFileError, warn
 from train.config import Config, ConfigError, RunError, dump_yaml
 from train.metrics import MetricsWriter, progress_bar, write_expert_load_png
 from train.optimizer import make_optimizer
@@ -238,17 +238,17 @@ def _train(cfg: Config, preemption: Preemption, batch_hook: BatchHook | None) ->
             try:
                 checkpointer.save(step, state, {"step": step}, batches.get_state(),
                                   need_bytes=state_bytes)
-            except RunError:
-                raise
+            except CheckpointWriteError as e:  # the previous, asynchronous save failed
+                raise RunError(str(e)) from None
             except Exception as e:  # orbax and tensorstore raise many types for I/O failures
                 raise RunError(f"checkpoint {step} could not be written: {first_line(e)}") from None
 
-        def commit(step: int) -> None:
+        def commit() -> None:
             """Waits until the pending save is committed."""
             try:
                 checkpointer.wait()
-            except Exception as e:  # noqa: BLE001
-                raise RunError(f"checkpoint {step} could not be written: {first_line(e)}") from None
+            except CheckpointWriteError as e:
+                raise RunError(str(e)) from None
 
         peak, peak_source = peak_flops(cfg.run.peak_flops)
         flops_per_token = train_flops_per_token(m, t.seq_len)
@@ -333,7 +333,7 @@ def _train(cfg: Config, preemption: Preemption, batch_hook: BatchHook | None) ->
             final_step = stopped or max(start, t.steps)  # a resumed run past train.steps stops
             if checkpointer.latest_step() != final_step:
                 save(final_step)
-            commit(final_step)
+            commit()
         except RunError:
             if jax.process_count() == 1:  # a pending save holds a good state: let it commit
                 try:
