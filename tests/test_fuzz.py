@@ -22,7 +22,7 @@ import train.loop
 from train.config import SECTIONS, Config, dump_yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-FUZZ = settings(max_examples=300, deadline=None, derandomize=True,
+FUZZ = settings(max_examples=300, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 

@@ -206,10 +206,11 @@ class Checkpointer:
                     problem = str(e)
                 except DamagedRunFileError as e:
                     run_problem = str(e)
-            if broadcast_from_0(2 if run_problem else 1 if problem else 0) == 2:
-                raise DamagedRunFileError(run_problem or "the run's tokenizer files do not match its "
-                                     "checkpoints (see process 0)")
-            if not broadcast_from_0(1 if problem else 0):
+            verdict = broadcast_from_0(2 if run_problem else 1 if problem else 0)
+            if verdict == 2:
+                raise DamagedRunFileError(run_problem or "the run's tokenizer files do not match "
+                                          "its checkpoints (see process 0)")
+            if verdict == 0:
                 return step
             older = [s for s in steps if s < step]
             warn(f"{problem}; it is moved to {self.run_dir / DAMAGED_DIR} and "
