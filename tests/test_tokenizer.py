@@ -2,6 +2,7 @@
 persistence, specs, and the ``python -m data.tokenizer train`` command. Imports no JAX.
 """
 
+import hashlib
 import json
 import pickle
 import random
@@ -133,7 +134,8 @@ def test_reloaded_model_gives_identical_ids(trained, tmp_path):
 def test_run_directory_round_trip(trained, tmp_path):
     save_tokenizer(trained, tmp_path)
     meta = json.loads((tmp_path / "tokenizer.json").read_text())
-    assert meta == {"kind": "sentencepiece", "vocab_size": 400, "file": "tokenizer.model"}
+    assert meta == {"kind": "sentencepiece", "vocab_size": 400, "file": "tokenizer.model",
+                    "sha256": hashlib.sha256(trained.model_proto).hexdigest()}
     assert (tmp_path / "tokenizer.model").read_bytes() == trained.model_proto
     loaded = load_tokenizer(tmp_path)
     text = corpus_text(lines=40, seed=3) + "\u2581x\x00"
@@ -172,6 +174,11 @@ def test_load_tokenizer_errors(trained, tmp_path):
         load_tokenizer(tmp_path)
     save_tokenizer(trained, tmp_path)
     (tmp_path / "tokenizer.model").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="not a valid tokenizer file.*not the model this run was trained"):
+        load_tokenizer(tmp_path)
+    meta = json.loads((tmp_path / "tokenizer.json").read_text())
+    del meta["sha256"]  # as written before the digest was recorded: the model itself is checked
+    (tmp_path / "tokenizer.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="not a valid tokenizer file.*not a SentencePiece model"):
         load_tokenizer(tmp_path)
     (tmp_path / "tokenizer.model").unlink()
