@@ -72,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0
+    from sharding.host import quiet_tpu_probe
+
+    quiet_tpu_probe()  # before JAX loads
     from train.config import ConfigError, RunError, load_config, one_line, validate, validate_run
 
     try:
