@@ -53,16 +53,20 @@ def update_cache(cache_lbskh: jax.Array, new_btkh: jax.Array, layer: jax.Array |
 
 
 def dot_product_attention(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array,
-                          mask_bts: jax.Array) -> jax.Array:
-    """softmax(q k^T / sqrt(H) + mask) v with N query heads sharing K key/value heads (N = K*G)."""
+                          mask_bts: jax.Array, *, return_probs: bool = False
+                          ) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """softmax(q k^T / sqrt(H) + mask) v with N query heads sharing K key/value heads (N = K*G);
+    with ``return_probs`` also the float32 weights [B, N, T, S] (query head n = kv head * G + g)."""
     b, t, n, h = q_btnh.shape
     k = k_bskh.shape[2]
     q_btkgh = q_btnh.reshape(b, t, k, n // k, h)
     logits_bkgts = jnp.einsum("btkgh,bskh->bkgts", q_btkgh, k_bskh,
                               preferred_element_type=jnp.float32) * (h ** -0.5)
     logits_bkgts = jnp.where(mask_bts[:, None, None], logits_bkgts, jnp.finfo(jnp.float32).min)
-    probs_bkgts = jax.nn.softmax(logits_bkgts, axis=-1).astype(v_bskh.dtype)
-    out_btkgh = jnp.einsum("bkgts,bskh->btkgh", probs_bkgts, v_bskh)
+    probs32_bkgts = jax.nn.softmax(logits_bkgts, axis=-1)
+    out_btkgh = jnp.einsum("bkgts,bskh->btkgh", probs32_bkgts.astype(v_bskh.dtype), v_bskh)
+    if return_probs:
+        return out_btkgh.reshape(b, t, n, h), probs32_bkgts.reshape(b, n, t, -1)
     return out_btkgh.reshape(b, t, n, h)
 
 
@@ -83,11 +87,12 @@ class Attention(nnx.Module):
         self.dtype = dtype_of(cfg.dtype)
 
     def __call__(self, x_btd: jax.Array, positions_bt: jax.Array, mask_bts: jax.Array,
-                 cache: KVCache | None = None, layer: jax.Array | int = 0, *, decode: bool = False
-                 ) -> tuple[jax.Array, KVCache | None]:
+                 cache: KVCache | None = None, layer: jax.Array | int = 0, *, decode: bool = False,
+                 return_probs: bool = False) -> tuple:
         """(output [B, T, D], the stack's updated cache or None); this is layer ``layer`` of the
         cache's stack. Without a cache, or in a prefill, ``mask_bts`` is over the T new tokens; in a
-        decode step (T = 1) it is over the S slots."""
+        decode step (T = 1) it is over the S slots. ``return_probs`` (for inspection) appends the
+        attention weights [B, N, T, S] in float32 as a third element."""
         dt = self.dtype
         q_btnh = jnp.einsum("btd,dnh->btnh", x_btd, self.w_q_dnh[...].astype(dt))
         k_btkh = jnp.einsum("btd,dkh->btkh", x_btd, self.w_k_dkh[...].astype(dt))
@@ -103,6 +108,8 @@ class Attention(nnx.Module):
                           for c_lbskh, new_btkh in zip(cache, (k_btkh, v_btkh), strict=True))
             if decode:  # attend over every cached slot of this layer (the mask hides the future)
                 k_btkh, v_btkh = (constrain(c_lbskh[layer], CACHE_AXES[1:]) for c_lbskh in cache)
-        out_btnh = dot_product_attention(q_btnh, k_btkh, v_btkh, mask_bts)
+        out = dot_product_attention(q_btnh, k_btkh, v_btkh, mask_bts, return_probs=return_probs)
+        out_btnh, probs = out if return_probs else (out, None)
         out_btd = jnp.einsum("btnh,nhd->btd", out_btnh, self.w_o_nhd[...].astype(dt))
-        return constrain(out_btd, ("batch", "length", "embed")), cache
+        out_btd = constrain(out_btd, ("batch", "length", "embed"))
+        return (out_btd, cache, probs) if return_probs else (out_btd, cache)

@@ -24,6 +24,9 @@ from sharding.manual import Collectives, manual
 # Per-row router statistics returned by the per-device kernels, summed over the batch afterwards.
 STAT_NAMES = {"expert_tokens_be": ("batch", None), "prob_sum_be": ("batch", None),
               "z_sum_b": ("batch",), "tokens_b": ("batch",), "dropped_b": ("batch",)}
+# With ``routing=True`` (inspection only) the kernels also return each token's chosen experts (best
+# first) and the combine weights they applied (0 for a dropped or unrouted assignment).
+ROUTING_NAMES = {"experts_btr": ("batch", None, None), "weights_btr": ("batch", None, None)}
 
 
 def route(x_btd: jax.Array, w_router_de: jax.Array, k: int,
@@ -111,7 +114,7 @@ def router_stats(logits_bte: jax.Array, probs_bte: jax.Array, experts_btr: jax.A
 
 def capacity_moe(comm: Collectives, x_btd: jax.Array, mask_bt: jax.Array, w_router_de: jax.Array,
                  w_up_edf: jax.Array, w_down_efd: jax.Array, *w_gate_edf: jax.Array, k: int,
-                 mode: str, capacity: int) -> tuple[jax.Array, dict[str, jax.Array]]:
+                 mode: str, capacity: int, routing: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The capacity path on one device's rows. With experts sharded, buffers travel to the devices
     holding their experts and back by all-to-all ([B, E, C, D] -> [B * shards, E / shards, C, D])."""
     num_experts = w_router_de.shape[-1]
@@ -122,12 +125,15 @@ def capacity_moe(comm: Collectives, x_btd: jax.Array, mask_bt: jax.Array, w_rout
     y_becd = expert_ffn(comm, x_becd, w_up_edf, w_down_efd, w_gate_edf[0] if w_gate_edf else None)
     y_becd = comm.all_to_all(y_becd, "experts", split_axis=0, concat_axis=1)
     y_btd = combine(y_becd, experts_btr, position_btr, kept_btr, gates_btr)
-    return y_btd, router_stats(logits_bte, probs_bte, experts_btr, kept_btr, mask_bt)
+    stats = router_stats(logits_bte, probs_bte, experts_btr, kept_btr, mask_bt)
+    if routing:
+        stats |= {"experts_btr": experts_btr, "weights_btr": jnp.where(kept_btr, gates_btr, 0.0)}
+    return y_btd, stats
 
 
 def dropless_moe(comm: Collectives, x_btd: jax.Array, mask_bt: jax.Array, w_router_de: jax.Array,
                  w_up_edf: jax.Array, w_down_efd: jax.Array, *w_gate_edf: jax.Array, k: int,
-                 mode: str) -> tuple[jax.Array, dict[str, jax.Array]]:
+                 mode: str, routing: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The dropless path on one device's rows with every expert's weights: the A = B*T*k
     assignments sorted by expert, grouped matmuls (``ragged_dot``), unsorted and combined."""
     b, t, d = x_btd.shape
@@ -149,7 +155,10 @@ def dropless_moe(comm: Collectives, x_btd: jax.Array, mask_bt: jax.Array, w_rout
     y_btrd = jnp.zeros_like(y_ad).at[order_a].set(y_ad).reshape(b, t, k, d)
     weights_btr = jnp.where(routed_btr, gates_btr, 0.0).astype(y_btrd.dtype)
     y_btd = jnp.einsum("btrd,btr->btd", y_btrd, weights_btr)
-    return y_btd, router_stats(logits_bte, probs_bte, experts_btr, routed_btr, mask_bt)
+    stats = router_stats(logits_bte, probs_bte, experts_btr, routed_btr, mask_bt)
+    if routing:
+        stats |= {"experts_btr": experts_btr, "weights_btr": jnp.where(routed_btr, gates_btr, 0.0)}
+    return y_btd, stats
 
 
 def layer_metrics(stats: dict[str, jax.Array], k: int) -> dict[str, jax.Array]:
@@ -184,8 +193,11 @@ class MoE(nnx.Module):
         if cfg.num_shared_experts:
             self.shared = MLP(dataclasses.replace(cfg, mlp_dim=cfg.num_shared_experts * f), rngs)
 
-    def __call__(self, x_btd: jax.Array,
-                 mask_bt: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    def __call__(self, x_btd: jax.Array, mask_bt: jax.Array | None = None, *,
+                 return_routing: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """``return_routing`` (inspection) adds ``routing_experts`` [B, T, R] (each token's top-k
+        experts, best first) and ``routing_weights`` [B, T, R] (the combine weights applied) to the
+        metrics."""
         cfg = self.cfg
         b, t, _ = x_btd.shape
         dt = dtype_of(cfg.dtype)
@@ -201,10 +213,12 @@ class MoE(nnx.Module):
             in_names.append((experts, None, "expert_mlp"))
         if cfg.moe_impl == "capacity":
             kernel = functools.partial(capacity_moe, k=cfg.experts_per_token, mode=cfg.router_mode,
-                                       capacity=cfg.expert_capacity(t))
+                                       capacity=cfg.expert_capacity(t), routing=return_routing)
         else:
-            kernel = functools.partial(dropless_moe, k=cfg.experts_per_token, mode=cfg.router_mode)
-        y_btd, stats = manual(kernel, args, in_names, (("batch", None, None), STAT_NAMES),
+            kernel = functools.partial(dropless_moe, k=cfg.experts_per_token, mode=cfg.router_mode,
+                                       routing=return_routing)
+        stat_names = STAT_NAMES | ROUTING_NAMES if return_routing else STAT_NAMES
+        y_btd, stats = manual(kernel, args, in_names, (("batch", None, None), stat_names),
                               within={"experts": "batch"})
         y_btd = constrain(y_btd, ("batch", "length", "embed"))
         if cfg.num_shared_experts:
@@ -212,4 +226,7 @@ class MoE(nnx.Module):
         sums = {"expert_tokens_e": jnp.sum(stats["expert_tokens_be"], axis=0),
                 "prob_sum_e": jnp.sum(stats["prob_sum_be"], axis=0),
                 **{name[:-2]: jnp.sum(stats[name]) for name in ("z_sum_b", "tokens_b", "dropped_b")}}
-        return y_btd, layer_metrics(sums, cfg.experts_per_token)
+        metrics = layer_metrics(sums, cfg.experts_per_token)
+        if return_routing:
+            metrics |= {"routing_experts": stats["experts_btr"], "routing_weights": stats["weights_btr"]}
+        return y_btd, metrics

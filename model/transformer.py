@@ -43,13 +43,14 @@ class Block(nnx.Module):
         self.mlp = MLP(cfg, rngs)
 
     def __call__(self, x_btd: jax.Array, positions_bt: jax.Array, mask_bts: jax.Array,
-                 cache: KVCache | None = None, layer: jax.Array | int = 0, *, decode: bool = False
-                 ) -> tuple[jax.Array, KVCache | None]:
-        y_btd, cache = self.attn(self.attn_norm(x_btd), positions_bt, mask_bts, cache, layer,
-                                 decode=decode)
+                 cache: KVCache | None = None, layer: jax.Array | int = 0, *, decode: bool = False,
+                 return_probs: bool = False) -> tuple:
+        """(x, cache), plus the attention weights [B, N, T, S] with ``return_probs``."""
+        y_btd, cache, *probs = self.attn(self.attn_norm(x_btd), positions_bt, mask_bts, cache, layer,
+                                         decode=decode, return_probs=return_probs)
         x_btd = x_btd + y_btd
         x_btd = x_btd + self.mlp(self.mlp_norm(x_btd))
-        return constrain(x_btd, ("batch", "length", "embed")), cache
+        return (constrain(x_btd, ("batch", "length", "embed")), cache, *probs)
 
 
 class MoEBlock(nnx.Module):
@@ -63,13 +64,15 @@ class MoEBlock(nnx.Module):
 
     def __call__(self, x_btd: jax.Array, positions_bt: jax.Array, mask_bts: jax.Array,
                  routing_mask_bt: jax.Array | None, cache: KVCache | None = None,
-                 layer: jax.Array | int = 0, *, decode: bool = False
-                 ) -> tuple[jax.Array, dict[str, jax.Array], KVCache | None]:
-        y_btd, cache = self.attn(self.attn_norm(x_btd), positions_bt, mask_bts, cache, layer,
-                                 decode=decode)
+                 layer: jax.Array | int = 0, *, decode: bool = False, return_probs: bool = False,
+                 return_routing: bool = False) -> tuple:
+        """(x, metrics, cache), plus the attention weights [B, N, T, S] with ``return_probs``;
+        ``return_routing`` adds the routing to the metrics (see ``MoE``)."""
+        y_btd, cache, *probs = self.attn(self.attn_norm(x_btd), positions_bt, mask_bts, cache, layer,
+                                         decode=decode, return_probs=return_probs)
         x_btd = x_btd + y_btd
-        y_btd, metrics = self.moe(self.mlp_norm(x_btd), routing_mask_bt)
-        return constrain(x_btd + y_btd, ("batch", "length", "embed")), metrics, cache
+        y_btd, metrics = self.moe(self.mlp_norm(x_btd), routing_mask_bt, return_routing=return_routing)
+        return (constrain(x_btd + y_btd, ("batch", "length", "embed")), metrics, cache, *probs)
 
 
 def stack(make: Callable[[nnx.Rngs], nnx.Module], count: int, rngs: nnx.Rngs) -> nnx.Module:
@@ -117,18 +120,25 @@ class Transformer(nnx.Module):
 
     def __call__(self, tokens_bt: jax.Array, positions_bt: jax.Array | None = None,
                  segment_ids_bt: jax.Array | None = None, *, routing_mask_bt: jax.Array | None = None,
-                 return_aux: bool = False) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
+                 return_aux: bool = False, return_attention: bool = False,
+                 return_routing: bool = False) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
         """Logits [B, T, V]; with ``return_aux`` also the MoE auxiliaries (empty for a dense model):
         ``loss`` (the weighted aux + z losses to add to the training loss) and, per MoE layer,
         ``aux_loss``, ``z_loss``, ``dropped_frac`` [L_moe] and ``expert_load`` [L_moe, E].
-        ``routing_mask_bt`` (True = route) keeps padding out of the experts and their statistics."""
+        ``routing_mask_bt`` (True = route) keeps padding out of the experts and their statistics.
+
+        For inspection (off by default; each implies ``return_aux``): ``return_attention`` adds
+        ``attention_probs`` [L, B, N, T, T] (every layer, in depth order, float32);
+        ``return_routing`` adds, per MoE layer, ``routing_experts`` [L_moe, B, T, R] (each token's
+        top-k experts, best first) and ``routing_weights`` [L_moe, B, T, R] (the weights applied)."""
         b, t = tokens_bt.shape
         if positions_bt is None:
             positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         mask_bts = causal_mask(segment_ids_bt, b, t)
         logits_btv, aux, _ = self._forward(tokens_bt, positions_bt, mask_bts, routing_mask_bt, None,
-                                           decode=False)
-        return (logits_btv, aux) if return_aux else logits_btv
+                                           decode=False, attention=return_attention,
+                                           routing=return_routing)
+        return (logits_btv, aux) if return_aux or return_attention or return_routing else logits_btv
 
     def with_cache(self, tokens_bt: jax.Array, positions_bt: jax.Array, cache: Cache, *,
                    decode: bool, routing_mask_bt: jax.Array | None = None) -> tuple[jax.Array, Cache]:
@@ -146,8 +156,9 @@ class Transformer(nnx.Module):
         return logits_btv, cache
 
     def _forward(self, tokens_bt: jax.Array, positions_bt: jax.Array, mask_bts: jax.Array,
-                 routing_mask_bt: jax.Array | None, cache: Cache | None, *,
-                 decode: bool) -> tuple[jax.Array, dict[str, jax.Array], Cache | None]:
+                 routing_mask_bt: jax.Array | None, cache: Cache | None, *, decode: bool,
+                 attention: bool = False, routing: bool = False
+                 ) -> tuple[jax.Array, dict[str, jax.Array], Cache | None]:
         cfg = self.cfg
         cache = cache or {}
         new_cache: Cache = {}
@@ -157,7 +168,8 @@ class Transformer(nnx.Module):
 
         def layer_fn(stacked_module: nnx.Module):
             """(fn((x, stack cache), (layer_state, layer index)) -> ((x, stack cache), MoE metrics
-            or None), the stacked parameters). The cache of the whole stack rides in the carry."""
+            or None), the stacked parameters). The cache of the whole stack rides in the carry.
+            With ``attention`` the outputs are dicts that also hold ``attention_probs``."""
             graphdef, stacked = nnx.split(stacked_module)
 
             def fn(carry, state_and_layer):
@@ -165,12 +177,13 @@ class Transformer(nnx.Module):
                 layer_state, layer = state_and_layer
                 block = nnx.merge(graphdef, layer_state)
                 if isinstance(block, MoEBlock):
-                    x_btd, metrics, stack_cache = block(x_btd, positions_bt, mask_bts, routing_mask_bt,
-                                                        stack_cache, layer, decode=decode)
-                    return (x_btd, stack_cache), metrics
-                x_btd, stack_cache = block(x_btd, positions_bt, mask_bts, stack_cache, layer,
-                                           decode=decode)
-                return (x_btd, stack_cache), None
+                    x_btd, metrics, stack_cache, *probs = block(
+                        x_btd, positions_bt, mask_bts, routing_mask_bt, stack_cache, layer,
+                        decode=decode, return_probs=attention, return_routing=routing)
+                    return (x_btd, stack_cache), metrics | ({"attention_probs": probs[0]} if probs else {})
+                x_btd, stack_cache, *probs = block(x_btd, positions_bt, mask_bts, stack_cache, layer,
+                                                   decode=decode, return_probs=attention)
+                return (x_btd, stack_cache), {"attention_probs": probs[0]} if attention else None
 
             if cfg.remat != "none":
                 fn = jax.checkpoint(fn, policy=REMAT_POLICIES[cfg.remat])
@@ -179,11 +192,14 @@ class Transformer(nnx.Module):
         def layers(count: int) -> jax.Array:
             return jnp.arange(count, dtype=jnp.int32)
 
+        probs_by_stack: list[jax.Array] = []  # [layers, B, N, T, S] each, in depth order
         if cfg.num_dense_first:
             dense_fn, stacked = layer_fn(self.blocks)
             n = cfg.num_dense_first
-            (x_btd, new_cache["blocks"]), _ = run_stack(
+            (x_btd, new_cache["blocks"]), dense_out = run_stack(
                 dense_fn, (x_btd, cache.get("blocks")), (stacked, layers(n)), n, cfg.scan_layers)
+            if attention:
+                probs_by_stack.append(dense_out["attention_probs"])
         aux: dict[str, jax.Array] = {}
         if cfg.num_moe_layers:
             groups, per_group = cfg.num_moe_layers, cfg.moe_every - 1
@@ -199,10 +215,14 @@ class Transformer(nnx.Module):
                 x_btd, group_cache, moe_cache = carry
                 (dense_state, dense_layers), moe_state_and_layer = state
                 if dense_state is not None:
-                    (x_btd, group_cache), _ = run_stack(group_fn, (x_btd, group_cache),
-                                                        (dense_state, dense_layers), per_group,
-                                                        cfg.scan_layers)
+                    (x_btd, group_cache), group_out = run_stack(group_fn, (x_btd, group_cache),
+                                                                (dense_state, dense_layers), per_group,
+                                                                cfg.scan_layers)
                 (x_btd, moe_cache), metrics = moe_fn((x_btd, moe_cache), moe_state_and_layer)
+                if attention:  # this group's layers in depth order: its dense blocks, then the MoE one
+                    moe_probs = metrics.pop("attention_probs")[None]
+                    metrics["attention_probs"] = moe_probs if dense_state is None else \
+                        jnp.concatenate([group_out["attention_probs"], moe_probs])
                 return (x_btd, group_cache, moe_cache), metrics
 
             (x_btd, new_cache["group_blocks"], new_cache["moe_blocks"]), aux = run_stack(
@@ -210,6 +230,11 @@ class Transformer(nnx.Module):
                 ((group_stacked, group_layers), (moe_stacked, layers(groups))), groups, cfg.scan_layers)
             aux["loss"] = (cfg.aux_loss_coef * jnp.mean(aux["aux_loss"]) +
                            cfg.z_loss_coef * jnp.mean(aux["z_loss"]))
+            if attention:  # [groups, moe_every, ...] -> [groups * moe_every, ...]
+                group_probs = aux.pop("attention_probs")
+                probs_by_stack.append(group_probs.reshape((-1,) + group_probs.shape[2:]))
+        if attention:
+            aux["attention_probs"] = jnp.concatenate(probs_by_stack)
 
         x_btd = self.final_norm(x_btd)
         if cfg.tie_embeddings:
