@@ -58,6 +58,10 @@ class ByteTokenizer:
     def decode(self, ids) -> str:
         return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="replace")
 
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes id ``token`` stands for in the text (b"" for pad, bos, eos)."""
+        return bytes([token]) if 0 <= token < 256 else b""
+
 
 class SentencePieceTokenizer:
     """A SentencePiece model (any ``.model`` file: Llama, Gemma, or one from `train_sentencepiece`).
@@ -113,6 +117,16 @@ class SentencePieceTokenizer:
     def decode(self, ids) -> str:
         """Text of ``ids``; ids outside the vocabulary (e.g. a padded model vocabulary) are dropped."""
         return self._sp.decode([int(i) for i in ids if 0 <= int(i) < self.vocab_size])
+
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes id ``token`` stands for in the text: a byte piece's byte, a normal piece's text
+        ("▁" as a space); b"" for control and unknown pieces and ids outside the vocabulary."""
+        if not 0 <= token < self.vocab_size or self._sp.is_control(token) or self._sp.is_unknown(token):
+            return b""
+        piece = self._sp.id_to_piece(token)
+        if self._sp.is_byte(token):
+            return bytes([int(piece[3:5], 16)])
+        return piece.replace(SPACE_SYMBOL, " ").encode("utf-8")
 
     def __getstate__(self) -> dict:
         return {"model_proto": self.model_proto}
