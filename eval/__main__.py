@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 # Subcommands that live in their own module, each with ``main(argv) -> exit code``.
-SUBPROGRAMS = {"scaling": "eval.scaling", "harness": "eval.harness"}
+SUBPROGRAMS = {"scaling": "eval.scaling", "harness": "eval.harness", "inspect": "eval.inspect"}
 
 
 class _Parser(argparse.ArgumentParser):

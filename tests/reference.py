@@ -25,6 +25,22 @@ def attention(q_btnh, k_bskh, v_bskh, segment_ids_bt=None):
     return out
 
 
+def attention_weights(q_btnh, k_bskh):
+    """[B, N, T, T] weights of causal grouped-query attention, one (batch, head, query) at a time:
+    softmax over the visible keys s <= t of q.k / sqrt(H), zero on future positions."""
+    q, k = np.asarray(q_btnh, np.float64), np.asarray(k_bskh, np.float64)
+    b_size, t_size, n_heads, h = q.shape
+    group = n_heads // k.shape[2]
+    out = np.zeros((b_size, n_heads, t_size, t_size))
+    for b in range(b_size):
+        for n in range(n_heads):
+            for t in range(t_size):
+                scores = np.array([q[b, t, n] @ k[b, s, n // group] / np.sqrt(h) for s in range(t + 1)])
+                weights = np.exp(scores - scores.max())
+                out[b, n, t, :t + 1] = weights / weights.sum()
+    return out
+
+
 def rope(x_btnh, positions_bt, theta):
     """Rotary embedding: for i < H/2 rotate the pair (x[i], x[i + H/2]) by pos * theta^(-2i/H)."""
     x = np.asarray(x_btnh, np.float64)

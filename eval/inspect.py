@@ -1,0 +1,451 @@
+"""``python -m eval inspect {tokens,next,embeddings,attention,routing} --checkpoint PATH ...``: a
+checkpoint's insides made visible: token pieces and byte spans, next-token probabilities under
+temperature, embedding neighbours and analogies, and the attention weights and MoE routing of the real
+forward pass (the training kernels, asked for their intermediates). A table by default, one JSON
+object with ``--json``, a figure with ``--plot FILE.png`` (drawn by ``eval/inspect_plots.py``).
+
+Prompts start with BOS, as in training, and keep their last ``train.seq_len`` tokens. An MoE model runs
+with enough expert capacity that no token is dropped, as in generation and scoring.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+COMMANDS = ("tokens", "next", "embeddings", "attention", "routing")
+
+
+class UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2, no usage dump
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m eval inspect",
+                     description="Look inside a meshlm checkpoint: tokens, next-token probabilities, "
+                                 "embeddings, attention, expert routing.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help)
+        p.add_argument("--checkpoint", required=True, help="run directory or checkpoints/<step>")
+        p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+        p.add_argument("--plot", metavar="FILE.png", help="also draw a figure into this PNG file")
+        return p
+
+    tok = command("tokens", "the pieces, ids and byte spans of a text")
+    tok.add_argument("--text", required=True)
+    nxt = command("next", "the most likely next tokens at several temperatures")
+    nxt.add_argument("--prompt", required=True)
+    nxt.add_argument("--temperatures", default="0.1,0.7,1,2",
+                     help="comma-separated, >= 0; 0 = greedy (all mass on the argmax)")
+    nxt.add_argument("--top", type=int, default=10)
+    emb = command("embeddings", "nearest tokens by cosine similarity in the input embedding table")
+    query = emb.add_mutually_exclusive_group(required=True)
+    query.add_argument("--neighbors", metavar="WORD")
+    query.add_argument("--analogy", nargs=3, metavar=("A", "B", "C"), help="A - B + C")
+    emb.add_argument("--top", type=int, default=10)
+    att = command("attention", "attention weights of one position over the prompt")
+    att.add_argument("--prompt", required=True)
+    att.add_argument("--layer", type=int, default=-1, help="0-based; default: the last layer")
+    att.add_argument("--head", default="mean", help="0-based head, or 'mean' (all heads averaged)")
+    att.add_argument("--position", type=int, default=-1,
+                     help="the query position (0 = BOS when the tokenizer has one); default: the last")
+    rte = command("routing", "each token's experts and router weights, per MoE layer")
+    rte.add_argument("--prompt", required=True)
+    return parser
+
+
+# ------------------------------------------------------------------------------------ token pieces
+
+
+def token_bytes(tokenizer: Any, token: int) -> bytes:
+    """The bytes ``token`` stands for in the text (tokenizers without ``token_bytes``: its decoding)."""
+    if hasattr(tokenizer, "token_bytes"):
+        return tokenizer.token_bytes(token)
+    return tokenizer.decode([token]).encode("utf-8") if 0 <= token < tokenizer.vocab_size else b""
+
+
+def piece(tokenizer: Any, token: int) -> str:
+    """A printable name for ``token``: its text (incomplete UTF-8 as \\xNN, control characters
+    escaped), or <bos>, <eos>, <pad>, <unk>, <unused N> (ids past the tokenizer's vocabulary)."""
+    specials = {tokenizer.bos_id: "<bos>", tokenizer.eos_id: "<eos>", tokenizer.pad_id: "<pad>"}
+    if token in specials and token >= 0:
+        return specials[token]
+    if not 0 <= token < tokenizer.vocab_size:
+        return f"<unused {token}>"
+    raw = token_bytes(tokenizer, token)
+    if not raw:
+        return "<unk>" if token == 0 and tokenizer.kind == "sentencepiece" else f"<control {token}>"
+    text = raw.decode("utf-8", errors="backslashreplace")
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def token_spans(tokenizer: Any, text: str) -> list[dict[str, Any]]:
+    """Each token of ``text``: id, piece and its byte span [start, end) in ``text.encode()``. Spans
+    are None when the pieces' bytes do not spell the text (a normalising tokenizer)."""
+    ids = tokenizer.encode(text)
+    raws = [token_bytes(tokenizer, i) for i in ids]
+    exact = b"".join(raws) == text.encode("utf-8")
+    out, start = [], 0
+    for token, raw in zip(ids, raws, strict=True):
+        span = (start, start + len(raw)) if exact else (None, None)
+        out.append({"id": int(token), "piece": piece(tokenizer, token), "start": span[0], "end": span[1]})
+        start += len(raw)
+    return out
+
+
+def prompt_ids(tokenizer: Any, prompt: str, window: int) -> list[int]:
+    """BOS (when the tokenizer has one) + the prompt's ids, as in training; the last ``window`` kept."""
+    if not prompt:
+        raise UsageError("empty prompt: give at least one character")
+    ids = ([tokenizer.bos_id] if tokenizer.bos_id >= 0 else []) + tokenizer.encode(prompt)
+    if len(ids) > window:
+        print(f"warning: prompt has {len(ids)} tokens, more than the model's window of {window}: "
+              f"keeping its last {window}", file=sys.stderr)
+    return ids[-window:]
+
+
+# ---------------------------------------------------------------------------- probabilities, vectors
+
+
+def temperature_probs(logits_v: np.ndarray, temperature: float) -> np.ndarray:
+    """softmax(logits / T) in float64; T = 0 puts all the mass on the argmax (greedy decoding)."""
+    logits_v = np.asarray(logits_v, np.float64)
+    if temperature == 0:
+        return np.eye(logits_v.shape[-1])[int(np.argmax(logits_v))]
+    z = logits_v / temperature
+    p = np.exp(z - z.max())
+    return p / p.sum()
+
+
+def entropy_bits(p_v: np.ndarray) -> float:
+    p_v = p_v[p_v > 0]
+    return max(0.0, float(-(p_v * np.log2(p_v)).sum()))
+
+
+def cosine_neighbors(table_vd: np.ndarray, vector_d: np.ndarray, top: int,
+                     exclude: set[int] = frozenset()) -> list[tuple[int, float]]:
+    """The ``top`` rows of ``table_vd`` most cosine-similar to ``vector_d`` (ids in ``exclude``
+    skipped), best first, as (id, cosine)."""
+    table = np.asarray(table_vd, np.float64)
+    norms = np.linalg.norm(table, axis=1) * max(np.linalg.norm(vector_d), 1e-30)
+    cos_v = table @ np.asarray(vector_d, np.float64) / np.maximum(norms, 1e-30)
+    cos_v[list(exclude)] = -np.inf
+    order = np.argsort(-cos_v, kind="stable")[:top]
+    return [(int(i), float(cos_v[i])) for i in order if np.isfinite(cos_v[i])]
+
+
+def word_vector(tokenizer: Any, table_vd: np.ndarray, word: str) -> tuple[np.ndarray, list[int]]:
+    """(vector, ids): a word's token vector, or the mean of its tokens' vectors when it spans several."""
+    if not word:
+        raise UsageError("empty word")
+    ids = tokenizer.encode(word)
+    unk = 0 if tokenizer.kind == "sentencepiece" else -1
+    if not ids or unk in ids or max(ids) >= table_vd.shape[0]:
+        raise UsageError(f"{word!r} is not in the vocabulary of this checkpoint's tokenizer")
+    return np.asarray(table_vd, np.float64)[ids].mean(axis=0), ids
+
+
+# ------------------------------------------------------------------------------- the forward pass
+
+
+def forward(run: Any, ids: list[int], *, attention: bool = False,
+            routing: bool = False) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """(logits [T, V] float32, auxiliaries without their batch dimension) of one row through the
+    sharded model: ``attention_probs`` [L, N, T, T], ``routing_experts``/``routing_weights``
+    [L_moe, T, R] when asked for."""
+    import jax
+    from flax import nnx
+
+    from eval.generate import inference_config
+    from model.transformer import Transformer
+    from sharding.constrain import activation_sharding
+
+    cfg = inference_config(run.cfg.model)
+    graphdef = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))))[0]
+
+    def fn(params, tokens_bt):
+        model = nnx.merge(graphdef, params)
+        return model(tokens_bt, return_aux=True, return_attention=attention, return_routing=routing)
+
+    with activation_sharding(run.mesh, run.rules):
+        logits_btv, aux = jax.device_get(jax.jit(fn)(run.params, np.asarray([ids], np.int32)))
+    squeeze = {"attention_probs": 1, "routing_experts": 1, "routing_weights": 1}
+    return logits_btv[0], {k: np.take(v, 0, axis=squeeze[k]) if k in squeeze else v for k, v in aux.items()}
+
+
+def moe_layer_indices(model_cfg: Any) -> list[int]:
+    """Depth (0-based) of each MoE layer: the last block of each group of ``moe_every``."""
+    first, every = model_cfg.num_dense_first, model_cfg.moe_every
+    return [first + g * every + every - 1 for g in range(model_cfg.num_moe_layers)]
+
+
+# ------------------------------------------------------------------------------------ subcommands
+
+
+def inspect_tokens(tokenizer: Any, text: str) -> dict[str, Any]:
+    tokens = token_spans(tokenizer, text)
+    words = len(text.split())
+    return {"text": text, "tokenizer": tokenizer.kind, "tokens": tokens, "num_tokens": len(tokens),
+            "characters": len(text), "bytes": len(text.encode("utf-8")), "words": words,
+            "chars_per_token": len(text) / max(len(tokens), 1),
+            "tokens_per_word": len(tokens) / words if words else None}
+
+
+def inspect_next(run: Any, prompt: str, temperatures: list[float], top: int) -> dict[str, Any]:
+    tok = run.tokenizer
+    ids = prompt_ids(tok, prompt, run.cfg.train.seq_len)
+    logits_v = forward(run, ids)[0][-1]
+    order = np.argsort(-logits_v, kind="stable")[:top]
+    dists = [temperature_probs(logits_v, t) for t in temperatures]
+    return {"prompt": prompt, "step": run.step, "temperatures": temperatures,
+            "entropy_bits": [entropy_bits(p) for p in dists],
+            "top": [{"id": int(i), "piece": piece(tok, int(i)), "logit": float(logits_v[i]),
+                     "probs": [float(p[i]) for p in dists]} for i in order]}
+
+
+def inspect_embeddings(run: Any, neighbors: str | None, analogy: list[str] | None,
+                       top: int) -> dict[str, Any]:
+    from flax import nnx
+
+    tok = run.tokenizer
+    table_vd = np.asarray(nnx.merge(run.graphdef, run.params).embed.table_vd[...], np.float64)
+    table_vd = table_vd[:tok.vocab_size]  # ids past the tokenizer's are never seen in training
+    words = [neighbors] if neighbors is not None else list(analogy)
+    vectors, inputs = [], []
+    for word in words:
+        vector, ids = word_vector(tok, table_vd, word)
+        vectors.append(vector)
+        inputs.append({"word": word, "ids": ids, "pieces": [piece(tok, i) for i in ids],
+                       "tokens": len(ids)})
+    if neighbors is not None:
+        query, exclude = vectors[0], set()
+    else:
+        query = vectors[0] - vectors[1] + vectors[2]
+        exclude = {x["ids"][0] for x in inputs if x["tokens"] == 1}  # the question's own words
+    found = cosine_neighbors(table_vd, query, top, exclude)
+    return {"query": "neighbors" if neighbors is not None else "analogy", "step": run.step,
+            "words": inputs, "excluded": sorted(exclude),
+            "results": [{"id": i, "piece": piece(tok, i), "cosine": c} for i, c in found]}
+
+
+def inspect_attention(run: Any, prompt: str, layer: int, head: int | None,
+                      position: int) -> dict[str, Any]:
+    tok = run.tokenizer
+    ids = prompt_ids(tok, prompt, run.cfg.train.seq_len)
+    if not -len(ids) <= position < len(ids):
+        raise UsageError(f"--position {position} is outside the prompt's {len(ids)} tokens")
+    position %= len(ids)
+    probs_lntt = forward(run, ids, attention=True)[1]["attention_probs"]
+    probs_ntt = probs_lntt[layer]
+    matrix_tt = probs_ntt.mean(axis=0) if head is None else probs_ntt[head]
+    return {"prompt": prompt, "step": run.step, "layer": layer, "head": "mean" if head is None else head,
+            "position": position, "tokens": [{"id": i, "piece": piece(tok, i)} for i in ids],
+            "weights": matrix_tt[position, :position + 1].tolist(), "matrix": matrix_tt.tolist()}
+
+
+def inspect_routing(run: Any, prompt: str) -> dict[str, Any]:
+    tok = run.tokenizer
+    cfg = run.cfg.model
+    ids = prompt_ids(tok, prompt, run.cfg.train.seq_len)
+    aux = forward(run, ids, routing=True)[1]
+    experts_ltr, weights_ltr = aux["routing_experts"], aux["routing_weights"]
+    layers = []
+    for depth, experts_tr, weights_tr in zip(moe_layer_indices(cfg), experts_ltr, weights_ltr,
+                                             strict=True):
+        load_e = np.bincount(experts_tr.reshape(-1), minlength=cfg.num_experts) / experts_tr.size
+        layers.append({"layer": depth, "experts": experts_tr.tolist(), "weights": weights_tr.tolist(),
+                       "load": load_e.tolist()})
+    return {"prompt": prompt, "step": run.step, "num_experts": cfg.num_experts,
+            "experts_per_token": cfg.experts_per_token,
+            "tokens": [{"id": i, "piece": piece(tok, i)} for i in ids], "moe_layers": layers}
+
+
+# --------------------------------------------------------------------------------------- tables
+
+
+def _bar(x: float, width: int = 30) -> str:
+    return "#" * round(max(0.0, min(1.0, x)) * width)
+
+
+def _cell(text: str, width: int) -> str:
+    text = text if len(text) <= width else text[:width - 1] + "~"
+    return text.ljust(width)
+
+
+def format_table(command: str, report: dict[str, Any]) -> str:
+    lines: list[str] = []
+    if command == "tokens":
+        lines.append(f"{report['num_tokens']} tokens ({report['tokenizer']}), {report['characters']} "
+                     f"characters, {report['bytes']} bytes, {report['words']} words")
+        lines.append(f"{'#':>4}  {'id':>6}  {'bytes':>9}  piece")
+        for i, t in enumerate(report["tokens"]):
+            span = "?" if t["start"] is None else f"{t['start']}-{t['end']}"
+            lines.append(f"{i:>4}  {t['id']:>6}  {span:>9}  '{t['piece']}'")
+        per_word = report["tokens_per_word"]
+        lines.append(f"characters per token {report['chars_per_token']:.2f}   tokens per word "
+                     + ("n/a" if per_word is None else f"{per_word:.2f}"))
+    elif command == "next":
+        temps = report["temperatures"]
+        lines.append(f"next token after {report['prompt']!r} (step {report['step']}); probabilities "
+                     "= softmax(logits / T), T = 0: all on the argmax")
+        lines.append(f"{'rank':>4}  {'piece':<14}{'id':>6}" + "".join(f"  {'T=' + format(t, 'g'):>8}"
+                                                                    for t in temps))
+        for rank, row in enumerate(report["top"], 1):
+            lines.append(f"{rank:>4}  {_cell(repr(row['piece']), 14)}{row['id']:>6}"
+                         + "".join(f"  {p:>8.4f}" for p in row["probs"]))
+        lines.append(f"{'':>4}  {'entropy (bits)':<20}"
+                     + "".join(f"  {h:>8.3f}" for h in report["entropy_bits"]))
+    elif command == "embeddings":
+        for w in report["words"]:
+            if w["tokens"] > 1:
+                lines.append(f"note: {w['word']!r} spans {w['tokens']} tokens "
+                             f"({' '.join(repr(p) for p in w['pieces'])}): using the mean of their vectors")
+        words = [repr(w["word"]) for w in report["words"]]
+        title = (f"nearest tokens to {words[0]}" if report["query"] == "neighbors"
+                 else f"{words[0]} - {words[1]} + {words[2]} (the question's own tokens left out)")
+        lines.append(f"{title}, cosine similarity in the input embedding table (step {report['step']})")
+        lines.append(f"{'rank':>4}  {'piece':<16}{'id':>6}  {'cosine':>7}")
+        for rank, r in enumerate(report["results"], 1):
+            lines.append(f"{rank:>4}  {_cell(repr(r['piece']), 16)}{r['id']:>6}  {r['cosine']:>7.4f}")
+    elif command == "attention":
+        pos, toks = report["position"], report["tokens"]
+        lines.append(f"attention of position {pos} ({toks[pos]['piece']!r}) over the prompt: layer "
+                     f"{report['layer']}, head {report['head']} (step {report['step']})")
+        lines.append(f"{'pos':>4}  {'piece':<14}  {'weight':>7}")
+        for i, w in enumerate(report["weights"]):
+            lines.append(f"{i:>4}  {_cell(repr(toks[i]['piece']), 14)}  {w:>7.4f}  {_bar(w)}")
+    elif command == "routing":
+        toks, k = report["tokens"], report["experts_per_token"]
+        width = 9 * k
+        head = "".join(f"  {'layer ' + str(layer['layer']):<{width}}" for layer in report["moe_layers"])
+        lines.append(f"experts (router weight) per token, top-{k} of {report['num_experts']} "
+                     f"(step {report['step']})")
+        lines.append(f"{'pos':>4}  {'piece':<14}{head}")
+        for i, t in enumerate(toks):
+            cells = "".join("  " + " ".join(f"e{e:<2} {w:.2f}" for e, w in zip(
+                layer["experts"][i], layer["weights"][i], strict=True)).ljust(width)
+                for layer in report["moe_layers"])
+            lines.append(f"{i:>4}  {_cell(repr(t['piece']), 14)}{cells}")
+        lines.append("expert load over the prompt (fraction of assignments):")
+        for layer in report["moe_layers"]:
+            lines.append(f"  layer {layer['layer']}: " + "  ".join(
+                f"e{e} {x:.2f}" for e, x in enumerate(layer["load"])))
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------- command line
+
+
+def parse_temperatures(text: str) -> list[float]:
+    try:
+        temps = [float(t) for t in text.split(",")]
+    except ValueError:
+        raise UsageError(f"--temperatures takes comma-separated numbers, got {text!r}") from None
+    if not all(math.isfinite(t) and t >= 0 for t in temps):
+        raise UsageError(f"--temperatures must be finite and >= 0, got {text!r}")
+    return temps
+
+
+def check_model_args(args: argparse.Namespace, cfg: Any) -> None:
+    """Mistakes that the run's config alone reveals, found before the parameters are restored."""
+    model = cfg.model
+    if args.command == "attention":
+        if not -model.num_layers <= args.layer < model.num_layers:
+            raise UsageError(f"--layer {args.layer} does not exist: the model has {model.num_layers} "
+                             f"layers (0..{model.num_layers - 1})")
+        args.layer %= model.num_layers
+        if args.head != "mean":
+            try:
+                args.head = int(args.head)
+            except ValueError:
+                raise UsageError(f"--head takes a head number or 'mean', got {args.head!r}") from None
+            if not 0 <= args.head < model.num_heads:
+                raise UsageError(f"--head {args.head} does not exist: the model has {model.num_heads} "
+                                 f"heads (0..{model.num_heads - 1})")
+    if args.command == "routing" and not model.num_moe_layers:
+        raise UsageError("this checkpoint is a dense model (no MoE layers): routing needs an MoE "
+                         "checkpoint (model.num_experts > 0)")
+    if args.command in ("next", "embeddings") and not 1 <= args.top <= model.vocab_size:
+        raise UsageError(f"--top must be in 1..{model.vocab_size}, got {args.top}")
+
+
+def check_plot_path(path: str | None) -> None:
+    if path is None:
+        return
+    if Path(path).suffix.lower() != ".png":
+        raise UsageError(f"--plot writes a PNG file: give a name ending in .png, got {path!r}")
+    if not Path(path).resolve().parent.is_dir():
+        raise UsageError(f"--plot: directory {Path(path).parent} does not exist")
+
+
+def run_command(args: argparse.Namespace) -> dict[str, Any]:
+    from eval.load import read_run_config, resolve_checkpoint
+
+    run_dir, _ = resolve_checkpoint(args.checkpoint)
+    if args.command == "tokens":  # the tokenizer alone: no JAX
+        from data.tokenizer import load_tokenizer
+
+        if not args.text:
+            raise UsageError("empty --text: give at least one character")
+        return inspect_tokens(load_tokenizer(run_dir), args.text)
+    cfg = read_run_config(run_dir)
+    if args.command == "next":
+        args.temperatures = parse_temperatures(args.temperatures)
+    check_model_args(args, cfg)
+    import jax
+
+    jax.config.update("jax_num_cpu_devices", cfg.run.cpu_devices)
+    logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's read-only notices are not news
+    from eval.load import load_run
+
+    run = load_run(args.checkpoint)
+    if args.command == "next":
+        return inspect_next(run, args.prompt, args.temperatures, args.top)
+    if args.command == "embeddings":
+        return inspect_embeddings(run, args.neighbors, args.analogy, args.top)
+    if args.command == "attention":
+        return inspect_attention(run, args.prompt, args.layer, None if args.head == "mean" else args.head,
+                                 args.position)
+    return inspect_routing(run, args.prompt)
+
+
+def main(argv: list[str]) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        check_plot_path(args.plot)
+        report = run_command(args)
+        if args.plot:
+            from eval.inspect_plots import plot
+
+            try:
+                plot(args.command, report, args.plot)
+            except OSError as e:
+                raise UsageError(f"cannot write --plot {args.plot}: {e.strerror}") from None
+        print(json.dumps(report) if args.json else format_table(args.command, report))
+        if args.plot and not args.json:
+            print(f"wrote {args.plot}")
+    except (UsageError, ValueError) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    from sharding.host import quiet_tpu_probe
+
+    quiet_tpu_probe()
+    sys.exit(main(sys.argv[1:]))
