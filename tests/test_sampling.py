@@ -13,7 +13,8 @@ DRAWS = 20_000
 
 def _frequencies(cfg: SamplingConfig, seed: int = 0) -> np.ndarray:
     logits = jnp.broadcast_to(jnp.asarray(LOGITS), (DRAWS, len(LOGITS)))
-    tokens = jax.jit(lambda k: sample(logits, k, cfg))(jax.random.key(seed))
+    # logits as an argument, not a closed-over constant: XLA would constant-fold the sort (slowly)
+    tokens = jax.jit(lambda lg, k: sample(lg, k, cfg))(logits, jax.random.key(seed))
     return np.bincount(np.asarray(tokens), minlength=len(LOGITS)) / DRAWS
 
 
