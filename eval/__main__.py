@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("harness", help="lm-evaluation-harness tasks (see: harness --help)", add_help=False)
     sub.add_parser("scaling", help="FLOPs, compute-optimal plans, sweeps (see: scaling --help)",
                    add_help=False)
+    sub.add_parser("inspect", help="tokens, next-token probabilities, embeddings, attention, routing "
+                   "(see: inspect --help)", add_help=False)
     return parser
 
 
