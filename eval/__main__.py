@@ -13,22 +13,15 @@ import logging
 import sys
 from pathlib import Path
 
+from eval.cli import Parser, UsageError
+
 # Subcommands that live in their own module, each with ``main(argv) -> exit code``.
 SUBPROGRAMS = {"scaling": "eval.scaling", "harness": "eval.harness", "inspect": "eval.inspect"}
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2, no usage dump
-        raise UsageError(message)
-
-
-class UsageError(Exception):
-    pass
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m eval", description="Evaluate or sample a meshlm checkpoint.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser = Parser(prog="python -m eval", description="Evaluate or sample a meshlm checkpoint.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     gen = sub.add_parser("generate", help="sample text continuing prompts (KV-cache decoding)")
     gen.add_argument("--checkpoint", required=True, help="run directory or checkpoints/<step>")
     src = gen.add_mutually_exclusive_group(required=True)
@@ -177,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"tokens {report['tokens']}  bits/byte {report['bits_per_byte']:.4f}  "
                   f"({report['source']}, step {report['step']})")
             print(json.dumps(report))
-    except (UsageError, ValueError) as e:
+    except ValueError as e:  # UsageError and the library's one-line errors
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -34,6 +34,8 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 from lm_eval.utils import get_rolling_token_windows, handle_non_serializable, make_disjoint_window
 
+from eval.cli import Parser, UsageError
+
 if TYPE_CHECKING:
     from eval.load import LoadedRun
 
@@ -278,17 +280,8 @@ def _leaves(tree: Any) -> list[Any]:
 # ------------------------------------------------------------------------------------------- CLI
 
 
-class UsageError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2, no usage dump
-        raise UsageError(message)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m eval harness",
+    parser = Parser(prog="python -m eval harness",
                      description="Run lm-evaluation-harness tasks on a meshlm checkpoint.")
     parser.add_argument("--checkpoint", required=True, help="run directory or checkpoints/<step>")
     parser.add_argument("--tasks", required=True,
@@ -401,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise UsageError(f"cannot write --output {args.output}: {e.strerror}") from None
         print(json.dumps({"checkpoint": str(args.checkpoint), "step": run.step, "results": summary(results)},
                          default=handle_non_serializable))
-    except (UsageError, ValueError) as e:
+    except ValueError as e:  # UsageError and the library's one-line errors
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -20,23 +20,16 @@ from typing import Any
 
 import numpy as np
 
+from eval.cli import Parser, UsageError
+
 COMMANDS = ("tokens", "next", "embeddings", "attention", "routing")
 
 
-class UsageError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2, no usage dump
-        raise UsageError(message)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m eval inspect",
+    parser = Parser(prog="python -m eval inspect",
                      description="Look inside a meshlm checkpoint: tokens, next-token probabilities, "
                                  "embeddings, attention, expert routing.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     def command(name: str, help: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help)
@@ -438,7 +431,7 @@ def main(argv: list[str]) -> int:
         print(json.dumps(report) if args.json else format_table(args.command, report))
         if args.plot and not args.json:
             print(f"wrote {args.plot}")
-    except (UsageError, ValueError) as e:
+    except ValueError as e:  # UsageError and the library's one-line errors
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     return 0
