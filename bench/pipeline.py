@@ -9,7 +9,11 @@ from __future__ import annotations
 import sys
 import time
 
-import jax
+from sharding.host import quiet_tpu_probe
+
+quiet_tpu_probe()  # before JAX loads: no libtpu probing on CPU hosts
+
+import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
 
