@@ -48,6 +48,12 @@ def inference_config(cfg: ModelConfig) -> ModelConfig:
     return cfg
 
 
+def inference_graphdef(cfg: ModelConfig) -> tuple[ModelConfig, nnx.GraphDef]:
+    """(inference config, the model's graphdef under it); the params of ``cfg`` fit it unchanged."""
+    cfg = inference_config(cfg)
+    return cfg, nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))))[0]
+
+
 def bucket(n: int, limit: int) -> int:
     """The power of two >= n (at least MIN_BUCKET), capped at ``limit``."""
     return min(limit, max(MIN_BUCKET, 1 << max(n - 1, 0).bit_length()))
@@ -70,11 +76,10 @@ class Generator:
                  sampling: SamplingConfig):
         if window < 2:
             raise ValueError(f"the context window must hold at least 2 tokens, got {window}")
-        self.cfg = inference_config(cfg)
+        self.cfg, self.graphdef = inference_graphdef(cfg)
         self.params, self.mesh, self.rules = params, mesh, rules
         self.window = window
         self.sampling = sampling
-        self.graphdef = nnx.split(nnx.eval_shape(lambda: Transformer(self.cfg, nnx.Rngs(0))))[0]
         self._params_sh = jax.tree.map(lambda x: x.sharding, params)
         self._replicated = NamedSharding(mesh, PartitionSpec())
 

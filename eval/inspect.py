@@ -163,12 +163,10 @@ def forward(run: Any, ids: list[int], *, attention: bool = False,
     import jax
     from flax import nnx
 
-    from eval.generate import inference_config
-    from model.transformer import Transformer
+    from eval.generate import inference_graphdef
     from sharding.constrain import activation_sharding
 
-    cfg = inference_config(run.cfg.model)
-    graphdef = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))))[0]
+    _, graphdef = inference_graphdef(run.cfg.model)
 
     def fn(params, tokens_bt):
         model = nnx.merge(graphdef, params)

@@ -16,9 +16,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from eval.generate import bucket, inference_config
+from eval.generate import bucket, inference_graphdef
 from model.config import ModelConfig
-from model.transformer import Transformer
 from sharding.constrain import activation_sharding
 from sharding.rules import Rules, logical_to_spec
 
@@ -45,10 +44,9 @@ class Scorer:
                  batch_size: int):
         if window < 1 or batch_size < 1:
             raise ValueError(f"window and batch size must be >= 1, got {window} and {batch_size}")
-        self.cfg = inference_config(cfg)
+        self.cfg, self.graphdef = inference_graphdef(cfg)
         self.params, self.mesh, self.rules = params, mesh, rules
         self.window, self.batch_size = window, batch_size
-        self.graphdef = nnx.split(nnx.eval_shape(lambda: Transformer(self.cfg, nnx.Rngs(0))))[0]
         self._params_sh = jax.tree.map(lambda x: x.sharding, params)
 
     def _sharding(self, names: Sequence[str | None], shape: Sequence[int]) -> NamedSharding:
