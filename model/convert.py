@@ -1,0 +1,294 @@
+"""Converting checkpoints between meshlm and the formats users arrive and leave with:
+
+    python -m model.convert import SRC RUN_DIR [--seq-len N] [--dtype float32|bfloat16]
+    python -m model.convert export RUN_DIR OUT_DIR [--dtype float32|bfloat16]
+
+``import`` reads a Hugging Face model directory (``config.json``, ``*.safetensors``, ``tokenizer.json``
+[+ ``tokenizer_config.json``]) of the Llama or Mixtral family, or a Llama-family GGUF file (tensors
+dequantised to float32, its embedded tokenizer and chat template converted), and writes a meshlm run
+directory: ``config.yaml``, the tokenizer and an Orbax checkpoint at step 0 holding the parameters,
+usable by ``python -m eval``, ``python -m train.finetune`` and ``export``. Nothing is written to
+RUN_DIR unless the whole import succeeds (it is assembled beside it and renamed).
+
+``export`` writes a run's latest checkpoint (merge LoRA adapters first) in the Hugging Face layout:
+``config.json``, ``generation_config.json``, ``model.safetensors`` and, for Hugging Face
+tokenizers, ``tokenizer.json`` and ``tokenizer_config.json`` — loadable by ``transformers``.
+
+Bad input (unknown architecture, missing or misshapen tensors, an unsupported GGUF quantisation,
+an existing RUN_DIR) is one ``error:`` line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from model.config import ModelConfig
+from model.hf_layout import (
+    ConversionError,
+    HFTensors,
+    hf_config_from_model,
+    hf_from_params,
+    model_config_from_hf,
+    params_from_hf,
+)
+
+MAX_WINDOW = 2048  # the imported run's train.seq_len (generation window) at most; --seq-len overrides
+
+
+# ------------------------------------------------------------------------------------------ sources
+
+
+def read_safetensors(src: Path) -> HFTensors:
+    """Every tensor of ``src/*.safetensors`` (one file or an index of shards) as NumPy arrays."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    files = sorted(src.glob("*.safetensors"))
+    if not files:
+        raise ConversionError(f"{src} holds no *.safetensors weights (only safetensors are read, "
+                              "never pickled .bin files)")
+    out: HFTensors = {}
+    for f in files:
+        try:
+            out.update(load_file(str(f)))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ConversionError(f"{f} is not a readable safetensors file ({e})") from None
+    return out
+
+
+def read_hf_dir(src: Path) -> tuple[ModelConfig, HFTensors, Any]:
+    """(architecture, tensors, tokenizer) of a Hugging Face model directory."""
+    from data.hf_tokenizer import HFTokenizer
+
+    config_file = src / "config.json"
+    if not config_file.is_file():
+        raise ConversionError(f"{src} has no config.json: not a Hugging Face model directory")
+    try:
+        hf = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConversionError(f"{config_file} is not valid JSON ({e})") from None
+    cfg = model_config_from_hf(hf)
+    if not (src / "tokenizer.json").is_file():
+        raise ConversionError(f"{src} has no tokenizer.json (a Hugging Face fast tokenizer is needed)")
+    extra = src / "tokenizer_config.json"
+    tokenizer = HFTokenizer.from_files(src / "tokenizer.json", extra if extra.is_file() else None)
+    return cfg, read_safetensors(src), tokenizer
+
+
+def read_gguf(src: Path) -> tuple[ModelConfig, HFTensors, Any]:
+    """(architecture, dequantised tensors in the Hugging Face layout, tokenizer) of a GGUF file."""
+    from data.hf_tokenizer import tokenizer_from_gguf
+    from model.gguf_import import hf_config, hf_tensors, open_gguf
+
+    reader = open_gguf(src)
+    hf = hf_config(reader)
+    cfg = model_config_from_hf(hf)
+    return cfg, hf_tensors(reader, hf), tokenizer_from_gguf(src)
+
+
+def read_source(src: Path) -> tuple[ModelConfig, HFTensors, Any]:
+    if src.is_dir():
+        return read_hf_dir(src)
+    if src.is_file():
+        return read_gguf(src)
+    raise ConversionError(f"{src} does not exist")
+
+
+# ------------------------------------------------------------------------------------------- import
+
+
+def param_shapes(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """The shape of every parameter of the model ``cfg`` describes, by path (nothing allocated)."""
+    from flax import nnx
+
+    from model.transformer import Transformer
+
+    _, abstract = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))))
+    return {tuple(str(p) for p in path): tuple(var.shape)
+            for path, var in nnx.to_flat_state(abstract)}
+
+
+def params_state(cfg: ModelConfig, params: dict[tuple[str, ...], np.ndarray]) -> Any:
+    """The model's parameter State (one device, ``cfg.param_dtype``) holding ``params``."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from model.transformer import Transformer
+
+    _, abstract = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))))
+    dtype = jnp.dtype(cfg.param_dtype)
+    return nnx.from_flat_state([
+        (path, var.replace(jnp.asarray(params[tuple(str(p) for p in path)], dtype=dtype)))
+        for path, var in nnx.to_flat_state(abstract)])
+
+
+def run_config(cfg: ModelConfig, run_dir: Path, seq_len: int) -> Any:
+    """The imported run's Config: the architecture, its tokenizer, a generation window."""
+    from train.config import Config, DataConfig, RunConfig, TrainConfig
+
+    return Config(model=cfg, data=DataConfig(tokenizer=f"run:{run_dir}"),
+                  train=TrainConfig(seq_len=seq_len, batch_size=8), run=RunConfig(dir=str(run_dir)))
+
+
+def import_checkpoint(src: str | Path, run_dir: str | Path, *, seq_len: int = 0,
+                      dtype: str = "float32") -> Path:
+    """Converts a Hugging Face directory or GGUF file into a new meshlm run directory; returns it."""
+    import dataclasses
+
+    import jax.numpy as jnp
+
+    from data.tokenizer import save_tokenizer
+    from train.checkpoint import Checkpointer
+    from train.config import CheckpointConfig, dump_yaml
+    from train.state import TrainState
+
+    src, run_dir = Path(src), Path(run_dir).resolve()
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise ConversionError(f"{run_dir} already exists and is not empty (nothing was overwritten)")
+    cfg, tensors, tokenizer = read_source(src)
+    cfg = dataclasses.replace(cfg, param_dtype=dtype, dtype=dtype)
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise ConversionError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only "
+                              f"{cfg.vocab_size}")
+    params = params_from_hf(tensors, cfg, param_shapes(cfg))
+    del tensors
+    seq_len = seq_len or min(cfg.max_seq_len, MAX_WINDOW)
+    if not 1 <= seq_len <= cfg.max_seq_len:
+        raise ConversionError(f"--seq-len must be in [1, {cfg.max_seq_len}], got {seq_len}")
+    scratch = run_dir.with_name(f".{run_dir.name}.importing-{os.getpid()}")
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    try:
+        (scratch / "config.yaml").write_text(dump_yaml(run_config(cfg, run_dir, seq_len)))
+        save_tokenizer(tokenizer, scratch)
+        state = TrainState(jnp.zeros((), jnp.int32), params_state(cfg, params), {})
+        checkpointer = Checkpointer(scratch, CheckpointConfig(every=0, keep=1, async_save=False))
+        try:
+            checkpointer.save(0, state, {"step": 0, "imported_from": str(src.resolve())}, {})
+            checkpointer.wait()
+        finally:
+            checkpointer.close()
+        if run_dir.exists():
+            run_dir.rmdir()  # empty (checked above)
+        scratch.rename(run_dir)
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    return run_dir
+
+
+# ------------------------------------------------------------------------------------------- export
+
+
+def special_ids(tokenizer: Any) -> tuple[int | None, int | None]:
+    """(BOS, EOS) ids for a Hugging Face config: the named tokens' ids, None where there is none."""
+    def named(name: str, fallback: int) -> int | None:
+        text = getattr(tokenizer, "special_tokens", {}).get(name)
+        found = tokenizer.token_id(text) if text else fallback
+        return found if found >= 0 else None
+
+    return named("bos_token", tokenizer.bos_id), named("eos_token", tokenizer.eos_id)
+
+
+def save_hf_tokenizer(tokenizer: Any, out_dir: Path) -> None:
+    """``tokenizer.json`` and ``tokenizer_config.json`` (special tokens, chat template) of an
+    ``hf`` tokenizer, as ``transformers.AutoTokenizer`` reads them."""
+    (out_dir / "tokenizer.json").write_text(tokenizer.backend.to_str(), encoding="utf-8")
+    config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast",
+                              **tokenizer.special_tokens}
+    if tokenizer.chat_template:
+        config["chat_template"] = tokenizer.chat_template
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def export_checkpoint(run_dir: str | Path, out_dir: str | Path, *, dtype: str = "float32") -> Path:
+    """Writes the run's latest (or given step's) parameters in the Hugging Face layout."""
+    import jax
+    from flax import nnx
+    from safetensors.numpy import save_file
+
+    from eval.load import load_run
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise ConversionError(f"{out_dir} already exists and is not empty (nothing was overwritten)")
+    run = load_run(run_dir)
+    cfg, tokenizer = run.cfg.model, run.tokenizer
+    bos, eos = special_ids(tokenizer)
+    hf_cfg = hf_config_from_model(cfg, bos, eos)
+    params = {tuple(str(p) for p in path): np.asarray(jax.device_get(var[...]), np.float32)
+              for path, var in nnx.to_flat_state(run.params)}
+    tensors = hf_from_params(params, cfg)
+    if dtype == "bfloat16":
+        import ml_dtypes
+
+        tensors = {k: v.astype(ml_dtypes.bfloat16) for k, v in tensors.items()}
+    hf_cfg["torch_dtype"] = hf_cfg["dtype"] = dtype
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    (out_dir / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
+    generation = {"bos_token_id": hf_cfg["bos_token_id"], "eos_token_id": eos}
+    (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    if tokenizer.kind == "hf":
+        save_hf_tokenizer(tokenizer, out_dir)
+    else:
+        print(f"warning: the run's {tokenizer.kind!r} tokenizer has no Hugging Face form; only the "
+              "weights and config were written", file=sys.stderr)
+    return out_dir
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2, no usage dump
+        raise ConversionError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m model.convert", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    imp = sub.add_parser("import", help="Hugging Face directory or GGUF file -> meshlm run dir")
+    imp.add_argument("src", type=Path, help="a Hugging Face model directory or a .gguf file")
+    imp.add_argument("run_dir", type=Path, help="the new meshlm run directory")
+    imp.add_argument("--seq-len", type=int, default=0,
+                     help=f"generation window / fine-tuning length (default: min(context, {MAX_WINDOW}))")
+    imp.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                     help="parameter and compute dtype of the run (default float32)")
+    exp = sub.add_parser("export", help="meshlm run dir -> Hugging Face directory")
+    exp.add_argument("run_dir", type=Path, help="a meshlm run directory or one checkpoints/<step>")
+    exp.add_argument("out_dir", type=Path, help="the new Hugging Face model directory")
+    exp.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from sharding.host import quiet_tpu_probe
+
+    quiet_tpu_probe()
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command == "import":
+            out = import_checkpoint(args.src, args.run_dir, seq_len=args.seq_len, dtype=args.dtype)
+            print(f"imported {args.src} -> {out}")
+        else:
+            out = export_checkpoint(args.run_dir, args.out_dir, dtype=args.dtype)
+            print(f"exported {args.run_dir} -> {out}")
+    except (ConversionError, ValueError, OSError) as e:
+        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"error: {text}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,255 @@
+"""Checkpoint conversion: random tiny Llama (GQA and MHA, tied and untied) and Mixtral models built
+with ``transformers`` are imported and give transformers' logits; exported again they load in
+transformers with the same logits; a GGUF file written from one (llama.cpp's Q/K row order) imports
+to the same model; bad checkpoints give one ``error:`` line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+ATOL = 1e-4  # whole model, float32
+VOCAB = 320
+
+
+def tiny_tokenizer(directory: Path) -> Path:
+    """A byte-level BPE tokenizer (< VOCAB ids) with a chat template, saved as HF files."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["the cat sat on the mat", "a dog bites a man", "hello world"] * 20,
+                            trainer)
+    directory.mkdir(parents=True, exist_ok=True)
+    tok.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "chat_template": "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>"
+                         "{% endfor %}{% if add_generation_prompt %}<s>assistant: {% endif %}"}))
+    return directory
+
+
+def hf_model(kind: str, **overrides):
+    """A random tiny model of ``kind`` (llama or mixtral), float32, eager attention."""
+    torch.manual_seed(0)
+    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                  rms_norm_eps=1e-5, rope_theta=5000.0)
+    common.update(overrides)
+    if kind == "llama":
+        config = transformers.LlamaConfig(**common)
+        model = transformers.LlamaForCausalLM(config)
+    else:
+        config = transformers.MixtralConfig(num_local_experts=8, num_experts_per_tok=2, **common)
+        model = transformers.MixtralForCausalLM(config)
+    model.config._attn_implementation = "eager"
+    with torch.no_grad():  # norms start at 1: make them matter
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+def hf_logits(model, tokens: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.tensor(tokens, dtype=torch.long)).logits.float().numpy()
+
+
+def meshlm_logits(run_dir: Path, tokens: np.ndarray) -> np.ndarray:
+    from flax import nnx
+
+    from eval.load import load_run
+
+    run = load_run(run_dir)
+    model = nnx.merge(run.graphdef, run.params)
+    return np.asarray(model(tokens))
+
+
+TOKENS = np.random.default_rng(0).integers(0, VOCAB, (2, 12)).astype(np.int32)
+CASES = {
+    "llama-gqa-untied": ("llama", dict(tie_word_embeddings=False)),
+    "llama-mha-tied": ("llama", dict(num_key_value_heads=4, tie_word_embeddings=True)),
+    "mixtral-top2-of-8": ("mixtral", dict(tie_word_embeddings=False)),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_import_matches_transformers_and_export_round_trips(eight_devices, tmp_path, case):
+    from model.convert import export_checkpoint, import_checkpoint
+
+    kind, overrides = CASES[case]
+    model = hf_model(kind, **overrides)
+    src = tmp_path / "hf"
+    model.save_pretrained(src)
+    tiny_tokenizer(src)
+    want = hf_logits(model, TOKENS)
+
+    run_dir = import_checkpoint(src, tmp_path / "run")
+    np.testing.assert_allclose(meshlm_logits(run_dir, TOKENS), want, atol=ATOL, rtol=0)
+
+    out = export_checkpoint(run_dir, tmp_path / "exported")
+    again = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager")
+    np.testing.assert_allclose(hf_logits(again.float().eval(), TOKENS), want, atol=ATOL, rtol=0)
+    reloaded_tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert reloaded_tok("the cat")["input_ids"] == transformers.AutoTokenizer.from_pretrained(src)(
+        "the cat")["input_ids"]
+
+
+# ------------------------------------------------------------------------------------------- GGUF
+
+
+def permute_like_llama_cpp(w: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's converter row order for Q/K: each head's halves interleaved."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+GGUF_NAMES = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q",
+              "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+              "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
+              "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+
+
+def write_gguf(path: Path, model, tokenizer_dir: Path, quant_of: dict[str, object] | None = None):
+    """``model`` (a tiny Llama) as a llama.cpp-style GGUF with the tokenizer embedded."""
+    import gguf
+
+    c = model.config
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(c.num_hidden_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_vocab_size(c.vocab_size)
+    w.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
+    spec = json.loads((tokenizer_dir / "tokenizer.json").read_text())
+    vocab = {**spec["model"]["vocab"], **{t["content"]: t["id"] for t in spec["added_tokens"]}}
+    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    specials = {t["content"] for t in spec["added_tokens"]}
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types([3 if t in specials else 1 for t in tokens])
+    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]])
+    w.add_bos_token_id(vocab["<s>"])
+    w.add_eos_token_id(vocab["</s>"])
+    w.add_add_bos_token(False)
+    sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    for i in range(c.num_hidden_layers):
+        for hf, gg in GGUF_NAMES.items():
+            names[f"model.layers.{i}.{hf}.weight"] = f"blk.{i}.{gg}.weight"
+    for hf_name, gg_name in names.items():
+        if hf_name not in sd or (hf_name == "lm_head.weight" and c.tie_word_embeddings):
+            continue
+        a = sd[hf_name]
+        if gg_name.endswith("attn_q.weight"):
+            a = permute_like_llama_cpp(a, c.num_attention_heads)
+        elif gg_name.endswith("attn_k.weight"):
+            a = permute_like_llama_cpp(a, c.num_key_value_heads)
+        qtype = (quant_of or {}).get(gg_name)
+        if qtype is None:
+            w.add_tensor(gg_name, np.ascontiguousarray(a))
+        else:
+            raw = np.zeros((a.shape[0], a.shape[1] // gguf.GGML_QUANT_SIZES[qtype][0]
+                            * gguf.GGML_QUANT_SIZES[qtype][1]), np.uint8)
+            w.add_tensor(gg_name, raw, raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_gguf_import_undoes_llama_cpp_permutation(eight_devices, tmp_path):
+    from model.convert import import_checkpoint
+
+    model = hf_model("llama", tie_word_embeddings=False)
+    tok_dir = tiny_tokenizer(tmp_path / "tok")
+    path = write_gguf(tmp_path / "tiny.gguf", model, tok_dir)
+    run_dir = import_checkpoint(path, tmp_path / "run")
+    np.testing.assert_allclose(meshlm_logits(run_dir, TOKENS), hf_logits(model, TOKENS),
+                               atol=ATOL, rtol=0)
+    from data.tokenizer import load_tokenizer
+
+    assert load_tokenizer(run_dir).encode("the cat sat") == \
+        transformers.AutoTokenizer.from_pretrained(tok_dir)("the cat sat")["input_ids"]
+
+
+# ------------------------------------------------------------------------------------- bad input
+
+
+def convert_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "model.convert", *map(str, args)],
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory) -> Path:
+    src = tmp_path_factory.mktemp("llama")
+    hf_model("llama").save_pretrained(src)
+    tiny_tokenizer(src)
+    return src
+
+
+def edited_copy(src: Path, dst: Path, config=None, drop: str | None = None) -> Path:
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    shutil.copytree(src, dst)
+    if config:
+        hf = json.loads((dst / "config.json").read_text())
+        hf.update(config)
+        (dst / "config.json").write_text(json.dumps(hf))
+    if drop:
+        tensors = load_file(str(dst / "model.safetensors"))
+        del tensors[drop]
+        save_file(tensors, str(dst / "model.safetensors"))
+    return dst
+
+
+def test_bad_checkpoints_are_one_error_line(llama_dir, tmp_path):
+    import gguf
+
+    from model.convert import import_checkpoint
+    from model.hf_layout import ConversionError
+
+    cases = {
+        "unknown architecture 'gpt2'": edited_copy(llama_dir, tmp_path / "a", {"model_type": "gpt2"}),
+        "model.layers.1.mlp.up_proj.weight is missing": edited_copy(
+            llama_dir, tmp_path / "b", drop="model.layers.1.mlp.up_proj.weight"),
+        "shape mismatch": edited_copy(llama_dir, tmp_path / "c", {"intermediate_size": 40}),
+    }
+    for message, src in cases.items():
+        with pytest.raises(ConversionError, match=message):
+            import_checkpoint(src, tmp_path / f"run-{src.name}")
+        assert not (tmp_path / f"run-{src.name}").exists()
+    gguf_path = write_gguf(tmp_path / "q.gguf", hf_model("llama"), llama_dir,
+                           {"blk.0.attn_q.weight": gguf.GGMLQuantizationType.Q8_1})
+    with pytest.raises(ConversionError, match="quantisation type Q8_1"):
+        import_checkpoint(gguf_path, tmp_path / "run-q")
+
+    result = convert_cli("import", cases["shape mismatch"], tmp_path / "run-cli")
+    assert result.returncode == 2 and result.stderr.startswith("error:"), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "shape mismatch" in result.stderr
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "keep.txt").write_text("mine")
+    result = convert_cli("import", llama_dir, tmp_path / "taken")
+    assert result.returncode == 2 and "not empty" in result.stderr
+    assert (tmp_path / "taken" / "keep.txt").read_text() == "mine"
