@@ -31,7 +31,7 @@ from train.config import CheckpointConfig
 from train.state import TrainState, with_shardings
 
 MANIFEST = "meshlm_manifest.json"
-RUN_FILES = ("tokenizer.json", "tokenizer.model")  # run-level files a checkpoint depends on
+RUN_FILES = ("tokenizer.json", "tokenizer.model", "hf_tokenizer.json")  # run files a checkpoint needs
 TMP_SUFFIX = ".orbax-checkpoint-tmp"
 # Orbax rewrites its step metadata (commit time) after the rename: not covered by the manifest.
 UNHASHED = (MANIFEST, "_CHECKPOINT_METADATA")
