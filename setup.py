@@ -12,6 +12,9 @@ INSTALL_REQUIRES = [
     "importlib_resources>=6.0",  # imported by tensorflow-datasets without being declared
     "grain==0.2.18",
     "sentencepiece==0.2.3",
+    "tokenizers==0.23.3",  # Hugging Face tokenizers (data/hf_tokenizer.py)
+    "jinja2==3.1.6",  # chat templates, rendered in its sandbox (data/chat.py)
+    "gguf==0.19.0",  # reading GGUF files: their tokenizer (data/hf_tokenizer.py) and tensors
     "numpy>=2.0",
     "pyyaml==6.0.3",
     "tqdm==4.70.1",

@@ -1,6 +1,6 @@
-"""Tokenizers behind one interface (encode, decode, vocab_size, bos_id, eos_id, pad_id, kind), their
-specs (``"byte"``, ``"sentencepiece:PATH.model"``), their persistence in a run directory, and a command
-that trains a SentencePiece model:
+"""Tokenizers behind one interface (encode, decode, token_bytes, vocab_size, bos_id, eos_id, pad_id,
+kind), their specs (``"byte"``, ``"sentencepiece:PATH.model"``, ``"hf:PATH"``, ``"run:RUN_DIR"``), their
+persistence in a run directory, and a command that trains a SentencePiece model:
 
     python -m data.tokenizer train --input PATH [PATH ...] --vocab-size N --model-type bpe --output PREFIX
 """
@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Literal, NoReturn, Protocol
 
 import sentencepiece as spm
+
+from data.hf_tokenizer import HF_FILE, HFTokenizer
 
 TOKENIZER_FILE = "tokenizer.json"
 MODEL_FILE = "tokenizer.model"
@@ -135,18 +137,25 @@ class SentencePieceTokenizer:
         self.__init__(state["model_proto"])
 
 
-KINDS = {"byte": ByteTokenizer, "sentencepiece": SentencePieceTokenizer}
-SPEC_HELP = "expected 'byte' or 'sentencepiece:PATH.model'"
+KINDS = {"byte": ByteTokenizer, "sentencepiece": SentencePieceTokenizer, "hf": HFTokenizer}
+SPEC_HELP = ("expected 'byte', 'sentencepiece:PATH.model', 'hf:PATH' (a Hugging Face tokenizer.json or "
+             "its directory) or 'run:RUN_DIR' (the tokenizer of a meshlm run)")
 
 
 def make_tokenizer(spec: str) -> Tokenizer:
-    """The tokenizer named by ``spec`` (``"byte"`` or ``"sentencepiece:PATH.model"``); ValueError if the
-    spec is unknown or the model file is missing or not a SentencePiece model."""
+    """The tokenizer named by ``spec``: ``"byte"``, ``"sentencepiece:PATH.model"``, ``"hf:PATH"`` (a
+    tokenizer.json, or a directory with tokenizer.json [+ tokenizer_config.json]) or ``"run:RUN_DIR"``
+    (the tokenizer saved in a run directory, e.g. of an imported model). ValueError if the spec is
+    unknown or its file is missing or invalid."""
     if spec == "byte":
         return ByteTokenizer()
     kind, _, path = spec.partition(":")
     if kind == "sentencepiece" and path:
         return SentencePieceTokenizer(path)
+    if kind == "hf" and path:
+        return HFTokenizer.from_path(path)
+    if kind == "run" and path:
+        return load_tokenizer(path)
     raise ValueError(f"unknown tokenizer {spec!r}: {SPEC_HELP}")
 
 
@@ -156,12 +165,18 @@ def vocab_size_of(spec: str) -> int:
 
 
 def save_tokenizer(tokenizer: Tokenizer, run_dir: str | Path) -> None:
-    """Write ``tokenizer.json`` (and, for SentencePiece, ``tokenizer.model``) into ``run_dir``."""
+    """Write ``tokenizer.json`` (meshlm's metadata) and, for SentencePiece, ``tokenizer.model``, for
+    Hugging Face, ``hf_tokenizer.json`` (its tokenizer.json; special ids and chat template go in the
+    metadata) into ``run_dir``."""
     meta = {"kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size}
     if isinstance(tokenizer, SentencePieceTokenizer):
         (Path(run_dir) / MODEL_FILE).write_bytes(tokenizer.model_proto)
         meta["file"] = MODEL_FILE
         meta["sha256"] = hashlib.sha256(tokenizer.model_proto).hexdigest()
+    elif isinstance(tokenizer, HFTokenizer):
+        blob = tokenizer.backend.to_str().encode("utf-8")
+        (Path(run_dir) / HF_FILE).write_bytes(blob)
+        meta.update(file=HF_FILE, sha256=hashlib.sha256(blob).hexdigest(), **tokenizer.settings())
     (Path(run_dir) / TOKENIZER_FILE).write_text(json.dumps(meta) + "\n")
 
 
@@ -182,11 +197,20 @@ def load_tokenizer(run_dir: str | Path) -> Tokenizer:
                 raise ValueError(f"{model_path} is not the model this run was trained with "
                                  "(its sha256 differs)")
             tokenizer = SentencePieceTokenizer(model_path)
+        elif kind == "hf":
+            file_path = Path(run_dir) / meta["file"]
+            if not file_path.is_file():
+                raise ValueError(f"{file_path} is missing")
+            blob = file_path.read_bytes()
+            if hashlib.sha256(blob).hexdigest() != meta["sha256"]:
+                raise ValueError(f"{file_path} is not the tokenizer this run was trained with "
+                                 "(its sha256 differs)")
+            tokenizer = HFTokenizer.from_saved(blob.decode("utf-8"), meta)
         else:
             raise ValueError(f"unknown kind {kind!r}")
         if meta.get("vocab_size", tokenizer.vocab_size) != tokenizer.vocab_size:
             raise ValueError(f"vocab_size {meta['vocab_size']} but the model has {tokenizer.vocab_size}")
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, OSError) as e:
         raise ValueError(f"{path} is not a valid tokenizer file ({e})") from None
     return tokenizer
 

@@ -71,7 +71,7 @@ def load_run(path: str | Path, mesh_cfg: MeshConfig | None = None) -> LoadedRun:
     cfg = read_run_config(run_dir)
     tokenizer = load_tokenizer(run_dir)
     kind = cfg.data.tokenizer.partition(":")[0]
-    if tokenizer.kind != kind:
+    if kind != "run" and tokenizer.kind != kind:  # "run:DIR" names another run's tokenizer, any kind
         raise ValueError(f"the tokenizer in {run_dir} is {tokenizer.kind!r} but the run was trained "
                          f"with data.tokenizer={cfg.data.tokenizer!r}: they do not belong together")
     if tokenizer.vocab_size > cfg.model.vocab_size:

@@ -44,7 +44,8 @@ class DataConfig:
     source: ``stdlib`` (the installed Python standard library's .py files, present on every
     machine), ``text:GLOB`` (local UTF-8 text files, prepared once into ArrayRecord by a
     tensorflow-datasets builder) or ``tfds:NAME[:SPLIT[:FIELD]]`` (a tfds catalog dataset read from
-    ``data_dir``). tokenizer: ``byte`` or ``sentencepiece:PATH.model``.
+    ``data_dir``). tokenizer: ``byte``, ``sentencepiece:PATH.model``, ``hf:PATH`` (a Hugging Face
+    tokenizer.json or its directory) or ``run:RUN_DIR`` (the tokenizer saved in a run, e.g. an import).
     """
 
     source: str = "stdlib"

