@@ -52,7 +52,8 @@ def perplexity(run: LoadedRun, source: str | None = None, batch_size: int = 0,
             weight_sum += float(out["weight_sum"])
             for row, weights in zip(local["targets"], local["weights"], strict=True):
                 real = row[weights > 0].tolist()
-                byte_count += len(run.tokenizer.decode(real).encode("utf-8"))
+                # the bytes the targets stand for (special tokens none: an "hf" decode spells them)
+                byte_count += sum(len(run.tokenizer.token_bytes(t)) for t in real)
     if jax.process_count() > 1:  # every process counted the bytes of its own rows
         from jax.experimental import multihost_utils
 
