@@ -339,11 +339,12 @@ def _byte_level_pre(pre: str) -> pre_tokenizers.PreTokenizer:
 
 def tokenizer_from_gguf(path: str | os.PathLike) -> HFTokenizer:
     """The tokenizer described by a GGUF file's metadata: ``tokenizer.ggml.model`` "gpt2" (byte-level
-    BPE; ``tokenizer.ggml.pre`` picks how text is split) or "llama" (SentencePiece-style BPE over
-    scored pieces with byte fallback). Control and unknown tokens become special tokens, user-defined
-    ones plain added tokens; special ids, ``add_bos_token`` (default: on for "llama", off for
-    "gpt2", as ``transformers``) and ``tokenizer.chat_template`` come from the metadata.
-    ValueError with one line for a missing file, a file that is not GGUF, or an unsupported model."""
+    BPE; ``tokenizer.ggml.pre`` picks how text is split, as llama.cpp does) or "llama"
+    (SentencePiece-style BPE with byte fallback; its merges from the file, else ranked by the merged
+    pieces' scores). Control and unknown tokens become special tokens, user-defined ones plain added
+    tokens; special ids, ``add_bos_token`` (default: on for "llama", off for "gpt2", as
+    ``transformers``) and ``tokenizer.chat_template`` come from the metadata. ValueError with one
+    line for a missing file, a file that is not GGUF, or an unsupported model or pre-tokenizer."""
     path = Path(path)
     fields = _gguf_tokenizer_fields(path)
     model = fields.get("tokenizer.ggml.model")
@@ -358,15 +359,15 @@ def tokenizer_from_gguf(path: str | os.PathLike) -> HFTokenizer:
         ("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
         ("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id"))}
     ids = {name: i if 0 <= i < len(tokens) else -1 for name, i in ids.items()}
+    merges = [tuple(m.split(" ", 1)) for m in fields.get("tokenizer.ggml.merges") or []]
     if model == "gpt2":
-        merges = [tuple(m.split(" ", 1)) for m in fields.get("tokenizer.ggml.merges", [])]
         backend = Tokenizer(BPE(vocab=vocab, merges=merges, fuse_unk=False))
         backend.pre_tokenizer = _byte_level_pre(str(fields.get("tokenizer.ggml.pre", "default")))
         backend.decoder = decoders.ByteLevel()
     else:
         scores = list(fields.get("tokenizer.ggml.scores") or [0.0] * len(tokens))
         unk = tokens[ids["unk_token"]] if ids["unk_token"] >= 0 else None
-        backend = Tokenizer(BPE(vocab=vocab, merges=_merges_by_score(tokens, scores, types),
+        backend = Tokenizer(BPE(vocab=vocab, merges=merges or _merges_by_score(tokens, scores, types),
                                 unk_token=unk, byte_fallback=True, fuse_unk=True))
         prefix = bool(fields.get("tokenizer.ggml.add_space_prefix", True))
         backend.pre_tokenizer = pre_tokenizers.Metaspace(

@@ -160,6 +160,10 @@ def test_sentencepiece_gguf_matches_sentencepiece(tmp_path):
         assert tok.encode(text) == sp.encode(text)
         assert tok.decode(tok.encode(text)) == sp.decode(sp.encode(text))
     assert b"".join(tok.token_bytes(i) for i in tok.encode("hello Zürich")) == b" hello Z\xc3\xbcrich"
+    transformers = pytest.importorskip("transformers")  # exported, transformers prepends BOS as we do
+    exported = write_model_dir(tmp_path / "exported", tok.backend, tok.special_tokens)
+    theirs = transformers.AutoTokenizer.from_pretrained(str(exported))
+    assert theirs(PARAGRAPH)["input_ids"] == [tok.bos_id, *tok.encode(PARAGRAPH)]
 
 
 # ------------------------------------------------------------------------------------- token bytes
@@ -221,6 +225,15 @@ def test_bad_specs_and_files(tmp_path):
     writer.close()
     with pytest.raises(ValueError, match="tokenizer model 'bert'.*only 'gpt2'"):
         tokenizer_from_gguf(tmp_path / "bert.gguf")
+    writer = gguf.GGUFWriter(tmp_path / "odd.gguf", "gpt2")
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("no-such-split")
+    writer.add_token_list(["a", "b"])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    with pytest.raises(ValueError, match="pre-tokenizer 'no-such-split' is not supported"):
+        tokenizer_from_gguf(tmp_path / "odd.gguf")
     model_dir = write_model_dir(tmp_path / "m", trained_backend(), {})
     no_template = HFTokenizer.from_path(model_dir / "tokenizer.json")
     with pytest.raises(ValueError, match="no chat template"):
