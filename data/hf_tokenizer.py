@@ -17,8 +17,6 @@ from typing import Any
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers, processors
 from tokenizers.models import BPE
 
-from data.chat import render_chat
-
 HF_FILE = "hf_tokenizer.json"  # its name in a run directory (meshlm's own tokenizer.json is metadata)
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
 SPACE_SYMBOL = "\u2581"  # "▁": a space inside SentencePiece-style pieces
@@ -157,6 +155,8 @@ class HFTokenizer:
         """The conversation as the model's chat template writes it (as ``transformers``'
         ``apply_chat_template(messages, tokenize=False, add_generation_prompt=...)``); ValueError
         if there is no template or it rejects the conversation."""
+        from data.chat import render_chat  # jinja2, only when a template is used
+
         if self.chat_template is None:
             raise ValueError("this tokenizer has no chat template")
         return render_chat(self.chat_template, messages, add_generation_prompt=add_generation_prompt,

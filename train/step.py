@@ -26,11 +26,12 @@ Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
 
 
-def forward_sums(params: nnx.State, graphdef: nnx.GraphDef,
-                 batch: Batch) -> tuple[jax.Array, jax.Array, Metrics]:
+def forward_sums(params: nnx.State, graphdef: nnx.GraphDef, batch: Batch,
+                 frozen: nnx.State | None = None) -> tuple[jax.Array, jax.Array, Metrics]:
     """(sum of weighted token losses, sum of weights, MoE auxiliaries) for one batch; tokens of
-    weight 0 (padding) are not routed to experts."""
-    model = nnx.merge(graphdef, params)
+    weight 0 (padding) are not routed to experts. ``frozen``: the model's state that is not
+    trained (a fine-tune's base weights), merged with ``params``."""
+    model = nnx.merge(graphdef, params, *(() if frozen is None else (frozen,)))
     weights_bt = batch["weights"].astype(jnp.float32)
     logits_btv, aux = model(batch["inputs"], batch.get("positions"), batch.get("segment_ids"),
                             routing_mask_bt=weights_bt > 0, return_aux=True)
@@ -39,19 +40,21 @@ def forward_sums(params: nnx.State, graphdef: nnx.GraphDef,
     return jnp.sum(nll_bt * weights_bt), jnp.sum(weights_bt), aux
 
 
-def loss_sums(params: nnx.State, graphdef: nnx.GraphDef, batch: Batch) -> tuple[jax.Array, jax.Array]:
+def loss_sums(params: nnx.State, graphdef: nnx.GraphDef, batch: Batch,
+              frozen: nnx.State | None = None) -> tuple[jax.Array, jax.Array]:
     """(sum of weighted token losses, sum of weights) for one batch."""
-    loss_sum, weight_sum, _ = forward_sums(params, graphdef, batch)
+    loss_sum, weight_sum, _ = forward_sums(params, graphdef, batch, frozen)
     return loss_sum, weight_sum
 
 
-def objective_sums(params: nnx.State, graphdef: nnx.GraphDef,
-                   batch: Batch) -> tuple[jax.Array, tuple[jax.Array, jax.Array, Metrics]]:
+def objective_sums(params: nnx.State, graphdef: nnx.GraphDef, batch: Batch,
+                   frozen: nnx.State | None = None
+                   ) -> tuple[jax.Array, tuple[jax.Array, jax.Array, Metrics]]:
     """(what training differentiates, (loss sum, weight sum, MoE metrics times the weight sum)).
 
     Everything is a sum over tokens, so microbatches add up: the objective is the loss sum plus the
     weighted MoE auxiliaries times this batch's weight sum."""
-    loss_sum, weight_sum, aux = forward_sums(params, graphdef, batch)
+    loss_sum, weight_sum, aux = forward_sums(params, graphdef, batch, frozen)
     if not aux:
         return loss_sum, (loss_sum, weight_sum, {})
     metrics = {"moe_aux_loss": jnp.mean(aux["aux_loss"]), "moe_z_loss": jnp.mean(aux["z_loss"]),
@@ -71,17 +74,19 @@ def _split_microbatches(batch: Batch, n: int) -> Batch:
     return jax.tree.map(split, batch)
 
 
-def grads_loss_and_metrics(params: nnx.State, batch: Batch, *, graphdef: nnx.GraphDef,
-                           microbatches: int) -> tuple[nnx.State, jax.Array, Metrics]:
-    """Gradients of the mean-token objective, the mean cross-entropy and the (token-weighted mean)
-    MoE metrics over the batch, accumulated over ``microbatches``."""
+def grads_loss_and_metrics(params: nnx.State, batch: Batch, frozen: nnx.State | None = None, *,
+                           graphdef: nnx.GraphDef, microbatches: int
+                           ) -> tuple[nnx.State, jax.Array, Metrics]:
+    """Gradients (with respect to ``params`` only, not ``frozen``) of the mean-token objective, the
+    mean cross-entropy and the (token-weighted mean) MoE metrics over the batch, accumulated over
+    ``microbatches``."""
     grad_fn = jax.value_and_grad(objective_sums, has_aux=True)
     if microbatches == 1:
-        (_, (loss_sum, weight_sum, metrics)), grads = grad_fn(params, graphdef, batch)
+        (_, (loss_sum, weight_sum, metrics)), grads = grad_fn(params, graphdef, batch, frozen)
     else:
         def body(carry, micro):
             grads_acc, loss_acc, weight_acc, metrics_acc = carry
-            (_, (loss_sum, weight_sum, metrics)), grads = grad_fn(params, graphdef, micro)
+            (_, (loss_sum, weight_sum, metrics)), grads = grad_fn(params, graphdef, micro, frozen)
             grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
             metrics_acc = jax.tree.map(jnp.add, metrics_acc, metrics)
             return (grads_acc, loss_acc + loss_sum, weight_acc + weight_sum, metrics_acc), None
@@ -90,7 +95,8 @@ def grads_loss_and_metrics(params: nnx.State, batch: Batch, *, graphdef: nnx.Gra
         micro_batches = _split_microbatches(batch, microbatches)
         first = jax.tree.map(lambda x: x[0], micro_batches)
         metric_zeros = jax.tree.map(jnp.zeros_like,
-                                    jax.eval_shape(objective_sums, params, graphdef, first)[1][2])
+                                    jax.eval_shape(objective_sums, params, graphdef, first,
+                                                   frozen)[1][2])
         init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), metric_zeros)
         (grads, loss_sum, weight_sum, metrics), _ = jax.lax.scan(body, init, micro_batches)
     denom = jnp.maximum(weight_sum, 1.0)
@@ -99,14 +105,16 @@ def grads_loss_and_metrics(params: nnx.State, batch: Batch, *, graphdef: nnx.Gra
     return grads, loss_sum / denom, metrics
 
 
-def train_step(state: TrainState, batch: Batch, *, graphdef: nnx.GraphDef,
+def train_step(state: TrainState, batch: Batch, frozen: nnx.State | None = None, *,
+               graphdef: nnx.GraphDef,
                tx: optax.GradientTransformation, schedule: optax.Schedule,
                microbatches: int) -> tuple[TrainState, Metrics]:
     """One optimizer step. Non-finite guard: if the loss or the gradient norm is not finite, the
     update is skipped -- params and optimizer state (its step count included) stay as they were,
     ``skipped`` is 1 -- while ``state.step`` still advances (the batch is consumed and the
-    learning-rate schedule moves on), so step numbers keep matching batches."""
-    grads, loss, moe_metrics = grads_loss_and_metrics(state.params, batch, graphdef=graphdef,
+    learning-rate schedule moves on), so step numbers keep matching batches. ``frozen``: model
+    state merged in but never trained (a fine-tune's base weights)."""
+    grads, loss, moe_metrics = grads_loss_and_metrics(state.params, batch, frozen, graphdef=graphdef,
                                                       microbatches=microbatches)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -126,8 +134,9 @@ def all_finite(tree: Any) -> jax.Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
-def eval_step(params: nnx.State, batch: Batch, *, graphdef: nnx.GraphDef) -> Metrics:
-    loss_sum, weight_sum = loss_sums(params, graphdef, batch)
+def eval_step(params: nnx.State, batch: Batch, frozen: nnx.State | None = None, *,
+              graphdef: nnx.GraphDef) -> Metrics:
+    loss_sum, weight_sum = loss_sums(params, graphdef, batch, frozen)
     return {"loss_sum": loss_sum, "weight_sum": weight_sum}
 
 
