@@ -3,6 +3,8 @@
 - ``stdlib``: this Python installation's standard library ``.py`` files (a corpus every machine has);
 - ``text:GLOB``: local UTF-8 text files, prepared once into ArrayRecord by a tensorflow-datasets
   builder (`MeshlmText`) under a cache directory and reused while the files are unchanged;
+- ``jsonl:GLOB[:FIELD]``: local JSON-lines files, one document per line (its string FIELD, default
+  ``text``), prepared the same way (`MeshlmJsonl`);
 - ``tfds:NAME[:SPLIT[:FIELD]]``: a tfds dataset already prepared as ArrayRecord (nothing downloads).
 
 Every source satisfies grain's ``RandomAccessDataSource`` (``__len__``, ``__getitem__``, picklable).
@@ -26,7 +28,8 @@ import tensorflow_datasets as tfds
 
 DOC_BYTES = 64 * 1024  # a file is cut into documents of at most this many bytes, at line ends
 DEFAULT_CACHE_DIR = "~/.cache/meshlm/tfds"
-SPEC_HELP = "expected 'stdlib', 'text:GLOB' or 'tfds:NAME[:SPLIT[:FIELD]]'"
+SPEC_HELP = "expected 'stdlib', 'text:GLOB', 'jsonl:GLOB[:FIELD]' or 'tfds:NAME[:SPLIT[:FIELD]]'"
+JSONL_FIELD = "text"
 Split = Literal["train", "eval"]
 
 
@@ -44,13 +47,15 @@ def open_source(spec: str, split: Split, *, eval_fraction: float = 0.05, data_di
     is held out for ``eval`` when the crc32 of its file's relative path and chunk index falls below
     ``eval_fraction`` (and, whenever there are two or more documents and ``eval_fraction > 0``, each
     split gets at least one). The splits are disjoint and together hold all the text.
+    ``jsonl:``: one document per non-blank line, held out by the crc32 of its file's relative path
+    and line number (as above).
     ``tfds:``: ``train`` reads the ``train`` split and ``eval`` the ``validation`` (else ``test``) split;
     with neither, every k-th record of ``train`` (k = round(1 / eval_fraction)) is held out instead.
     An explicit SPLIT is read for both. FIELD defaults to ``text`` (or the only text feature).
     ``data_dir`` is the tfds data directory for ``tfds:`` (None or "": tfds's default); ``cache_dir``
     (None or "": ``~/.cache/meshlm/tfds``) holds the prepared ``text:`` datasets.
     ValueError, with a one-line message, for an unknown spec, a glob matching no file, a non-UTF-8
-    file, an unknown or unprepared tfds dataset, split or field.
+    file, a JSON line without a string FIELD, an unknown or unprepared tfds dataset, split or field.
     """
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
@@ -61,6 +66,8 @@ def open_source(spec: str, split: Split, *, eval_fraction: float = 0.05, data_di
         return stdlib_source(split, eval_fraction)
     if kind == "text" and rest:
         return text_source(rest, split, eval_fraction, cache_dir)
+    if kind == "jsonl" and rest:
+        return jsonl_source(rest, split, eval_fraction, cache_dir)
     if kind == "tfds" and rest:
         return tfds_source(rest, split, eval_fraction, data_dir or None)
     raise ValueError(f"unknown data source {spec!r}: {SPEC_HELP}")
@@ -228,6 +235,90 @@ def text_source(pattern: str, split: Split, eval_fraction: float, cache_dir: str
     tfds_split = "train" if split == "train" else "validation"
     if tfds_split not in builder.info.splits:  # a single document, or eval_fraction == 0
         return FileDocuments([], f"text:{pattern}:{split}")
+    return TfdsDocuments(builder.as_data_source(split=tfds_split), "text")
+
+
+# ------------------------------------------------------------------------- JSON lines through tfds
+
+
+def jsonl_text(line: bytes, field: str, where: str) -> str:
+    """The string ``field`` of one JSON-lines record; ValueError naming ``where`` (file:line)."""
+    try:
+        record = json.loads(line)
+    except ValueError:  # invalid JSON or not UTF-8
+        raise ValueError(f"{where} is not a JSON object (invalid JSON)") from None
+    if not isinstance(record, dict) or field not in record:
+        raise ValueError(f"{where} has no field {field!r}")
+    if not isinstance(record[field], str):
+        raise ValueError(f"{where}: field {field!r} is not a string")
+    return record[field]
+
+
+def jsonl_documents(files: Sequence[tuple[Path, str]], field: str) -> list[DocRef]:
+    """One document per non-blank line of ``files`` (its byte span; ``index`` is the line number),
+    every line checked to be a JSON object with a string ``field``."""
+    docs = []
+    for path, key in files:
+        offset = 0
+        for number, line in enumerate(path.read_bytes().splitlines(keepends=True), 1):
+            if line.strip():
+                jsonl_text(line, field, f"{path}:{number}")
+                docs.append(DocRef(str(path), key, number, offset, offset + len(line)))
+            offset += len(line)
+    return docs
+
+
+class MeshlmJsonl(tfds.core.GeneratorBasedBuilder):
+    """Local JSON-lines files as a tfds dataset: one ``text`` document per line, from its ``field``
+    (``train`` and ``validation`` splits); like `MeshlmText`, constructed without files it reads
+    what is prepared."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "One document per JSON line."}
+
+    def __init__(self, *, files: Sequence[tuple[Path, str]] = (), field: str = JSONL_FIELD,
+                 eval_fraction: float = 0.05, **kwargs: Any) -> None:
+        self._files, self._field = list(files), field
+        self._eval_fraction = eval_fraction
+        super().__init__(**kwargs)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(builder=self, description="Local JSON-lines files.",
+                                     features=tfds.features.FeaturesDict({"text": tfds.features.Text()}))
+
+    def _split_generators(self, dl_manager: Any) -> dict:
+        if not self._files:
+            raise ValueError("MeshlmJsonl needs files to prepare a dataset")
+        splits = split_documents(jsonl_documents(self._files, self._field), self._eval_fraction)
+        names = {"train": "train", "eval": "validation"}
+        return {names[s]: self._generate_examples(docs) for s, docs in splits.items() if docs}
+
+    def _generate_examples(self, docs: Sequence[DocRef]):  # noqa: ANN202 (a generator of examples)
+        for doc in docs:
+            with open(doc.path, "rb") as f:
+                f.seek(doc.start)
+                line = f.read(doc.end - doc.start)
+            yield f"{doc.key}#{doc.index}", {"text": jsonl_text(line, self._field, doc.path)}
+
+
+def jsonl_source(rest: str, split: Split, eval_fraction: float, cache_dir: str | None) -> DocumentSource:
+    """The documents of ``jsonl:GLOB[:FIELD]`` for ``split``, read from prepared ArrayRecord files."""
+    pattern, sep, field = rest.rpartition(":")
+    if not sep or not field or any(c in field for c in "/\\*?[]."):  # no FIELD given
+        pattern, field = rest, JSONL_FIELD
+    try:
+        files = text_files(pattern)
+    except ValueError:
+        raise ValueError(f"jsonl:{pattern} matches no files") from None
+    digest = hashlib.sha256(json.dumps([fingerprint(files, eval_fraction), field,
+                                        str(MeshlmJsonl.VERSION)]).encode()).hexdigest()[:16]
+    root = Path(os.path.expanduser(cache_dir or DEFAULT_CACHE_DIR))
+    builder = MeshlmJsonl(files=files, field=field, eval_fraction=eval_fraction,
+                          file_format="array_record", data_dir=root / f"jsonl-{digest}")
+    builder.download_and_prepare()  # a no-op when already prepared
+    tfds_split = "train" if split == "train" else "validation"
+    if tfds_split not in builder.info.splits:  # a single document, or eval_fraction == 0
+        return FileDocuments([], f"jsonl:{rest}:{split}")
     return TfdsDocuments(builder.as_data_source(split=tfds_split), "text")
 
 

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from model.config import ModelConfig
+from model.lora import adapted
 from sharding.constrain import constrain
 
 
@@ -104,12 +105,15 @@ class MLP(nnx.Module):
         self.w_down_fd = param(rngs, out_init, (f, d), ("mlp", "embed"), cfg.param_dtype)
 
     def __call__(self, x_btd: jax.Array) -> jax.Array:
-        up_btf = jnp.einsum("btd,df->btf", x_btd, self.w_up_df[...].astype(self.dtype))
+        up_btf = adapted(self, "up", x_btd,
+                         jnp.einsum("btd,df->btf", x_btd, self.w_up_df[...].astype(self.dtype)))
         if self.activation == "swiglu":
-            gate_btf = jnp.einsum("btd,df->btf", x_btd, self.w_gate_df[...].astype(self.dtype))
+            gate_btf = adapted(self, "gate", x_btd,
+                               jnp.einsum("btd,df->btf", x_btd, self.w_gate_df[...].astype(self.dtype)))
             h_btf = jax.nn.silu(gate_btf) * up_btf
         else:
             h_btf = jax.nn.gelu(up_btf)
         h_btf = constrain(h_btf, ("batch", "length", "mlp"))
-        out_btd = jnp.einsum("btf,fd->btd", h_btf, self.w_down_fd[...].astype(self.dtype))
+        out_btd = adapted(self, "down", h_btf,
+                          jnp.einsum("btf,fd->btd", h_btf, self.w_down_fd[...].astype(self.dtype)))
         return constrain(out_btd, ("batch", "length", "embed"))

@@ -18,6 +18,7 @@ from flax import nnx
 
 from model.config import ModelConfig
 from model.layers import MLP, dtype_of, param
+from model.lora import adapted_weight
 from sharding.constrain import constrain
 from sharding.manual import Collectives, manual
 
@@ -204,12 +205,13 @@ class MoE(nnx.Module):
         mask_bt = jnp.ones((b, t), bool) if mask_bt is None else mask_bt.astype(bool)
         # Capacity: experts stay sharded and tokens travel; dropless: every device holds all experts.
         experts = "experts" if cfg.moe_impl == "capacity" else None
-        args = [x_btd, mask_bt, self.w_router_de[...], self.w_up_edf[...].astype(dt),
-                self.w_down_efd[...].astype(dt)]
+        args = [x_btd, mask_bt, self.w_router_de[...],
+                adapted_weight(self, "up", self.w_up_edf[...]).astype(dt),
+                adapted_weight(self, "down", self.w_down_efd[...]).astype(dt)]
         in_names = [("batch", None, None), ("batch", None), (None, None),
                     (experts, None, "expert_mlp"), (experts, "expert_mlp", None)]
         if cfg.activation == "swiglu":
-            args.append(self.w_gate_edf[...].astype(dt))
+            args.append(adapted_weight(self, "gate", self.w_gate_edf[...]).astype(dt))
             in_names.append((experts, None, "expert_mlp"))
         if cfg.moe_impl == "capacity":
             kernel = functools.partial(capacity_moe, k=cfg.experts_per_token, mode=cfg.router_mode,

@@ -67,7 +67,8 @@ def _exit_now(code: int) -> None:
     os._exit(code)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, finetune: bool = False) -> int:
+    """The CLI; ``finetune=True`` is ``python -m train.finetune`` (finetune.base required)."""
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in ("-h", "--help"):
         print(USAGE)
@@ -75,11 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     from sharding.host import quiet_tpu_probe
 
     quiet_tpu_probe()  # before JAX loads
-    from train.config import ConfigError, RunError, load_config, one_line, validate, validate_run
+    from train.config import ConfigError, RunError, one_line, validate, validate_run
+    from train.finetune import load_run_config
 
     try:
         path, overrides = parse_args(argv)
-        cfg = load_config(path, overrides)
+        cfg = load_run_config(path, overrides, finetune=finetune)  # finetune.base: from that run
         validate_run(cfg.run)  # before JAX starts: a bad coordinator setting must not hang
         validate(cfg, setup_devices(cfg.run))
         from train.loop import train

@@ -260,13 +260,22 @@ class Checkpointer:
     def restore_params(self, step: int, abstract_params: nnx.State,
                        shardings: nnx.State) -> nnx.State:
         """Only the parameters at ``step`` (no optimizer state is read), laid out by ``shardings``;
-        the checkpoint is verified against its manifest first (DamagedCheckpointError if it fails)."""
+        the checkpoint is verified against its manifest first (DamagedCheckpointError if it fails).
+        ValueError if it lacks some of them (another model's, or a LoRA fine-tune's adapters)."""
         self.verify(step)
         target = {"params": with_shardings(abstract_params, shardings)}
         out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
             item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
             partial_restore=True)))
-        return out["state"]["params"]
+        params = out["state"]["params"]
+        missing = ["/".join(str(k.key) for k in path if hasattr(k, "key")) for path, leaf in
+                   jax.tree_util.tree_flatten_with_path(params)[0] if not isinstance(leaf, jax.Array)]
+        if missing:  # a partial restore leaves what the checkpoint lacks as ShapeDtypeStructs
+            raise ValueError(f"checkpoint {step} lacks {len(missing)} of the model's parameters "
+                             f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}): it "
+                             "holds another model, or LoRA adapters (merge them first: python -m "
+                             "train.finetune merge ADAPTER_RUN OUT_RUN)")
+        return params
 
     def wait(self) -> None:
         """Blocks until the pending save is committed; CheckpointWriteError if it failed."""

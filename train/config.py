@@ -1,5 +1,6 @@
-"""Config = model + mesh + data + optim + train + checkpoint + run: frozen dataclasses loaded from a
-YAML preset plus ``section.key=value`` overrides, and validated completely before anything compiles.
+"""Config = model + mesh + data + optim + train + checkpoint + run + finetune: frozen dataclasses
+loaded from a YAML preset plus ``section.key=value`` overrides, and validated completely before
+anything compiles.
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ class DataConfig:
     source: ``stdlib`` (the installed Python standard library's .py files, present on every
     machine), ``text:GLOB`` (local UTF-8 text files, prepared once into ArrayRecord by a
     tensorflow-datasets builder) or ``tfds:NAME[:SPLIT[:FIELD]]`` (a tfds catalog dataset read from
-    ``data_dir``). tokenizer: ``byte``, ``sentencepiece:PATH.model``, ``hf:PATH`` (a Hugging Face
+    ``data_dir``), or ``jsonl:GLOB[:FIELD]`` (one document per JSON line, its FIELD, default
+    ``text``). tokenizer: ``byte``, ``sentencepiece:PATH.model``, ``hf:PATH`` (a Hugging Face
     tokenizer.json or its directory) or ``run:RUN_DIR`` (the tokenizer saved in a run, e.g. an import).
     """
 
@@ -118,6 +120,51 @@ class RunConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class FinetuneConfig:
+    """Fine-tuning from a meshlm run directory ``base`` ("" = pre-training): its model, tokenizer and
+    checkpoint ``base_step`` (0: its latest). ``method``: ``lora`` trains only adapters of rank
+    ``lora_rank`` (update scaled by ``lora_alpha / lora_rank``, input dropout ``lora_dropout``) on
+    the comma-separated ``lora_targets`` among q,k,v,o,gate,up,down (``lora_experts``: the MoE
+    experts' gate,up,down too); ``full`` trains every weight with a fresh optimizer, except the MoE
+    routers with ``freeze_router``."""
+
+    base: str = ""
+    base_step: int = 0
+    method: Literal["lora", "full"] = "lora"
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: str = "q,k,v,o,gate,up,down"
+    lora_experts: bool = False
+    freeze_router: bool = False
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return tuple(t.strip() for t in self.lora_targets.split(",") if t.strip())
+
+    def problems(self) -> list[tuple[str, str]]:
+        """(key, message) for every inconsistency of the section."""
+        from model.lora import TARGETS
+
+        out = []
+        if self.base_step < 0:
+            out.append(("base_step", f"must be >= 0 (0: the latest), got {self.base_step}"))
+        if self.lora_rank < 1:
+            out.append(("lora_rank", f"must be >= 1, got {self.lora_rank}"))
+        if not (self.lora_alpha > 0 and math.isfinite(self.lora_alpha)):
+            out.append(("lora_alpha", f"must be a positive number, got {self.lora_alpha}"))
+        if not 0 <= self.lora_dropout < 1:
+            out.append(("lora_dropout", f"must be in [0, 1), got {self.lora_dropout}"))
+        unknown = [t for t in self.targets if t not in TARGETS]
+        if unknown:
+            out.append(("lora_targets", f"unknown LoRA target {unknown[0]!r} (known: "
+                        f"{','.join(TARGETS)})"))
+        elif not self.targets:
+            out.append(("lora_targets", f"names no target (choose from {','.join(TARGETS)})"))
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     model: ModelConfig = ModelConfig()
     mesh: MeshConfig = MeshConfig()
@@ -126,6 +173,7 @@ class Config:
     train: TrainConfig = TrainConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     run: RunConfig = RunConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
@@ -308,8 +356,9 @@ def validate(cfg: Config, num_devices: int) -> None:
         raise ConfigError("model.vocab_size", f"vocab_size={m.vocab_size} is smaller than the "
                           f"{cfg.data.tokenizer} tokenizer's {vocab} ids")
     source = cfg.data.source
-    if not (source == "stdlib" or source.startswith(("text:", "tfds:"))):
-        raise ConfigError("data.source", f"expected stdlib, text:GLOB or tfds:NAME, got {source!r}")
+    if not (source == "stdlib" or source.startswith(("text:", "jsonl:", "tfds:"))):
+        raise ConfigError("data.source", f"expected stdlib, text:GLOB, jsonl:GLOB[:FIELD] or "
+                          f"tfds:NAME, got {source!r}")
     if not 0 < cfg.data.eval_fraction < 1:
         raise ConfigError("data.eval_fraction", f"must be in (0, 1), got {cfg.data.eval_fraction}")
     if cfg.data.shuffle_tokens < 0:
@@ -339,6 +388,8 @@ def validate(cfg: Config, num_devices: int) -> None:
         raise ConfigError("checkpoint.every", f"must be >= 0, got {cfg.checkpoint.every}")
     if cfg.checkpoint.keep < 1:
         raise ConfigError("checkpoint.keep", f"must be >= 1, got {cfg.checkpoint.keep}")
+    for key, message in cfg.finetune.problems() if cfg.finetune.base else ():
+        raise ConfigError(f"finetune.{key}", message)
     validate_run(cfg.run)
 
 

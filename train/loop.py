@@ -39,8 +39,8 @@ from train.checkpoint import Checkpointer, CheckpointWriteError, DamagedRunFileE
 from train.config import Config, ConfigError, RunError, dump_yaml
 from train.metrics import MetricsWriter, progress_bar, write_expert_load_png
 from train.optimizer import make_optimizer
-from train.state import TrainState, abstract_state, init_state, state_shardings
-from train.step import batch_sharding, jit_all_finite, jit_eval_step, jit_train_step
+from train.step import batch_sharding, jit_all_finite
+from train.trainee import Trainee
 
 # (step, this process's batch) -> batch: a test hook, e.g. to feed a NaN batch.
 BatchHook = Callable[[int, dict[str, np.ndarray]], dict[str, np.ndarray]]
@@ -205,8 +205,8 @@ def _train(cfg: Config, preemption: Preemption, batch_hook: BatchHook | None) ->
     checkpointer = Checkpointer(run_dir, cfg.checkpoint)
 
     with activation_sharding(mesh, rules):
-        graphdef, abstract = abstract_state(m, tx, t.seed)
-        state_sh = state_shardings(abstract, mesh, rules)
+        trainee = make_trainee(cfg, tx, mesh, rules)
+        state_sh = trainee.shardings
         try:
             start = checkpointer.resume_step() or 0
         except DamagedRunFileError as e:
@@ -214,19 +214,20 @@ def _train(cfg: Config, preemption: Preemption, batch_hook: BatchHook | None) ->
         trim_metrics(run_dir, start)
         if start:
             try:
-                state, _, data_states = checkpointer.restore(start, abstract, state_sh)
+                saved, meta, data_states = checkpointer.restore(start, *trainee.checkpoint_abstract)
+                state = trainee.from_checkpoint(saved, meta)
                 shard = Shard(jax.process_index(), jax.process_count())
                 batches.set_state(regroup_state(data_states, shard, cfg.data.streams))
             except ValueError as e:
                 raise ConfigError("run.dir", f"cannot resume from checkpoint {start}: "
                                   f"{str(e).splitlines()[0]}") from None
         else:
-            state = init_state(m, tx, t.seed, state_sh)
+            state = trainee.init()
         batch_sh = batch_sharding(mesh, rules, t.batch_size, t.seq_len)
-        train_step = jit_train_step(graphdef, tx, schedule, t.microbatches, state_sh, batch_sh)
-        eval_step = jit_eval_step(graphdef, state_sh.params, batch_sh)
+        train_step, eval_step = trainee.jit_steps(schedule, batch_sh)
         state_finite = jit_all_finite(state_sh, mesh)
-        state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract))
+        state_bytes = sum(x.size * x.dtype.itemsize
+                          for x in jax.tree.leaves(trainee.checkpoint_abstract[0]))
 
         def save(step: int) -> None:
             """Saves ``state`` as checkpoint ``step``: never a non-finite state, and a failed or
@@ -236,7 +237,8 @@ def _train(cfg: Config, preemption: Preemption, batch_hook: BatchHook | None) ->
                 raise RunError(f"refusing to save checkpoint {step}: the training state holds "
                                "non-finite values")
             try:
-                checkpointer.save(step, state, {"step": step}, batches.get_state(),
+                checkpointer.save(step, trainee.to_checkpoint(state),
+                                  {"step": step, **trainee.checkpoint_meta()}, batches.get_state(),
                                   need_bytes=state_bytes)
             except CheckpointWriteError as e:  # the previous, asynchronous save failed
                 raise RunError(str(e)) from None
@@ -260,6 +262,8 @@ def _train(cfg: Config, preemption: Preemption, batch_hook: BatchHook | None) ->
                   f"{dict(mesh.shape)} ({jax.device_count()} {jax.default_backend()} devices); "
                   f"steps {start}->{t.steps}; peak {peak / 1e9:.1f} GFLOP/s ({peak_source}); "
                   f"run dir {run_dir}", flush=True)
+        if trainable := trainee.trainable_counts():
+            report_trainable(writer, start, *trainable)
 
         bar = progress_bar(t.steps, start, cfg.run.progress)
         in_flight: collections.deque[tuple[int, dict]] = collections.deque()
@@ -369,14 +373,40 @@ def _train(cfg: Config, preemption: Preemption, batch_hook: BatchHook | None) ->
         batches.close()
 
         if t.sample_tokens:  # every process takes part (params span them); process 0 prints
-            print_sample(cfg, state, graphdef, tokenizer)
+            print_sample(cfg, *trainee.plain_model(state), tokenizer)
     return last
 
 
-def print_sample(cfg: Config, state: TrainState, graphdef, tokenizer) -> None:
+def make_trainee(cfg: Config, tx, mesh, rules) -> Trainee:
+    """Pre-training, or a fine-tune of ``finetune.base``."""
+    if cfg.finetune.base:
+        from train.finetune_state import FinetuneTrainee
+
+        return FinetuneTrainee(cfg, tx, mesh, rules)
+    return Trainee(cfg, tx, mesh, rules)
+
+
+def report_trainable(writer: MetricsWriter, step: int, trainable: int, total: int) -> None:
+    """Prints and logs the trained share of the parameters (process 0)."""
+    if jax.process_index() == 0:
+        print(f"meshlm: trainable {trainable / total:.2%} ({trainable:,} of {short_count(total)})",
+              flush=True)
+    writer.write({"step": step, "trainable_params": trainable, "total_params": total,
+                  "trainable_fraction": trainable / total})
+
+
+def short_count(n: int) -> str:
+    """29.1M, 3.4M, 41.2K: a parameter count in three significant figures or so."""
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return str(n)
+
+
+def print_sample(cfg: Config, graphdef, params, tokenizer) -> None:
     prompt = cfg.train.sample_prompt
     ids = ([tokenizer.bos_id] if tokenizer.bos_id >= 0 else []) + tokenizer.encode(prompt)
-    new = list(generate(state.params, graphdef, ids, cfg.train.sample_tokens,
+    new = list(generate(params, graphdef, ids, cfg.train.sample_tokens,
                         window=cfg.train.seq_len, temperature=0.8, seed=cfg.train.seed,
                         stop_id=tokenizer.eos_id))
     if jax.process_index() != 0:

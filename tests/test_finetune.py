@@ -1,0 +1,293 @@
+"""Fine-tuning: LoRA trains only its adapters (and only they have optimizer moments), the trainable
+count is the rank's arithmetic, merged weights give the adapted logits, resumes are exact, full
+fine-tuning keeps frozen routers bit-identical, JSON-lines sources, and clear errors for bad input."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from data.pipeline import eval_batches
+from data.sources import open_source
+from data.tokenizer import make_tokenizer
+from eval.load import load_run
+from sharding.constrain import activation_sharding
+from sharding.mesh import make_mesh
+from sharding.rules import default_rules
+from tests import reference
+from tests.helpers import random_batch, small_text, tiny_config
+from train.checkpoint import Checkpointer
+from train.config import ConfigError, validate
+from train.finetune import load_run_config, merge_main, merge_run
+from train.finetune_state import FinetuneTrainee
+from train.loop import evaluate, losses_of, train
+from train.optimizer import make_optimizer
+from train.step import batch_sharding
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ("model.d_model=32", "model.mlp_dim=64", "train.log_every=1", "checkpoint.every=0",
+        "run.peak_flops=1e12", "run.tensorboard=false", "train.eval_batches=1")
+D, N, K, H, F, L, RANK = 32, 4, 2, 8, 64, 2, 8  # the base model below, and the default rank
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> dict[str, str]:
+    """The base's pre-training text and the fine-tuning text (another vocabulary), with a cache."""
+    root = tmp_path_factory.mktemp("corpus")
+    other = root / "other"
+    other.mkdir()
+    words = ["seven red ships", "an open door", "the quiet river", "four tall towers"]
+    rng = np.random.default_rng(1)
+    (other / "a.txt").write_text("\n".join(" and ".join(rng.choice(words, 2)) for _ in range(600)))
+    return {"base": str(other / "*.txt"), "finetune": small_text(root / "finetune"),
+            "cache": str(root / "cache")}
+
+
+def base_config(run_dir: Path, corpus: dict[str, str], *extra: str):
+    return tiny_config(run_dir, *TINY, f"data.source=text:{corpus['base']}",
+                       f"data.cache_dir={corpus['cache']}", *extra)
+
+
+def ft_config(run_dir: Path, base: Path, corpus: dict[str, str], *extra: str, preset=None):
+    cfg = load_run_config(preset, [f"finetune.base={base}", f"run.dir={run_dir}", *TINY,
+                                   f"data.source=text:{corpus['finetune']}",
+                                   f"data.cache_dir={corpus['cache']}", "train.seq_len=32",
+                                   "optim.warmup_steps=1", *extra], finetune=True)
+    validate(cfg, jax.device_count())
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def base_run(corpus, tmp_path_factory) -> Path:
+    """A dense base: d_model 32, 2 layers, 4 steps."""
+    run_dir = tmp_path_factory.mktemp("base") / "run"
+    train(base_config(run_dir, corpus, "train.steps=4"))
+    return run_dir
+
+
+LORA = ("finetune.lora_dropout=0.1", "optim.lr=1e-2", "optim.decay_steps=4")
+
+
+@pytest.fixture(scope="module")
+def lora_run(corpus, base_run, tmp_path_factory) -> Path:
+    """4 LoRA steps with dropout through the training loop."""
+    run_dir = tmp_path_factory.mktemp("lora") / "run"
+    train(ft_config(run_dir, base_run, corpus, "train.steps=4", *LORA))
+    return run_dir
+
+
+def flat(state) -> dict[str, np.ndarray]:
+    """{"a/b/c": host array} of an nnx State."""
+    leaves = jax.tree_util.tree_flatten_with_path(jax.device_get(state))[0]
+    return {"/".join(str(k.key) for k in path if hasattr(k, "key")): np.asarray(v)
+            for path, v in leaves}
+
+
+def trainee_for(cfg) -> tuple[FinetuneTrainee, object]:
+    mesh, rules = make_mesh(cfg.mesh), default_rules()
+    tx, schedule = make_optimizer(cfg.optim, cfg.train.steps)
+    return FinetuneTrainee(cfg, tx, mesh, rules), schedule
+
+
+def test_lora_trains_only_the_adapters(eight_devices, corpus, base_run, tmp_path):
+    cfg = ft_config(tmp_path / "ft", base_run, corpus, "finetune.lora_dropout=0.1", "optim.lr=1e-2",
+                    "optim.weight_decay=0.1")
+    trainee, schedule = trainee_for(cfg)
+    with activation_sharding(trainee.mesh, trainee.rules):
+        base = flat(trainee.load_base(cfg.finetune.base_step))
+        state = trainee.init()
+        adapters_before = flat(state.params)
+        batch_sh = batch_sharding(trainee.mesh, trainee.rules, 16, 32)
+        step, _ = trainee.jit_steps(schedule, batch_sh)
+        for i in range(3):
+            batch = random_batch(16, 32, cfg.model.vocab_size, seed=i)
+            state, metrics = step(state, {k: jax.device_put(v, batch_sh) for k, v in batch.items()})
+            assert not metrics["skipped"]
+        model = flat(nnx.merge_state(state.params, trainee.frozen))
+    adapters = flat(state.params)
+    assert set(adapters) == {p for p in model if "/lora_" in p and p.endswith(("/a", "/b"))}
+    for path, value in adapters.items():  # every adapter weight moved (B from zero)
+        assert not np.array_equal(value, adapters_before[path]), path
+    assert set(base) == {p for p in model if "/lora_" not in p}
+    for path, value in base.items():  # every base weight bit-identical
+        assert np.array_equal(model[path], value), path
+    moments = [x.shape for x in jax.tree.leaves(state.opt_state) if x.ndim]
+    assert sorted(moments) == sorted([v.shape for v in adapters.values()] * 2)  # mu and nu only
+
+
+def test_trainable_count_is_the_rank_arithmetic(base_run, lora_run, corpus, tmp_path):
+    per_layer = RANK * ((D + N * H) + 2 * (D + K * H) + (N * H + D) + 3 * (D + F))
+    record = next(r for r in map(json.loads, (lora_run / "metrics.jsonl").read_text().splitlines())
+                  if "trainable_params" in r)
+    base_total = sum(v.size for v in flat(load_run(base_run).params).values())
+    assert record["trainable_params"] == L * per_layer
+    assert record["total_params"] == base_total + L * per_layer
+    assert record["trainable_fraction"] == L * per_layer / (base_total + L * per_layer)
+    cfg = ft_config(tmp_path / "qv", base_run, corpus, "finetune.lora_rank=3",
+                    "finetune.lora_targets=q,v")
+    assert trainee_for(cfg)[0].trainable_counts()[0] == L * 3 * ((D + N * H) + (D + K * H))
+
+
+def test_lora_run_checkpoints_adapters_and_a_base_reference(base_run, lora_run):
+    losses = losses_of(lora_run)
+    assert sorted(losses) == [1, 2, 3, 4] and losses[4] < losses[1]
+    meta = json.loads((lora_run / "checkpoints" / "4" / "meta" / "metadata").read_text())
+    assert meta["base_run"] == str(base_run) and meta["base_step"] == 4 and meta["lora"]["rank"] == 8
+    assert meta["base_manifest_sha256"]
+    with pytest.raises(ValueError, match="LoRA adapters"):  # not a model: merge it first
+        load_run(lora_run)
+
+
+@pytest.mark.slow
+def test_lora_resume_is_exact(base_run, lora_run, corpus, tmp_path):
+    """Stopped after step 2 and resumed: the same losses, bit for bit (dropout masks included)."""
+    resumed = tmp_path / "resumed"
+    train(ft_config(resumed, base_run, corpus, "train.steps=2", *LORA))
+    train(ft_config(resumed, base_run, corpus, "train.steps=4", *LORA))
+    a, b = losses_of(lora_run), losses_of(resumed)
+    assert [a[s] for s in range(1, 5)] == [b[s] for s in range(1, 5)]
+
+
+def test_merged_weights_give_the_adapted_logits(eight_devices, base_run, lora_run, tmp_path):
+    summary = merge_run(lora_run, tmp_path / "merged")
+    assert summary["step"] == 4
+    merged = load_run(tmp_path / "merged")  # a plain run directory, as eval reads it
+    cfg = load_run_config(None, [f"finetune.base={base_run}", f"run.dir={lora_run}",
+                                 "train.seq_len=32", "finetune.lora_dropout=0.1"], finetune=True)
+    trainee, _ = trainee_for(cfg)
+    tokens = jax.numpy.asarray(random_batch(8, 32, 384, seed=5)["inputs"])
+    with activation_sharding(trainee.mesh, trainee.rules):
+        checkpointer = Checkpointer(lora_run, cfg.checkpoint, read_only=True)
+        adapters = checkpointer.restore_params(4, trainee.abstract.params, trainee.shardings.params)
+        checkpointer.close()
+        trainee.frozen = trainee.split_base(trainee.load_base(4))[1]
+        assert all(np.any(v) for p, v in flat(adapters).items() if p.endswith("/b"))  # B != 0
+        adapted = jax.jit(lambda a, f: nnx.merge(trainee.eval_graphdef, a, f)(tokens))(
+            adapters, trainee.frozen)
+        plain = jax.jit(lambda p: nnx.merge(merged.graphdef, p)(tokens))(merged.params)
+        base = load_run(base_run)
+        before = jax.jit(lambda p: nnx.merge(base.graphdef, p)(tokens))(base.params)
+    assert reference.relative_error(plain, adapted) < 1e-4
+    assert reference.relative_error(before, adapted) > 1e-3  # the adapters did change the model
+
+
+@pytest.mark.slow
+def test_full_finetune_keeps_frozen_routers(eight_devices, corpus, tmp_path):
+    moe = ("model.num_experts=4", "model.experts_per_token=2", "mesh.data=2", "mesh.expert=4",
+           "train.steps=2")
+    base_dir = tmp_path / "moe_base"
+    train(base_config(base_dir, corpus, *moe))
+    ft_dir = tmp_path / "moe_full"
+    cfg = ft_config(ft_dir, base_dir, corpus, *moe, "finetune.freeze_router=true",
+                    preset=ROOT / "configs" / "finetune_full.yaml")
+    summary = train(cfg)
+    assert summary["step"] == 2 and Checkpointer(ft_dir, cfg.checkpoint).all_steps() == [2]
+    before, after = flat(load_run(base_dir).params), flat(load_run(ft_dir).params)
+    assert set(before) == set(after)
+    routers = [p for p in before if "w_router_de" in p]
+    assert routers
+    for path in before:
+        assert np.array_equal(before[path], after[path]) == (path in routers), path
+    trainee, _ = trainee_for(cfg)
+    with activation_sharding(trainee.mesh, trainee.rules):
+        checkpointer = Checkpointer(ft_dir, cfg.checkpoint, read_only=True)
+        saved, meta, _ = checkpointer.restore(2, *trainee.checkpoint_abstract)
+        checkpointer.close()
+    trained = sum(v.size for p, v in after.items() if p not in routers)
+    assert sum(x.size for x in jax.tree.leaves(saved.opt_state) if x.ndim) == 2 * trained
+    assert meta["method"] == "full" and meta["base_step"] == 2
+
+
+@pytest.mark.slow
+def test_lora_lowers_held_out_perplexity(eight_devices, corpus, base_run, tmp_path):
+    """300 LoRA steps on the fine-tuning text lower the loss of its held-out split."""
+    cfg = ft_config(tmp_path / "ft", base_run, corpus, "train.steps=300", "train.eval_batches=4",
+                    "optim.lr=3e-3", "optim.warmup_steps=10", "checkpoint.every=0")
+    trainee, schedule = trainee_for(cfg)
+    docs = open_source(cfg.data.source, "eval", cache_dir=corpus["cache"])
+    data = eval_batches(docs, make_tokenizer("byte"), seq_len=32, batch_size=16, max_batches=4)
+    with activation_sharding(trainee.mesh, trainee.rules):
+        state = trainee.init()
+        batch_sh = batch_sharding(trainee.mesh, trainee.rules, 16, 32)
+        _, eval_step = trainee.jit_steps(schedule, batch_sh)
+        before = evaluate(eval_step, state.params, data, batch_sh, 16)
+    after = train(cfg)["eval_loss"]
+    assert after < before - 1.0, (before, after)
+
+
+# ----------------------------------------------------------------------------------- bad input
+
+
+def test_bad_finetune_input_is_a_config_error(base_run, lora_run, corpus, tmp_path):
+    cases = {
+        "finetune.base": [f"finetune.base={tmp_path / 'nope'}"],
+        "finetune.base ": [f"finetune.base={tmp_path}"],  # a directory, but not a run
+        "finetune.base  ": [f"finetune.base={lora_run}"],  # adapters, not a model
+        "finetune.base_step": ["finetune.base_step=3"],
+        "finetune.lora_targets": ["finetune.lora_targets=q,proj"],
+        "finetune.lora_rank": ["finetune.lora_rank=0"],
+        "model.d_model": ["model.d_model=64"],
+    }
+    messages = {}
+    for key, overrides in cases.items():
+        with pytest.raises(ConfigError) as e:
+            ft_config(tmp_path / "ft", base_run, corpus, *overrides)
+        assert e.value.key == key.strip(), str(e.value)
+        messages[key] = str(e.value)
+    assert "does not exist" in messages["finetune.base"]
+    assert "not a meshlm run" in messages["finetune.base "]
+    assert "merge them first" in messages["finetune.base  "]
+    assert "unknown LoRA target 'proj'" in messages["finetune.lora_targets"]
+    assert "d_model=32" in messages["model.d_model"]
+    cfg = ft_config(tmp_path / "ft", base_run, corpus, "model.d_model=32", "model.remat=full")
+    assert cfg.model.remat == "full" and cfg.model.d_model == 32  # same value, runtime key: fine
+    assert cfg.finetune.base == str(base_run) and cfg.finetune.base_step == 4
+
+
+def test_cli_errors_exit_2_with_one_line(tmp_path, capsys):
+    result = subprocess.run([sys.executable, "-m", "train.finetune", f"finetune.base={tmp_path}/none",
+                             f"run.dir={tmp_path / 'run'}"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: finetune.base:") and "does not exist" in lines[0]
+    assert not (tmp_path / "run").exists()
+    assert merge_main([str(tmp_path / "none"), str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.startswith("error: ")
+
+
+# ----------------------------------------------------------------------------- JSON-lines input
+
+
+def test_jsonl_source_reads_one_document_per_line(tmp_path):
+    (tmp_path / "d").mkdir()
+    records = [{"text": f"document {i}", "prompt": f"question {i}"} for i in range(40)]
+    for part in range(2):
+        lines = [json.dumps(r) for r in records[part::2]]
+        (tmp_path / "d" / f"{part}.jsonl").write_text("\n".join(lines[:10]) + "\n\n" +
+                                                     "\n".join(lines[10:]) + "\n")
+    cache = str(tmp_path / "cache")
+
+    def read(spec: str, split: str) -> list[str]:
+        docs = open_source(spec, split, eval_fraction=0.2, cache_dir=cache)
+        return [docs[i] for i in range(len(docs))]
+
+    spec = f"jsonl:{tmp_path}/d/*.jsonl"
+    train_docs, eval_docs = read(spec, "train"), read(spec, "eval")
+    assert sorted(train_docs + eval_docs) == sorted(r["text"] for r in records)
+    assert train_docs and eval_docs
+    prompts = read(spec + ":prompt", "train") + read(spec + ":prompt", "eval")
+    assert sorted(prompts) == sorted(r["prompt"] for r in records)
+    (tmp_path / "d" / "1.jsonl").write_text('{"text": "fine"}\n{"title": "no text"}\n')
+    with pytest.raises(ValueError, match=r"1\.jsonl:2 has no field 'text'"):
+        open_source(spec, "train", cache_dir=cache)
+    (tmp_path / "d" / "1.jsonl").write_text('{"text": 3}\n')
+    with pytest.raises(ValueError, match="is not a string"):
+        open_source(spec, "train", cache_dir=cache)
+    with pytest.raises(ValueError, match="matches no files"):
+        open_source(f"jsonl:{tmp_path}/none/*.jsonl", "train", cache_dir=cache)

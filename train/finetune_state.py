@@ -1,0 +1,196 @@
+"""The fine-tune trainee: a base run's weights restored onto the mesh, then either LoRA adapters
+trained over the frozen base (checkpoints hold only the adapters, their optimizer state and a
+reference to the base checkpoint) or every weight trained with a fresh optimizer from step 0 (MoE
+routers optionally frozen; checkpoints hold the whole model, like pre-training's). Frozen state is
+passed to the jitted steps beside the TrainState: never differentiated, updated or donated.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from model.lora import (
+    LoRAKey,
+    LoRAParam,
+    LoRASpec,
+    add_lora,
+    merge_lora,
+    set_deterministic,
+    with_dropout_keys,
+)
+from model.transformer import Transformer
+from sharding.rules import Rules, tree_shardings
+from train.checkpoint import MANIFEST, Checkpointer, file_digest
+from train.config import CheckpointConfig, Config
+from train.state import TrainState, state_shardings
+from train.step import eval_step, train_step
+from train.trainee import EvalFn, StepFn, Trainee, count
+
+ROUTER = "w_router_de"
+
+
+def lora_spec(cfg: Config) -> LoRASpec:
+    ft = cfg.finetune
+    return LoRASpec(rank=ft.lora_rank, alpha=ft.lora_alpha, dropout=ft.lora_dropout,
+                    targets=ft.targets, experts=ft.lora_experts)
+
+
+def trainable_filter(cfg: Config) -> Any:
+    """Which variables a fine-tune trains: the adapters (LoRA), or every parameter but the MoE
+    routers when they are frozen, or every parameter."""
+    if cfg.finetune.method == "lora":
+        return LoRAParam
+    if cfg.finetune.freeze_router:
+        return nnx.All(nnx.Param, nnx.Not(nnx.PathContains(ROUTER)))
+    return nnx.Param
+
+
+def base_reference(base_dir: Path, step: int) -> dict[str, Any]:
+    """What a fine-tune's checkpoints record of the base checkpoint they start from."""
+    manifest = base_dir / "checkpoints" / str(step) / MANIFEST
+    return {"base_run": str(base_dir), "base_step": step,
+            "base_manifest_sha256": file_digest(manifest) if manifest.is_file() else ""}
+
+
+class FinetuneTrainee(Trainee):
+    """``cfg.finetune`` resolved (see ``train.finetune.resolve_finetune``): ``base`` is an absolute run
+    directory, ``base_step`` one of its checkpoints, ``cfg.model`` the base's model."""
+
+    def __init__(self, cfg: Config, tx: optax.GradientTransformation, mesh: Mesh, rules: Rules):
+        self.cfg, self.tx, self.mesh, self.rules = cfg, tx, mesh, rules
+        ft = cfg.finetune
+        self.base_dir, self.base_step = Path(ft.base), ft.base_step
+        self.lora = ft.method == "lora"
+        self.filter = trainable_filter(cfg)
+        plain = nnx.eval_shape(lambda: Transformer(cfg.model, nnx.Rngs(0)))
+        self.plain_graphdef, self.plain_abstract = nnx.split(plain)
+        self.plain_sh = tree_shardings(self.plain_abstract, mesh, rules)
+        model = nnx.eval_shape(lambda: self.attach(Transformer(cfg.model, nnx.Rngs(0))))
+        self.graphdef, trainable, frozen = nnx.split(model, self.filter, ...)
+        self.eval_graphdef = nnx.split(set_deterministic(model, True), self.filter, ...)[0]
+        step = jax.ShapeDtypeStruct((), jnp.int32)
+        self.abstract = TrainState(step, trainable, jax.eval_shape(tx.init, trainable))
+        self.shardings = state_shardings(self.abstract, mesh, rules)
+        self.frozen_abstract, self.frozen_sh = frozen, tree_shardings(frozen, mesh, rules)
+        self.frozen: nnx.State | None = None  # set by init / from_checkpoint
+        if self.lora:
+            self._checkpoint = (self.abstract, self.shardings)
+        else:  # the whole model, as pre-training saves it: eval and export read it directly
+            self._checkpoint = (TrainState(step, self.plain_abstract, self.abstract.opt_state),
+                                TrainState(self.shardings.step, self.plain_sh,
+                                           self.shardings.opt_state))
+
+    def attach(self, model: nnx.Module) -> nnx.Module:
+        """``model`` with fresh adapters (LoRA; seeded by train.seed), else as it is."""
+        if self.lora:
+            add_lora(model, lora_spec(self.cfg), nnx.Rngs(self.cfg.train.seed))
+        return model
+
+    def build(self, base: nnx.State) -> nnx.Module:
+        """The model with ``base``'s weights (and fresh adapters for LoRA)."""
+        return self.attach(nnx.merge(self.plain_graphdef, base))
+
+    # ---------------------------------------------------------------------------- the base run
+
+    def load_base(self, step: int) -> nnx.State:
+        """The base run's parameters at ``step``, restored onto the mesh (manifest verified)."""
+        checkpointer = Checkpointer(self.base_dir, CheckpointConfig(), read_only=True)
+        try:
+            return checkpointer.restore_params(step, self.plain_abstract, self.plain_sh)
+        except Exception as e:  # orbax raises many types for damaged or foreign files
+            text = str(e).strip()
+            raise ValueError(f"cannot restore checkpoint {step} of the base run {self.base_dir}: "
+                             f"{text.splitlines()[0] if text else type(e).__name__}") from None
+        finally:
+            checkpointer.close()
+
+    def split_base(self, base: nnx.State) -> tuple[nnx.State, nnx.State]:
+        """(trainable, frozen) of the model built on ``base`` (the base's buffers are donated)."""
+        build = jax.jit(lambda b: nnx.split(self.build(b), self.filter, ...)[1:],
+                        in_shardings=(self.plain_sh,),
+                        out_shardings=(self.shardings.params, self.frozen_sh), donate_argnums=0)
+        return build(base)
+
+    def init(self) -> TrainState:
+        params, self.frozen = self.split_base(self.load_base(self.base_step))
+        opt_init = jax.jit(self.tx.init, in_shardings=(self.shardings.params,),
+                           out_shardings=self.shardings.opt_state)
+        zero = jax.device_put(jnp.zeros((), jnp.int32), self.shardings.step)
+        return TrainState(zero, params, opt_init(params))
+
+    # ------------------------------------------------------------------------------ checkpoints
+
+    @property
+    def checkpoint_abstract(self) -> tuple[Any, Any]:
+        return self._checkpoint
+
+    def to_checkpoint(self, state: TrainState) -> Any:
+        if self.lora:
+            return state
+        return TrainState(state.step, nnx.merge_state(state.params, self.frozen), state.opt_state)
+
+    def from_checkpoint(self, saved: Any, meta: dict[str, Any]) -> TrainState:
+        recorded = (meta.get("base_run"), meta.get("base_step"))
+        if recorded != (str(self.base_dir), self.base_step):
+            raise ValueError(f"it was fine-tuned from {recorded[0]} step {recorded[1]}, not from "
+                             f"finetune.base={self.base_dir} step {self.base_step}")
+        if self.lora:
+            self.frozen = self.split_base(self.load_base(self.base_step))[1]
+            return saved
+        params, self.frozen = nnx.split_state(saved.params, self.filter, ...)
+        return TrainState(saved.step, params, saved.opt_state)
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        ft = self.cfg.finetune
+        meta = {"method": ft.method, **base_reference(self.base_dir, self.base_step)}
+        if self.lora:
+            meta["lora"] = {"rank": ft.lora_rank, "alpha": ft.lora_alpha, "targets": list(ft.targets),
+                            "experts": ft.lora_experts}
+        return meta
+
+    # ------------------------------------------------------------------------- steps and models
+
+    def jit_steps(self, schedule: optax.Schedule, batch_sh: NamedSharding) -> tuple[StepFn, EvalFn]:
+        t, seed = self.cfg.train, self.cfg.train.seed
+        dropout = self.lora and self.cfg.finetune.lora_dropout > 0
+
+        def step(state: TrainState, batch: dict, frozen: nnx.State) -> tuple[TrainState, dict]:
+            if dropout:  # fresh masks every step, a function of (seed, step): resumes draw the same
+                frozen = with_dropout_keys(frozen, state.step, seed)
+            return train_step(state, batch, frozen, graphdef=self.graphdef, tx=self.tx,
+                              schedule=schedule, microbatches=t.microbatches)
+
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        jitted_step = jax.jit(step, in_shardings=(self.shardings, batch_sh, self.frozen_sh),
+                              out_shardings=(self.shardings, replicated), donate_argnums=0)
+        jitted_eval = jax.jit(functools.partial(eval_step, graphdef=self.eval_graphdef),
+                              in_shardings=(self.shardings.params, batch_sh, self.frozen_sh),
+                              out_shardings=replicated)
+        return (lambda state, batch: jitted_step(state, batch, self.frozen),
+                lambda params, batch: jitted_eval(params, batch, self.frozen))
+
+    def plain_model(self, state: TrainState) -> tuple[nnx.GraphDef, nnx.State]:
+        if not self.lora:
+            return self.plain_graphdef, nnx.merge_state(state.params, self.frozen)
+        return self.plain_graphdef, self.merged_params(state.params)
+
+    def merged_params(self, adapters: nnx.State) -> nnx.State:
+        """The base weights with the adapters merged in, laid out like a plain model's."""
+        def merge(trainable: nnx.State, frozen: nnx.State) -> nnx.State:
+            return nnx.state(merge_lora(nnx.merge(self.eval_graphdef, trainable, frozen)))
+
+        return jax.jit(merge, in_shardings=(self.shardings.params, self.frozen_sh),
+                       out_shardings=self.plain_sh)(adapters, self.frozen)
+
+    def trainable_counts(self) -> tuple[int, int]:
+        trainable = count(self.abstract.params)
+        frozen = count(nnx.split_state(self.frozen_abstract, LoRAKey, ...)[1])
+        return trainable, trainable + frozen
