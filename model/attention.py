@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from model.attention_kernels import blockwise_causal_attention, xla_attention
 from model.config import ModelConfig
 from model.layers import apply_rope, dtype_of, param
 from model.lora import adapted
@@ -54,10 +55,18 @@ def update_cache(cache_lbskh: jax.Array, new_btkh: jax.Array, layer: jax.Array |
 
 
 def dot_product_attention(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array,
-                          mask_bts: jax.Array, *, return_probs: bool = False
-                          ) -> jax.Array | tuple[jax.Array, jax.Array]:
+                          mask_bts: jax.Array, *, return_probs: bool = False, impl: str = "einsum",
+                          block: int = 128) -> jax.Array | tuple[jax.Array, jax.Array]:
     """softmax(q k^T / sqrt(H) + mask) v with N query heads sharing K key/value heads (N = K*G);
-    with ``return_probs`` also the float32 weights [B, N, T, S] (query head n = kv head * G + g)."""
+    with ``return_probs`` also the float32 weights [B, N, T, S] (query head n = kv head * G + g).
+
+    ``impl`` (ModelConfig.attention_impl): ``einsum`` (below), ``xla`` or ``blockwise`` (see
+    model/attention_kernels.py; ``blockwise`` needs a causal mask over T == S, so a decode step
+    or ``return_probs`` takes the einsum path)."""
+    if impl == "xla" and not return_probs:
+        return xla_attention(q_btnh, k_bskh, v_bskh, mask_bts)
+    if impl == "blockwise" and not return_probs and q_btnh.shape[1] == k_bskh.shape[1]:
+        return blockwise_causal_attention(q_btnh, k_bskh, v_bskh, mask_bts, block)
     b, t, n, h = q_btnh.shape
     k = k_bskh.shape[2]
     q_btkgh = q_btnh.reshape(b, t, k, n // k, h)
@@ -86,6 +95,7 @@ class Attention(nnx.Module):
         self.use_rope = cfg.position == "rope"
         self.rope_theta = cfg.rope_theta
         self.dtype = dtype_of(cfg.dtype)
+        self.impl, self.block = cfg.attention_impl, cfg.attention_block
 
     def __call__(self, x_btd: jax.Array, positions_bt: jax.Array, mask_bts: jax.Array,
                  cache: KVCache | None = None, layer: jax.Array | int = 0, *, decode: bool = False,
@@ -109,7 +119,8 @@ class Attention(nnx.Module):
                           for c_lbskh, new_btkh in zip(cache, (k_btkh, v_btkh), strict=True))
             if decode:  # attend over every cached slot of this layer (the mask hides the future)
                 k_btkh, v_btkh = (constrain(c_lbskh[layer], CACHE_AXES[1:]) for c_lbskh in cache)
-        out = dot_product_attention(q_btnh, k_btkh, v_btkh, mask_bts, return_probs=return_probs)
+        out = dot_product_attention(q_btnh, k_btkh, v_btkh, mask_bts, return_probs=return_probs,
+                                    impl=self.impl, block=self.block)
         out_btnh, probs = out if return_probs else (out, None)
         out_btd = adapted(self, "o", out_btnh,
                           jnp.einsum("btnh,nhd->btd", out_btnh, self.w_o_nhd[...].astype(dt)))

@@ -11,6 +11,7 @@ Activation = Literal["swiglu", "gelu"]
 DType = Literal["float32", "bfloat16"]
 Remat = Literal["none", "full", "dots", "dots_no_batch"]
 MoEImpl = Literal["capacity", "dropless"]
+AttentionImpl = Literal["einsum", "xla", "blockwise"]
 RouterMode = Literal["softmax_topk", "topk_softmax", "softmax_topk_unnormalized"]
 
 
@@ -50,6 +51,9 @@ class ModelConfig:
     dtype: DType = "float32"
     scan_layers: bool = True
     remat: Remat = "none"
+    attention_impl: AttentionImpl = "einsum"  # see model/attention_kernels.py
+    attention_block: int = 128  # query rows per block of attention_impl=blockwise
+    loss_chunk: int = 0  # >0: cross-entropy over chunks of this many positions (model/loss.py)
     init_std: float = 0.02
     num_experts: int = 0  # 0: dense
     experts_per_token: int = 2
@@ -115,6 +119,13 @@ class ModelConfig:
             out.append(("rope_theta", f"must be > 0, got {self.rope_theta}"))
         if self.init_std <= 0:
             out.append(("init_std", f"must be > 0, got {self.init_std}"))
+        if self.attention_impl not in ("einsum", "xla", "blockwise"):
+            out.append(("attention_impl", f"must be einsum, xla or blockwise, got "
+                        f"{self.attention_impl!r}"))
+        if self.attention_block < 1:
+            out.append(("attention_block", f"must be >= 1, got {self.attention_block}"))
+        if self.loss_chunk < 0:
+            out.append(("loss_chunk", f"must be >= 0 (0 = no chunking), got {self.loss_chunk}"))
         return out + self.moe_problems()
 
     def moe_problems(self) -> list[tuple[str, str]]:

@@ -121,7 +121,8 @@ class Transformer(nnx.Module):
     def __call__(self, tokens_bt: jax.Array, positions_bt: jax.Array | None = None,
                  segment_ids_bt: jax.Array | None = None, *, routing_mask_bt: jax.Array | None = None,
                  return_aux: bool = False, return_attention: bool = False,
-                 return_routing: bool = False) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
+                 return_routing: bool = False,
+                 return_features: bool = False) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
         """Logits [B, T, V]; with ``return_aux`` also the MoE auxiliaries (empty for a dense model):
         ``loss`` (the weighted aux + z losses to add to the training loss) and, per MoE layer,
         ``aux_loss``, ``z_loss``, ``dropped_frac`` [L_moe] and ``expert_load`` [L_moe, E].
@@ -130,14 +131,16 @@ class Transformer(nnx.Module):
         For inspection (off by default; each implies ``return_aux``): ``return_attention`` adds
         ``attention_probs`` [L, B, N, T, T] (every layer, in depth order, float32);
         ``return_routing`` adds, per MoE layer, ``routing_experts`` [L_moe, B, T, R] (each token's
-        top-k experts, best first) and ``routing_weights`` [L_moe, B, T, R] (the weights applied)."""
+        top-k experts, best first) and ``routing_weights`` [L_moe, B, T, R] (the weights applied).
+        ``return_features``: the final-norm features [B, T, D] in place of the logits (for a loss
+        that applies the head itself, model/loss.py)."""
         b, t = tokens_bt.shape
         if positions_bt is None:
             positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         mask_bts = causal_mask(segment_ids_bt, b, t)
         logits_btv, aux, _ = self._forward(tokens_bt, positions_bt, mask_bts, routing_mask_bt, None,
                                            decode=False, attention=return_attention,
-                                           routing=return_routing)
+                                           routing=return_routing, features=return_features)
         return (logits_btv, aux) if return_aux or return_attention or return_routing else logits_btv
 
     def with_cache(self, tokens_bt: jax.Array, positions_bt: jax.Array, cache: Cache, *,
@@ -157,7 +160,7 @@ class Transformer(nnx.Module):
 
     def _forward(self, tokens_bt: jax.Array, positions_bt: jax.Array, mask_bts: jax.Array,
                  routing_mask_bt: jax.Array | None, cache: Cache | None, *, decode: bool,
-                 attention: bool = False, routing: bool = False
+                 attention: bool = False, routing: bool = False, features: bool = False
                  ) -> tuple[jax.Array, dict[str, jax.Array], Cache | None]:
         cfg = self.cfg
         cache = cache or {}
@@ -237,6 +240,8 @@ class Transformer(nnx.Module):
             aux["attention_probs"] = jnp.concatenate(probs_by_stack)
 
         x_btd = self.final_norm(x_btd)
+        if features:
+            return x_btd, aux, None
         if cfg.tie_embeddings:
             logits_btv = self.embed.attend(x_btd)
         else:

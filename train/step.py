@@ -18,6 +18,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from model.loss import chunked_nll_sum, head_weight_vd
 from sharding.constrain import constrain
 from sharding.rules import Rules, logical_to_spec
 from train.state import TrainState
@@ -33,6 +34,12 @@ def forward_sums(params: nnx.State, graphdef: nnx.GraphDef, batch: Batch,
     trained (a fine-tune's base weights), merged with ``params``."""
     model = nnx.merge(graphdef, params, *(() if frozen is None else (frozen,)))
     weights_bt = batch["weights"].astype(jnp.float32)
+    if model.cfg.loss_chunk:  # the head applied chunk by chunk: no [B, T, V] logits
+        features_btd, aux = model(batch["inputs"], batch.get("positions"), batch.get("segment_ids"),
+                                  routing_mask_bt=weights_bt > 0, return_aux=True, return_features=True)
+        loss_sum = chunked_nll_sum(features_btd, head_weight_vd(model), batch["targets"], weights_bt,
+                                   model.cfg.loss_chunk)
+        return loss_sum, jnp.sum(weights_bt), aux
     logits_btv, aux = model(batch["inputs"], batch.get("positions"), batch.get("segment_ids"),
                             routing_mask_bt=weights_bt > 0, return_aux=True)
     target_logit_bt = jnp.take_along_axis(logits_btv, batch["targets"][..., None], axis=-1)[..., 0]

@@ -1,0 +1,121 @@
+"""The fast paths of issue 8 against the existing ones: attention_impl=xla and blockwise against the
+naive reference attention, whole models with them against the einsum path, and the chunked
+cross-entropy (loss_chunk) against the full-logits loss, values and gradients."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from model.attention import causal_mask, dot_product_attention
+from model.attention_kernels import blockwise_causal_attention
+from model.config import ModelConfig
+from model.loss import chunked_nll_sum
+from tests import reference
+from tests.helpers import SMALL, loss_and_grads, random_batch
+
+
+def qkv(b: int, t: int, n: int, k: int, h: int, seed: int = 0) -> tuple[jax.Array, ...]:
+    keys = jax.random.split(jax.random.key(seed), 3)
+    return (jax.random.normal(keys[0], (b, t, n, h)), jax.random.normal(keys[1], (b, t, k, h)),
+            jax.random.normal(keys[2], (b, t, k, h)))
+
+
+def packed_segments(b: int, t: int) -> np.ndarray:
+    """Rows of two or three packed documents."""
+    segments = np.zeros((b, t), np.int32)
+    segments[:, t // 3:] = 1
+    segments[1:, 2 * t // 3:] = 2
+    return segments
+
+
+@pytest.mark.parametrize("impl", ["xla", "blockwise"])
+@pytest.mark.parametrize("packed", [False, True])
+def test_attention_impls_match_reference(impl: str, packed: bool) -> None:
+    b, t = 2, 11  # 11 = blocks of 4, 4 and 3 for blockwise
+    q, k, v = qkv(b, t, 4, 2, 8)
+    segments = packed_segments(b, t) if packed else None
+    mask = causal_mask(None if segments is None else jnp.asarray(segments), b, t)
+    out = dot_product_attention(q, k, v, mask, impl=impl, block=4)
+    np.testing.assert_allclose(out, reference.attention(q, k, v, segments), atol=1e-5, rtol=1e-5)
+
+
+def test_blockwise_gradients_match_einsum() -> None:
+    block = 5  # blocks of 5, 5 and 2 rows
+    b, t = 2, 12
+    q, k, v = qkv(b, t, 4, 2, 8, seed=1)
+    mask = causal_mask(jnp.asarray(packed_segments(b, t)), b, t)
+    cotangent = jax.random.normal(jax.random.key(2), q.shape)
+
+    def loss(fn):
+        return lambda q, k, v: jnp.sum(fn(q, k, v) * cotangent)
+
+    expected = jax.jit(jax.grad(loss(lambda q, k, v: dot_product_attention(q, k, v, mask)),
+                                (0, 1, 2)))(q, k, v)
+    actual = jax.jit(jax.grad(loss(lambda q, k, v: blockwise_causal_attention(q, k, v, mask, block)),
+                              (0, 1, 2)))(q, k, v)
+    for a, e in zip(actual, expected, strict=True):
+        np.testing.assert_allclose(a, e, atol=1e-5, rtol=1e-5)
+
+
+def test_blockwise_falls_back_for_decode_and_probs() -> None:
+    """A decode step (one query over a cache) and return_probs take the einsum path unchanged."""
+    q, k, v = qkv(2, 1, 4, 2, 8)
+    k_cache, v_cache = (jnp.concatenate([a, a * 0.5, -a], axis=1) for a in (k, v))
+    mask = jnp.array([[[True, True, False]], [[True, False, False]]])
+    np.testing.assert_array_equal(dot_product_attention(q, k_cache, v_cache, mask, impl="blockwise"),
+                                  dot_product_attention(q, k_cache, v_cache, mask))
+    q, k, v = qkv(1, 6, 4, 2, 8)
+    mask = causal_mask(None, 1, 6)
+    out, probs = dot_product_attention(q, k, v, mask, return_probs=True, impl="blockwise", block=2)
+    np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("chunk", [3, 8])
+def test_chunked_loss_matches_full_logits(chunk: int) -> None:
+    """3 pads the 8 positions to 9 with a weight-0 one; 8 is one chunk."""
+    b, t, d, v = 2, 8, 16, 24
+    keys = jax.random.split(jax.random.key(3), 3)
+    x = jax.random.normal(keys[0], (b, t, d))
+    w_vd = 0.3 * jax.random.normal(keys[1], (v, d))
+    targets = jax.random.randint(keys[2], (b, t), 0, v)
+    weights = jnp.asarray(random_batch(b, t, v)["weights"])
+
+    def full(x, w_vd):
+        logits = jnp.einsum("btd,vd->btv", x, w_vd)
+        target = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+        return jnp.sum((jax.nn.logsumexp(logits, axis=-1) - target) * weights)
+
+    def chunked(x, w_vd):
+        return chunked_nll_sum(x, w_vd, targets, weights, chunk)
+
+    np.testing.assert_allclose(jax.jit(chunked)(x, w_vd), full(x, w_vd), rtol=1e-5)
+    actual, expected = (jax.jit(jax.grad(f, (0, 1)))(x, w_vd) for f in (chunked, full))
+    for a, e in zip(actual, expected, strict=True):
+        np.testing.assert_allclose(a, e, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("overrides", [
+    {"attention_impl": "blockwise", "attention_block": 5, "loss_chunk": 5},
+    {"attention_impl": "xla", "loss_chunk": 4, "tie_embeddings": False},
+], ids=["blockwise_chunked_loss", "xla_chunked_loss_untied"])
+def test_model_options_match_default_path(overrides: dict, eight_devices: list) -> None:
+    """Loss and gradients of a whole model on a data x tensor mesh equal the default path's."""
+    base = dataclasses.replace(SMALL, tie_embeddings=overrides.get("tie_embeddings", True))
+    batch = random_batch(4, 12, SMALL.vocab_size)
+    mesh = {"data": 2, "tensor": 2}
+    devices = eight_devices[:4]
+    loss, grads = loss_and_grads(base, mesh, batch, devices=devices)
+    fast_loss, fast_grads = loss_and_grads(dataclasses.replace(base, **overrides), mesh, batch,
+                                           devices=devices)
+    np.testing.assert_allclose(fast_loss, loss, rtol=1e-5)
+    for a, e in zip(jax.tree.leaves(fast_grads), jax.tree.leaves(grads), strict=True):
+        np.testing.assert_allclose(a, e, atol=1e-5, rtol=1e-4)
+
+
+def test_config_rejects_bad_fast_path_options() -> None:
+    bad = ModelConfig(attention_block=0, loss_chunk=-1)
+    assert {key for key, _ in bad.problems()} >= {"attention_block", "loss_chunk"}
+    assert ModelConfig(attention_impl="blockwise", loss_chunk=64).problems() == []
