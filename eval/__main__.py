@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--batch-size", type=int, default=8, help="prompts decoded together")
     gen.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+    gen.add_argument("--chat", action="store_true",
+                     help="wrap each prompt as a user message in the model's chat template")
+    gen.add_argument("--system", help="with --chat: a system message before the user's")
     ppl = sub.add_parser("perplexity", help="loss, perplexity and bits per byte over held-out text")
     ppl.add_argument("--checkpoint", required=True, help="run directory or checkpoints/<step>")
     data = ppl.add_mutually_exclusive_group()
@@ -59,6 +62,8 @@ def check_args(args: argparse.Namespace) -> None:
             raise UsageError("--batch-size must be >= 1")
         for problem in SamplingConfig(args.temperature, args.top_k, args.top_p).problems():
             raise UsageError(problem)
+        if args.system is not None and not args.chat:
+            raise UsageError("--system needs --chat")
     if args.command == "perplexity" and (args.batch_size < 0 or args.max_batches < 0):
         raise UsageError("--batch-size and --max-batches must be >= 0")
 
@@ -97,6 +102,22 @@ class _Stream:
         print(text[len(self.shown):], flush=True)
 
 
+def prompt_ids(tok, prompt: str, chat: bool, system: str | None) -> list[int]:
+    """The ids generation starts from: BOS (if the tokenizer adds one) and the prompt, or with
+    ``chat`` the conversation [system,] user as the tokenizer's chat template writes it, up to the
+    assistant's turn."""
+    if not chat:
+        return ([tok.bos_id] if tok.bos_id >= 0 else []) + tok.encode(prompt)  # as in training
+    if getattr(tok, "chat_template", None) is None:
+        raise UsageError(f"--chat: the checkpoint's {tok.kind!r} tokenizer has no chat template")
+    messages = ([{"role": "system", "content": system}] if system else []) + \
+        [{"role": "user", "content": prompt}]
+    try:
+        return tok.encode_chat(messages, add_generation_prompt=True)
+    except ValueError as e:
+        raise UsageError(f"--chat: {e}") from None
+
+
 def run_generate(args: argparse.Namespace, run) -> None:
     from eval.generate import Generator
     from eval.sampling import SamplingConfig
@@ -106,7 +127,7 @@ def run_generate(args: argparse.Namespace, run) -> None:
     window = run.cfg.train.seq_len  # the context the model was trained on
     ids = []
     for i, prompt in enumerate(prompts):
-        row = ([tok.bos_id] if tok.bos_id >= 0 else []) + tok.encode(prompt)  # as in training
+        row = prompt_ids(tok, prompt, args.chat, args.system)
         if len(row) > window:
             name = "prompt" if len(prompts) == 1 else f"prompt {i + 1}"
             print(f"warning: {name} has {len(row)} tokens, more than the model's window of {window}: "
@@ -116,7 +137,8 @@ def run_generate(args: argparse.Namespace, run) -> None:
                           SamplingConfig(args.temperature, args.top_k, args.top_p))
     kwargs = {"seed": args.seed, "stop_id": tok.eos_id if tok.eos_id >= 0 else None}
     if len(prompts) == 1 and not args.json:  # stream the completion as it is produced
-        print(prompts[0], end="", flush=True)
+        if not args.chat:  # a chat answer is printed alone
+            print(prompts[0], end="", flush=True)
         stream = _Stream(tok)
         generator.generate(ids, args.max_new_tokens, on_token=stream, **kwargs)
         stream.finish()
@@ -126,7 +148,8 @@ def run_generate(args: argparse.Namespace, run) -> None:
         for prompt, new, stopped in zip(prompts[start:], out.tokens, out.stopped, strict=False):
             text = tok.decode(new)
             print(json.dumps({"prompt": prompt, "completion": text, "tokens": len(new),
-                              "stopped": stopped}) if args.json else prompt + text, flush=True)
+                              "stopped": stopped}) if args.json
+                  else text if args.chat else prompt + text, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -148,6 +148,7 @@ def write_gguf(path: Path, model, tokenizer_dir: Path, quant_of: dict[str, objec
     w.add_bos_token_id(vocab["<s>"])
     w.add_eos_token_id(vocab["</s>"])
     w.add_add_bos_token(False)
+    w.add_chat_template(json.loads((tokenizer_dir / "tokenizer_config.json").read_text())["chat_template"])
     sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
     names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
              "lm_head.weight": "output.weight"}
@@ -187,8 +188,21 @@ def test_gguf_import_undoes_llama_cpp_permutation(eight_devices, tmp_path):
                                atol=ATOL, rtol=0)
     from data.tokenizer import load_tokenizer
 
-    assert load_tokenizer(run_dir).encode("the cat sat") == \
-        transformers.AutoTokenizer.from_pretrained(tok_dir)("the cat sat")["input_ids"]
+    tok = load_tokenizer(run_dir)
+    reference = transformers.AutoTokenizer.from_pretrained(tok_dir)
+    assert tok.encode("the cat sat") == reference("the cat sat")["input_ids"]
+
+    # generate --chat starts from the chat template's rendering of the conversation
+    from eval.__main__ import prompt_ids
+    from eval.cli import UsageError
+
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi cat"}]
+    want = reference.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert prompt_ids(tok, "hi cat", True, "be brief") == tok.encode(want)
+    from data.tokenizer import ByteTokenizer
+
+    with pytest.raises(UsageError, match="no chat template"):
+        prompt_ids(ByteTokenizer(), "hi", True, None)
 
 
 # ------------------------------------------------------------------------------------- bad input
