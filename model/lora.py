@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from model.config import ModelConfig
+
 # target -> (weight attribute, input dims, output dims) of the dense projections
 DENSE_TARGETS: dict[str, tuple[str, int, int]] = {
     "q": ("w_q_dnh", 1, 2), "k": ("w_k_dkh", 1, 2), "v": ("w_v_dkh", 1, 2), "o": ("w_o_nhd", 2, 1),
@@ -107,6 +109,17 @@ class LoRA(nnx.Module):
         return delta_weight(self.a[...], self.b[...], self.in_dims, self.scaling)
 
 
+def unmatched_targets(cfg: ModelConfig, spec: LoRASpec) -> list[str]:
+    """The targets of ``spec`` that no weight of a model built from ``cfg`` has (no dense MLP in
+    an all-MoE model without shared experts, no gate in a GELU model), from the config alone."""
+    dense_mlp = cfg.num_dense_first > 0 or (cfg.num_moe_layers > 0 and cfg.moe_every > 1) or \
+        (cfg.is_moe and cfg.num_shared_experts > 0)
+    experts = spec.experts and cfg.is_moe
+    mlp = {"up", "down"} | ({"gate"} if cfg.activation == "swiglu" else set())
+    present = {"q", "k", "v", "o"} | (mlp if dense_mlp or experts else set())
+    return [t for t in spec.targets if t not in present]
+
+
 # ------------------------------------------------------------------ hooks used by the model's layers
 
 
@@ -127,7 +140,8 @@ def adapted_weight(module: nnx.Module, target: str, w: jax.Array) -> jax.Array:
 
 def add_lora(model: nnx.Module, spec: LoRASpec, rngs: nnx.Rngs) -> nnx.Module:
     """Attaches adapters for ``spec`` to every matching projection of ``model`` (in place) and
-    returns it. ValueError if a target matches no weight of this model."""
+    returns it. ValueError if no target matches a weight of this model (``unmatched_targets``
+    names the ones that match none)."""
     unknown = [t for t in spec.targets if t not in DENSE_TARGETS]
     if unknown:
         raise ValueError(f"unknown LoRA target {unknown[0]!r} (known: {', '.join(TARGETS)})")
@@ -144,9 +158,8 @@ def add_lora(model: nnx.Module, spec: LoRASpec, rngs: nnx.Rngs) -> nnx.Module:
                 setattr(module, f"lora_{target}", LoRA(getattr(module, expert_name), 1, 1, spec,
                                                        rngs, dropout=0.0))
                 matched[target] += 1
-    missing = [t for t, n in matched.items() if not n]
-    if missing:
-        raise ValueError(f"LoRA target {missing[0]!r} matches no weight of this model")
+    if not any(matched.values()):
+        raise ValueError(f"no LoRA target of {', '.join(spec.targets)} matches a weight of this model")
     return model
 
 

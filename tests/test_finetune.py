@@ -11,6 +11,7 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import PartitionSpec
 
 from data.pipeline import eval_batches
 from data.sources import open_source
@@ -31,7 +32,7 @@ from train.step import batch_sharding
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ("model.d_model=32", "model.mlp_dim=64", "train.log_every=1", "checkpoint.every=0",
-        "run.peak_flops=1e12", "run.tensorboard=false", "train.eval_batches=1")
+        "run.peak_flops=1e12", "run.tensorboard=false", "run.progress=false", "train.eval_batches=1")
 D, N, K, H, F, L, RANK = 32, 4, 2, 8, 64, 2, 8  # the base model below, and the default rank
 
 
@@ -96,7 +97,7 @@ def trainee_for(cfg) -> tuple[FinetuneTrainee, object]:
 
 def test_lora_trains_only_the_adapters(eight_devices, corpus, base_run, tmp_path):
     cfg = ft_config(tmp_path / "ft", base_run, corpus, "finetune.lora_dropout=0.1", "optim.lr=1e-2",
-                    "optim.weight_decay=0.1")
+                    "optim.weight_decay=0.1", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2")
     trainee, schedule = trainee_for(cfg)
     with activation_sharding(trainee.mesh, trainee.rules):
         base = flat(trainee.load_base(cfg.finetune.base_step))
@@ -109,6 +110,9 @@ def test_lora_trains_only_the_adapters(eight_devices, corpus, base_run, tmp_path
             state, metrics = step(state, {k: jax.device_put(v, batch_sh) for k, v in batch.items()})
             assert not metrics["skipped"]
         model = flat(nnx.merge_state(state.params, trainee.frozen))
+    lora_q = state.params["blocks"]["attn"]["lora_q"]  # sharded like w_q_dnh [L, D, N, H]
+    assert lora_q["a"].sharding.spec == PartitionSpec(None, "fsdp")  # [L, D, r]
+    assert lora_q["b"].sharding.spec == PartitionSpec(None, None, "tensor")  # [L, r, N, H]
     adapters = flat(state.params)
     assert set(adapters) == {p for p in model if "/lora_" in p and p.endswith(("/a", "/b"))}
     for path, value in adapters.items():  # every adapter weight moved (B from zero)
@@ -153,25 +157,33 @@ def test_lora_resume_is_exact(base_run, lora_run, corpus, tmp_path):
     assert [a[s] for s in range(1, 5)] == [b[s] for s in range(1, 5)]
 
 
-def test_merged_weights_give_the_adapted_logits(eight_devices, base_run, lora_run, tmp_path):
-    summary = merge_run(lora_run, tmp_path / "merged")
-    assert summary["step"] == 4
-    merged = load_run(tmp_path / "merged")  # a plain run directory, as eval reads it
-    cfg = load_run_config(None, [f"finetune.base={base_run}", f"run.dir={lora_run}",
-                                 "train.seq_len=32", "finetune.lora_dropout=0.1"], finetune=True)
+def merged_and_adapted_logits(lora_run: Path, out_run: Path, *overrides: str) -> tuple:
+    """(logits of the merged run as eval loads it, of the base with the adapters, of the base)."""
+    summary = merge_run(lora_run, out_run)
+    merged = load_run(out_run)  # a plain run directory, as eval reads it
+    base_dir, step = Path(summary["base_run"]), summary["step"]
+    cfg = load_run_config(None, [f"finetune.base={base_dir}", f"run.dir={lora_run}",
+                                 "train.seq_len=32", *overrides], finetune=True)
     trainee, _ = trainee_for(cfg)
     tokens = jax.numpy.asarray(random_batch(8, 32, 384, seed=5)["inputs"])
     with activation_sharding(trainee.mesh, trainee.rules):
         checkpointer = Checkpointer(lora_run, cfg.checkpoint, read_only=True)
-        adapters = checkpointer.restore_params(4, trainee.abstract.params, trainee.shardings.params)
+        adapters = checkpointer.restore_params(step, trainee.abstract.params,
+                                               trainee.shardings.params)
         checkpointer.close()
-        trainee.frozen = trainee.split_base(trainee.load_base(4))[1]
+        trainee.frozen = trainee.split_base(trainee.load_base(summary["base_step"]))[1]
         assert all(np.any(v) for p, v in flat(adapters).items() if p.endswith("/b"))  # B != 0
         adapted = jax.jit(lambda a, f: nnx.merge(trainee.eval_graphdef, a, f)(tokens))(
             adapters, trainee.frozen)
         plain = jax.jit(lambda p: nnx.merge(merged.graphdef, p)(tokens))(merged.params)
-        base = load_run(base_run)
+        base = load_run(base_dir)
         before = jax.jit(lambda p: nnx.merge(base.graphdef, p)(tokens))(base.params)
+    return plain, adapted, before
+
+
+def test_merged_weights_give_the_adapted_logits(eight_devices, lora_run, tmp_path):
+    plain, adapted, before = merged_and_adapted_logits(lora_run, tmp_path / "merged",
+                                                       "finetune.lora_dropout=0.1")
     assert reference.relative_error(plain, adapted) < 1e-4
     assert reference.relative_error(before, adapted) > 1e-3  # the adapters did change the model
 
@@ -202,12 +214,27 @@ def test_full_finetune_keeps_frozen_routers(eight_devices, corpus, tmp_path):
     assert sum(x.size for x in jax.tree.leaves(saved.opt_state) if x.ndim) == 2 * trained
     assert meta["method"] == "full" and meta["base_step"] == 2
 
+    # LoRA on the experts too (their adapters are added to the expert weights), then merged.
+    lora_dir = tmp_path / "moe_lora"
+    train(ft_config(lora_dir, base_dir, corpus, *moe, "finetune.lora_experts=true",
+                    "optim.lr=1e-2"))
+    expert_b = [p for p in flat(Checkpointer(lora_dir, cfg.checkpoint).restore(
+        2, *trainee_for(ft_config(lora_dir, base_dir, corpus, *moe, "finetune.lora_experts=true"))[0]
+        .checkpoint_abstract)[0].params) if "moe/lora_up/b" in p]
+    assert expert_b
+    plain, adapted, before = merged_and_adapted_logits(lora_dir, tmp_path / "moe_merged", *moe,
+                                                       "finetune.lora_experts=true")
+    assert reference.relative_error(plain, adapted) < 1e-4
+    assert reference.relative_error(before, adapted) > 1e-3
+
 
 @pytest.mark.slow
-def test_lora_lowers_held_out_perplexity(eight_devices, corpus, base_run, tmp_path):
-    """300 LoRA steps on the fine-tuning text lower the loss of its held-out split."""
-    cfg = ft_config(tmp_path / "ft", base_run, corpus, "train.steps=300", "train.eval_batches=4",
-                    "optim.lr=3e-3", "optim.warmup_steps=10", "checkpoint.every=0")
+def test_lora_lowers_held_out_perplexity(eight_devices, corpus, tmp_path):
+    """A base trained on one text; 300 LoRA steps on another lower that text's held-out loss."""
+    base_dir = tmp_path / "base"
+    train(base_config(base_dir, corpus, "train.steps=150"))
+    cfg = ft_config(tmp_path / "ft", base_dir, corpus, "train.steps=300", "train.eval_batches=4",
+                    "optim.lr=1e-2", "optim.warmup_steps=10")
     trainee, schedule = trainee_for(cfg)
     docs = open_source(cfg.data.source, "eval", cache_dir=corpus["cache"])
     data = eval_batches(docs, make_tokenizer("byte"), seq_len=32, batch_size=16, max_batches=4)
@@ -217,6 +244,7 @@ def test_lora_lowers_held_out_perplexity(eight_devices, corpus, base_run, tmp_pa
         _, eval_step = trainee.jit_steps(schedule, batch_sh)
         before = evaluate(eval_step, state.params, data, batch_sh, 16)
     after = train(cfg)["eval_loss"]
+    print(f"held-out loss of the fine-tuning text: base {before:.3f}, after LoRA {after:.3f}")
     assert after < before - 1.0, (before, after)
 
 

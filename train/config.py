@@ -142,9 +142,9 @@ class FinetuneConfig:
     def targets(self) -> tuple[str, ...]:
         return tuple(t.strip() for t in self.lora_targets.split(",") if t.strip())
 
-    def problems(self) -> list[tuple[str, str]]:
-        """(key, message) for every inconsistency of the section."""
-        from model.lora import TARGETS
+    def problems(self, model: ModelConfig) -> list[tuple[str, str]]:
+        """(key, message) for every inconsistency of the section, for the base ``model``."""
+        from model.lora import TARGETS, LoRASpec, unmatched_targets
 
         out = []
         if self.base_step < 0:
@@ -161,6 +161,11 @@ class FinetuneConfig:
                         f"{','.join(TARGETS)})"))
         elif not self.targets:
             out.append(("lora_targets", f"names no target (choose from {','.join(TARGETS)})"))
+        elif self.method == "lora" and len(unmatched_targets(
+                model, LoRASpec(targets=self.targets, experts=self.lora_experts))) == len(self.targets):
+            out.append(("lora_targets", f"{self.lora_targets} match no weight of the base model (a "
+                        "GELU MLP has no gate; an all-MoE model without shared experts has no dense "
+                        "MLP: set finetune.lora_experts=true)"))
         return out
 
 
@@ -388,7 +393,7 @@ def validate(cfg: Config, num_devices: int) -> None:
         raise ConfigError("checkpoint.every", f"must be >= 0, got {cfg.checkpoint.every}")
     if cfg.checkpoint.keep < 1:
         raise ConfigError("checkpoint.keep", f"must be >= 1, got {cfg.checkpoint.keep}")
-    for key, message in cfg.finetune.problems() if cfg.finetune.base else ():
+    for key, message in cfg.finetune.problems(cfg.model) if cfg.finetune.base else ():
         raise ConfigError(f"finetune.{key}", message)
     validate_run(cfg.run)
 

@@ -121,11 +121,12 @@ def pinned_base_step(cfg: Config, base_dir: Path) -> int:
 def load_run_config(path: str | Path | None, overrides: list[str], *,
                     finetune: bool = False) -> Config:
     """Config from a preset and overrides (as ``train.config.load_config``), resolved against
-    ``finetune.base`` when it is set; ``finetune=True`` requires it (and defaults the preset to
-    configs/finetune_lora.yaml)."""
+    ``finetune.base`` when it is set; ``finetune=True`` requires it. Without a preset, a fine-tune
+    starts from configs/finetune_lora.yaml (whose model section is empty), else configs/default.yaml."""
     from train.config import DEFAULT_PRESET
 
-    raw = load_yaml(path or (DEFAULT_FINETUNE_PRESET if finetune else DEFAULT_PRESET))
+    finetuning = finetune or any(o.startswith("finetune.base=") for o in overrides)
+    raw = load_yaml(path or (DEFAULT_FINETUNE_PRESET if finetuning else DEFAULT_PRESET))
     cfg = build_config(raw, overrides)
     if not cfg.finetune.base:
         if finetune:

@@ -24,12 +24,13 @@ from model.lora import (
     add_lora,
     merge_lora,
     set_deterministic,
+    unmatched_targets,
     with_dropout_keys,
 )
 from model.transformer import Transformer
 from sharding.rules import Rules, tree_shardings
-from train.checkpoint import MANIFEST, Checkpointer, file_digest
-from train.config import CheckpointConfig, Config
+from train.checkpoint import MANIFEST, Checkpointer, file_digest, warn
+from train.config import CheckpointConfig, Config, ConfigError
 from train.state import TrainState, state_shardings
 from train.step import eval_step, train_step
 from train.trainee import EvalFn, StepFn, Trainee, count
@@ -81,6 +82,8 @@ class FinetuneTrainee(Trainee):
         self.shardings = state_shardings(self.abstract, mesh, rules)
         self.frozen_abstract, self.frozen_sh = frozen, tree_shardings(frozen, mesh, rules)
         self.frozen: nnx.State | None = None  # set by init / from_checkpoint
+        if self.lora and (unmatched := unmatched_targets(cfg.model, lora_spec(cfg))):
+            warn(f"LoRA targets {', '.join(unmatched)} match no weight of this model: skipped")
         if self.lora:
             self._checkpoint = (self.abstract, self.shardings)
         else:  # the whole model, as pre-training saves it: eval and export read it directly
@@ -107,8 +110,9 @@ class FinetuneTrainee(Trainee):
             return checkpointer.restore_params(step, self.plain_abstract, self.plain_sh)
         except Exception as e:  # orbax raises many types for damaged or foreign files
             text = str(e).strip()
-            raise ValueError(f"cannot restore checkpoint {step} of the base run {self.base_dir}: "
-                             f"{text.splitlines()[0] if text else type(e).__name__}") from None
+            raise ConfigError("finetune.base", f"cannot restore checkpoint {step} of the base run "
+                              f"{self.base_dir}: {text.splitlines()[0] if text else type(e).__name__}"
+                              ) from None
         finally:
             checkpointer.close()
 
