@@ -141,11 +141,23 @@ def cosine_neighbors(table_vd: np.ndarray, vector_d: np.ndarray, top: int,
     return [(int(i), float(cos_v[i])) for i in order if np.isfinite(cos_v[i])]
 
 
+def word_form(tokenizer: Any, word: str) -> str:
+    """The spelling of ``word`` to look up: with a leading space when that makes it one token and
+    the bare word is not one already (or is, but as a word-piece: byte-level BPE vocabularies hold
+    "king" for "viking" and " king" for the word in running text)."""
+    if not word or word[0].isspace():
+        return word
+    spaced = tokenizer.encode(" " + word)
+    if len(spaced) == 1 and (len(tokenizer.encode(word)) > 1 or tokenizer.kind == "hf"):
+        return " " + word
+    return word
+
+
 def word_vector(tokenizer: Any, table_vd: np.ndarray, word: str) -> tuple[np.ndarray, list[int]]:
     """(vector, ids): a word's token vector, or the mean of its tokens' vectors when it spans several."""
     if not word:
         raise UsageError("empty word")
-    ids = tokenizer.encode(word)
+    ids = tokenizer.encode(word_form(tokenizer, word))
     unk = 0 if tokenizer.kind == "sentencepiece" else -1
     if not ids or unk in ids or max(ids) >= table_vd.shape[0]:
         raise UsageError(f"{word!r} is not in the vocabulary of this checkpoint's tokenizer")
@@ -220,8 +232,8 @@ def inspect_embeddings(run: Any, neighbors: str | None, analogy: list[str] | Non
     for word in words:
         vector, ids = word_vector(tok, table_vd, word)
         vectors.append(vector)
-        inputs.append({"word": word, "ids": ids, "pieces": [piece(tok, i) for i in ids],
-                       "tokens": len(ids)})
+        inputs.append({"word": word, "form": word_form(tok, word), "ids": ids,
+                       "pieces": [piece(tok, i) for i in ids], "tokens": len(ids)})
     if neighbors is not None:
         query, exclude = vectors[0], set()
     else:
@@ -302,6 +314,9 @@ def format_table(command: str, report: dict[str, Any]) -> str:
                      + "".join(f"  {h:>8.3f}" for h in report["entropy_bits"]))
     elif command == "embeddings":
         for w in report["words"]:
+            if w["form"] != w["word"]:
+                lines.append(f"note: {w['word']!r} is looked up as {w['form']!r}, the token the word "
+                             "is in running text")
             if w["tokens"] > 1:
                 lines.append(f"note: {w['word']!r} spans {w['tokens']} tokens "
                              f"({' '.join(repr(p) for p in w['pieces'])}): using the mean of their vectors")

@@ -191,6 +191,10 @@ def test_gguf_import_undoes_llama_cpp_permutation(eight_devices, tmp_path):
     tok = load_tokenizer(run_dir)
     reference = transformers.AutoTokenizer.from_pretrained(tok_dir)
     assert tok.encode("the cat sat") == reference("the cat sat")["input_ids"]
+    from eval.inspect import word_form  # inspect embeddings looks words up as in running text
+
+    assert len(tok.encode(" the")) == 1 and word_form(tok, "the") == " the"
+    assert word_form(tok, " the") == " the"
 
     # generate --chat starts from the chat template's rendering of the conversation
     from eval.__main__ import prompt_ids
