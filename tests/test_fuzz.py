@@ -157,9 +157,11 @@ def test_fuzzed_eval_arguments_are_accepted_or_rejected_with_one_line(eval_stubb
 # Code-execution paths that must never appear in a loader of untrusted files.
 FORBIDDEN = re.compile(r"\bimport pickle\b|\bpickle\.|cloudpickle|\bdill\b|\bmarshal\.|"
                        r"trust_remote_code\s*=\s*True|\beval\(|\bexec\(|yaml\.load\(|yaml\.unsafe_load|"
-                       r"yaml\.full_load|allow_pickle\s*=\s*True|torch\.load\(|jsonpickle|shelve\.")
+                       r"yaml\.full_load|allow_pickle\s*=\s*True|torch\.load\(|jsonpickle|shelve\.|"
+                       r"(?<!Sandboxed)Environment\(|jinja2\.Template\(")  # chat templates: sandbox only
 LOADERS = ["train/checkpoint.py", "train/config.py", "train/loop.py", "data/tokenizer.py",
-           "data/sources.py", "data/pipeline.py", "eval/load.py"]
+           "data/sources.py", "data/pipeline.py", "eval/load.py", "data/hf_tokenizer.py",
+           "data/chat.py", "model/convert.py", "model/gguf_import.py", "model/hf_layout.py"]
 
 
 def test_loaders_of_untrusted_files_have_no_code_execution_path():
@@ -170,6 +172,8 @@ def test_loaders_of_untrusted_files_have_no_code_execution_path():
                 found.append(f"{rel}:{n}: {line.strip()}")
     assert not found, found
     assert FORBIDDEN.search("x = pickle.loads(b)") and FORBIDDEN.search("eval(text)")
+    assert FORBIDDEN.search("jinja2.Environment()") and not FORBIDDEN.search(
+        "ImmutableSandboxedEnvironment(")
 
 
 def test_yaml_tags_that_would_run_code_stay_strings():
