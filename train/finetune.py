@@ -32,8 +32,8 @@ from train.config import (
 
 DEFAULT_FINETUNE_PRESET = CONFIG_DIR / "finetune_lora.yaml"
 # Model keys a fine-tune may set differently from its base: they change how it runs, not its weights.
-RUNTIME_MODEL_KEYS = ("dtype", "remat", "scan_layers", "moe_impl", "capacity_factor", "aux_loss_coef",
-                      "z_loss_coef")
+RUNTIME_MODEL_KEYS = ("dtype", "remat", "scan_layers", "attention_impl", "attention_block",
+                      "loss_chunk", "moe_impl", "capacity_factor", "aux_loss_coef", "z_loss_coef")
 USAGE = """usage: python -m train.finetune [CONFIG.yaml] [section.key=value ...]
        python -m train.finetune merge ADAPTER_RUN OUT_RUN
 
