@@ -277,6 +277,10 @@ class Checkpointer:
                              "train.finetune merge ADAPTER_RUN OUT_RUN)")
         return params
 
+    def restore_meta(self, step: int) -> dict[str, Any]:
+        """Only the JSON record of checkpoint ``step``."""
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
     def wait(self) -> None:
         """Blocks until the pending save is committed; CheckpointWriteError if it failed."""
         try:

@@ -177,6 +177,7 @@ def merge_run(adapter_run: str | Path, out_run: str | Path) -> dict[str, Any]:
         try:
             adapters = source.restore_params(step, trainee.abstract.params,
                                              trainee.shardings.params)
+            trainee.check_base(source.restore_meta(step))
         except Exception as e:  # orbax raises many types for damaged files
             raise ValueError(f"cannot restore checkpoint {step} of {adapter_run}: "
                              f"{(str(e).strip().splitlines() or [type(e).__name__])[0]}") from None

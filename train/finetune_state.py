@@ -141,11 +141,19 @@ class FinetuneTrainee(Trainee):
             return state
         return TrainState(state.step, nnx.merge_state(state.params, self.frozen), state.opt_state)
 
-    def from_checkpoint(self, saved: Any, meta: dict[str, Any]) -> TrainState:
+    def check_base(self, meta: dict[str, Any]) -> None:
+        """ValueError unless the checkpoint record ``meta`` names this base checkpoint, unchanged."""
         recorded = (meta.get("base_run"), meta.get("base_step"))
         if recorded != (str(self.base_dir), self.base_step):
             raise ValueError(f"it was fine-tuned from {recorded[0]} step {recorded[1]}, not from "
                              f"finetune.base={self.base_dir} step {self.base_step}")
+        digest = base_reference(self.base_dir, self.base_step)["base_manifest_sha256"]
+        if meta.get("base_manifest_sha256", digest) != digest:
+            raise ValueError(f"checkpoint {self.base_step} of the base run {self.base_dir} was "
+                             "replaced since this fine-tune started from it")
+
+    def from_checkpoint(self, saved: Any, meta: dict[str, Any]) -> TrainState:
+        self.check_base(meta)
         if self.lora:
             self.frozen = self.split_base(self.load_base(self.base_step))[1]
             return saved
