@@ -19,7 +19,7 @@ from flax import nnx
 
 from model.attention_kernels import blockwise_causal_attention, xla_attention
 from model.config import ModelConfig
-from model.layers import apply_rope, dtype_of, param
+from model.layers import apply_rope, dense, dtype_of, param
 from model.lora import adapted
 from sharding.constrain import constrain
 
@@ -105,9 +105,9 @@ class Attention(nnx.Module):
         decode step (T = 1) it is over the S slots. ``return_probs`` (for inspection) appends the
         attention weights [B, N, T, S] in float32 as a third element."""
         dt = self.dtype
-        q_btnh = adapted(self, "q", x_btd, jnp.einsum("btd,dnh->btnh", x_btd, self.w_q_dnh[...].astype(dt)))
-        k_btkh = adapted(self, "k", x_btd, jnp.einsum("btd,dkh->btkh", x_btd, self.w_k_dkh[...].astype(dt)))
-        v_btkh = adapted(self, "v", x_btd, jnp.einsum("btd,dkh->btkh", x_btd, self.w_v_dkh[...].astype(dt)))
+        q_btnh = adapted(self, "q", x_btd, dense(x_btd, self.w_q_dnh[...].astype(dt)))
+        k_btkh = adapted(self, "k", x_btd, dense(x_btd, self.w_k_dkh[...].astype(dt)))
+        v_btkh = adapted(self, "v", x_btd, dense(x_btd, self.w_v_dkh[...].astype(dt)))
         if self.use_rope:
             q_btnh = apply_rope(q_btnh, positions_bt, self.rope_theta)
             k_btkh = apply_rope(k_btkh, positions_bt, self.rope_theta)
@@ -123,6 +123,6 @@ class Attention(nnx.Module):
                                     impl=self.impl, block=self.block)
         out_btnh, probs = out if return_probs else (out, None)
         out_btd = adapted(self, "o", out_btnh,
-                          jnp.einsum("btnh,nhd->btd", out_btnh, self.w_o_nhd[...].astype(dt)))
+                          dense(out_btnh, self.w_o_nhd[...].astype(dt), axes=2))
         out_btd = constrain(out_btd, ("batch", "length", "embed"))
         return (out_btd, cache, probs) if return_probs else (out_btd, cache)

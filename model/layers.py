@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import jax
@@ -24,6 +25,15 @@ def param(rngs: nnx.Rngs | None, init, shape: Sequence[int], names: Sequence[str
     key = rngs.params() if rngs is not None else None
     value = init(key, tuple(shape), dtype_of(dtype))
     return nnx.Param(value, out_sharding=tuple(names), eager_sharding=False)
+
+
+def dense(x: jax.Array, w: jax.Array, axes: int = 1) -> jax.Array:
+    """Contracts the last ``axes`` axes of ``x`` with the first ``axes`` of ``w`` as one 2-D matmul
+    over the flattened leading axes: on XLA:CPU the weight gradient of an einsum that contracts
+    [B, T] together runs at about half the speed of the same [B*T, ...] matmul."""
+    lead, inner, outer = x.shape[:x.ndim - axes], w.shape[:axes], w.shape[axes:]
+    flat = x.reshape(-1, math.prod(inner)) @ w.reshape(math.prod(inner), -1)
+    return flat.reshape(lead + outer)
 
 
 def ones_init(key: jax.Array | None, shape: tuple[int, ...], dtype: jnp.dtype) -> jax.Array:
@@ -60,7 +70,7 @@ class Embed(nnx.Module):
         return constrain(x_btd, ("batch", "length", "embed"))
 
     def attend(self, x_btd: jax.Array) -> jax.Array:
-        return jnp.einsum("btd,vd->btv", x_btd, self.table_vd[...].astype(self.dtype))
+        return dense(x_btd, self.table_vd[...].astype(self.dtype).T)
 
 
 class LearnedPositions(nnx.Module):
@@ -106,14 +116,14 @@ class MLP(nnx.Module):
 
     def __call__(self, x_btd: jax.Array) -> jax.Array:
         up_btf = adapted(self, "up", x_btd,
-                         jnp.einsum("btd,df->btf", x_btd, self.w_up_df[...].astype(self.dtype)))
+                         dense(x_btd, self.w_up_df[...].astype(self.dtype)))
         if self.activation == "swiglu":
             gate_btf = adapted(self, "gate", x_btd,
-                               jnp.einsum("btd,df->btf", x_btd, self.w_gate_df[...].astype(self.dtype)))
+                               dense(x_btd, self.w_gate_df[...].astype(self.dtype)))
             h_btf = jax.nn.silu(gate_btf) * up_btf
         else:
             h_btf = jax.nn.gelu(up_btf)
         h_btf = constrain(h_btf, ("batch", "length", "mlp"))
         out_btd = adapted(self, "down", h_btf,
-                          jnp.einsum("btf,fd->btd", h_btf, self.w_down_fd[...].astype(self.dtype)))
+                          dense(h_btf, self.w_down_fd[...].astype(self.dtype)))
         return constrain(out_btd, ("batch", "length", "embed"))
