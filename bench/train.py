@@ -5,7 +5,8 @@ peak measured in the same run, compile time, and memory (XLA's analysis and the 
     python -m bench.train summary
 
 Cases (one per invocation, so a long run never holds the machine for all of them):
-``dense_medium`` (configs/bench_dense_medium.yaml, 25M parameters, seq 512) on one device;
+``dense_medium`` (configs/bench_dense_medium.yaml, 25M parameters, seq 512) on one device, and
+``dense_medium_bf16``, the same in bfloat16 compute (its MFU is against the bfloat16 matmul peak);
 ``dense_medium_mesh``, the same step data-parallel over the 8-device mesh (the cost of
 partitioning on one host); ``moe_medium_capacity`` and ``moe_medium_dropless``
 (configs/bench_moe_medium.yaml: 8 experts top-2, the same active size) on one device. Each writes
@@ -27,13 +28,14 @@ import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
 
-from bench.common import RESULTS_DIR, print_table, write_result  # noqa: E402
+from bench.common import RESULTS_DIR, matmul_peak, print_table, write_result  # noqa: E402
 from bench.timing import measure_train_step  # noqa: E402
-from model.flops import accounting, measure_matmul_peak, train_flops_per_token  # noqa: E402
+from model.flops import accounting, train_flops_per_token  # noqa: E402
 from train.config import CONFIG_DIR, ConfigError, load_config  # noqa: E402
 
 CASES = {  # name: (preset, overrides, devices: 1 or 0 = all)
     "dense_medium": ("bench_dense_medium.yaml", [], 1),
+    "dense_medium_bf16": ("bench_dense_medium.yaml", ["model.dtype=bfloat16"], 1),
     "dense_medium_mesh": ("bench_dense_medium.yaml", [], 0),
     "moe_medium_capacity": ("bench_moe_medium.yaml", ["model.moe_impl=capacity"], 1),
     "moe_medium_dropless": ("bench_moe_medium.yaml", ["model.moe_impl=dropless"], 1),
@@ -47,15 +49,18 @@ def run_case(name: str, steps: int, overrides: list[str]) -> dict:
     preset, case_overrides, count = CASES[name]
     cfg = load_config(CONFIG_DIR / preset, [*case_overrides, *overrides])
     devices = jax.devices()[:count] if count else jax.devices()
-    peak_before = measure_matmul_peak()
+    dtype = cfg.model.dtype
+    peak_before = matmul_peak(dtype)
     step = measure_train_step(cfg, steps, devices)
-    peak = max(peak_before, measure_matmul_peak())  # the better of two: MFU errs low, not high
+    peak = max(peak_before, matmul_peak(dtype))  # the better of two: MFU errs low, not high
+    peak32 = peak if dtype == "float32" else matmul_peak("float32")
     t = cfg.train
     tokens_per_s = t.batch_size * t.seq_len / step["step_s"]
     model_flops_per_s = tokens_per_s * train_flops_per_token(cfg.model, t.seq_len)
     figures = {"step_ms": 1e3 * step["step_s"], "tokens_per_s": tokens_per_s,
                "model_flops_per_s": model_flops_per_s, "peak_flops_per_s": peak,
-               "mfu": model_flops_per_s / peak, "compile_s": step["compile_s"],
+               "mfu": model_flops_per_s / peak, "mfu_vs_float32_peak": model_flops_per_s / peak32,
+               "compute_dtype": dtype, "compile_s": step["compile_s"],
                "xla_memory_bytes": step["memory"], "rss_bytes": step["rss"],
                "rss_peak_bytes": step["rss_peak"], "loss_after": step["final_loss"],
                "step_times_ms": [1e3 * s for s in step["step_times_s"]], "devices": len(devices)}
@@ -65,7 +70,7 @@ def run_case(name: str, steps: int, overrides: list[str]) -> dict:
         ("step", f"{figures['step_ms']:,.0f} ms"),
         ("tokens/s", f"{tokens_per_s:,.0f}"),
         ("model FLOP/s", f"{model_flops_per_s / 1e9:.1f} G"),
-        ("measured matmul peak", f"{peak / 1e9:.1f} G (float32 1024^3 on one device)"),
+        ("measured matmul peak", f"{peak / 1e9:.1f} G ({dtype}, best square matmul, one device)"),
         ("MFU", f"{figures['mfu']:.1%} (target >= {MFU_TARGET:.0%} for dense_medium)"),
         ("compile", f"{step['compile_s']:.1f} s"),
         ("XLA memory / device", f"{mem.get('total', 0) / 2**20:,.0f} MiB (temporaries "
@@ -93,7 +98,8 @@ def summary() -> int:
     ratios = {}
     dense = records.get("dense_medium")
     if dense:
-        for other in ("dense_medium_mesh", "moe_medium_capacity", "moe_medium_dropless"):
+        for other in ("dense_medium_bf16", "dense_medium_mesh", "moe_medium_capacity",
+                      "moe_medium_dropless"):
             if other in records:
                 ratios[f"{other}_over_dense_medium"] = (records[other]["figures"]["step_ms"]
                                                         / dense["figures"]["step_ms"])

@@ -1,0 +1,157 @@
+"""The "baby GPT" CPU baseline (configs/bench_baby.yaml): 4 layers, 4 heads, d_model 128, context 64,
+batch 12, byte tokens of tinyshakespeare (first 90% train, last 10% validation), 2000 steps on one
+device; reports ms/step, tokens/s, MFU and the validation loss (nanoGPT's published figures for
+the same config: 1.886 validation loss; about 50 ms/step for its PyTorch eager run on this machine).
+
+    python -m bench.baby [--data PATH] [--steps N] [--eval-batches N] [section.key=value ...]
+
+Batches are nanoGPT's: windows of T + 1 tokens at uniformly random offsets of the split, drawn by
+a seeded generator; each is placed on the device while the previous step runs. Losses are
+fetched a few steps behind (no host sync per step). The losses reported are means over
+``--eval-batches`` random batches of each split, as nanoGPT estimates them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import sys
+import time
+from pathlib import Path
+
+from sharding.host import quiet_tpu_probe
+
+quiet_tpu_probe()  # before JAX loads: no libtpu probing on CPU hosts
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from bench.common import matmul_peak, print_table, write_result  # noqa: E402
+from bench.timing import memory_of, rss_bytes  # noqa: E402
+from model.flops import param_counts, train_flops_per_token  # noqa: E402
+from sharding.constrain import activation_sharding  # noqa: E402
+from sharding.mesh import MeshConfig, make_mesh  # noqa: E402
+from sharding.rules import default_rules  # noqa: E402
+from train.config import CONFIG_DIR, ConfigError, load_config  # noqa: E402
+from train.optimizer import make_optimizer  # noqa: E402
+from train.state import abstract_state, init_state, state_shardings  # noqa: E402
+from train.step import batch_sharding, jit_eval_step, jit_train_step  # noqa: E402
+
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare/input.txt"
+NANOGPT_VAL_LOSS = 1.886  # nanoGPT README, baby GPT on shakespeare_char
+NANOGPT_MS_PER_STEP = 50.0  # its PyTorch eager run of this config on this machine, quiet
+TARGET_VAL_LOSS = 1.80
+IN_FLIGHT = 4
+
+
+def load_splits(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Byte ids of the file: (first 90%, last 10%)."""
+    ids = np.frombuffer(path.read_bytes(), np.uint8).astype(np.int32)
+    cut = int(0.9 * len(ids))
+    return ids[:cut], ids[cut:]
+
+
+def windows(ids: np.ndarray, batch: int, seq_len: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """A batch of ``batch`` random windows: inputs ids[i:i+T], targets ids[i+1:i+T+1]."""
+    starts = rng.integers(0, len(ids) - seq_len - 1, batch)
+    rows = ids[starts[:, None] + np.arange(seq_len + 1)]
+    return {"inputs": rows[:, :-1], "targets": rows[:, 1:],
+            "weights": np.ones((batch, seq_len), np.float32)}
+
+
+def run(cfg, data: Path, eval_batches: int) -> dict:
+    train_ids, val_ids = load_splits(data)
+    if min(len(train_ids), len(val_ids)) <= cfg.train.seq_len + 1:
+        raise ConfigError("--data", f"{data} is too short for windows of {cfg.train.seq_len + 1} bytes")
+    t = cfg.train
+    mesh, rules = make_mesh(MeshConfig(data=1), jax.devices()[:1]), default_rules()
+    tx, schedule = make_optimizer(cfg.optim, t.steps)
+    rng = np.random.default_rng(t.seed)
+    with activation_sharding(mesh, rules):
+        graphdef, abstract = abstract_state(cfg.model, tx, t.seed)
+        state_sh = state_shardings(abstract, mesh, rules)
+        state = init_state(cfg.model, tx, t.seed, state_sh)
+        batch_sh = batch_sharding(mesh, rules, t.batch_size, t.seq_len)
+
+        def next_batch(ids: np.ndarray) -> dict:
+            return {k: jax.device_put(v, batch_sh) for k, v in windows(ids, t.batch_size, t.seq_len,
+                                                                         rng).items()}
+
+        batch = next_batch(train_ids)
+        start = time.perf_counter()
+        step = jit_train_step(graphdef, tx, schedule, t.microbatches, state_sh, batch_sh)
+        step = step.lower(state, batch).compile()
+        eval_step = jit_eval_step(graphdef, state_sh.params, batch_sh)
+        eval_step = eval_step.lower(state.params, batch).compile()
+        compile_s = time.perf_counter() - start
+
+        in_flight: collections.deque = collections.deque()
+        losses = []
+        start = time.perf_counter()
+        for _ in range(t.steps):
+            state, metrics = step(state, batch)
+            batch = next_batch(train_ids)  # made and sent while the step runs
+            in_flight.append(metrics["loss"])
+            while len(in_flight) > IN_FLIGHT:
+                losses.append(float(in_flight.popleft()))
+        losses += [float(x) for x in in_flight]
+        train_s = time.perf_counter() - start
+
+        def split_loss(ids: np.ndarray) -> float:
+            sums = [eval_step(state.params, next_batch(ids)) for _ in range(eval_batches)]
+            return float(sum(s["loss_sum"] for s in sums) / sum(s["weight_sum"] for s in sums))
+
+        val_loss, train_loss = split_loss(val_ids), split_loss(train_ids)
+    return {"ms_per_step": 1e3 * train_s / t.steps, "train_s": train_s, "compile_s": compile_s,
+            "val_loss": val_loss, "train_loss": train_loss, "last_batch_loss": losses[-1],
+            "loss_every_100": losses[99::100], "xla_memory_bytes": memory_of(step), **rss_bytes()}
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.baby", description=__doc__.split("\n")[0])
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="a text file (bytes)")
+    parser.add_argument("--steps", type=int, default=0, help="0: the preset's train.steps (2000)")
+    parser.add_argument("--eval-batches", type=int, default=200)
+    parser.add_argument("--name", default="baby", help="results file bench/results/NAME.json")
+    parser.add_argument("overrides", nargs="*", help="section.key=value")
+    args = parser.parse_args(argv)
+    if args.steps < 0 or args.eval_batches < 1:
+        parser.error("--steps must be >= 0 and --eval-batches >= 1")
+    if not args.data.is_file():
+        print(f"error: --data: no such file {args.data}", file=sys.stderr)
+        return 2
+    try:
+        cfg = load_config(CONFIG_DIR / "bench_baby.yaml",
+                          [*([f"train.steps={args.steps}"] if args.steps else []), *args.overrides])
+        figures = run(cfg, args.data, args.eval_batches)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    t, m = cfg.train, cfg.model
+    tokens_per_s = t.batch_size * t.seq_len / (figures["ms_per_step"] / 1e3)
+    peak = matmul_peak(m.dtype)
+    figures.update(tokens_per_s=tokens_per_s, peak_flops_per_s=peak,
+                   mfu=tokens_per_s * train_flops_per_token(m, t.seq_len) / peak,
+                   faster_than_nanogpt=figures["ms_per_step"] < NANOGPT_MS_PER_STEP,
+                   meets_val_loss_target=figures["val_loss"] <= TARGET_VAL_LOSS)
+    print_table(f"baby GPT: {param_counts(m)['total'] / 1e6:.2f}M params, {t.steps} steps of "
+                f"{t.batch_size} x {t.seq_len} bytes of {args.data.name}, one device", [
+        ("ms/step", f"{figures['ms_per_step']:.1f} (nanoGPT PyTorch eager here: about "
+                    f"{NANOGPT_MS_PER_STEP:.0f} quiet)"),
+        ("tokens/s", f"{tokens_per_s:,.0f}"),
+        ("MFU", f"{figures['mfu']:.1%} of {peak / 1e9:.0f} GFLOP/s ({m.dtype} matmul peak)"),
+        ("validation loss", f"{figures['val_loss']:.3f} (target <= {TARGET_VAL_LOSS}; nanoGPT "
+                            f"{NANOGPT_VAL_LOSS})"),
+        ("train loss", f"{figures['train_loss']:.3f}"),
+        ("compile", f"{figures['compile_s']:.1f} s"),
+    ])
+    path = write_result(args.name, {"data": str(args.data), "steps": t.steps,
+                                    "batch_size": t.batch_size, "seq_len": t.seq_len,
+                                    "model": cfg.to_dict()["model"], "optim": cfg.to_dict()["optim"],
+                                    "eval_batches": args.eval_batches}, figures)
+    print(f"  wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
