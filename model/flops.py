@@ -91,6 +91,14 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int, executed: bool = False
     return 6 * _executed_matmul_params(cfg, seq_len, executed) + attention_flops_per_token(cfg, seq_len)
 
 
+def frozen_train_flops_per_token(cfg: ModelConfig, seq_len: int, trainable_params: int) -> float:
+    """Forward + backward FLOPs per token when the model's weights are frozen and only
+    ``trainable_params`` extra (LoRA) weights train: the backward pass still computes every
+    activation gradient (2N) but no weight gradient of a frozen matrix, so 4N + 6 N_trainable."""
+    return (4 * _executed_matmul_params(cfg, seq_len, False) + 6 * trainable_params
+            + attention_flops_per_token(cfg, seq_len))
+
+
 def inference_flops_per_token(cfg: ModelConfig, context: int, executed: bool = False) -> float:
     """Forward FLOPs of one token attending to ``context`` keys: a decode step at a cache of that
     length, or (times n) a prefill of n = ``context`` tokens with the full n x n scores;

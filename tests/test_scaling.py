@@ -255,3 +255,12 @@ def test_default_ladder_finishes_within_15_minutes(tmp_path):
     assert time.perf_counter() - start < 15 * 60
     fit = json.loads((tmp_path / "fit.json").read_text())["fits"]["dense"]
     assert 0 < fit["L(N)"]["alpha"] < 3
+
+
+def test_lora_flops_count_no_weight_gradients_of_frozen_matrices():
+    from model.flops import frozen_train_flops_per_token, matmul_params, train_flops_per_token
+
+    cfg = preset("default")
+    full = train_flops_per_token(cfg, 128)
+    assert frozen_train_flops_per_token(cfg, 128, 0) == full - 2 * matmul_params(cfg)
+    assert frozen_train_flops_per_token(cfg, 128, 1000) == full - 2 * matmul_params(cfg) + 6000

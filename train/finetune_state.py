@@ -17,6 +17,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from model.flops import frozen_train_flops_per_token
 from model.lora import (
     LoRAKey,
     LoRAParam,
@@ -201,6 +202,13 @@ class FinetuneTrainee(Trainee):
 
         return jax.jit(merge, in_shardings=(self.shardings.params, self.frozen_sh),
                        out_shardings=self.plain_sh)(adapters, self.frozen)
+
+    def flops_per_token(self) -> float:
+        """Full fine-tuning: 6N. LoRA: the frozen weights get no weight gradients (4N + 6 N_lora)."""
+        if self.cfg.finetune.method != "lora":
+            return super().flops_per_token()
+        return frozen_train_flops_per_token(self.cfg.model, self.cfg.train.seq_len,
+                                            count(self.abstract.params))
 
     def trainable_counts(self) -> tuple[int, int]:
         trainable = count(self.abstract.params)

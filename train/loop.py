@@ -31,7 +31,7 @@ from data.pipeline import Shard, empty_batch, eval_batches, regroup_state, train
 from data.sources import open_source
 from data.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer, make_tokenizer, save_tokenizer
 from eval.generate import generate
-from model.flops import param_counts, peak_flops, train_flops_per_token
+from model.flops import param_counts, peak_flops
 from sharding.constrain import activation_sharding
 from sharding.mesh import broadcast_from_0, make_mesh, sync_processes
 from sharding.rules import default_rules
@@ -253,7 +253,7 @@ def _train(cfg: Config, preemption: Preemption, batch_hook: BatchHook | None) ->
                 raise RunError(str(e)) from None
 
         peak, peak_source = peak_flops(cfg.run.peak_flops)
-        flops_per_token = train_flops_per_token(m, t.seq_len)
+        flops_per_token = trainee.flops_per_token()
         tokens_per_step = t.batch_size * t.seq_len
         counts = param_counts(m)
         if jax.process_index() == 0:

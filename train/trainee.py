@@ -12,6 +12,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
+from model.flops import train_flops_per_token
 from sharding.rules import Rules
 from train.config import Config
 from train.state import TrainState, abstract_state, init_state, state_shardings
@@ -69,6 +70,10 @@ class Trainee:
     def trainable_counts(self) -> tuple[int, int] | None:
         """(trainable, total) parameter counts when not every parameter is trained, else None."""
         return None
+
+    def flops_per_token(self) -> float:
+        """Model FLOPs of one trained token (for MFU): 6N plus attention."""
+        return train_flops_per_token(self.cfg.model, self.cfg.train.seq_len)
 
 
 def count(tree: Any) -> int:
