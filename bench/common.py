@@ -32,10 +32,12 @@ def machine() -> dict[str, Any]:
             "devices": jax.device_count()}
 
 
-def write_result(name: str, config: dict[str, Any], figures: dict[str, Any]) -> Path:
-    """Writes bench/results/NAME.json and returns its path."""
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / f"{name}.json"
+def write_result(name: str, config: dict[str, Any], figures: dict[str, Any],
+                 directory: Path | None = None) -> Path:
+    """Writes NAME.json into ``directory`` (default bench/results/) and returns its path."""
+    directory = directory or RESULTS_DIR
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{name}.json"
     record = {"benchmark": name, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "git_commit": git_commit(), "machine": machine(), "config": config,
               "figures": figures}

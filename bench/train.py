@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from sharding.host import quiet_tpu_probe
 
@@ -44,7 +45,7 @@ MFU_TARGET = 0.5
 MOE_TARGET = 1.3
 
 
-def run_case(name: str, steps: int, overrides: list[str]) -> dict:
+def run_case(name: str, steps: int, overrides: list[str], results: Path = RESULTS_DIR) -> dict:
     """Measures one case; returns its figures (and writes its JSON)."""
     preset, case_overrides, count = CASES[name]
     cfg = load_config(CONFIG_DIR / preset, [*case_overrides, *overrides])
@@ -81,16 +82,17 @@ def run_case(name: str, steps: int, overrides: list[str]) -> dict:
                                           "model": cfg.to_dict()["model"],
                                           "batch_size": t.batch_size, "seq_len": t.seq_len,
                                           "steps_timed": steps,
-                                          "accounting": accounting(cfg.model, t.seq_len)}, figures)
+                                          "accounting": accounting(cfg.model, t.seq_len)}, figures,
+                        results)
     print(f"  wrote {path}")
     return figures
 
 
-def summary() -> int:
+def summary(results: Path = RESULTS_DIR) -> int:
     """Ratios across the cases' latest JSON files (nothing is run)."""
     records = {}
     for name in CASES:
-        path = RESULTS_DIR / f"train_{name}.json"
+        path = results / f"train_{name}.json"
         if path.is_file():
             records[name] = json.loads(path.read_text())
     rows = [(name, f"{r['figures']['step_ms']:,.0f} ms, MFU {r['figures']['mfu']:.1%} "
@@ -110,7 +112,8 @@ def summary() -> int:
         write_result("train_summary", {"cases": list(records)}, {
             **ratios, "dense_medium_mfu": dense["figures"]["mfu"] if dense else None,
             "meets_mfu_target": bool(dense and dense["figures"]["mfu"] >= MFU_TARGET),
-            "meets_moe_target": ratios.get("moe_medium_capacity_over_dense_medium", 9.9) <= MOE_TARGET})
+            "meets_moe_target": ratios.get("moe_medium_capacity_over_dense_medium", 9.9) <= MOE_TARGET},
+            results)
     return 0
 
 
@@ -118,14 +121,15 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.train", description=__doc__.split("\n")[0])
     parser.add_argument("case", choices=[*CASES, "summary"])
     parser.add_argument("--steps", type=int, default=5, help="timed steps (after one warm-up)")
+    parser.add_argument("--results", type=Path, default=RESULTS_DIR, help="where JSON results go")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     args = parser.parse_args(argv)
     if args.steps < 1:
         parser.error("--steps must be >= 1")
     if args.case == "summary":
-        return summary()
+        return summary(args.results)
     try:
-        run_case(args.case, args.steps, args.overrides)
+        run_case(args.case, args.steps, args.overrides, args.results)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
