@@ -88,13 +88,18 @@ def combine(y_becd: jax.Array, experts_btr: jax.Array, position_btr: jax.Array, 
 
 def expert_ffn(comm: Collectives, x_becd: jax.Array, w_up_edf: jax.Array, w_down_efd: jax.Array,
                w_gate_edf: jax.Array | None) -> jax.Array:
-    """Every expert's MLP on its own buffer: SwiGLU when ``w_gate_edf`` is given, else GELU."""
-    up_becf = jnp.einsum("becd,edf->becf", x_becd, w_up_edf)
+    """Every expert's MLP on its own buffer: SwiGLU when ``w_gate_edf`` is given, else GELU. Each
+    expert's rows and slots form one [B*C, D] matrix (N = B*C): XLA:CPU's weight gradients run about
+    twice as fast over one flat axis as over [B, C] (bench.train moe_medium_capacity)."""
+    b, e, c, d = x_becd.shape
+    x_end = x_becd.transpose(1, 0, 2, 3).reshape(e, b * c, d)
+    up_enf = jnp.einsum("end,edf->enf", x_end, w_up_edf)
     if w_gate_edf is not None:
-        h_becf = jax.nn.silu(jnp.einsum("becd,edf->becf", x_becd, w_gate_edf)) * up_becf
+        h_enf = jax.nn.silu(jnp.einsum("end,edf->enf", x_end, w_gate_edf)) * up_enf
     else:
-        h_becf = jax.nn.gelu(up_becf)
-    return comm.psum(jnp.einsum("becf,efd->becd", h_becf, w_down_efd), "expert_mlp")
+        h_enf = jax.nn.gelu(up_enf)
+    y_end = comm.psum(jnp.einsum("enf,efd->end", h_enf, w_down_efd), "expert_mlp")
+    return y_end.reshape(e, b, c, -1).transpose(1, 0, 2, 3)
 
 
 def router_stats(logits_bte: jax.Array, probs_bte: jax.Array, experts_btr: jax.Array,
