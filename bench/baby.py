@@ -115,7 +115,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--name", default="baby", help="results file NAME.json")
     parser.add_argument("--results", type=Path, default=RESULTS_DIR, help="where JSON results go")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     if args.steps < 0 or args.eval_batches < 1:
         parser.error("--steps must be >= 0 and --eval-batches >= 1")
     if not args.data.is_file():

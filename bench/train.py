@@ -123,7 +123,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--steps", type=int, default=5, help="timed steps (after one warm-up)")
     parser.add_argument("--results", type=Path, default=RESULTS_DIR, help="where JSON results go")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     if args.steps < 1:
         parser.error("--steps must be >= 1")
     if args.case == "summary":

@@ -1,0 +1,42 @@
+"""The benchmark harness runs every case end to end (shrunk models, a few steps, results in a
+temporary directory), so `make bench` cannot rot between the runs that produce real figures."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench import baby, train
+
+SHRINK = ["model.num_layers=1", "model.d_model=64", "model.num_heads=2", "model.num_kv_heads=2",
+          "model.mlp_dim=128", "model.expert_mlp_dim=64", "model.max_seq_len=64", "train.seq_len=64"]
+
+
+@pytest.mark.slow
+def test_train_cases_and_summary_write_results(tmp_path: Path, capsys) -> None:
+    for case in train.CASES:
+        assert train.main([case, "--steps", "2", "--results", str(tmp_path), *SHRINK]) == 0
+        record = json.loads((tmp_path / f"train_{case}.json").read_text())
+        figures = record["figures"]
+        assert figures["step_ms"] > 0 and figures["tokens_per_s"] > 0 and figures["compile_s"] > 0
+        assert 0 < figures["mfu"] < 1.5 and figures["xla_memory_bytes"]["total"] > 0
+        assert record["config"]["seq_len"] == 64 and record["git_commit"]
+    assert train.main(["summary", "--results", str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "train_summary.json").read_text())["figures"]
+    assert summary["moe_medium_capacity_over_dense_medium"] > 0
+    assert "MFU" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_baby_trains_on_a_given_text_file(tmp_path: Path) -> None:
+    text = tmp_path / "tiny.txt"
+    text.write_text("To be, or not to be, that is the question.\n" * 200)
+    assert baby.main(["--data", str(text), "--steps", "30", "--eval-batches", "2",
+                      "--results", str(tmp_path)]) == 0
+    figures = json.loads((tmp_path / "baby.json").read_text())["figures"]
+    assert figures["ms_per_step"] > 0 and figures["val_loss"] < 5.5  # below uniform (ln 384 = 5.95)
+
+
+def test_baby_refuses_a_missing_data_file(tmp_path: Path, capsys) -> None:
+    assert baby.main(["--data", str(tmp_path / "missing.txt")]) == 2
+    assert capsys.readouterr().err.startswith("error: --data")
