@@ -148,14 +148,14 @@ class Checkpointer:
         self._pending: int | None = None
         async_options = None if read_only else ocp.AsyncOptions(
             post_finalization_callback=self._before_commit)
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=cfg.keep, enable_async_checkpointing=True, create=not read_only,
-            read_only=read_only, cleanup_tmp_directories=not read_only, async_options=async_options)
         absl_logger = logging.getLogger("absl")
         level = absl_logger.level
         if read_only:  # orbax announces each option a read-only manager ignores: not news
             absl_logger.setLevel(max(level, logging.ERROR))
         try:
+            options = ocp.CheckpointManagerOptions(
+                max_to_keep=cfg.keep, enable_async_checkpointing=True, create=not read_only,
+                read_only=read_only, cleanup_tmp_directories=not read_only, async_options=async_options)
             self.manager = ocp.CheckpointManager(self.directory, options=options,
                                                  item_names=("state", "meta", "data"))
         finally:
