@@ -155,6 +155,7 @@ def test_a_tokenizer_that_does_not_belong_to_the_run_is_refused(trained_run, tmp
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow  # ~14 s end to end
 def test_damaged_input_position_is_detected_and_the_previous_checkpoint_used(trained_run, tmp_path):
     import shutil
 

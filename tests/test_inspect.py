@@ -196,7 +196,7 @@ def _random_run(cfg, mesh_axes):
                                  rules=default_rules())
 
 
-@pytest.mark.parametrize("which", ["dense", "moe", "moe_groups"])
+@pytest.mark.parametrize("which", ["dense", pytest.param("moe", marks=pytest.mark.slow), "moe_groups"])
 def test_attention_weights_are_causal_rows_equal_to_the_reference(which, request, eight_devices):
     run = (_random_run(MOE_GROUPS, {"data": 2, "expert": 4}) if which == "moe_groups"
            else request.getfixturevalue(which))

@@ -76,7 +76,7 @@ def _logits_and_grads(cfg, params, graphdef, tokens):
     return logits, grads
 
 
-@pytest.mark.parametrize("remat", ["none", "full"])
+@pytest.mark.parametrize("remat", [pytest.param("none", marks=pytest.mark.slow), "full"])
 def test_scanned_layers_equal_unrolled(remat):
     tokens = jnp.asarray(np.random.default_rng(4).integers(0, 64, (2, 16)), jnp.int32)
     scanned_cfg = dataclasses.replace(SMALL, scan_layers=True, remat=remat)

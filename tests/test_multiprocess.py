@@ -25,6 +25,7 @@ def _run(*args: str, module: str = "train") -> None:
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
 
 
+@pytest.mark.slow  # ~65 s: two processes, then a resume in one
 def test_two_processes_train_like_one_and_resume_in_one(tmp_path):
     common = ["configs/tiny.yaml", "train.log_every=1", "checkpoint.every=10", "run.progress=false",
               "train.steps=20", "optim.decay_steps=30"]

@@ -324,6 +324,7 @@ def test_full_disk_at_save_ends_the_run_without_a_checkpoint(eight_devices, tmp_
     assert not any((tmp_path / "run/checkpoints").iterdir())
 
 
+@pytest.mark.slow  # ~15 s end to end
 def test_a_failed_async_write_ends_the_run_and_commits_nothing(eight_devices, tmp_path, monkeypatch):
     def no_space(step_dir, run_dir):
         raise OSError(28, "No space left on device")

@@ -216,6 +216,7 @@ def test_moe_twins_match_the_dense_active_size(tmp_path):
         assert dense.cfg.train.steps == math.ceil(20 * n_dense / per_step)
 
 
+@pytest.mark.slow  # ~30 s of training; the fit and plan arithmetic are tested fast above
 def test_short_sweep_writes_table_and_plot_and_refits(tmp_path, capsys, eight_devices):
     out = tmp_path / "sweep"
     args = ["sweep", "--out", str(out), "--sizes", "16x1,24x1,32x1", "--tokens-per-param", "4",
