@@ -5,7 +5,8 @@ Training FLOPs per token = 6 * N_matmul + 12 * L * T * N * H, where N_matmul cou
 in a matmul by one token (attention, MLP or the router plus the k chosen and the shared experts, and
 the LM head; not the embedding lookup) and the second term is the attention scores and weighted
 values (QK^T and PV) over a context of T tokens, forward and backward (PaLM, appendix B). The causal
-mask is not subtracted: the kernels compute the full T x T scores. Capacity padding is not counted
+mask is not subtracted (the einsum and xla kernels compute the full T x T scores; blockwise attention
+skips key blocks wholly in the future, a few percent of these FLOPs). Capacity padding is not counted
 unless asked for (``executed=True``: what the capacity path's expert matmuls really compute).
 Inference (forward only) is a third of that: 2 * N_matmul + 4 * L * S * N * H for a token attending
 to S keys. Elementwise work (norms, softmax, RoPE, the optimizer) is not counted; on the presets it
