@@ -57,19 +57,6 @@ def matmul_peak(dtype: str = "float32", sizes: tuple[int, ...] = (1024, 2048), r
     device: the practical compute limit of this host for that dtype, measured now. (On CPUs with
     AVX512-BF16, bfloat16 matmuls run about twice as fast as float32 ones, so a bfloat16 model's
     MFU is taken against the bfloat16 peak.)"""
-    import jax
-    import jax.numpy as jnp
+    from model.flops import measure_matmul_peak
 
-    device = jax.local_devices()[0]
-    best = 0.0
-    for size in sizes:
-        a = jax.device_put(jnp.ones((size, size), dtype), device)
-        matmul = jax.jit(lambda x: jnp.matmul(x, x, preferred_element_type=jnp.float32))
-        matmul(a).block_until_ready()
-        fastest = float("inf")
-        for _ in range(repeats):
-            start = time.perf_counter()
-            matmul(a).block_until_ready()
-            fastest = min(fastest, time.perf_counter() - start)
-        best = max(best, 2 * size ** 3 / fastest)
-    return best
+    return max(measure_matmul_peak(size, repeats, dtype) for size in sizes)

@@ -177,6 +177,7 @@ class MeshlmText(tfds.core.GeneratorBasedBuilder):
 
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "Documents of at most 64 KiB cut at line ends."}
+    DESCRIPTION = "Local UTF-8 text files."
 
     def __init__(self, *, files: Sequence[tuple[Path, str]] = (), eval_fraction: float = 0.05,
                  **kwargs: Any) -> None:
@@ -185,13 +186,19 @@ class MeshlmText(tfds.core.GeneratorBasedBuilder):
         super().__init__(**kwargs)
 
     def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(builder=self, description="Local UTF-8 text files.",
+        return tfds.core.DatasetInfo(builder=self, description=self.DESCRIPTION,
                                      features=tfds.features.FeaturesDict({"text": tfds.features.Text()}))
+
+    def _documents(self) -> list[DocRef]:
+        return file_documents(self._files)
+
+    def _text(self, raw: bytes, doc: DocRef) -> str:
+        return raw.decode("utf-8")
 
     def _split_generators(self, dl_manager: Any) -> dict:
         if not self._files:
-            raise ValueError("MeshlmText needs files to prepare a dataset")
-        splits = split_documents(file_documents(self._files), self._eval_fraction)
+            raise ValueError(f"{type(self).__name__} needs files to prepare a dataset")
+        splits = split_documents(self._documents(), self._eval_fraction)
         names = {"train": "train", "eval": "validation"}
         return {names[s]: self._generate_examples(docs) for s, docs in splits.items() if docs}
 
@@ -199,7 +206,8 @@ class MeshlmText(tfds.core.GeneratorBasedBuilder):
         for doc in docs:
             with open(doc.path, "rb") as f:
                 f.seek(doc.start)
-                yield f"{doc.key}#{doc.index}", {"text": f.read(doc.end - doc.start).decode("utf-8")}
+                raw = f.read(doc.end - doc.start)
+            yield f"{doc.key}#{doc.index}", {"text": self._text(raw, doc)}
 
 
 def text_files(pattern: str) -> list[tuple[Path, str]]:
@@ -268,37 +276,25 @@ def jsonl_documents(files: Sequence[tuple[Path, str]], field: str) -> list[DocRe
     return docs
 
 
-class MeshlmJsonl(tfds.core.GeneratorBasedBuilder):
+class MeshlmJsonl(MeshlmText):
     """Local JSON-lines files as a tfds dataset: one ``text`` document per line, from its ``field``
     (``train`` and ``validation`` splits); like `MeshlmText`, constructed without files it reads
     what is prepared."""
 
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "One document per JSON line."}
+    DESCRIPTION = "Local JSON-lines files."
 
     def __init__(self, *, files: Sequence[tuple[Path, str]] = (), field: str = JSONL_FIELD,
                  eval_fraction: float = 0.05, **kwargs: Any) -> None:
-        self._files, self._field = list(files), field
-        self._eval_fraction = eval_fraction
-        super().__init__(**kwargs)
+        self._field = field
+        super().__init__(files=files, eval_fraction=eval_fraction, **kwargs)
 
-    def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(builder=self, description="Local JSON-lines files.",
-                                     features=tfds.features.FeaturesDict({"text": tfds.features.Text()}))
+    def _documents(self) -> list[DocRef]:
+        return jsonl_documents(self._files, self._field)
 
-    def _split_generators(self, dl_manager: Any) -> dict:
-        if not self._files:
-            raise ValueError("MeshlmJsonl needs files to prepare a dataset")
-        splits = split_documents(jsonl_documents(self._files, self._field), self._eval_fraction)
-        names = {"train": "train", "eval": "validation"}
-        return {names[s]: self._generate_examples(docs) for s, docs in splits.items() if docs}
-
-    def _generate_examples(self, docs: Sequence[DocRef]):  # noqa: ANN202 (a generator of examples)
-        for doc in docs:
-            with open(doc.path, "rb") as f:
-                f.seek(doc.start)
-                line = f.read(doc.end - doc.start)
-            yield f"{doc.key}#{doc.index}", {"text": jsonl_text(line, self._field, doc.path)}
+    def _text(self, raw: bytes, doc: DocRef) -> str:
+        return jsonl_text(raw, self._field, doc.path)
 
 
 def jsonl_source(rest: str, split: Split, eval_fraction: float, cache_dir: str | None) -> DocumentSource:

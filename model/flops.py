@@ -132,15 +132,16 @@ def accounting(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
             "kv_cache_bytes_per_token": kv_cache_bytes_per_token(cfg)}
 
 
-def measure_matmul_peak(size: int = 1024, repeats: int = 10) -> float:
-    """FLOP/s of the best of ``repeats`` float32 [size x size] matmuls on the first local device:
-    the practical compute limit of a CPU host (all its emulated devices share those cores)."""
+def measure_matmul_peak(size: int = 1024, repeats: int = 10, dtype: str = "float32") -> float:
+    """FLOP/s of the best of ``repeats`` [size x size] ``dtype`` matmuls (float32 accumulation) on
+    the first local device: the practical compute limit of a CPU host (all its emulated devices
+    share those cores)."""
     import jax
     import jax.numpy as jnp
 
     device = jax.local_devices()[0]
-    a = jax.device_put(jnp.ones((size, size), jnp.float32), device)
-    matmul = jax.jit(lambda x: x @ x)
+    a = jax.device_put(jnp.ones((size, size), dtype), device)
+    matmul = jax.jit(lambda x: jnp.matmul(x, x, preferred_element_type=jnp.float32))
     matmul(a).block_until_ready()
     best = float("inf")
     for _ in range(repeats):
