@@ -120,8 +120,10 @@ GGUF_NAMES = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q",
               "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
 
 
-def write_gguf(path: Path, model, tokenizer_dir: Path, quant_of: dict[str, object] | None = None):
-    """``model`` (a tiny Llama) as a llama.cpp-style GGUF with the tokenizer embedded."""
+def write_gguf(path: Path, model, tokenizer_dir: Path, quant_of: dict[str, object] | None = None,
+               hf_dir: Path | None = None):
+    """``model`` (a tiny Llama, or a Mixtral saved in ``hf_dir``) as a llama.cpp-style GGUF with the
+    tokenizer embedded."""
     import gguf
 
     c = model.config
@@ -155,6 +157,21 @@ def write_gguf(path: Path, model, tokenizer_dir: Path, quant_of: dict[str, objec
     for i in range(c.num_hidden_layers):
         for hf, gg in GGUF_NAMES.items():
             names[f"model.layers.{i}.{hf}.weight"] = f"blk.{i}.{gg}.weight"
+    experts = getattr(c, "num_local_experts", 0)
+    if experts:  # llama.cpp stacks a layer's experts: [E, out, in] per projection
+        w.add_expert_count(experts)
+        w.add_expert_used_count(c.num_experts_per_tok)
+        from safetensors.numpy import load_file
+
+        saved = load_file(str(hf_dir / "model.safetensors"))  # per-expert tensors, HF names
+        for i in range(c.num_hidden_layers):
+            prefix = f"model.layers.{i}.block_sparse_moe."
+            sd[prefix + "gate.weight"] = saved[prefix + "gate.weight"]
+            names[prefix + "gate.weight"] = f"blk.{i}.ffn_gate_inp.weight"
+            for hf, gg in (("w1", "ffn_gate_exps"), ("w3", "ffn_up_exps"), ("w2", "ffn_down_exps")):
+                sd[f"{prefix}{hf}"] = np.stack([saved[f"{prefix}experts.{e}.{hf}.weight"]
+                                                for e in range(experts)])
+                names[f"{prefix}{hf}"] = f"blk.{i}.{gg}.weight"
     for hf_name, gg_name in names.items():
         if hf_name not in sd or (hf_name == "lm_head.weight" and c.tie_word_embeddings):
             continue
@@ -240,6 +257,18 @@ def edited_copy(src: Path, dst: Path, config=None, drop: str | None = None) -> P
         del tensors[drop]
         save_file(tensors, str(dst / "model.safetensors"))
     return dst
+
+
+def test_gguf_mixtral_experts_import(eight_devices, tmp_path):
+    from model.convert import import_checkpoint
+
+    model = hf_model("mixtral", tie_word_embeddings=False)
+    model.save_pretrained(tmp_path / "hf")
+    path = write_gguf(tmp_path / "moe.gguf", model, tiny_tokenizer(tmp_path / "tok"),
+                      hf_dir=tmp_path / "hf")
+    run_dir = import_checkpoint(path, tmp_path / "run")
+    np.testing.assert_allclose(meshlm_logits(run_dir, TOKENS), hf_logits(model, TOKENS),
+                               atol=ATOL, rtol=0)
 
 
 def test_bad_checkpoints_are_one_error_line(llama_dir, tmp_path):
