@@ -106,28 +106,29 @@ def read_source(src: Path) -> tuple[ModelConfig, HFTensors, Any]:
 # ------------------------------------------------------------------------------------------- import
 
 
-def param_shapes(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
-    """The shape of every parameter of the model ``cfg`` describes, by path (nothing allocated)."""
+def abstract_params(cfg: ModelConfig) -> Any:
+    """The parameter State of the model ``cfg`` describes, as shapes (nothing allocated)."""
     from flax import nnx
 
     from model.transformer import Transformer
 
-    _, abstract = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))))
-    return {tuple(str(p) for p in path): tuple(var.shape)
-            for path, var in nnx.to_flat_state(abstract)}
+    return nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))))[1]
 
 
-def params_state(cfg: ModelConfig, params: dict[tuple[str, ...], np.ndarray]) -> Any:
-    """The model's parameter State (one device, ``cfg.param_dtype``) holding ``params``."""
+def param_shapes(abstract: Any) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """The shape of every parameter of ``abstract``, by path."""
+    from flax import nnx
+
+    return {tuple(str(p) for p in path): tuple(var.shape) for path, var in nnx.to_flat_state(abstract)}
+
+
+def params_state(abstract: Any, params: dict[tuple[str, ...], np.ndarray], dtype: str) -> Any:
+    """``abstract``'s State (one device, ``dtype``) holding ``params``."""
     import jax.numpy as jnp
     from flax import nnx
 
-    from model.transformer import Transformer
-
-    _, abstract = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))))
-    dtype = jnp.dtype(cfg.param_dtype)
     return nnx.from_flat_state([
-        (path, var.replace(jnp.asarray(params[tuple(str(p) for p in path)], dtype=dtype)))
+        (path, var.replace(jnp.asarray(params[tuple(str(p) for p in path)], dtype=jnp.dtype(dtype))))
         for path, var in nnx.to_flat_state(abstract)])
 
 
@@ -159,7 +160,8 @@ def import_checkpoint(src: str | Path, run_dir: str | Path, *, seq_len: int = 0,
     if tokenizer.vocab_size > cfg.vocab_size:
         raise ConversionError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only "
                               f"{cfg.vocab_size}")
-    params = params_from_hf(tensors, cfg, param_shapes(cfg))
+    abstract = abstract_params(cfg)
+    params = params_from_hf(tensors, cfg, param_shapes(abstract))
     del tensors
     seq_len = seq_len or min(cfg.max_seq_len, MAX_WINDOW)
     if not 1 <= seq_len <= cfg.max_seq_len:
@@ -170,7 +172,7 @@ def import_checkpoint(src: str | Path, run_dir: str | Path, *, seq_len: int = 0,
     try:
         (scratch / "config.yaml").write_text(dump_yaml(run_config(cfg, run_dir, seq_len)))
         save_tokenizer(tokenizer, scratch)
-        state = TrainState(jnp.zeros((), jnp.int32), params_state(cfg, params), {})
+        state = TrainState(jnp.zeros((), jnp.int32), params_state(abstract, params, cfg.param_dtype), {})
         checkpointer = Checkpointer(scratch, CheckpointConfig(every=0, keep=1, async_save=False))
         try:
             checkpointer.save(0, state, {"step": 0, "imported_from": str(src.resolve())}, {})
@@ -232,7 +234,7 @@ def export_checkpoint(run_dir: str | Path, out_dir: str | Path, *, dtype: str = 
         import ml_dtypes
 
         tensors = {k: v.astype(ml_dtypes.bfloat16) for k, v in tensors.items()}
-    hf_cfg["torch_dtype"] = hf_cfg["dtype"] = dtype
+    hf_cfg["dtype"] = dtype  # of the written tensors
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     (out_dir / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")

@@ -87,16 +87,15 @@ def hf_config_from_model(cfg: ModelConfig, bos_id: int | None = None,
         num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.resolved_head_dim,
         max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
         rope_theta=cfg.rope_theta, tie_word_embeddings=cfg.tie_embeddings, hidden_act="silu",
-        attention_bias=False, mlp_bias=False, attention_dropout=0.0, torch_dtype=cfg.param_dtype,
-        bos_token_id=bos_id, eos_token_id=eos_id)
+        attention_dropout=0.0, dtype=cfg.param_dtype, bos_token_id=bos_id, eos_token_id=eos_id)
     if not cfg.is_moe:
-        return {"architectures": [ARCHITECTURES["llama"]], "model_type": "llama", **out}
+        return {"architectures": [ARCHITECTURES["llama"]], "model_type": "llama", **out,
+                "attention_bias": False, "mlp_bias": False}
     if cfg.first_dense_layers or cfg.moe_every != 1 or cfg.num_shared_experts:
         raise ConversionError("Mixtral layout needs every layer MoE (first_dense_layers=0, "
                               "moe_every=1) and no shared experts")
     if cfg.resolved_expert_mlp_dim != cfg.mlp_dim:
         out["intermediate_size"] = cfg.resolved_expert_mlp_dim
-    out.pop("attention_bias"), out.pop("mlp_bias")
     return {"architectures": [ARCHITECTURES["mixtral"]], "model_type": "mixtral", **out,
             "num_local_experts": cfg.num_experts, "num_experts_per_tok": cfg.experts_per_token,
             "router_aux_loss_coef": cfg.aux_loss_coef, "sliding_window": None}

@@ -223,23 +223,22 @@ def test_bad_specs_and_files(tmp_path):
         with pytest.raises(ValueError, match="GGUF|does not exist"):
             tokenizer_from_gguf(path)
     import gguf
-    writer = gguf.GGUFWriter(tmp_path / "bert.gguf", "bert")
-    writer.add_tokenizer_model("bert")
-    writer.add_token_list(["[PAD]", "a"])
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.close()
+
+    def tokenizer_only_gguf(name: str, model: str, tokens: list[str], pre: str | None = None) -> Path:
+        writer = gguf.GGUFWriter(tmp_path / name, model)
+        writer.add_tokenizer_model(model)
+        if pre is not None:
+            writer.add_tokenizer_pre(pre)
+        writer.add_token_list(tokens)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.close()
+        return tmp_path / name
+
     with pytest.raises(ValueError, match="tokenizer model 'bert'.*only 'gpt2'"):
-        tokenizer_from_gguf(tmp_path / "bert.gguf")
-    writer = gguf.GGUFWriter(tmp_path / "odd.gguf", "gpt2")
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("no-such-split")
-    writer.add_token_list(["a", "b"])
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.close()
+        tokenizer_from_gguf(tokenizer_only_gguf("bert.gguf", "bert", ["[PAD]", "a"]))
     with pytest.raises(ValueError, match="pre-tokenizer 'no-such-split' is not supported"):
-        tokenizer_from_gguf(tmp_path / "odd.gguf")
+        tokenizer_from_gguf(tokenizer_only_gguf("odd.gguf", "gpt2", ["a", "b"], "no-such-split"))
     model_dir = write_model_dir(tmp_path / "m", trained_backend(), {})
     no_template = HFTokenizer.from_path(model_dir / "tokenizer.json")
     with pytest.raises(ValueError, match="no chat template"):
