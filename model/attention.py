@@ -96,6 +96,22 @@ class Attention(nnx.Module):
         self.rope_theta = cfg.rope_theta
         self.dtype = dtype_of(cfg.dtype)
         self.impl, self.block = cfg.attention_impl, cfg.attention_block
+        self.fused = cfg.fused_projections
+
+    def project_qkv(self, x_btd: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """(q [B, T, N, H], k [B, T, K, H], v [B, T, K, H]); with ``fused_projections`` one matmul
+        against the three weights concatenated along their output axis."""
+        dt = self.dtype
+        weights = (self.w_q_dnh[...], self.w_k_dkh[...], self.w_v_dkh[...])
+        if self.fused:
+            d = x_btd.shape[-1]
+            widths = [w.shape[1] * w.shape[2] for w in weights]
+            w_dm = jnp.concatenate([w.reshape(d, -1) for w in weights], axis=1).astype(dt)
+            parts = jnp.split(dense(x_btd, w_dm), [widths[0], widths[0] + widths[1]], axis=-1)
+            outs = [p.reshape(x_btd.shape[:-1] + w.shape[1:]) for p, w in zip(parts, weights, strict=True)]
+        else:
+            outs = [dense(x_btd, w.astype(dt)) for w in weights]
+        return tuple(adapted(self, name, x_btd, out) for name, out in zip("qkv", outs, strict=True))
 
     def __call__(self, x_btd: jax.Array, positions_bt: jax.Array, mask_bts: jax.Array,
                  cache: KVCache | None = None, layer: jax.Array | int = 0, *, decode: bool = False,
@@ -105,9 +121,7 @@ class Attention(nnx.Module):
         decode step (T = 1) it is over the S slots. ``return_probs`` (for inspection) appends the
         attention weights [B, N, T, S] in float32 as a third element."""
         dt = self.dtype
-        q_btnh = adapted(self, "q", x_btd, dense(x_btd, self.w_q_dnh[...].astype(dt)))
-        k_btkh = adapted(self, "k", x_btd, dense(x_btd, self.w_k_dkh[...].astype(dt)))
-        v_btkh = adapted(self, "v", x_btd, dense(x_btd, self.w_v_dkh[...].astype(dt)))
+        q_btnh, k_btkh, v_btkh = self.project_qkv(x_btd)
         if self.use_rope:
             q_btnh = apply_rope(q_btnh, positions_bt, self.rope_theta)
             k_btkh = apply_rope(k_btkh, positions_bt, self.rope_theta)

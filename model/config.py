@@ -32,6 +32,12 @@ class ModelConfig:
     rest are dropped (the residual carries them); ``dropless`` = grouped matmuls (ragged_dot), nothing
     dropped. ``aux_loss_coef`` scales the Switch load-balancing loss, ``z_loss_coef`` the router
     z-loss (both averaged over MoE layers).
+
+    ``fused_projections``: the q, k and v weights (and a SwiGLU MLP's gate and up weights) are
+    concatenated at run time and applied as one matmul whose output is split again -- the same
+    parameters and results, fewer and larger matmuls. It pays where matmuls are small and
+    unsharded (the baby CPU preset: bench.baby); under tensor parallelism it would concatenate and
+    re-split head-sharded tensors, so it is off by default.
     """
 
     vocab_size: int = 384
@@ -54,6 +60,7 @@ class ModelConfig:
     attention_impl: AttentionImpl = "einsum"  # see model/attention_kernels.py
     attention_block: int = 128  # query rows per block of attention_impl=blockwise
     loss_chunk: int = 0  # >0: cross-entropy over chunks of this many positions (model/loss.py)
+    fused_projections: bool = False  # one matmul for q/k/v (and SwiGLU gate/up); see below
     init_std: float = 0.02
     num_experts: int = 0  # 0: dense
     experts_per_token: int = 2

@@ -109,20 +109,26 @@ class MLP(nnx.Module):
         d, f = cfg.d_model, cfg.mlp_dim
         self.activation = cfg.activation
         self.dtype = dtype_of(cfg.dtype)
+        self.fused = cfg.fused_projections
         if cfg.activation == "swiglu":
             self.w_gate_df = param(rngs, init, (d, f), ("embed", "mlp"), cfg.param_dtype)
         self.w_up_df = param(rngs, init, (d, f), ("embed", "mlp"), cfg.param_dtype)
         self.w_down_fd = param(rngs, out_init, (f, d), ("mlp", "embed"), cfg.param_dtype)
 
     def __call__(self, x_btd: jax.Array) -> jax.Array:
-        up_btf = adapted(self, "up", x_btd,
-                         dense(x_btd, self.w_up_df[...].astype(self.dtype)))
+        w_up_df = self.w_up_df[...].astype(self.dtype)
         if self.activation == "swiglu":
-            gate_btf = adapted(self, "gate", x_btd,
-                               dense(x_btd, self.w_gate_df[...].astype(self.dtype)))
+            w_gate_df = self.w_gate_df[...].astype(self.dtype)
+            if self.fused:  # one matmul against [gate | up], split again
+                gate_btf, up_btf = jnp.split(
+                    dense(x_btd, jnp.concatenate([w_gate_df, w_up_df], axis=1)), 2, axis=-1)
+            else:
+                gate_btf, up_btf = dense(x_btd, w_gate_df), dense(x_btd, w_up_df)
+            gate_btf = adapted(self, "gate", x_btd, gate_btf)
+            up_btf = adapted(self, "up", x_btd, up_btf)
             h_btf = jax.nn.silu(gate_btf) * up_btf
         else:
-            h_btf = jax.nn.gelu(up_btf)
+            h_btf = jax.nn.gelu(adapted(self, "up", x_btd, dense(x_btd, w_up_df)))
         h_btf = constrain(h_btf, ("batch", "length", "mlp"))
         out_btd = adapted(self, "down", h_btf,
                           dense(h_btf, self.w_down_fd[...].astype(self.dtype)))

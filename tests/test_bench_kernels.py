@@ -1,6 +1,7 @@
 """The fast paths of issue 8 against the existing ones: attention_impl=xla and blockwise against the
-naive reference attention, whole models with them against the einsum path, and the chunked
-cross-entropy (loss_chunk) against the full-logits loss, values and gradients."""
+naive reference attention, whole models with them (and with fused_projections) against the
+default path, and the chunked cross-entropy (loss_chunk) against the full-logits loss, values and
+gradients."""
 
 import dataclasses
 
@@ -8,11 +9,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from model.attention import causal_mask, dot_product_attention
 from model.attention_kernels import blockwise_causal_attention
 from model.config import ModelConfig
+from model.lora import LoRASpec, adapters, add_lora, set_deterministic
 from model.loss import chunked_nll_sum
+from model.transformer import Transformer
 from tests import reference
 from tests.helpers import SMALL, loss_and_grads, random_batch
 
@@ -97,13 +101,17 @@ def test_chunked_loss_matches_full_logits(chunk: int) -> None:
         np.testing.assert_allclose(a, e, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("overrides", [
-    {"attention_impl": "blockwise", "attention_block": 5, "loss_chunk": 5},
-    {"attention_impl": "xla", "loss_chunk": 4, "tie_embeddings": False},
-], ids=["blockwise_chunked_loss", "xla_chunked_loss_untied"])
-def test_model_options_match_default_path(overrides: dict, eight_devices: list) -> None:
+@pytest.mark.parametrize("model_changes, overrides", [
+    ({}, {"attention_impl": "blockwise", "attention_block": 5, "loss_chunk": 5}),
+    ({"tie_embeddings": False}, {"attention_impl": "xla", "loss_chunk": 4}),
+    ({}, {"fused_projections": True}),
+    pytest.param({"activation": "gelu", "position": "learned"}, {"fused_projections": True},
+                 marks=pytest.mark.slow),
+], ids=["blockwise_chunked_loss", "xla_chunked_loss_untied", "fused_swiglu_gqa", "fused_gelu"])
+def test_model_options_match_default_path(model_changes: dict, overrides: dict,
+                                          eight_devices: list) -> None:
     """Loss and gradients of a whole model on a data x tensor mesh equal the default path's."""
-    base = dataclasses.replace(SMALL, tie_embeddings=overrides.get("tie_embeddings", True))
+    base = dataclasses.replace(SMALL, **model_changes)
     batch = random_batch(4, 12, SMALL.vocab_size)
     mesh = {"data": 2, "tensor": 2}
     devices = eight_devices[:4]
@@ -119,3 +127,22 @@ def test_config_rejects_bad_fast_path_options() -> None:
     bad = ModelConfig(attention_block=0, loss_chunk=-1)
     assert {key for key, _ in bad.problems()} >= {"attention_block", "loss_chunk"}
     assert ModelConfig(attention_impl="blockwise", loss_chunk=64).problems() == []
+
+
+@pytest.mark.slow
+def test_fused_projections_keep_lora_adapters() -> None:
+    """With LoRA adapters on q, k, v, gate and up (non-zero updates), the fused projections give the
+    unfused model's logits: each adapter still adds to its own slice of the fused matmul."""
+    cfg = dataclasses.replace(SMALL, scan_layers=False)
+    model = set_deterministic(add_lora(Transformer(cfg, nnx.Rngs(0)), LoRASpec(rank=2), nnx.Rngs(1)),
+                              True)
+    for i, (_, _, adapter) in enumerate(adapters(model)):
+        adapter.b[...] = 0.1 * jax.random.normal(jax.random.key(i), adapter.b.shape)
+    graphdef, state = nnx.split(model)
+    fused = set_deterministic(add_lora(Transformer(dataclasses.replace(cfg, fused_projections=True),
+                                                   nnx.Rngs(0)), LoRASpec(rank=2), nnx.Rngs(1)), True)
+    fused_graphdef, _ = nnx.split(fused)
+    tokens = jnp.asarray(random_batch(2, 8, SMALL.vocab_size)["inputs"])
+    expected, actual = (jax.jit(lambda s, t, g=g: nnx.merge(g, s)(t))(state, tokens)
+                        for g in (graphdef, fused_graphdef))
+    np.testing.assert_allclose(actual, expected, atol=1e-5, rtol=1e-5)
