@@ -3,7 +3,11 @@ batch 12, byte tokens of tinyshakespeare (first 90% train, last 10% validation),
 device; reports ms/step, tokens/s, MFU and the validation loss (nanoGPT's published figures for
 the same config: 1.886 validation loss; about 50 ms/step for its PyTorch eager run on this machine).
 
-    python -m bench.baby [--data PATH] [--steps N] [--eval-batches N] [section.key=value ...]
+    python -m bench.baby [--data PATH] [--steps N] [--eval-batches N] [--no-torch] [key=value ...]
+
+Unless ``--no-torch``, the same configuration also trains as a PyTorch eager program
+(bench/torch_reference.py) in turns of ``CHUNK`` steps with meshlm's, so both step times are
+measured under the same load and their ratio means something on a shared machine.
 
 Batches are nanoGPT's: windows of T + 1 tokens at uniformly random offsets of the split, drawn by
 a seeded generator; each is placed on the device while the previous step runs. Losses are
@@ -42,6 +46,7 @@ NANOGPT_VAL_LOSS = 1.886  # nanoGPT README, baby GPT on shakespeare_char
 NANOGPT_MS_PER_STEP = 50.0  # its PyTorch eager run of this config on this machine, quiet
 TARGET_VAL_LOSS = 1.80
 IN_FLIGHT = 4
+CHUNK = 100  # steps per turn when meshlm and the PyTorch reference alternate
 
 
 def load_splits(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -51,15 +56,22 @@ def load_splits(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return ids[:cut], ids[cut:]
 
 
+def window_rows(ids: np.ndarray, batch: int, seq_len: int, rng: np.random.Generator) -> np.ndarray:
+    """[batch, T + 1] windows of ``ids`` at uniformly random offsets."""
+    starts = rng.integers(0, len(ids) - seq_len - 1, batch)
+    return ids[starts[:, None] + np.arange(seq_len + 1)]
+
+
 def windows(ids: np.ndarray, batch: int, seq_len: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
     """A batch of ``batch`` random windows: inputs ids[i:i+T], targets ids[i+1:i+T+1]."""
-    starts = rng.integers(0, len(ids) - seq_len - 1, batch)
-    rows = ids[starts[:, None] + np.arange(seq_len + 1)]
+    rows = window_rows(ids, batch, seq_len, rng)
     return {"inputs": rows[:, :-1], "targets": rows[:, 1:],
             "weights": np.ones((batch, seq_len), np.float32)}
 
 
-def run(cfg, data: Path, eval_batches: int) -> dict:
+def run(cfg, data: Path, eval_batches: int, reference=None) -> dict:
+    """Trains and evaluates; ``reference`` (a bench.torch_reference.TorchBaby) takes turns of
+    ``CHUNK`` steps with meshlm on its own stream of the same random windows."""
     train_ids, val_ids = load_splits(data)
     if min(len(train_ids), len(val_ids)) <= cfg.train.seq_len + 1:
         raise ConfigError("--data", f"{data} is too short for windows of {cfg.train.seq_len + 1} bytes")
@@ -86,23 +98,44 @@ def run(cfg, data: Path, eval_batches: int) -> dict:
         compile_s = time.perf_counter() - start
 
         in_flight: collections.deque = collections.deque()
-        losses = []
-        start = time.perf_counter()
-        for _ in range(t.steps):
-            state, metrics = step(state, batch)
-            batch = next_batch(train_ids)  # made and sent while the step runs
-            in_flight.append(metrics["loss"])
-            while len(in_flight) > IN_FLIGHT:
-                losses.append(float(in_flight.popleft()))
-        losses += [float(x) for x in in_flight]
-        train_s = time.perf_counter() - start
+        losses, train_s, ref = [], 0.0, {"train_s": 0.0, "losses": []}
+        ref_rng = np.random.default_rng(t.seed)
+        for done in range(0, t.steps, CHUNK):
+            turn = min(CHUNK, t.steps - done)
+            start = time.perf_counter()
+            for _ in range(turn):
+                state, metrics = step(state, batch)
+                batch = next_batch(train_ids)  # made and sent while the step runs
+                in_flight.append(metrics["loss"])
+                while len(in_flight) > IN_FLIGHT:
+                    losses.append(float(in_flight.popleft()))
+            if reference is not None or done + turn == t.steps:  # no work left running
+                losses += [float(x) for x in in_flight]
+                in_flight.clear()
+            train_s += time.perf_counter() - start
+            if reference is not None:
+                start = time.perf_counter()
+                for _ in range(turn):
+                    ref["losses"].append(reference.step(window_rows(train_ids, t.batch_size,
+                                                                    t.seq_len, ref_rng)))
+                ref["train_s"] += time.perf_counter() - start
 
         def split_loss(ids: np.ndarray) -> float:
             sums = [eval_step(state.params, next_batch(ids)) for _ in range(eval_batches)]
             return float(sum(s["loss_sum"] for s in sums) / sum(s["weight_sum"] for s in sums))
 
         val_loss, train_loss = split_loss(val_ids), split_loss(train_ids)
-    return {"ms_per_step": 1e3 * train_s / t.steps, "train_s": train_s, "compile_s": compile_s,
+    if reference is not None:
+        def ref_loss(ids: np.ndarray) -> float:
+            return float(np.mean([reference.loss(window_rows(ids, t.batch_size, t.seq_len, ref_rng))
+                                  for _ in range(eval_batches)]))
+
+        ref_figures = {"torch_ms_per_step": 1e3 * ref["train_s"] / t.steps,
+                       "torch_val_loss": ref_loss(val_ids), "torch_train_loss": ref_loss(train_ids),
+                       "torch_last_batch_loss": ref["losses"][-1]}
+    else:
+        ref_figures = {}
+    return {**ref_figures, "ms_per_step": 1e3 * train_s / t.steps, "train_s": train_s, "compile_s": compile_s,
             "val_loss": val_loss, "train_loss": train_loss, "last_batch_loss": losses[-1],
             "loss_every_100": losses[99::100], "xla_memory_bytes": memory_of(step), **rss_bytes()}
 
@@ -114,6 +147,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--eval-batches", type=int, default=200)
     parser.add_argument("--name", default="baby", help="results file NAME.json")
     parser.add_argument("--results", type=Path, default=RESULTS_DIR, help="where JSON results go")
+    parser.add_argument("--no-torch", action="store_true",
+                        help="skip the PyTorch eager reference that takes turns with meshlm")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     args = parser.parse_intermixed_args(argv)
     if args.steps < 0 or args.eval_batches < 1:
@@ -124,7 +159,16 @@ def main(argv: list[str]) -> int:
     try:
         cfg = load_config(CONFIG_DIR / "bench_baby.yaml",
                           [*([f"train.steps={args.steps}"] if args.steps else []), *args.overrides])
-        figures = run(cfg, args.data, args.eval_batches)
+        reference = None
+        if not args.no_torch:
+            try:
+                from bench.torch_reference import TorchBaby
+            except ImportError:
+                print("error: the PyTorch reference needs torch (pip install -e '.[test]'); or pass "
+                      "--no-torch", file=sys.stderr)
+                return 2
+            reference = TorchBaby(cfg.model, cfg.optim, cfg.train.steps, cfg.train.seed)
+        figures = run(cfg, args.data, args.eval_batches, reference)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -135,6 +179,13 @@ def main(argv: list[str]) -> int:
                    mfu=tokens_per_s * train_flops_per_token(m, t.seq_len) / peak,
                    faster_than_nanogpt=figures["ms_per_step"] < NANOGPT_MS_PER_STEP,
                    meets_val_loss_target=figures["val_loss"] <= TARGET_VAL_LOSS)
+    rows = []
+    if reference is not None:
+        figures.update(torch_over_meshlm=figures["torch_ms_per_step"] / figures["ms_per_step"],
+                       faster_than_torch_same_run=figures["ms_per_step"] < figures["torch_ms_per_step"])
+        rows = [("PyTorch eager, same run", f"{figures['torch_ms_per_step']:.1f} ms/step (meshlm is "
+                 f"{figures['torch_over_meshlm']:.2f}x as fast), validation loss "
+                 f"{figures['torch_val_loss']:.3f}")]
     print_table(f"baby GPT: {param_counts(m)['total'] / 1e6:.2f}M params, {t.steps} steps of "
                 f"{t.batch_size} x {t.seq_len} bytes of {args.data.name}, one device", [
         ("ms/step", f"{figures['ms_per_step']:.1f} (nanoGPT PyTorch eager here: about "
@@ -145,6 +196,7 @@ def main(argv: list[str]) -> int:
                             f"{NANOGPT_VAL_LOSS})"),
         ("train loss", f"{figures['train_loss']:.3f}"),
         ("compile", f"{figures['compile_s']:.1f} s"),
+        *rows,
     ])
     path = write_result(args.name, {"data": str(args.data), "steps": t.steps,
                                     "batch_size": t.batch_size, "seq_len": t.seq_len,

@@ -35,6 +35,9 @@ def test_baby_trains_on_a_given_text_file(tmp_path: Path) -> None:
                       "--results", str(tmp_path)]) == 0
     figures = json.loads((tmp_path / "baby.json").read_text())["figures"]
     assert figures["ms_per_step"] > 0 and figures["val_loss"] < 5.5  # below uniform (ln 384 = 5.95)
+    # the PyTorch eager reference took turns on the same text
+    assert figures["torch_ms_per_step"] > 0 and figures["torch_val_loss"] < 5.95
+    assert figures["torch_over_meshlm"] == figures["torch_ms_per_step"] / figures["ms_per_step"]
 
 
 def test_baby_refuses_a_missing_data_file(tmp_path: Path, capsys) -> None:
