@@ -69,6 +69,13 @@ def dot_product_attention(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Arra
         return blockwise_causal_attention(q_btnh, k_bskh, v_bskh, mask_bts, block)
     b, t, n, h = q_btnh.shape
     k = k_bskh.shape[2]
+    if k == n:  # multi-head: no group axis (its size-1 axis costs XLA:CPU layout copies)
+        logits_bnts = jnp.einsum("btnh,bsnh->bnts", q_btnh, k_bskh,
+                                 preferred_element_type=jnp.float32) * (h ** -0.5)
+        logits_bnts = jnp.where(mask_bts[:, None], logits_bnts, jnp.finfo(jnp.float32).min)
+        probs32_bnts = jax.nn.softmax(logits_bnts, axis=-1)
+        out_btnh = jnp.einsum("bnts,bsnh->btnh", probs32_bnts.astype(v_bskh.dtype), v_bskh)
+        return (out_btnh, probs32_bnts) if return_probs else out_btnh
     q_btkgh = q_btnh.reshape(b, t, k, n // k, h)
     logits_bkgts = jnp.einsum("btkgh,bskh->bkgts", q_btkgh, k_bskh,
                               preferred_element_type=jnp.float32) * (h ** -0.5)
