@@ -151,8 +151,15 @@ def run(cfg, data: Path, eval_batches: int, devices: list, reference=None) -> di
                 ref["train_s"] += time.perf_counter() - start
 
         def split_loss(ids: np.ndarray) -> float:
-            sums = [eval_step(state.params, next_batch(ids)) for _ in range(eval_batches)]
-            return float(sum(s["loss_sum"] for s in sums) / sum(s["weight_sum"] for s in sums))
+            pending: collections.deque = collections.deque()
+            loss_sum = weight_sum = 0.0
+            for i in range(eval_batches):  # at most IN_FLIGHT steps in flight (JAX_NOTES.md)
+                pending.append(eval_step(state.params, next_batch(ids)))
+                while len(pending) > IN_FLIGHT or (pending and i == eval_batches - 1):
+                    sums = pending.popleft()
+                    loss_sum += float(sums["loss_sum"])
+                    weight_sum += float(sums["weight_sum"])
+            return loss_sum / weight_sum
 
         val_loss, train_loss = split_loss(val_ids), split_loss(train_ids)
     if reference is not None:
