@@ -124,14 +124,19 @@ def train_step(state: TrainState, batch: Batch, frozen: nnx.State | None = None,
     grads, loss, moe_metrics = grads_loss_and_metrics(state.params, batch, frozen, graphdef=graphdef,
                                                       microbatches=microbatches)
     grad_norm = optax.tree.norm(grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    keep_new = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
+
+    def update(params: nnx.State, opt_state: Any) -> tuple[nnx.State, Any]:
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    # A conditional rather than a select of new or old values: no extra pass over the state
+    # (bench.baby about 5% faster on XLA:CPU).
+    params, opt_state = jax.lax.cond(finite, update, lambda params, opt_state: (params, opt_state),
+                                     state.params, state.opt_state)
     metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step),
                "skipped": 1 - finite.astype(jnp.int32), **moe_metrics}
-    return TrainState(state.step + 1, keep_new(params, state.params),
-                      keep_new(opt_state, state.opt_state)), metrics
+    return TrainState(state.step + 1, params, opt_state), metrics
 
 
 def all_finite(tree: Any) -> jax.Array:
