@@ -317,6 +317,7 @@ def test_moe_tiny_and_its_dense_twin_have_the_same_active_parameters():
     assert difference == moe.num_layers * moe.d_model * moe.num_experts  # the routers only
 
 
+@pytest.mark.slow  # end-to-end training (17 s); make test keeps the MoE equivalence tests
 def test_moe_tiny_loss_falls_and_every_expert_gets_tokens(eight_devices, tmp_path):
     text = small_text(tmp_path / "text")
     cfg = _preset("moe_tiny.yaml", f"run.dir={tmp_path / 'run'}", f"data.source=text:{text}",
