@@ -60,7 +60,7 @@ class ModelConfig:
     attention_impl: AttentionImpl = "einsum"  # see model/attention_kernels.py
     attention_block: int = 128  # query rows per block of attention_impl=blockwise
     loss_chunk: int = 0  # >0: cross-entropy over chunks of this many positions (model/loss.py)
-    fused_projections: bool = False  # one matmul for q/k/v (and SwiGLU gate/up); see below
+    fused_projections: bool = False  # one matmul for q/k/v (and SwiGLU gate/up); see above
     init_std: float = 0.02
     num_experts: int = 0  # 0: dense
     experts_per_token: int = 2
