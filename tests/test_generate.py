@@ -40,8 +40,10 @@ def _full_logits(cfg, params, tokens):
     return np.asarray(nnx.merge(graphdef, params)(np.asarray([tokens], np.int32))[0])
 
 
-@pytest.mark.parametrize("cfg, mesh_axes", [(DENSE, {"data": -1, "tensor": 2}),
-                                            (MOE, {"data": 2, "expert": 4})], ids=["dense", "moe"])
+@pytest.mark.parametrize("cfg, mesh_axes", [
+    (DENSE, {"data": -1, "tensor": 2}),
+    pytest.param(MOE, {"data": 2, "expert": 4}, marks=pytest.mark.slow),  # 19 s: make test-all
+], ids=["dense", "moe"])
 def test_cached_decoding_equals_the_full_forward_pass(eight_devices, cfg, mesh_axes):
     gen, params = _generator(cfg, mesh_axes)
     out = gen.generate(PROMPTS, 9, return_logits=True)

@@ -76,7 +76,9 @@ def _logits_and_grads(cfg, params, graphdef, tokens):
     return logits, grads
 
 
-@pytest.mark.parametrize("remat", [pytest.param("none", marks=pytest.mark.slow), "full"])
+# slow (18 s each); make test keeps test_moe.py's scanned-equals-unrolled layout test
+@pytest.mark.parametrize("remat", [pytest.param("none", marks=pytest.mark.slow),
+                                   pytest.param("full", marks=pytest.mark.slow)])
 def test_scanned_layers_equal_unrolled(remat):
     tokens = jnp.asarray(np.random.default_rng(4).integers(0, 64, (2, 16)), jnp.int32)
     scanned_cfg = dataclasses.replace(SMALL, scan_layers=True, remat=remat)
