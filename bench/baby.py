@@ -153,9 +153,10 @@ def run(cfg, data: Path, eval_batches: int, devices: list, reference=None) -> di
         def split_loss(ids: np.ndarray) -> float:
             pending: collections.deque = collections.deque()
             loss_sum = weight_sum = 0.0
-            for i in range(eval_batches):  # at most IN_FLIGHT steps in flight (JAX_NOTES.md)
-                pending.append(eval_step(state.params, next_batch(ids)))
-                while len(pending) > IN_FLIGHT or (pending and i == eval_batches - 1):
+            for i in range(eval_batches + IN_FLIGHT):  # at most IN_FLIGHT steps in flight
+                if i < eval_batches:
+                    pending.append(eval_step(state.params, next_batch(ids)))
+                if i >= IN_FLIGHT:
                     sums = pending.popleft()
                     loss_sum += float(sums["loss_sum"])
                     weight_sum += float(sums["weight_sum"])
@@ -200,7 +201,12 @@ def main(argv: list[str]) -> int:
     try:
         cfg = load_config(CONFIG_DIR / "bench_baby.yaml",
                           [*([f"train.steps={args.steps}"] if args.steps else []), *args.overrides])
-        reference = None
+        count = device_count(args.devices, cfg.train.batch_size, os.cpu_count() or 1)
+        if cfg.train.batch_size % count:
+            raise ConfigError("--devices", f"{count} devices do not divide the batch of "
+                                           f"{cfg.train.batch_size} rows")
+        devices = use_cpu_devices(count)
+        reference = None  # after the devices: the schedule below starts JAX's backend
         if not args.no_torch:
             try:
                 from bench.torch_reference import TorchBaby
@@ -208,12 +214,9 @@ def main(argv: list[str]) -> int:
                 print("error: the PyTorch reference needs torch (pip install -e '.[test]'); or pass "
                       "--no-torch", file=sys.stderr)
                 return 2
-            reference = TorchBaby(cfg.model, cfg.optim, cfg.train.steps, cfg.train.seed)
-        count = device_count(args.devices, cfg.train.batch_size, os.cpu_count() or 1)
-        if cfg.train.batch_size % count:
-            raise ConfigError("--devices", f"{count} devices do not divide the batch of "
-                                           f"{cfg.train.batch_size} rows")
-        devices = use_cpu_devices(count)
+            _, schedule = make_optimizer(cfg.optim, cfg.train.steps)
+            lrs = np.asarray(jax.vmap(schedule)(np.arange(cfg.train.steps)))
+            reference = TorchBaby(cfg.model, cfg.optim, lrs, cfg.train.seed)
         figures = run(cfg, args.data, args.eval_batches, devices, reference)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -5,10 +5,11 @@ The model is written here from nanoGPT's published architecture and training rec
 pre-norm blocks with LayerNorm (scale only, no bias), one fused q/k/v Linear, PyTorch's
 ``scaled_dot_product_attention`` (causal), a 4x exact-GELU MLP, no biases, learned absolute
 positions, a tied output head, N(0, 0.02) init with residual projections scaled by 1/sqrt(2L);
-AdamW with weight decay on matrices only, gradient clipping at 1.0, and nanoGPT's linear-warmup,
-cosine-decay learning rate. Sizes and optimizer settings come from meshlm's config, so both sides
-train the same configuration (nanoGPT's own vocabulary is 65 characters; here it is meshlm's
-byte vocabulary). Float32 on the CPU, as nanoGPT runs there.
+AdamW with weight decay on matrices only, gradient clipping at 1.0, and a linear-warmup,
+cosine-decay learning rate (meshlm's own schedule, evaluated once up front by the caller). Sizes
+and optimizer settings come from meshlm's config, so both sides train the same configuration
+(nanoGPT's own vocabulary is 65 characters; here it is meshlm's byte vocabulary). Float32 on the
+CPU, as nanoGPT runs there.
 """
 
 from __future__ import annotations
@@ -77,7 +78,8 @@ class TorchBaby:
     """Trains ``BabyGPT`` one batch at a time: ``step(rows)`` and ``loss(rows)`` take [B, T + 1]
     token windows (inputs are the first T, targets the last T)."""
 
-    def __init__(self, cfg: ModelConfig, optim: OptimConfig, steps: int, seed: int = 0):
+    def __init__(self, cfg: ModelConfig, optim: OptimConfig, lrs: np.ndarray, seed: int = 0):
+        """``lrs``: the learning rate of every step (meshlm's schedule, evaluated by the caller)."""
         torch.manual_seed(seed)
         self.model = BabyGPT(cfg)
         matrices = [p for p in self.model.parameters() if p.dim() >= 2]
@@ -85,28 +87,17 @@ class TorchBaby:
         self.opt = torch.optim.AdamW([{"params": matrices, "weight_decay": optim.weight_decay},
                                       {"params": vectors, "weight_decay": 0.0}],
                                      lr=optim.lr, betas=(optim.b1, optim.b2), eps=optim.eps)
-        self.optim, self.steps, self.done = optim, steps, 0
-
-    def lr(self, step: int) -> float:
-        """meshlm's schedule (train/optimizer.py): linear warm-up from 0, then cosine decay to
-        lr * min_lr_ratio at the end (nanoGPT's has the same shape)."""
-        o = self.optim
-        if step < o.warmup_steps:
-            return o.lr * step / o.warmup_steps
-        total = max(o.decay_steps or self.steps, o.warmup_steps + 1)
-        frac = min(1.0, (step - o.warmup_steps) / (total - o.warmup_steps))
-        floor = o.lr * o.min_lr_ratio
-        return floor + 0.5 * (1.0 + math.cos(math.pi * frac)) * (o.lr - floor)
+        self.clip_norm, self.lrs, self.done = optim.clip_norm, lrs, 0
 
     def step(self, rows: np.ndarray) -> float:
         for group in self.opt.param_groups:
-            group["lr"] = self.lr(self.done)
+            group["lr"] = float(self.lrs[self.done])
         batch = torch.from_numpy(rows.astype(np.int64))
         loss = self.model(batch[:, :-1], batch[:, 1:])
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        if self.optim.clip_norm:
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.optim.clip_norm)
+        if self.clip_norm:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_norm)
         self.opt.step()
         self.done += 1
         return loss.item()
