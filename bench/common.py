@@ -10,6 +10,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import jax
+
+from model.flops import measure_matmul_peak
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
@@ -25,8 +29,6 @@ def git_commit() -> str:
 
 
 def machine() -> dict[str, Any]:
-    import jax
-
     return {"platform": platform.platform(), "python": platform.python_version(),
             "cpus": os.cpu_count(), "jax": jax.__version__, "backend": jax.default_backend(),
             "devices": jax.device_count()}
@@ -57,6 +59,4 @@ def matmul_peak(dtype: str = "float32", sizes: tuple[int, ...] = (1024, 2048), r
     device: the practical compute limit of this host for that dtype, measured now. (On CPUs with
     AVX512-BF16, bfloat16 matmuls run about twice as fast as float32 ones, so a bfloat16 model's
     MFU is taken against the bfloat16 peak.)"""
-    from model.flops import measure_matmul_peak
-
     return max(measure_matmul_peak(size, repeats, dtype) for size in sizes)

@@ -9,30 +9,25 @@ of ``--repeats`` runs after a warm-up that compiles every step.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 
-from sharding.host import quiet_tpu_probe
+import jax
+import numpy as np
+from flax import nnx
 
-quiet_tpu_probe()  # before JAX loads: no libtpu probing on CPU hosts
-
-import jax  # noqa: E402
-
-jax.config.update("jax_num_cpu_devices", 8)
-
-import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
-
-from bench.common import print_table, write_result  # noqa: E402
-from eval.generate import Generator  # noqa: E402
-from eval.sampling import SamplingConfig  # noqa: E402
-from model.config import ModelConfig  # noqa: E402
-from model.flops import param_counts  # noqa: E402
-from model.transformer import Transformer  # noqa: E402
-from sharding.mesh import MeshConfig, make_mesh  # noqa: E402
-from sharding.rules import default_rules, tree_shardings  # noqa: E402
+from bench.common import print_table, write_result
+from cli.args import Parser, run
+from cli.host import quiet_tpu_probe, use_cpu_devices
+from inference.generate import Generator
+from inference.sampling import SamplingConfig
+from model.config import ModelConfig
+from model.flops import param_counts
+from model.transformer import Transformer
+from sharding.mesh import MeshConfig, make_mesh
+from sharding.rules import default_rules, tree_shardings
 
 MODEL = ModelConfig(vocab_size=384, d_model=512, num_layers=6, num_heads=8, num_kv_heads=4,
                     mlp_dim=1536, max_seq_len=512)
@@ -66,11 +61,13 @@ def measure(mesh_axes: dict[str, int], devices: list, batch: int, repeats: int) 
             "first_call_s": compile_s}
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.decode", description=__doc__.split("\n")[0])
+def decode_command(argv: Sequence[str]) -> int:
+    parser = Parser(prog="python -m bench.decode", description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batches", default="1,8")
     args = parser.parse_args(argv)
+    quiet_tpu_probe()
+    use_cpu_devices(8)
     figures: dict[str, float] = {}
     where = {"1device": ({"data": 1}, jax.devices()[:1]),
              "mesh": ({"data": -1, "tensor": 2}, jax.devices())}
@@ -90,5 +87,9 @@ def main(argv: list[str]) -> int:
     return 0
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+    return run(decode_command, argv)
+
+
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main())

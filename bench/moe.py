@@ -7,21 +7,18 @@ from __future__ import annotations
 
 import sys
 
-from sharding.host import quiet_tpu_probe
+import jax
 
-quiet_tpu_probe()  # before JAX loads: no libtpu probing on CPU hosts
-
-import jax  # noqa: E402
-
-jax.config.update("jax_num_cpu_devices", 8)
-
-from bench.common import print_table, write_result  # noqa: E402
-from bench.timing import step_seconds  # noqa: E402
-from model.flops import param_counts  # noqa: E402
-from train.config import CONFIG_DIR, load_config  # noqa: E402
+from bench.common import print_table, write_result
+from bench.timing import step_seconds
+from cli.host import quiet_tpu_probe, use_cpu_devices
+from model.flops import param_counts
+from train.config import CONFIG_DIR, load_config
 
 
 def main(argv: list[str]) -> int:
+    quiet_tpu_probe()
+    use_cpu_devices(8)
     dense = load_config(CONFIG_DIR / "dense_tiny.yaml", argv)
     cases = {
         "dense": dense,

@@ -9,20 +9,13 @@ from __future__ import annotations
 import sys
 import time
 
-from sharding.host import quiet_tpu_probe
-
-quiet_tpu_probe()  # before JAX loads: no libtpu probing on CPU hosts
-
-import jax  # noqa: E402
-
-jax.config.update("jax_num_cpu_devices", 8)
-
-from bench.common import print_table, write_result  # noqa: E402
-from bench.timing import step_seconds  # noqa: E402
-from data.pipeline import train_dataset  # noqa: E402
-from data.sources import open_source  # noqa: E402
-from data.tokenizer import make_tokenizer  # noqa: E402
-from train.config import load_config  # noqa: E402
+from bench.common import print_table, write_result
+from bench.timing import step_seconds
+from cli.host import quiet_tpu_probe, use_cpu_devices
+from data.pipeline import train_dataset
+from data.sources import open_source
+from data.tokenizer import make_tokenizer
+from train.config import load_config
 
 
 def pipeline_tokens_per_s(cfg, batches: int = 300) -> float:
@@ -48,6 +41,8 @@ def train_tokens_per_s(cfg, steps: int = 8) -> float:
 
 
 def main(argv: list[str]) -> int:
+    quiet_tpu_probe()
+    use_cpu_devices(8)
     cfg = load_config(None, argv)
     supply = pipeline_tokens_per_s(cfg)
     demand = train_tokens_per_s(cfg)

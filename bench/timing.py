@@ -10,13 +10,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from sharding.constrain import activation_sharding
 from sharding.mesh import MeshConfig, make_mesh
-from sharding.rules import default_rules
 from train.config import Config
-from train.optimizer import make_optimizer
-from train.state import abstract_state, init_state, state_shardings
-from train.step import batch_sharding, jit_train_step
+from train.program import Program, memory_report
 
 
 def rss_bytes() -> dict[str, int]:
@@ -30,18 +26,6 @@ def rss_bytes() -> dict[str, int]:
                 out["rss_peak"] = int(line.split()[1]) * 1024
     except OSError:
         pass
-    return out
-
-
-def memory_of(compiled: Any) -> dict[str, int]:
-    """XLA's per-device memory analysis of a compiled program (bytes): arguments, outputs, donated
-    (aliased) bytes, temporaries, and the total live at once."""
-    stats = compiled.memory_analysis()
-    if stats is None:
-        return {}
-    out = {"arguments": stats.argument_size_in_bytes, "outputs": stats.output_size_in_bytes,
-           "aliased": stats.alias_size_in_bytes, "temporaries": stats.temp_size_in_bytes}
-    out["total"] = out["arguments"] + out["outputs"] - out["aliased"] + out["temporaries"]
     return out
 
 
@@ -60,31 +44,26 @@ def measure_train_step(cfg: Config, steps: int = 10, devices: list | None = None
     after one warm-up step), ``step_times_s``, ``memory`` (XLA's per-device analysis), and the
     process's ``rss``/``rss_peak`` bytes after the steps."""
     t = cfg.train
-    mesh_cfg = cfg.mesh if devices is None else MeshConfig(data=len(devices))
-    mesh, rules = make_mesh(mesh_cfg, devices), default_rules()
-    tx, schedule = make_optimizer(cfg.optim, t.steps)
-    with activation_sharding(mesh, rules):
-        graphdef, abstract = abstract_state(cfg.model, tx)
-        shardings = state_shardings(abstract, mesh, rules)
-        state = init_state(cfg.model, tx, 0, shardings)
-        batch_sh = batch_sharding(mesh, rules, t.batch_size, t.seq_len)
-        step = jit_train_step(graphdef, tx, schedule, t.microbatches, shardings, batch_sh)
-        batch = random_batch(t.batch_size, t.seq_len, min(256, cfg.model.vocab_size))
-        batch = {k: jax.device_put(v, batch_sh) for k, v in batch.items()}
+    mesh = make_mesh(cfg.mesh if devices is None else MeshConfig(data=len(devices)), devices)
+    program = Program(cfg, mesh=mesh)
+    state = program.init()
+    batch = random_batch(t.batch_size, t.seq_len, min(256, cfg.model.vocab_size))
+    batch = {k: jax.device_put(v, program.batch_sharding) for k, v in batch.items()}
+    start = time.perf_counter()
+    compiled = program.lower_train_step(batch).compile()
+    compile_s = time.perf_counter() - start
+    frozen = program.trainee.frozen
+    state, metrics = compiled(state, batch, frozen)
+    jax.block_until_ready(metrics)
+    times = []
+    for _ in range(steps):
         start = time.perf_counter()
-        compiled = step.lower(state, batch).compile()
-        compile_s = time.perf_counter() - start
-        state, metrics = compiled(state, batch)
+        state, metrics = compiled(state, batch, frozen)
         jax.block_until_ready(metrics)
-        times = []
-        for _ in range(steps):
-            start = time.perf_counter()
-            state, metrics = compiled(state, batch)
-            jax.block_until_ready(metrics)
-            times.append(time.perf_counter() - start)
-        loss = float(jax.device_get(metrics["loss"]))
+        times.append(time.perf_counter() - start)
+    loss = float(jax.device_get(metrics["loss"]))
     return {"compile_s": compile_s, "step_s": float(np.median(times)), "step_times_s": times,
-            "memory": memory_of(compiled), "final_loss": loss, **rss_bytes()}
+            "memory": memory_report(compiled), "final_loss": loss, **rss_bytes()}
 
 
 def step_seconds(cfg: Config, steps: int = 10, devices: list | None = None) -> float:

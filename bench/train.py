@@ -16,23 +16,20 @@ MoE over its dense twin) without running anything.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
-from sharding.host import quiet_tpu_probe
+import jax
 
-quiet_tpu_probe()  # before JAX loads: no libtpu probing on CPU hosts
-
-import jax  # noqa: E402
-
-jax.config.update("jax_num_cpu_devices", 8)
-
-from bench.common import RESULTS_DIR, matmul_peak, print_table, write_result  # noqa: E402
-from bench.timing import measure_train_step  # noqa: E402
-from model.flops import accounting, train_flops_per_token  # noqa: E402
-from train.config import CONFIG_DIR, ConfigError, load_config  # noqa: E402
+from bench.common import RESULTS_DIR, matmul_peak, print_table, write_result
+from bench.timing import measure_train_step
+from cli.args import Parser, run
+from cli.host import quiet_tpu_probe, use_cpu_devices
+from core.errors import UsageError
+from model.flops import accounting, train_flops_per_token
+from train.config import CONFIG_DIR, load_config
 
 CASES = {  # name: (preset, overrides, devices: 1 or 0 = all)
     "dense_medium": ("bench_dense_medium.yaml", [], 1),
@@ -117,24 +114,26 @@ def summary(results: Path = RESULTS_DIR) -> int:
     return 0
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.train", description=__doc__.split("\n")[0])
+def train_bench_command(argv: Sequence[str]) -> int:
+    parser = Parser(prog="python -m bench.train", description=__doc__.split("\n")[0])
     parser.add_argument("case", choices=[*CASES, "summary"])
     parser.add_argument("--steps", type=int, default=5, help="timed steps (after one warm-up)")
     parser.add_argument("--results", type=Path, default=RESULTS_DIR, help="where JSON results go")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     args = parser.parse_intermixed_args(argv)
     if args.steps < 1:
-        parser.error("--steps must be >= 1")
+        raise UsageError("--steps must be >= 1")
     if args.case == "summary":
         return summary(args.results)
-    try:
-        run_case(args.case, args.steps, args.overrides, args.results)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    quiet_tpu_probe()
+    use_cpu_devices(8)
+    run_case(args.case, args.steps, args.overrides, args.results)
     return 0
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+    return run(train_bench_command, argv)
+
+
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main())

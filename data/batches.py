@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 
 Batch = dict[str, jax.Array]
@@ -20,7 +21,5 @@ def equalize_across_processes(batches: list, empty: dict[str, np.ndarray]) -> li
     so all processes run the same number of (collective) eval steps."""
     if jax.process_count() == 1:
         return batches
-    from jax.experimental import multihost_utils
-
     longest = int(np.max(multihost_utils.process_allgather(np.int32(len(batches)))))
     return batches + [empty] * (longest - len(batches))

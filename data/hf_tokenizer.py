@@ -14,8 +14,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from gguf import GGUFReader
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers, processors
 from tokenizers.models import BPE
+
+from core.errors import first_line
+from data.chat import render_chat
 
 HF_FILE = "hf_tokenizer.json"  # its name in a run directory (meshlm's own tokenizer.json is metadata)
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
@@ -155,8 +159,6 @@ class HFTokenizer:
         """The conversation as the model's chat template writes it (as ``transformers``'
         ``apply_chat_template(messages, tokenize=False, add_generation_prompt=...)``); ValueError
         if there is no template or it rejects the conversation."""
-        from data.chat import render_chat  # jinja2, only when a template is used
-
         if self.chat_template is None:
             raise ValueError("this tokenizer has no chat template")
         return render_chat(self.chat_template, messages, add_generation_prompt=add_generation_prompt,
@@ -241,7 +243,7 @@ def _parse_tokenizer_json(text: str, where: str) -> Tokenizer:
     try:
         return Tokenizer.from_str(text)
     except Exception as e:  # the Rust side raises plain Exception for every parse error
-        raise ValueError(f"{where} is not a Hugging Face tokenizer.json ({str(e).splitlines()[0]})") from None
+        raise ValueError(f"{where} is not a Hugging Face tokenizer.json ({first_line(e)})") from None
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -297,8 +299,6 @@ def _prepended_id(backend: Tokenizer) -> int:
 
 
 def _gguf_tokenizer_fields(path: Path) -> dict[str, Any]:
-    from gguf import GGUFReader
-
     if not path.is_file():
         raise ValueError(f"{path} does not exist")
     try:

@@ -26,6 +26,8 @@ from typing import Any, Literal, Protocol
 
 import tensorflow_datasets as tfds
 
+from core.errors import first_line
+
 DOC_BYTES = 64 * 1024  # a file is cut into documents of at most this many bytes, at line ends
 DEFAULT_CACHE_DIR = "~/.cache/meshlm/tfds"
 SPEC_HELP = "expected 'stdlib', 'text:GLOB', 'jsonl:GLOB[:FIELD]' or 'tfds:NAME[:SPLIT[:FIELD]]'"
@@ -349,10 +351,6 @@ class TfdsDocuments:
         return f"TfdsDocuments({self.source!r}, {self.field!r}, stride={self.stride}, {self.held_out})"
 
 
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
-
-
 def tfds_source(rest: str, split: Split, eval_fraction: float, data_dir: str | None) -> DocumentSource:
     """The documents of ``tfds:REST`` for ``split`` (see `open_source`)."""
     parts = rest.split(":")
@@ -362,7 +360,7 @@ def tfds_source(rest: str, split: Split, eval_fraction: float, data_dir: str | N
     try:
         builder = tfds.builder(name, data_dir=data_dir)
     except Exception as e:  # tfds raises many kinds (not found, bad config, import errors)
-        raise ValueError(f"unknown tfds dataset {name!r}: {_first_line(e)}") from None
+        raise ValueError(f"unknown tfds dataset {name!r}: {first_line(e)}") from None
     if not builder.is_prepared():
         raise ValueError(f"tfds dataset {name!r} is not prepared in {builder.data_dir} (nothing is "
                          f"downloaded here: run `tfds build {name} --file_format=array_record` first)")
@@ -387,7 +385,7 @@ def open_tfds(name: str, tfds_split: str, data_dir: str | None, splits: list[str
         source = tfds.data_source(name, split=tfds_split, data_dir=data_dir, download=False)
     except Exception as e:
         raise ValueError(f"cannot read split {tfds_split!r} of tfds dataset {name!r} (splits: "
-                         f"{', '.join(splits)}): {_first_line(e)}") from None
+                         f"{', '.join(splits)}): {first_line(e)}") from None
     return TfdsDocuments(source, field, stride, held_out)
 
 

@@ -1,29 +1,26 @@
 """Tokenizers behind one interface (encode, decode, token_bytes, vocab_size, bos_id, eos_id, pad_id,
 kind), their specs (``"byte"``, ``"sentencepiece:PATH.model"``, ``"hf:PATH"``, ``"run:RUN_DIR"``), their
-persistence in a run directory, and a command that trains a SentencePiece model:
-
-    python -m data.tokenizer train --input PATH [PATH ...] --vocab-size N --model-type bpe --output PREFIX
+files in a run directory, and training a SentencePiece model (``python -m data train-tokenizer``).
 """
 
 from __future__ import annotations
 
-import argparse
 import codecs
 import hashlib
 import json
 import os
 import re
-import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Literal, NoReturn, Protocol
+from typing import Literal, Protocol
 
 import sentencepiece as spm
 
 from data.hf_tokenizer import HF_FILE, HFTokenizer
 
-TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_FILE = "tokenizer.json"  # meshlm's metadata: kind, vocabulary size, the files below
 MODEL_FILE = "tokenizer.model"
+TOKENIZER_FILES = (TOKENIZER_FILE, MODEL_FILE, HF_FILE)  # every file a run's tokenizer may have
 SPECIAL_IDS = {"unk_id": 0, "bos_id": 1, "eos_id": 2, "pad_id": 3}
 MIN_VOCAB_SIZE = len(SPECIAL_IDS) + 256  # the special pieces and the 256 byte-fallback pieces
 MAX_SENTENCE_BYTES = 4096  # training lines longer than this are cut into pieces (never skipped)
@@ -325,42 +322,3 @@ class _ModelBytes:
 
     def write(self, data: bytes) -> None:
         self.data = data
-
-
-# -------------------------------------------------------------------------------------- command line
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse with one ``error: ...`` line and exit code 2 for every usage mistake."""
-
-    def error(self, message: str) -> NoReturn:
-        _fail(message)
-
-
-def _fail(message: str) -> NoReturn:
-    print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
-    raise SystemExit(2)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = _Parser(prog="python -m data.tokenizer", description="Tokenizer tools.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    train = commands.add_parser("train", help="train a SentencePiece model on UTF-8 text files")
-    train.add_argument("--input", nargs="+", required=True, metavar="PATH", help="UTF-8 text files")
-    train.add_argument("--vocab-size", type=int, required=True, metavar="N")
-    train.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe")
-    train.add_argument("--output", required=True, metavar="PREFIX", help="writes PREFIX.model")
-    train.add_argument("--input-sentence-size", type=int, default=2_000_000, metavar="LINES",
-                       help="train on a uniform sample of this many lines when the input has more")
-    args = parser.parse_args(argv)
-    try:
-        path = train_sentencepiece(args.input, args.vocab_size, args.model_type, args.output,
-                                   input_sentence_size=args.input_sentence_size)
-    except ValueError as e:
-        _fail(str(e))
-    print(f"wrote {path} ({args.vocab_size} pieces, {args.model_type})")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,15 +1,15 @@
-"""lm-evaluation-harness adapter: a meshlm checkpoint as lm_eval's model ``meshlm`` and the command
-``python -m eval harness --checkpoint PATH --tasks TASK[,TASK]``.
+"""lm-evaluation-harness adapter: a meshlm checkpoint as lm_eval's model ``meshlm`` (the command
+``python -m eval harness`` is ``cli/harness.py``).
 
 - ``loglikelihood``: every (context, continuation) becomes one token row, [BOS] + context +
-  continuation (split as lm_eval's causal models split it), scored by `eval.score.Scorer` (one jitted,
+  continuation (split as lm_eval's causal models split it), scored by `inference.score.Scorer` (one jitted,
   sharded forward pass per batch of rows sorted by length). A row longer than the window
   (``train.seq_len``, the context the model was trained on) loses context from the left; the
   continuation is always scored whole (one too long for the window is scored in window-sized pieces,
   each with the longest context that fits).
 - ``loglikelihood_rolling``: the text's tokens in lm_eval's rolling windows
   (``get_rolling_token_windows`` + ``make_disjoint_window``, prefix BOS), summed.
-- ``generate_until``: `eval.generate.Generator` (batched KV-cache decoding), stopping a row at EOS or
+- ``generate_until``: `inference.generate.Generator` (batched KV-cache decoding), stopping a row at EOS or
   at the first of the ``until`` strings and cutting the text there.
 
 Tasks: lm_eval's own, plus the local ones in ``eval/tasks`` (``meshlm_tiny``: a multiple-choice,
@@ -18,26 +18,28 @@ a perplexity and a generation task on Python snippets, which need no download).
 
 from __future__ import annotations
 
-import argparse
 import fnmatch
 import json
 import logging
 import os
-import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import jax
 import numpy as np
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
-from lm_eval.utils import get_rolling_token_windows, handle_non_serializable, make_disjoint_window
+from lm_eval.tasks import TaskManager
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+from tqdm import tqdm
 
-from eval.cli import Parser, UsageError
-
-if TYPE_CHECKING:
-    from eval.load import LoadedRun
+from core.errors import UsageError
+from inference.generate import Generator
+from inference.load import LoadedRun, load_run
+from inference.sampling import SamplingConfig
+from inference.score import Scorer
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 DEFAULT_BATCH_SIZE = 8
@@ -46,7 +48,7 @@ DEFAULT_MAX_GEN_TOKS = 256
 log = logging.getLogger(__name__)
 
 
-class _QuietCustomDatasetNote(logging.Filter):
+class QuietCustomDatasetNote(logging.Filter):
     """Drops lm_eval's note on passing kwargs to custom datasets (about its own tasks, not ours)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -76,11 +78,7 @@ class MeshLM(TemplateLM):
         if (checkpoint is None) == (run is None):
             raise ValueError("MeshLM takes either checkpoint=PATH or run=LoadedRun")
         if run is None:
-            from eval.load import load_run
-
             run = load_run(checkpoint)
-        from eval.score import Scorer
-
         self.run = run
         self.tok = run.tokenizer
         self.window = run.cfg.train.seq_len
@@ -126,7 +124,7 @@ class MeshLM(TemplateLM):
     def get_model_info(self) -> dict[str, Any]:
         return {"meshlm_run_dir": str(self.run.run_dir), "meshlm_step": self.run.step,
                 "meshlm_window": self.window,
-                "model_num_parameters": int(sum(np.prod(x.shape) for x in _leaves(self.run.params)))}
+                "model_num_parameters": int(sum(np.prod(x.shape) for x in jax.tree.leaves(self.run.params)))}
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
         """Token ids of ``string``, after the prefix token unless ``add_special_tokens`` is False."""
@@ -165,8 +163,6 @@ class MeshLM(TemplateLM):
         pieces.sort(key=lambda p: -len(p[1]))
         logprob = [0.0] * len(requests)
         greedy = [True] * len(requests)
-        from tqdm import tqdm
-
         with tqdm(total=len(pieces), disable=disable_tqdm, desc="meshlm loglikelihood") as bar:
             for start in range(0, len(pieces), self.batch_size):
                 chunk = pieces[start:start + self.batch_size]
@@ -203,9 +199,7 @@ class MeshLM(TemplateLM):
 
     # ------------------------------------------------------------------------------- generation
 
-    def _generator(self, sampling: Any) -> Any:
-        from eval.generate import Generator
-
+    def _generator(self, sampling: SamplingConfig) -> Generator:
         if sampling not in self._generators:
             r = self.run
             self._generators[sampling] = Generator(r.cfg.model, r.params, r.mesh, r.rules, self.window,
@@ -216,10 +210,6 @@ class MeshLM(TemplateLM):
         """Continuations of each context, cut at the first ``until`` string (or EOS, or after
         ``max_gen_toks``). Contexts keep their last ``max(window - max_gen_toks, window // 2)`` tokens;
         past the window the generator shifts its context."""
-        from tqdm import tqdm
-
-        from eval.sampling import SamplingConfig
-
         out: list[str] = [""] * len(requests)
         groups: dict[str, list[int]] = {}
         for index, request in enumerate(requests):
@@ -250,7 +240,8 @@ class MeshLM(TemplateLM):
         bar.close()
         return out
 
-    def _generate(self, prompts: list[list[int]], max_new: int, until: list[str], sampling: Any) -> list[str]:
+    def _generate(self, prompts: list[list[int]], max_new: int, until: list[str],
+                  sampling: SamplingConfig) -> list[str]:
         """One batch (padded to the batch size with copies of its last prompt, so shapes repeat)."""
         real = len(prompts)
         tokens: list[list[int]] = [[] for _ in range(real)]
@@ -271,67 +262,10 @@ class MeshLM(TemplateLM):
         return [postprocess_generated_text(self.tok.decode(t), until, None) for t in tokens]
 
 
-def _leaves(tree: Any) -> list[Any]:
-    import jax
-
-    return jax.tree.leaves(tree)
-
-
-# ------------------------------------------------------------------------------------------- CLI
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="python -m eval harness",
-                     description="Run lm-evaluation-harness tasks on a meshlm checkpoint.")
-    parser.add_argument("--checkpoint", required=True, help="run directory or checkpoints/<step>")
-    parser.add_argument("--tasks", required=True,
-                        help="comma-separated task, group or tag names (meshlm_tiny: the local tasks)")
-    parser.add_argument("--limit", type=float, help="documents per task (below 1: a fraction)")
-    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
-    parser.add_argument("--num-fewshot", type=int)
-    parser.add_argument("--max-gen-toks", type=int, default=DEFAULT_MAX_GEN_TOKS,
-                        help="default for generation tasks that set none")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--bootstrap-iters", type=int, default=1000, help="for standard errors; 0: none")
-    parser.add_argument("--output", help="write lm_eval's full results here (JSON)")
-    parser.add_argument("--include-path", action="append", default=[],
-                        help="another directory of task YAML files (repeatable)")
-    return parser
-
-
-def check_args(args: argparse.Namespace) -> list[str]:
-    """The task names; UsageError for values out of range or paths that cannot work."""
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    if not tasks:
-        raise UsageError("--tasks names no task")
-    if args.limit is not None and not args.limit > 0:
-        raise UsageError(f"--limit must be > 0, got {args.limit:g}")
-    if args.limit is not None and args.limit >= 1:
-        if args.limit != int(args.limit):
-            raise UsageError(f"--limit must be a whole number of documents or a fraction below 1, got "
-                             f"{args.limit:g}")
-        args.limit = int(args.limit)
-    for name, value in (("--batch-size", args.batch_size), ("--max-gen-toks", args.max_gen_toks)):
-        if value < 1:
-            raise UsageError(f"{name} must be >= 1, got {value}")
-    if args.num_fewshot is not None and args.num_fewshot < 0:
-        raise UsageError(f"--num-fewshot must be >= 0, got {args.num_fewshot}")
-    if args.bootstrap_iters < 0:
-        raise UsageError(f"--bootstrap-iters must be >= 0, got {args.bootstrap_iters}")
-    for path in args.include_path:
-        if not Path(path).is_dir():
-            raise UsageError(f"--include-path {path} is not a directory")
-    if args.output and not Path(args.output).resolve().parent.is_dir():
-        raise UsageError(f"--output {args.output}: directory {Path(args.output).parent} does not exist")
-    return tasks
-
-
 def task_manager(tasks: Sequence[str], include_paths: Sequence[str | Path] = ()) -> Any:
     """A TaskManager that knows ``tasks``: the local ones (and ``include_paths``) alone when they
     suffice (indexing lm_eval's own ~15k tasks takes seconds), else those too. UsageError naming
     the unknown tasks."""
-    from lm_eval.tasks import TaskManager
-
     paths = [TASKS_DIR, *map(Path, include_paths)]
 
     def unknown(manager: Any) -> list[str]:
@@ -355,50 +289,3 @@ def summary(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
         for task, metrics in results.get(section, {}).items():
             out[task] = {k: v for k, v in metrics.items() if k != "alias"}
     return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        args = build_parser().parse_args(argv)
-        tasks = check_args(args)
-        from eval.load import read_run_config, resolve_checkpoint
-
-        run_dir, _ = resolve_checkpoint(args.checkpoint)
-        cfg = read_run_config(run_dir)
-        # Nothing can be downloaded here: fail fast instead of waiting on the network.
-        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        logging.getLogger("lm_eval.api.task").addFilter(_QuietCustomDatasetNote())
-        manager = task_manager(tasks, args.include_path)
-        import jax
-
-        jax.config.update("jax_num_cpu_devices", cfg.run.cpu_devices)
-        from lm_eval import simple_evaluate
-        from lm_eval.utils import make_table
-
-        from eval.load import load_run
-
-        run = load_run(args.checkpoint)
-        lm = MeshLM(run=run, batch_size=args.batch_size, max_gen_toks=args.max_gen_toks, seed=args.seed)
-        results = simple_evaluate(model=lm, tasks=tasks, num_fewshot=args.num_fewshot, limit=args.limit,
-                                  task_manager=manager, log_samples=False,
-                                  bootstrap_iters=args.bootstrap_iters, random_seed=args.seed)
-        print(make_table(results))
-        if results.get("groups"):
-            print(make_table(results, "groups"))
-        if args.output:
-            try:
-                Path(args.output).write_text(json.dumps(results, indent=2, default=handle_non_serializable))
-            except OSError as e:
-                raise UsageError(f"cannot write --output {args.output}: {e.strerror}") from None
-        print(json.dumps({"checkpoint": str(args.checkpoint), "step": run.step, "results": summary(results)},
-                         default=handle_non_serializable))
-    except ValueError as e:  # UsageError and the library's one-line errors
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,8 +1,8 @@
-"""``python -m eval inspect {tokens,next,embeddings,attention,routing} --checkpoint PATH ...``: a
-checkpoint's insides made visible: token pieces and byte spans, next-token probabilities under
-temperature, embedding neighbours and analogies, and the attention weights and MoE routing of the real
-forward pass (the training kernels, asked for their intermediates). A table by default, one JSON
-object with ``--json``, a figure with ``--plot FILE.png`` (drawn by ``eval/inspect_plots.py``).
+"""A checkpoint's insides made visible (``python -m eval inspect``, ``cli/inspect.py``): token pieces
+and byte spans, next-token probabilities under temperature, embedding neighbours and analogies, and
+the attention weights and MoE routing of the real forward pass (the model's layers sow them as
+intermediates). Each report is a JSON-able dict, shown as a table by ``format_table`` or drawn by
+``eval/inspect_plots.py``.
 
 Prompts start with BOS, as in training, and keep their last ``train.seq_len`` tokens. An MoE model runs
 with enough expert capacity that no token is dropped, as in generation and scoring.
@@ -10,55 +10,22 @@ with enough expert capacity that no token is dropped, as in generation and scori
 
 from __future__ import annotations
 
-import argparse
-import json
-import logging
-import math
 import sys
-from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
+from flax import nnx
 
-from eval.cli import Parser, UsageError
+from core.errors import UsageError
+from inference.generate import inference_graphdef
+from inference.load import LoadedRun
+from model.attention import Attention
+from model.moe import MoE
+from model.transformer import sown_arrays
+from sharding.constrain import activation_sharding
 
 COMMANDS = ("tokens", "next", "embeddings", "attention", "routing")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="python -m eval inspect",
-                     description="Look inside a meshlm checkpoint: tokens, next-token probabilities, "
-                                 "embeddings, attention, expert routing.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-
-    def command(name: str, help: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help)
-        p.add_argument("--checkpoint", required=True, help="run directory or checkpoints/<step>")
-        p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-        p.add_argument("--plot", metavar="FILE.png", help="also draw a figure into this PNG file")
-        return p
-
-    tok = command("tokens", "the pieces, ids and byte spans of a text")
-    tok.add_argument("--text", required=True)
-    nxt = command("next", "the most likely next tokens at several temperatures")
-    nxt.add_argument("--prompt", required=True)
-    nxt.add_argument("--temperatures", default="0.1,0.7,1,2",
-                     help="comma-separated, >= 0; 0 = greedy (all mass on the argmax)")
-    nxt.add_argument("--top", type=int, default=10)
-    emb = command("embeddings", "nearest tokens by cosine similarity in the input embedding table")
-    query = emb.add_mutually_exclusive_group(required=True)
-    query.add_argument("--neighbors", metavar="WORD")
-    query.add_argument("--analogy", nargs=3, metavar=("A", "B", "C"), help="A - B + C")
-    emb.add_argument("--top", type=int, default=10)
-    att = command("attention", "attention weights of one position over the prompt")
-    att.add_argument("--prompt", required=True)
-    att.add_argument("--layer", type=int, default=-1, help="0-based; default: the last layer")
-    att.add_argument("--head", default="mean", help="0-based head, or 'mean' (all heads averaged)")
-    att.add_argument("--position", type=int, default=-1,
-                     help="the query position (0 = BOS when the tokenizer has one); default: the last")
-    rte = command("routing", "each token's experts and router weights, per MoE layer")
-    rte.add_argument("--prompt", required=True)
-    return parser
 
 
 # ------------------------------------------------------------------------------------ token pieces
@@ -167,27 +134,20 @@ def word_vector(tokenizer: Any, table_vd: np.ndarray, word: str) -> tuple[np.nda
 # ------------------------------------------------------------------------------- the forward pass
 
 
-def forward(run: Any, ids: list[int], *, attention: bool = False,
+def forward(run: LoadedRun, ids: list[int], *, attention: bool = False,
             routing: bool = False) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """(logits [T, V] float32, auxiliaries without their batch dimension) of one row through the
+    """(logits [T, V] float32, intermediates without their batch dimension) of one row through the
     sharded model: ``attention_probs`` [L, N, T, T], ``routing_experts``/``routing_weights``
-    [L_moe, T, R] when asked for."""
-    import jax
-    from flax import nnx
+    [L_moe, T, R] when asked for (the layers sow them; ``nnx.capture`` collects them)."""
+    _, graphdef = inference_graphdef(run.cfg.model, (Attention,) * attention + (MoE,) * routing)
 
-    from eval.generate import inference_graphdef
-    from sharding.constrain import activation_sharding
-
-    _, graphdef = inference_graphdef(run.cfg.model)
-
-    def fn(params, tokens_bt):
-        model = nnx.merge(graphdef, params)
-        return model(tokens_bt, return_aux=True, return_attention=attention, return_routing=routing)
+    def fn(params: nnx.State, tokens_bt: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+        logits_btv, sown = nnx.capture(nnx.merge(graphdef, params), nnx.Intermediate)(tokens_bt)
+        return logits_btv, sown_arrays(sown)
 
     with activation_sharding(run.mesh, run.rules):
-        logits_btv, aux = jax.device_get(jax.jit(fn)(run.params, np.asarray([ids], np.int32)))
-    squeeze = {"attention_probs": 1, "routing_experts": 1, "routing_weights": 1}
-    return logits_btv[0], {k: np.take(v, 0, axis=squeeze[k]) if k in squeeze else v for k, v in aux.items()}
+        logits_btv, sown = jax.device_get(jax.jit(fn)(run.params, np.asarray([ids], np.int32)))
+    return logits_btv[0], {name: np.take(value, 0, axis=1) for name, value in sown.items()}
 
 
 def moe_layer_indices(model_cfg: Any) -> list[int]:
@@ -222,8 +182,6 @@ def inspect_next(run: Any, prompt: str, temperatures: list[float], top: int) -> 
 
 def inspect_embeddings(run: Any, neighbors: str | None, analogy: list[str] | None,
                        top: int) -> dict[str, Any]:
-    from flax import nnx
-
     tok = run.tokenizer
     table_vd = np.asarray(nnx.merge(run.graphdef, run.params).embed.table_vd[...], np.float64)
     table_vd = table_vd[:tok.vocab_size]  # ids past the tokenizer's are never seen in training
@@ -289,169 +247,84 @@ def _cell(text: str, width: int) -> str:
     return text.ljust(width)
 
 
+def _tokens_table(report: dict[str, Any]) -> list[str]:
+    lines = [f"{report['num_tokens']} tokens ({report['tokenizer']}), {report['characters']} "
+             f"characters, {report['bytes']} bytes, {report['words']} words",
+             f"{'#':>4}  {'id':>6}  {'bytes':>9}  piece"]
+    for i, t in enumerate(report["tokens"]):
+        span = "?" if t["start"] is None else f"{t['start']}-{t['end']}"
+        lines.append(f"{i:>4}  {t['id']:>6}  {span:>9}  '{t['piece']}'")
+    per_word = report["tokens_per_word"]
+    lines.append(f"characters per token {report['chars_per_token']:.2f}   tokens per word "
+                 + ("n/a" if per_word is None else f"{per_word:.2f}"))
+    return lines
+
+
+def _next_table(report: dict[str, Any]) -> list[str]:
+    temps = report["temperatures"]
+    lines = [f"next token after {report['prompt']!r} (step {report['step']}); probabilities "
+             "= softmax(logits / T), T = 0: all on the argmax",
+             f"{'rank':>4}  {'piece':<14}{'id':>6}" + "".join(f"  {'T=' + format(t, 'g'):>8}"
+                                                            for t in temps)]
+    for rank, row in enumerate(report["top"], 1):
+        lines.append(f"{rank:>4}  {_cell(repr(row['piece']), 14)}{row['id']:>6}"
+                     + "".join(f"  {p:>8.4f}" for p in row["probs"]))
+    lines.append(f"{'':>4}  {'entropy (bits)':<20}"
+                 + "".join(f"  {h:>8.3f}" for h in report["entropy_bits"]))
+    return lines
+
+
+def _embeddings_table(report: dict[str, Any]) -> list[str]:
+    lines = []
+    for w in report["words"]:
+        if w["form"] != w["word"]:
+            lines.append(f"note: {w['word']!r} is looked up as {w['form']!r}, the token the word "
+                         "is in running text")
+        if w["tokens"] > 1:
+            lines.append(f"note: {w['word']!r} spans {w['tokens']} tokens "
+                         f"({' '.join(repr(p) for p in w['pieces'])}): using the mean of their vectors")
+    words = [repr(w["word"]) for w in report["words"]]
+    title = (f"nearest tokens to {words[0]}" if report["query"] == "neighbors"
+             else f"{words[0]} - {words[1]} + {words[2]} (the question's own tokens left out)")
+    lines.append(f"{title}, cosine similarity in the input embedding table (step {report['step']})")
+    lines.append(f"{'rank':>4}  {'piece':<16}{'id':>6}  {'cosine':>7}")
+    for rank, r in enumerate(report["results"], 1):
+        lines.append(f"{rank:>4}  {_cell(repr(r['piece']), 16)}{r['id']:>6}  {r['cosine']:>7.4f}")
+    return lines
+
+
+def _attention_table(report: dict[str, Any]) -> list[str]:
+    pos, toks = report["position"], report["tokens"]
+    lines = [f"attention of position {pos} ({toks[pos]['piece']!r}) over the prompt: layer "
+             f"{report['layer']}, head {report['head']} (step {report['step']})",
+             f"{'pos':>4}  {'piece':<14}  {'weight':>7}"]
+    for i, w in enumerate(report["weights"]):
+        lines.append(f"{i:>4}  {_cell(repr(toks[i]['piece']), 14)}  {w:>7.4f}  {_bar(w)}")
+    return lines
+
+
+def _routing_table(report: dict[str, Any]) -> list[str]:
+    toks, k = report["tokens"], report["experts_per_token"]
+    width = 9 * k
+    head = "".join(f"  {'layer ' + str(layer['layer']):<{width}}" for layer in report["moe_layers"])
+    lines = [f"experts (router weight) per token, top-{k} of {report['num_experts']} "
+             f"(step {report['step']})", f"{'pos':>4}  {'piece':<14}{head}"]
+    for i, t in enumerate(toks):
+        cells = "".join("  " + " ".join(f"e{e:<2} {w:.2f}" for e, w in zip(
+            layer["experts"][i], layer["weights"][i], strict=True)).ljust(width)
+            for layer in report["moe_layers"])
+        lines.append(f"{i:>4}  {_cell(repr(t['piece']), 14)}{cells}")
+    lines.append("expert load over the prompt (fraction of assignments):")
+    for layer in report["moe_layers"]:
+        lines.append(f"  layer {layer['layer']}: " + "  ".join(
+            f"e{e} {x:.2f}" for e, x in enumerate(layer["load"])))
+    return lines
+
+
+TABLES = {"tokens": _tokens_table, "next": _next_table, "embeddings": _embeddings_table,
+          "attention": _attention_table, "routing": _routing_table}
+
+
 def format_table(command: str, report: dict[str, Any]) -> str:
-    lines: list[str] = []
-    if command == "tokens":
-        lines.append(f"{report['num_tokens']} tokens ({report['tokenizer']}), {report['characters']} "
-                     f"characters, {report['bytes']} bytes, {report['words']} words")
-        lines.append(f"{'#':>4}  {'id':>6}  {'bytes':>9}  piece")
-        for i, t in enumerate(report["tokens"]):
-            span = "?" if t["start"] is None else f"{t['start']}-{t['end']}"
-            lines.append(f"{i:>4}  {t['id']:>6}  {span:>9}  '{t['piece']}'")
-        per_word = report["tokens_per_word"]
-        lines.append(f"characters per token {report['chars_per_token']:.2f}   tokens per word "
-                     + ("n/a" if per_word is None else f"{per_word:.2f}"))
-    elif command == "next":
-        temps = report["temperatures"]
-        lines.append(f"next token after {report['prompt']!r} (step {report['step']}); probabilities "
-                     "= softmax(logits / T), T = 0: all on the argmax")
-        lines.append(f"{'rank':>4}  {'piece':<14}{'id':>6}" + "".join(f"  {'T=' + format(t, 'g'):>8}"
-                                                                    for t in temps))
-        for rank, row in enumerate(report["top"], 1):
-            lines.append(f"{rank:>4}  {_cell(repr(row['piece']), 14)}{row['id']:>6}"
-                         + "".join(f"  {p:>8.4f}" for p in row["probs"]))
-        lines.append(f"{'':>4}  {'entropy (bits)':<20}"
-                     + "".join(f"  {h:>8.3f}" for h in report["entropy_bits"]))
-    elif command == "embeddings":
-        for w in report["words"]:
-            if w["form"] != w["word"]:
-                lines.append(f"note: {w['word']!r} is looked up as {w['form']!r}, the token the word "
-                             "is in running text")
-            if w["tokens"] > 1:
-                lines.append(f"note: {w['word']!r} spans {w['tokens']} tokens "
-                             f"({' '.join(repr(p) for p in w['pieces'])}): using the mean of their vectors")
-        words = [repr(w["word"]) for w in report["words"]]
-        title = (f"nearest tokens to {words[0]}" if report["query"] == "neighbors"
-                 else f"{words[0]} - {words[1]} + {words[2]} (the question's own tokens left out)")
-        lines.append(f"{title}, cosine similarity in the input embedding table (step {report['step']})")
-        lines.append(f"{'rank':>4}  {'piece':<16}{'id':>6}  {'cosine':>7}")
-        for rank, r in enumerate(report["results"], 1):
-            lines.append(f"{rank:>4}  {_cell(repr(r['piece']), 16)}{r['id']:>6}  {r['cosine']:>7.4f}")
-    elif command == "attention":
-        pos, toks = report["position"], report["tokens"]
-        lines.append(f"attention of position {pos} ({toks[pos]['piece']!r}) over the prompt: layer "
-                     f"{report['layer']}, head {report['head']} (step {report['step']})")
-        lines.append(f"{'pos':>4}  {'piece':<14}  {'weight':>7}")
-        for i, w in enumerate(report["weights"]):
-            lines.append(f"{i:>4}  {_cell(repr(toks[i]['piece']), 14)}  {w:>7.4f}  {_bar(w)}")
-    elif command == "routing":
-        toks, k = report["tokens"], report["experts_per_token"]
-        width = 9 * k
-        head = "".join(f"  {'layer ' + str(layer['layer']):<{width}}" for layer in report["moe_layers"])
-        lines.append(f"experts (router weight) per token, top-{k} of {report['num_experts']} "
-                     f"(step {report['step']})")
-        lines.append(f"{'pos':>4}  {'piece':<14}{head}")
-        for i, t in enumerate(toks):
-            cells = "".join("  " + " ".join(f"e{e:<2} {w:.2f}" for e, w in zip(
-                layer["experts"][i], layer["weights"][i], strict=True)).ljust(width)
-                for layer in report["moe_layers"])
-            lines.append(f"{i:>4}  {_cell(repr(t['piece']), 14)}{cells}")
-        lines.append("expert load over the prompt (fraction of assignments):")
-        for layer in report["moe_layers"]:
-            lines.append(f"  layer {layer['layer']}: " + "  ".join(
-                f"e{e} {x:.2f}" for e, x in enumerate(layer["load"])))
-    return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------------- command line
-
-
-def parse_temperatures(text: str) -> list[float]:
-    try:
-        temps = [float(t) for t in text.split(",")]
-    except ValueError:
-        raise UsageError(f"--temperatures takes comma-separated numbers, got {text!r}") from None
-    if not all(math.isfinite(t) and t >= 0 for t in temps):
-        raise UsageError(f"--temperatures must be finite and >= 0, got {text!r}")
-    return temps
-
-
-def check_model_args(args: argparse.Namespace, cfg: Any) -> None:
-    """Mistakes that the run's config alone reveals, found before the parameters are restored."""
-    model = cfg.model
-    if args.command == "attention":
-        if not -model.num_layers <= args.layer < model.num_layers:
-            raise UsageError(f"--layer {args.layer} does not exist: the model has {model.num_layers} "
-                             f"layers (0..{model.num_layers - 1})")
-        args.layer %= model.num_layers
-        if args.head != "mean":
-            try:
-                args.head = int(args.head)
-            except ValueError:
-                raise UsageError(f"--head takes a head number or 'mean', got {args.head!r}") from None
-            if not 0 <= args.head < model.num_heads:
-                raise UsageError(f"--head {args.head} does not exist: the model has {model.num_heads} "
-                                 f"heads (0..{model.num_heads - 1})")
-    if args.command == "routing" and not model.num_moe_layers:
-        raise UsageError("this checkpoint is a dense model (no MoE layers): routing needs an MoE "
-                         "checkpoint (model.num_experts > 0)")
-    if args.command in ("next", "embeddings") and not 1 <= args.top <= model.vocab_size:
-        raise UsageError(f"--top must be in 1..{model.vocab_size}, got {args.top}")
-
-
-def check_plot_path(path: str | None) -> None:
-    if path is None:
-        return
-    if Path(path).suffix.lower() != ".png":
-        raise UsageError(f"--plot writes a PNG file: give a name ending in .png, got {path!r}")
-    if not Path(path).resolve().parent.is_dir():
-        raise UsageError(f"--plot: directory {Path(path).parent} does not exist")
-
-
-def run_command(args: argparse.Namespace) -> dict[str, Any]:
-    from eval.load import read_run_config, resolve_checkpoint
-
-    run_dir, _ = resolve_checkpoint(args.checkpoint)
-    if args.command == "tokens":  # the tokenizer alone: no JAX
-        from data.tokenizer import load_tokenizer
-
-        if not args.text:
-            raise UsageError("empty --text: give at least one character")
-        return inspect_tokens(load_tokenizer(run_dir), args.text)
-    cfg = read_run_config(run_dir)
-    if args.command == "next":
-        args.temperatures = parse_temperatures(args.temperatures)
-    check_model_args(args, cfg)
-    import jax
-
-    jax.config.update("jax_num_cpu_devices", cfg.run.cpu_devices)
-    logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's read-only notices are not news
-    from eval.load import load_run
-
-    run = load_run(args.checkpoint)
-    if args.command == "next":
-        return inspect_next(run, args.prompt, args.temperatures, args.top)
-    if args.command == "embeddings":
-        return inspect_embeddings(run, args.neighbors, args.analogy, args.top)
-    if args.command == "attention":
-        return inspect_attention(run, args.prompt, args.layer, None if args.head == "mean" else args.head,
-                                 args.position)
-    return inspect_routing(run, args.prompt)
-
-
-def main(argv: list[str]) -> int:
-    try:
-        args = build_parser().parse_args(argv)
-        check_plot_path(args.plot)
-        report = run_command(args)
-        if args.plot:
-            from eval.inspect_plots import plot
-
-            try:
-                plot(args.command, report, args.plot)
-            except OSError as e:
-                raise UsageError(f"cannot write --plot {args.plot}: {e.strerror}") from None
-        print(json.dumps(report) if args.json else format_table(args.command, report))
-        if args.plot and not args.json:
-            print(f"wrote {args.plot}")
-    except ValueError as e:  # UsageError and the library's one-line errors
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    from sharding.host import quiet_tpu_probe
-
-    quiet_tpu_probe()
-    sys.exit(main(sys.argv[1:]))
+    """The report of ``command`` as a text table."""
+    return "\n".join(TABLES[command](report))

@@ -14,10 +14,11 @@ def _labels(tokens: list[dict[str, Any]]) -> list[str]:
 
 def plot(command: str, report: dict[str, Any], path: str) -> None:
     """Draws ``report`` (the ``command``'s JSON object) into the PNG file ``path``."""
+    # heavy (about a second), and the Agg backend must be chosen before pyplot loads
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # only after the backend is chosen
 
     fig = DRAW[command](plt, report)
     try:

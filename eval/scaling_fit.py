@@ -16,6 +16,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+from scipy.optimize import minimize_scalar, nnls
 
 ALPHA_RANGE = (0.005, 3.0)
 RESULTS_JSON, RESULTS_CSV, FIT_JSON, PLOT_PNG = "results.json", "results.csv", "fit.json", "scaling.png"
@@ -44,8 +45,6 @@ class PowerLaw:
 
 def _linear_part(alpha: float, u: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
     """(E, A_u, sum of squares) of the best non-negative E, A_u for y = E + A_u * u^-alpha."""
-    from scipy.optimize import nnls
-
     design = np.stack([np.ones_like(u), u ** -alpha], axis=1)
     (e, a), residual = nnls(design, y)
     return float(e), float(a), float(residual) ** 2
@@ -54,8 +53,6 @@ def _linear_part(alpha: float, u: np.ndarray, y: np.ndarray) -> tuple[float, flo
 def fit_power_law(x: np.ndarray | list[float], y: np.ndarray | list[float]) -> PowerLaw:
     """Least-squares fit of y = E + A * x^(-alpha); ValueError for fewer than 3 points, or x not
     positive and finite, or y not finite."""
-    from scipy.optimize import minimize_scalar
-
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
     if x.shape != y.shape or x.ndim != 1:
         raise ValueError("x and y must be 1-D and of one length")
@@ -137,7 +134,7 @@ def write_fit(out_dir: Path, rows: list[dict], meta: dict | None = None) -> dict
 
 def plot(path: Path, rows: list[dict], fits: dict) -> None:
     """Two panels, eval loss against N and against C (log x), points and fitted curves per kind."""
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # heavy (about a second): only when a plot is drawn
 
     fig = Figure(figsize=(11, 4.4))
     colors = {"dense": "tab:blue", "moe": "tab:orange"}

@@ -13,9 +13,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+import jax
+from tqdm import tqdm
+
 from model.config import ModelConfig
-from model.flops import inference_flops_per_token, param_counts, train_flops_per_token
-from train.config import CONFIG_DIR, Config, load_config
+from model.flops import inference_flops_per_token, param_counts, peak_flops, train_flops_per_token
+from sharding.mesh import MeshConfig, make_mesh
+from train.aot import costs_of
+from train.config import CONFIG_DIR, Config, TrainConfig, load_config
+from train.loop import train
+from train.program import Program
+from train.validate import validate
 
 SWEEP_BASE = CONFIG_DIR / "scaling" / "base.yaml"
 DEFAULT_SIZES = "32x1,32x2,48x2,64x2,80x3"  # d_model x num_layers, smallest first
@@ -30,31 +38,11 @@ def compiled_flops(model: ModelConfig, batch_size: int, seq_len: int) -> dict[st
     step of ``model`` on one device, beside the formulas' figures (``executed``: with capacity
     padding). The layers are unrolled for this: XLA counts a while loop's body once, not once per
     trip, so a scanned stack would show one layer."""
-    import jax
-    import jax.numpy as jnp
-
-    from sharding.constrain import activation_sharding
-    from sharding.mesh import MeshConfig, make_mesh
-    from sharding.rules import default_rules
-    from train.optimizer import make_optimizer
-    from train.state import abstract_state, state_shardings, with_shardings
-    from train.step import batch_sharding, jit_eval_step, jit_train_step
-
     model = dataclasses.replace(model, scan_layers=False)
-    mesh, rules = make_mesh(MeshConfig(data=1), jax.devices()[:1]), default_rules()
-    tx, schedule = make_optimizer(Config().optim, 100)
-    with activation_sharding(mesh, rules):
-        graphdef, abstract = abstract_state(model, tx)
-        state_sh = state_shardings(abstract, mesh, rules)
-        batch_sh = batch_sharding(mesh, rules, batch_size, seq_len)
-        batch = {name: jax.ShapeDtypeStruct((batch_size, seq_len), dtype, sharding=batch_sh)
-                 for name, dtype in (("inputs", jnp.int32), ("targets", jnp.int32),
-                                     ("weights", jnp.float32))}
-        state = with_shardings(abstract, state_sh)
-        train_step = jit_train_step(graphdef, tx, schedule, 1, state_sh, batch_sh)
-        eval_step = jit_eval_step(graphdef, state_sh.params, batch_sh)
-        xla_train = _flops_of(train_step.lower(state, batch).compile())
-        xla_eval = _flops_of(eval_step.lower(state.params, batch).compile())
+    cfg = Config(model=model, train=TrainConfig(steps=100, batch_size=batch_size, seq_len=seq_len))
+    program = Program(cfg, mesh=make_mesh(MeshConfig(data=1), jax.devices()[:1]))
+    xla_train = costs_of(program.lower_train_step().compile())["flops"]
+    xla_eval = costs_of(program.lower_eval_step().compile())["flops"]
     tokens = batch_size * seq_len
     return {"batch_size": batch_size, "seq_len": seq_len, "xla_train_flops": xla_train,
             "formula_train_flops": train_flops_per_token(model, seq_len) * tokens,
@@ -62,13 +50,6 @@ def compiled_flops(model: ModelConfig, batch_size: int, seq_len: int) -> dict[st
             "xla_eval_flops": xla_eval,
             "formula_eval_flops": inference_flops_per_token(model, seq_len) * tokens,
             "formula_eval_flops_executed": inference_flops_per_token(model, seq_len, executed=True) * tokens}
-
-
-def _flops_of(compiled: Any) -> float:
-    analysis = compiled.cost_analysis()
-    if isinstance(analysis, (list, tuple)):  # older JAX: one dict per computation
-        analysis = analysis[0]
-    return float(analysis["flops"])
 
 
 # --------------------------------------------------------------------------------- the ladder
@@ -164,13 +145,6 @@ def run_ladder(rungs: list[Rung], count: str, progress: bool = True) -> list[dic
     """Trains every rung with train.loop.train (a finished one is read back from its run directory
     instead) and returns the results table's rows. A bar counts the ladder's training steps; each
     run shows its own bar below it; the loop's console lines go to the run's train.log."""
-    import jax
-    from tqdm import tqdm
-
-    from model.flops import peak_flops
-    from train.config import validate
-    from train.loop import train
-
     peak = rungs[0].cfg.run.peak_flops or peak_flops(0.0)[0]  # measured once, not once per run
     rows = []
     bar = tqdm(total=sum(r.cfg.train.steps for r in rungs), unit="step", dynamic_ncols=True,

@@ -19,8 +19,9 @@ from flax import nnx
 
 from model.attention_kernels import blockwise_causal_attention, xla_attention
 from model.config import ModelConfig
-from model.layers import apply_rope, dense, dtype_of, param
+from model.layers import apply_rope
 from model.lora import adapted
+from model.primitives import dense, param
 from sharding.constrain import constrain
 
 
@@ -54,41 +55,53 @@ def update_cache(cache_lbskh: jax.Array, new_btkh: jax.Array, layer: jax.Array |
     return jax.lax.dynamic_update_slice(cache_lbskh, new_btkh[None], (layer, 0, 0, 0, 0))
 
 
-def dot_product_attention(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array,
-                          mask_bts: jax.Array, *, return_probs: bool = False, impl: str = "einsum",
-                          block: int = 128) -> jax.Array | tuple[jax.Array, jax.Array]:
-    """softmax(q k^T / sqrt(H) + mask) v with N query heads sharing K key/value heads (N = K*G);
-    with ``return_probs`` also the float32 weights [B, N, T, S] (query head n = kv head * G + g).
-
-    ``impl`` (ModelConfig.attention_impl): ``einsum`` (below), ``xla`` or ``blockwise`` (see
-    model/attention_kernels.py; ``blockwise`` needs a causal mask over T == S, so a decode step
-    or ``return_probs`` takes the einsum path)."""
-    if impl == "xla" and not return_probs:
-        return xla_attention(q_btnh, k_bskh, v_bskh, mask_bts)
-    if impl == "blockwise" and not return_probs and q_btnh.shape[1] == k_bskh.shape[1]:
-        return blockwise_causal_attention(q_btnh, k_bskh, v_bskh, mask_bts, block)
+def attention_probs(q_btnh: jax.Array, k_bskh: jax.Array, mask_bts: jax.Array) -> jax.Array:
+    """softmax(q k^T / sqrt(H) + mask) in float32, [B, N, T, S], with N query heads sharing K
+    key/value heads (query head n = kv head * G + g)."""
     b, t, n, h = q_btnh.shape
     k = k_bskh.shape[2]
     if k == n:  # multi-head: no group axis (its size-1 axis costs XLA:CPU layout copies)
         logits_bnts = jnp.einsum("btnh,bsnh->bnts", q_btnh, k_bskh,
                                  preferred_element_type=jnp.float32) * (h ** -0.5)
         logits_bnts = jnp.where(mask_bts[:, None], logits_bnts, jnp.finfo(jnp.float32).min)
-        probs32_bnts = jax.nn.softmax(logits_bnts, axis=-1)
-        out_btnh = jnp.einsum("bnts,bsnh->btnh", probs32_bnts.astype(v_bskh.dtype), v_bskh)
-        return (out_btnh, probs32_bnts) if return_probs else out_btnh
+        return jax.nn.softmax(logits_bnts, axis=-1)
     q_btkgh = q_btnh.reshape(b, t, k, n // k, h)
     logits_bkgts = jnp.einsum("btkgh,bskh->bkgts", q_btkgh, k_bskh,
                               preferred_element_type=jnp.float32) * (h ** -0.5)
     logits_bkgts = jnp.where(mask_bts[:, None, None], logits_bkgts, jnp.finfo(jnp.float32).min)
-    probs32_bkgts = jax.nn.softmax(logits_bkgts, axis=-1)
-    out_btkgh = jnp.einsum("bkgts,bskh->btkgh", probs32_bkgts.astype(v_bskh.dtype), v_bskh)
-    if return_probs:
-        return out_btkgh.reshape(b, t, n, h), probs32_bkgts.reshape(b, n, t, -1)
+    return jax.nn.softmax(logits_bkgts, axis=-1).reshape(b, n, t, -1)
+
+
+def attend(probs32_bnts: jax.Array, v_bskh: jax.Array) -> jax.Array:
+    """The attention output [B, T, N, H]: the values weighted by ``probs32_bnts``."""
+    b, n, t, s = probs32_bnts.shape
+    k, h = v_bskh.shape[2:]
+    probs_bnts = probs32_bnts.astype(v_bskh.dtype)
+    if k == n:
+        return jnp.einsum("bnts,bsnh->btnh", probs_bnts, v_bskh)
+    out_btkgh = jnp.einsum("bkgts,bskh->btkgh", probs_bnts.reshape(b, k, n // k, t, s), v_bskh)
     return out_btkgh.reshape(b, t, n, h)
 
 
+def dot_product_attention(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array,
+                          mask_bts: jax.Array, *, impl: str = "einsum", block: int = 128) -> jax.Array:
+    """softmax(q k^T / sqrt(H) + mask) v, [B, T, N, H]. ``impl`` (ModelConfig.attention_impl):
+    ``einsum`` (``attend(attention_probs(...))``), ``xla`` or ``blockwise`` (see
+    model/attention_kernels.py; ``blockwise`` needs a causal mask over T == S, so a decode step
+    takes the einsum path)."""
+    if impl == "xla":
+        return xla_attention(q_btnh, k_bskh, v_bskh, mask_bts)
+    if impl == "blockwise" and q_btnh.shape[1] == k_bskh.shape[1]:
+        return blockwise_causal_attention(q_btnh, k_bskh, v_bskh, mask_bts, block)
+    return attend(attention_probs(q_btnh, k_bskh, mask_bts), v_bskh)
+
+
 class Attention(nnx.Module):
-    """Multi-head causal self-attention with grouped key/value heads and an output projection."""
+    """Multi-head causal self-attention with grouped key/value heads and an output projection.
+
+    With ``sow_intermediates`` set (``model.set_attributes(Attention, sow_intermediates=True)``)
+    it sows its float32 weights [B, N, T, S] as the intermediate ``attention_probs`` (collect them
+    with ``nnx.capture``); that takes the einsum path, the only one that forms the weights."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         d, n, k, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
@@ -101,9 +114,10 @@ class Attention(nnx.Module):
         self.w_o_nhd = param(rngs, out_init, (n, h, d), ("heads", "head_dim", "embed"), pd)
         self.use_rope = cfg.position == "rope"
         self.rope_theta = cfg.rope_theta
-        self.dtype = dtype_of(cfg.dtype)
+        self.dtype = jnp.dtype(cfg.dtype)
         self.impl, self.block = cfg.attention_impl, cfg.attention_block
         self.fused = cfg.fused_projections
+        self.sow_intermediates = False
 
     def project_qkv(self, x_btd: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """(q [B, T, N, H], k [B, T, K, H], v [B, T, K, H]); with ``fused_projections`` one matmul
@@ -121,12 +135,11 @@ class Attention(nnx.Module):
         return tuple(adapted(self, name, x_btd, out) for name, out in zip("qkv", outs, strict=True))
 
     def __call__(self, x_btd: jax.Array, positions_bt: jax.Array, mask_bts: jax.Array,
-                 cache: KVCache | None = None, layer: jax.Array | int = 0, *, decode: bool = False,
-                 return_probs: bool = False) -> tuple:
+                 cache: KVCache | None = None, layer: jax.Array | int = 0, *,
+                 decode: bool = False) -> tuple[jax.Array, KVCache | None]:
         """(output [B, T, D], the stack's updated cache or None); this is layer ``layer`` of the
         cache's stack. Without a cache, or in a prefill, ``mask_bts`` is over the T new tokens; in a
-        decode step (T = 1) it is over the S slots. ``return_probs`` (for inspection) appends the
-        attention weights [B, N, T, S] in float32 as a third element."""
+        decode step (T = 1) it is over the S slots."""
         dt = self.dtype
         q_btnh, k_btkh, v_btkh = self.project_qkv(x_btd)
         if self.use_rope:
@@ -140,10 +153,12 @@ class Attention(nnx.Module):
                           for c_lbskh, new_btkh in zip(cache, (k_btkh, v_btkh), strict=True))
             if decode:  # attend over every cached slot of this layer (the mask hides the future)
                 k_btkh, v_btkh = (constrain(c_lbskh[layer], CACHE_AXES[1:]) for c_lbskh in cache)
-        out = dot_product_attention(q_btnh, k_btkh, v_btkh, mask_bts, return_probs=return_probs,
-                                    impl=self.impl, block=self.block)
-        out_btnh, probs = out if return_probs else (out, None)
-        out_btd = adapted(self, "o", out_btnh,
-                          dense(out_btnh, self.w_o_nhd[...].astype(dt), axes=2))
-        out_btd = constrain(out_btd, ("batch", "length", "embed"))
-        return (out_btd, cache, probs) if return_probs else (out_btd, cache)
+        if self.sow_intermediates:
+            probs32_bnts = attention_probs(q_btnh, k_btkh, mask_bts)
+            self.sow(nnx.Intermediate, "attention_probs", probs32_bnts)
+            out_btnh = attend(probs32_bnts, v_btkh)
+        else:
+            out_btnh = dot_product_attention(q_btnh, k_btkh, v_btkh, mask_bts, impl=self.impl,
+                                             block=self.block)
+        out_btd = adapted(self, "o", out_btnh, dense(out_btnh, self.w_o_nhd[...].astype(dt), axes=2))
+        return constrain(out_btd, ("batch", "length", "embed")), cache

@@ -6,6 +6,8 @@ import dataclasses
 import math
 from typing import Literal
 
+from core.options import option
+
 Position = Literal["rope", "learned"]
 Activation = Literal["swiglu", "gelu"]
 DType = Literal["float32", "bfloat16"]
@@ -40,39 +42,39 @@ class ModelConfig:
     re-split head-sharded tensors, so it is off by default.
     """
 
-    vocab_size: int = 384
-    d_model: int = 256
-    num_layers: int = 4
-    num_heads: int = 8
-    num_kv_heads: int = 8
-    head_dim: int = 0
-    mlp_dim: int = 1024
-    max_seq_len: int = 512
-    position: Position = "rope"
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-6
-    activation: Activation = "swiglu"
-    tie_embeddings: bool = True
-    param_dtype: DType = "float32"
-    dtype: DType = "float32"
-    scan_layers: bool = True
-    remat: Remat = "none"
-    attention_impl: AttentionImpl = "einsum"  # see model/attention_kernels.py
-    attention_block: int = 128  # query rows per block of attention_impl=blockwise
-    loss_chunk: int = 0  # >0: cross-entropy over chunks of this many positions (model/loss.py)
-    fused_projections: bool = False  # one matmul for q/k/v (and SwiGLU gate/up); see above
-    init_std: float = 0.02
-    num_experts: int = 0  # 0: dense
-    experts_per_token: int = 2
-    moe_every: int = 1
-    first_dense_layers: int = 0
-    num_shared_experts: int = 0
-    expert_mlp_dim: int = 0  # 0: mlp_dim
-    capacity_factor: float = 1.25
-    moe_impl: MoEImpl = "capacity"
-    router_mode: RouterMode = "softmax_topk"
-    aux_loss_coef: float = 0.01
-    z_loss_coef: float = 0.001
+    vocab_size: int = option(384, "token ids the embedding and head hold (>= the tokenizer's)")
+    d_model: int = option(256, "width of the residual stream")
+    num_layers: int = option(4, "decoder blocks")
+    num_heads: int = option(8, "query heads per attention layer")
+    num_kv_heads: int = option(8, "key/value heads (grouped-query attention: divides num_heads)")
+    head_dim: int = option(0, "width of a head; 0 = d_model // num_heads")
+    mlp_dim: int = option(1024, "hidden units of a dense MLP")
+    max_seq_len: int = option(512, "longest context the model is built for (learned positions, windows)")
+    position: Position = option("rope", "rotary position embeddings or a learned table")
+    rope_theta: float = option(10000.0, "RoPE base frequency")
+    norm_eps: float = option(1e-6, "RMSNorm epsilon")
+    activation: Activation = option("swiglu", "MLP activation: SwiGLU (gate and up weights) or GELU")
+    tie_embeddings: bool = option(True, "the LM head reuses the token embedding table")
+    param_dtype: DType = option("float32", "dtype parameters are stored (and checkpointed) in")
+    dtype: DType = option("float32", "compute dtype; norms, softmax, router and loss stay float32")
+    scan_layers: bool = option(True, "run the layers with lax.scan (compile time flat in depth)")
+    remat: Remat = option("none", "recompute activations in the backward pass (jax.checkpoint policy)")
+    attention_impl: AttentionImpl = option("einsum", "attention kernel (model/attention_kernels.py)")
+    attention_block: int = option(128, "query rows per block of attention_impl=blockwise")
+    loss_chunk: int = option(0, ">0: cross-entropy over chunks of this many positions (model/loss.py)")
+    fused_projections: bool = option(False, "one matmul for q/k/v (and SwiGLU gate/up): unsharded CPU runs")
+    init_std: float = option(0.02, "standard deviation of the normal weight initialisation")
+    num_experts: int = option(0, "routed experts of an MoE layer; 0 = a dense model")
+    experts_per_token: int = option(2, "experts each token is routed to (top-k)")
+    moe_every: int = option(1, "layers per MoE group (the group's last layer is MoE)")
+    first_dense_layers: int = option(0, "dense layers before the first MoE group")
+    num_shared_experts: int = option(0, "always-on experts added to the routed ones")
+    expert_mlp_dim: int = option(0, "hidden units of an expert; 0 = mlp_dim")
+    capacity_factor: float = option(1.25, "capacity path: an expert takes this times its even share")
+    moe_impl: MoEImpl = option("capacity", "capacity (fixed buffers, overflow dropped) or dropless")
+    router_mode: RouterMode = option("softmax_topk", "how top-k gates come from the router logits")
+    aux_loss_coef: float = option(0.01, "weight of the Switch load-balancing loss")
+    z_loss_coef: float = option(0.001, "weight of the router z-loss")
 
     @property
     def resolved_head_dim(self) -> int:

@@ -1,5 +1,5 @@
 """Parameter, FLOP and KV-cache accounting for dense and MoE decoders, and MFU against a measured
-matmul peak. Pure arithmetic on a ModelConfig; only the peak-FLOP/s helpers at the end import JAX.
+matmul peak. Pure arithmetic on a ModelConfig; only the peak-FLOP/s helpers at the end run JAX.
 
 Training FLOPs per token = 6 * N_matmul + 12 * L * T * N * H, where N_matmul counts every weight used
 in a matmul by one token (attention, MLP or the router plus the k chosen and the shared experts, and
@@ -16,6 +16,9 @@ is a few per cent of what XLA's ``cost_analysis()`` reports for the compiled ste
 from __future__ import annotations
 
 import time
+
+import jax
+import jax.numpy as jnp
 
 from model.config import ModelConfig
 
@@ -132,13 +135,30 @@ def accounting(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
             "kv_cache_bytes_per_token": kv_cache_bytes_per_token(cfg)}
 
 
+def context_table(cfg: ModelConfig, lengths: list[int], batch: int = 1,
+                  kv_dtype: str = "") -> list[dict]:
+    """Per context length n: attention FLOPs per token and per sequence, their share of training and
+    of inference FLOPs, and the KV cache of ``batch`` sequences of n tokens."""
+    per_token = kv_cache_bytes_per_token(cfg, kv_dtype)
+    rows = []
+    for n in lengths:
+        train = train_flops_per_token(cfg, n)
+        attention = attention_flops_per_token(cfg, n)
+        infer = inference_flops_per_token(cfg, n)
+        rows.append({"length": n, "train_flops_per_token": train,
+                     "train_attention_flops_per_token": attention,
+                     "train_attention_share": attention / train, "train_flops_per_sequence": train * n,
+                     "train_attention_flops_per_sequence": attention * n,
+                     "decode_flops_per_token": infer,
+                     "decode_attention_share": attention_flops_per_token(cfg, n, backward=False) / infer,
+                     "kv_cache_bytes": per_token * n * batch})
+    return rows
+
+
 def measure_matmul_peak(size: int = 1024, repeats: int = 10, dtype: str = "float32") -> float:
     """FLOP/s of the best of ``repeats`` [size x size] ``dtype`` matmuls (float32 accumulation) on
     the first local device: the practical compute limit of a CPU host (all its emulated devices
     share those cores)."""
-    import jax
-    import jax.numpy as jnp
-
     device = jax.local_devices()[0]
     a = jax.device_put(jnp.ones((size, size), dtype), device)
     matmul = jax.jit(lambda x: jnp.matmul(x, x, preferred_element_type=jnp.float32))
@@ -158,8 +178,6 @@ TPU_PEAK_FLOPS = {"v4": 275e12, "v5 lite": 197e12, "v5e": 197e12, "v5p": 459e12,
 
 def peak_flops(configured: float) -> tuple[float, str]:
     """(peak FLOP/s of the whole job, where the figure came from); 0 when unknown."""
-    import jax
-
     if configured > 0:
         return configured, "configured (run.peak_flops)"
     if jax.default_backend() == "cpu":

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from model.config import ModelConfig
+from model.primitives import dense
 
 # target -> (weight attribute, input dims, output dims) of the dense projections
 DENSE_TARGETS: dict[str, tuple[str, int, int]] = {
@@ -60,13 +61,6 @@ def _names(weight: nnx.Variable) -> tuple[str | None, ...]:
 
 def _variable(cls: type, value: jax.Array, names: tuple[str | None, ...]) -> nnx.Variable:
     return cls(value, out_sharding=names, eager_sharding=False)
-
-
-def _matmul(x: jax.Array, w: jax.Array, axes: int) -> jax.Array:
-    """The last ``axes`` axes of ``x`` contracted with the first ``axes`` of ``w``, as one 2-D
-    matmul over the flattened leading axes (faster to differentiate on XLA:CPU than an einsum)."""
-    lead, inner, outer = x.shape[:x.ndim - axes], w.shape[:axes], w.shape[axes:]
-    return (x.reshape(-1, math.prod(inner)) @ w.reshape(math.prod(inner), -1)).reshape(lead + outer)
 
 
 def delta_weight(a: jax.Array, b: jax.Array, in_dims: int, scaling: float) -> jax.Array:
@@ -108,8 +102,8 @@ class LoRA(nnx.Module):
             keep = jax.random.bernoulli(jax.random.wrap_key_data(self.key[...]), 1.0 - self.dropout,
                                         x.shape)
             x = jnp.where(keep, x / (1.0 - self.dropout), jnp.zeros_like(x))
-        h = _matmul(x, self.a[...].astype(x.dtype), self.in_dims) * self.scaling
-        return _matmul(h, self.b[...].astype(x.dtype), 1)
+        h = dense(x, self.a[...].astype(x.dtype), self.in_dims) * self.scaling
+        return dense(h, self.b[...].astype(x.dtype), 1)
 
     def delta(self) -> jax.Array:
         """``(alpha / r) A B`` shaped like the adapted weight."""

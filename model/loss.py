@@ -1,43 +1,49 @@
-"""Next-token cross-entropy from the decoder's final features by chunks of positions, so the
-[B, T, V] logits never exist at once: each chunk's [B, c, V] logits are made, reduced to their
-log-sum-exp and target logit, and made again in the backward pass (``jax.checkpoint``).
+"""The LM head and the next-token cross-entropy, each defined once and used by training, evaluation,
+scoring and perplexity.
 
-Equal to ``logsumexp(logits) - logits[target]`` over the full logits (``ModelConfig.loss_chunk=0``,
-the path in train/step.py); the logits are float32 like the model's own.
+``lm_logits`` applies the head weight [V, D] to final features, in float32 logits; ``token_nll`` is
+``logsumexp(logits) - logits[target]`` per position. ``nll_sums`` is what training and evaluation
+take from a batch: with ``ModelConfig.loss_chunk > 0`` the head runs over chunks of positions, so
+the [B, T, V] logits never exist at once: each chunk's [B, c, V] logits are made, reduced to their
+token losses and made again in the backward pass (``jax.checkpoint``); the result is the same.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
+from model.primitives import dense
 from sharding.constrain import constrain
 
 
-def head_weight_vd(model: nnx.Module) -> jax.Array:
-    """The LM head as [V, D] in the compute dtype: the tied embedding table or the untied head."""
-    dt = model.embed.dtype
-    if model.cfg.tie_embeddings:
-        return model.embed.table_vd[...].astype(dt)
-    return model.head_dv[...].astype(dt).T
+def lm_logits(x_btd: jax.Array, w_vd: jax.Array) -> jax.Array:
+    """Logits [B, T, V] in float32 of final features ``x_btd`` under the head weight ``w_vd``."""
+    logits_btv = dense(x_btd, w_vd.T).astype(jnp.float32)
+    return constrain(logits_btv, ("batch", "length", "vocab"))
 
 
-def _chunk_sums(x_bcd: jax.Array, w_vd: jax.Array, targets_bc: jax.Array,
-                weights_bc: jax.Array) -> jax.Array:
+def token_nll(logits_btv: jax.Array, targets_bt: jax.Array) -> jax.Array:
+    """The cross-entropy of each target token, -log softmax(logits)[target], [B, T] in float32."""
+    logits_btv = logits_btv.astype(jnp.float32)
+    target_logit_bt = jnp.take_along_axis(logits_btv, targets_bt[..., None], axis=-1)[..., 0]
+    return jax.nn.logsumexp(logits_btv, axis=-1) - target_logit_bt
+
+
+def _chunk_sum(x_bcd: jax.Array, w_vd: jax.Array, targets_bc: jax.Array,
+               weights_bc: jax.Array) -> jax.Array:
     """Weighted sum of one chunk's token losses."""
-    logits_bcv = jnp.einsum("bcd,vd->bcv", x_bcd, w_vd).astype(jnp.float32)
-    logits_bcv = constrain(logits_bcv, ("batch", "length", "vocab"))
-    target_logit_bc = jnp.take_along_axis(logits_bcv, targets_bc[..., None], axis=-1)[..., 0]
-    nll_bc = jax.nn.logsumexp(logits_bcv, axis=-1) - target_logit_bc
-    return jnp.sum(nll_bc * weights_bc)
+    return jnp.sum(token_nll(lm_logits(x_bcd, w_vd), targets_bc) * weights_bc)
 
 
 def chunked_nll_sum(features_btd: jax.Array, w_vd: jax.Array, targets_bt: jax.Array,
                     weights_bt: jax.Array, chunk: int) -> jax.Array:
-    """Sum over positions of ``weights_bt * (logsumexp(x W^T) - (x W^T)[target])``, computed over
-    ``chunk`` positions at a time (T is padded with weight-0 positions to a multiple of it)."""
-    b, t, d = features_btd.shape
+    """Sum over positions of ``weights_bt * token_nll(lm_logits(features, w_vd), targets)``,
+    computed over ``chunk`` positions at a time (T is padded with weight-0 positions to a multiple
+    of it)."""
+    b, t, _ = features_btd.shape
     chunks = -(-t // chunk)
     pad = chunks * chunk - t
     if pad:
@@ -48,12 +54,27 @@ def chunked_nll_sum(features_btd: jax.Array, w_vd: jax.Array, targets_bt: jax.Ar
     def by_chunk(a: jax.Array) -> jax.Array:  # [B, n*c, ...] -> [n, B, c, ...]
         return a.reshape((b, chunks, chunk) + a.shape[2:]).swapaxes(0, 1)
 
-    chunk_sums = jax.checkpoint(_chunk_sums)
+    chunk_sum = jax.checkpoint(_chunk_sum)
 
     def body(total: jax.Array, xs: tuple[jax.Array, ...]) -> tuple[jax.Array, None]:
         x_bcd, targets_bc, weights_bc = xs
-        return total + chunk_sums(x_bcd, w_vd, targets_bc, weights_bc), None
+        return total + chunk_sum(x_bcd, w_vd, targets_bc, weights_bc), None
 
     total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32),
                             (by_chunk(features_btd), by_chunk(targets_bt), by_chunk(weights_bt)))
     return total
+
+
+def nll_sums(model: Any, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array, dict]:
+    """(sum of weighted token losses, sum of weights, MoE auxiliaries) of a ``Transformer`` on a
+    batch (``inputs``, ``targets``, ``weights`` [B, T], optional ``positions`` and ``segment_ids``);
+    tokens of weight 0 (padding) are not routed to experts."""
+    weights_bt = batch["weights"].astype(jnp.float32)
+    x_btd, aux = model.hidden(batch["inputs"], batch.get("positions"), batch.get("segment_ids"),
+                              routing_mask_bt=weights_bt > 0)
+    w_vd = model.head_weight_vd()
+    if model.cfg.loss_chunk:  # the head applied chunk by chunk: no [B, T, V] logits
+        loss_sum = chunked_nll_sum(x_btd, w_vd, batch["targets"], weights_bt, model.cfg.loss_chunk)
+    else:
+        loss_sum = jnp.sum(token_nll(lm_logits(x_btd, w_vd), batch["targets"]) * weights_bt)
+    return loss_sum, jnp.sum(weights_bt), aux

@@ -17,16 +17,18 @@ import jax.numpy as jnp
 from flax import nnx
 
 from model.config import ModelConfig
-from model.layers import MLP, dtype_of, param
+from model.layers import MLP
 from model.lora import adapted_weight
+from model.primitives import param
 from sharding.constrain import constrain
 from sharding.manual import Collectives, manual
 
 # Per-row router statistics returned by the per-device kernels, summed over the batch afterwards.
 STAT_NAMES = {"expert_tokens_be": ("batch", None), "prob_sum_be": ("batch", None),
               "z_sum_b": ("batch",), "tokens_b": ("batch",), "dropped_b": ("batch",)}
-# With ``routing=True`` (inspection only) the kernels also return each token's chosen experts (best
-# first) and the combine weights they applied (0 for a dropped or unrouted assignment).
+# With ``routing=True`` (the layer's ``sow_intermediates``) the kernels also return each token's
+# chosen experts (best first) and the combine weights they applied (0 for a dropped or unrouted
+# assignment).
 ROUTING_NAMES = {"experts_btr": ("batch", None, None), "weights_btr": ("batch", None, None)}
 
 
@@ -183,7 +185,11 @@ def layer_metrics(stats: dict[str, jax.Array], k: int) -> dict[str, jax.Array]:
 
 
 class MoE(nnx.Module):
-    """Routed experts (plus shared ones): x [B, T, D] -> (y [B, T, D], this layer's metrics)."""
+    """Routed experts (plus shared ones): x [B, T, D] -> (y [B, T, D], this layer's metrics).
+
+    With ``sow_intermediates`` set it sows the intermediates ``routing_experts`` [B, T, R] (each
+    token's top-k experts, best first) and ``routing_weights`` [B, T, R] (the combine weights
+    applied); collect them with ``nnx.capture``."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         e, d, f = cfg.num_experts, cfg.d_model, cfg.resolved_expert_mlp_dim
@@ -198,15 +204,16 @@ class MoE(nnx.Module):
         self.w_down_efd = param(rngs, out_init, (e, f, d), ("experts", "expert_mlp", "embed"), pd)
         if cfg.num_shared_experts:
             self.shared = MLP(dataclasses.replace(cfg, mlp_dim=cfg.num_shared_experts * f), rngs)
+        self.sow_intermediates = False
 
-    def __call__(self, x_btd: jax.Array, mask_bt: jax.Array | None = None, *,
-                 return_routing: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """``return_routing`` (inspection) adds ``routing_experts`` [B, T, R] (each token's top-k
-        experts, best first) and ``routing_weights`` [B, T, R] (the combine weights applied) to the
-        metrics."""
+    def __call__(self, x_btd: jax.Array,
+                 mask_bt: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """(y [B, T, D], this layer's metrics: see ``layer_metrics``); tokens where ``mask_bt`` is
+        False (padding) are not routed."""
         cfg = self.cfg
         b, t, _ = x_btd.shape
-        dt = dtype_of(cfg.dtype)
+        dt = jnp.dtype(cfg.dtype)
+        routing = self.sow_intermediates
         mask_bt = jnp.ones((b, t), bool) if mask_bt is None else mask_bt.astype(bool)
         # Capacity: experts stay sharded and tokens travel; dropless: every device holds all experts.
         experts = "experts" if cfg.moe_impl == "capacity" else None
@@ -220,11 +227,11 @@ class MoE(nnx.Module):
             in_names.append((experts, None, "expert_mlp"))
         if cfg.moe_impl == "capacity":
             kernel = functools.partial(capacity_moe, k=cfg.experts_per_token, mode=cfg.router_mode,
-                                       capacity=cfg.expert_capacity(t), routing=return_routing)
+                                       capacity=cfg.expert_capacity(t), routing=routing)
         else:
             kernel = functools.partial(dropless_moe, k=cfg.experts_per_token, mode=cfg.router_mode,
-                                       routing=return_routing)
-        stat_names = STAT_NAMES | ROUTING_NAMES if return_routing else STAT_NAMES
+                                       routing=routing)
+        stat_names = STAT_NAMES | ROUTING_NAMES if routing else STAT_NAMES
         y_btd, stats = manual(kernel, args, in_names, (("batch", None, None), stat_names),
                               within={"experts": "batch"})
         y_btd = constrain(y_btd, ("batch", "length", "embed"))
@@ -233,7 +240,7 @@ class MoE(nnx.Module):
         sums = {"expert_tokens_e": jnp.sum(stats["expert_tokens_be"], axis=0),
                 "prob_sum_e": jnp.sum(stats["prob_sum_be"], axis=0),
                 **{name[:-2]: jnp.sum(stats[name]) for name in ("z_sum_b", "tokens_b", "dropped_b")}}
-        metrics = layer_metrics(sums, cfg.experts_per_token)
-        if return_routing:
-            metrics |= {"routing_experts": stats["experts_btr"], "routing_weights": stats["weights_btr"]}
-        return y_btd, metrics
+        if routing:
+            self.sow(nnx.Intermediate, "routing_experts", stats["experts_btr"])
+            self.sow(nnx.Intermediate, "routing_weights", stats["weights_btr"])
+        return y_btd, layer_metrics(sums, cfg.experts_per_token)

@@ -1,13 +1,19 @@
 """The decoder: pre-norm blocks (RMSNorm -> attention, RMSNorm -> MLP or MoE) stacked on a leading
 ``layers`` axis and run by ``jax.lax.scan`` (compile time flat in depth) or unrolled, then a final
-norm and a tied or untied LM head.
+norm and a tied or untied LM head (``model/loss.py: lm_logits``).
 
 Decoding threads a key/value cache through the same stacks: ``{stack name: (k_lbskh, v_lbskh)}``
-with one [B, S, K, H] slab per layer of that stack (see ``init_cache``).
+with one [B, S, K, H] slab per layer of that stack (see ``cache_shapes``).
 
 Stacks: ``blocks`` holds the first dense layers (all layers of a dense model); an MoE model then
 scans over groups of ``moe_every`` layers: ``group_blocks`` (moe_every - 1 dense blocks per group,
 stored flat) followed by one of ``moe_blocks``.
+
+Inspection: what any layer sows as an ``nnx.Intermediate`` (attention weights, MoE routing; see
+``Attention`` and ``MoE``, switched on with ``set_attributes(sow_intermediates=True)``) is collected
+layer by layer through the scan and sown again by the Transformer with a leading axis over the
+layers that sowed it, in depth order: ``nnx.capture(model, nnx.Intermediate)(tokens)`` returns
+``(logits, intermediates)``.
 """
 
 from __future__ import annotations
@@ -22,8 +28,10 @@ from flax import nnx
 
 from model.attention import Attention, KVCache, causal_mask, decode_mask
 from model.config import ModelConfig
-from model.layers import MLP, Embed, LearnedPositions, RMSNorm, param
+from model.layers import MLP, Embed, LearnedPositions, RMSNorm
+from model.loss import lm_logits
 from model.moe import MoE
+from model.primitives import param
 from sharding.constrain import constrain
 
 REMAT_POLICIES = {
@@ -32,47 +40,35 @@ REMAT_POLICIES = {
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
+Cache = dict[str, tuple[jax.Array, jax.Array]]  # stack name -> (k_lbskh, v_lbskh)
+Sown = dict[str, jax.Array]  # intermediate name -> values stacked over the layers that sowed it
+
 
 class Block(nnx.Module):
-    """x + attn(norm(x)), then x + mlp(norm(x))."""
+    """x + attn(norm(x)), then x + ffn(norm(x)): the ffn is a dense MLP (``mlp``) or, with ``moe``,
+    routed experts (``moe``), which also give the layer's metrics."""
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, *, moe: bool = False):
         self.attn_norm = RMSNorm(cfg.d_model, cfg, rngs)
         self.attn = Attention(cfg, rngs)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg, rngs)
-        self.mlp = MLP(cfg, rngs)
-
-    def __call__(self, x_btd: jax.Array, positions_bt: jax.Array, mask_bts: jax.Array,
-                 cache: KVCache | None = None, layer: jax.Array | int = 0, *, decode: bool = False,
-                 return_probs: bool = False) -> tuple:
-        """(x, cache), plus the attention weights [B, N, T, S] with ``return_probs``."""
-        y_btd, cache, *probs = self.attn(self.attn_norm(x_btd), positions_bt, mask_bts, cache, layer,
-                                         decode=decode, return_probs=return_probs)
-        x_btd = x_btd + y_btd
-        x_btd = x_btd + self.mlp(self.mlp_norm(x_btd))
-        return (constrain(x_btd, ("batch", "length", "embed")), cache, *probs)
-
-
-class MoEBlock(nnx.Module):
-    """x + attn(norm(x)), then x + moe(norm(x)); also returns the MoE layer's metrics."""
-
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        self.attn_norm = RMSNorm(cfg.d_model, cfg, rngs)
-        self.attn = Attention(cfg, rngs)
-        self.mlp_norm = RMSNorm(cfg.d_model, cfg, rngs)
-        self.moe = MoE(cfg, rngs)
+        if moe:
+            self.moe = MoE(cfg, rngs)
+        else:
+            self.mlp = MLP(cfg, rngs)
 
     def __call__(self, x_btd: jax.Array, positions_bt: jax.Array, mask_bts: jax.Array,
                  routing_mask_bt: jax.Array | None, cache: KVCache | None = None,
-                 layer: jax.Array | int = 0, *, decode: bool = False, return_probs: bool = False,
-                 return_routing: bool = False) -> tuple:
-        """(x, metrics, cache), plus the attention weights [B, N, T, S] with ``return_probs``;
-        ``return_routing`` adds the routing to the metrics (see ``MoE``)."""
-        y_btd, cache, *probs = self.attn(self.attn_norm(x_btd), positions_bt, mask_bts, cache, layer,
-                                         decode=decode, return_probs=return_probs)
+                 layer: jax.Array | int = 0, *, decode: bool = False) -> tuple[jax.Array, Any, dict]:
+        """(x, the stack's cache, this layer's MoE metrics or {} for a dense layer)."""
+        y_btd, cache = self.attn(self.attn_norm(x_btd), positions_bt, mask_bts, cache, layer,
+                                 decode=decode)
         x_btd = x_btd + y_btd
-        y_btd, metrics = self.moe(self.mlp_norm(x_btd), routing_mask_bt, return_routing=return_routing)
-        return (constrain(x_btd + y_btd, ("batch", "length", "embed")), metrics, cache, *probs)
+        if hasattr(self, "moe"):
+            y_btd, metrics = self.moe(self.mlp_norm(x_btd), routing_mask_bt)
+        else:
+            y_btd, metrics = self.mlp(self.mlp_norm(x_btd)), {}
+        return constrain(x_btd + y_btd, ("batch", "length", "embed")), cache, metrics
 
 
 def stack(make: Callable[[nnx.Rngs], nnx.Module], count: int, rngs: nnx.Rngs) -> nnx.Module:
@@ -98,6 +94,55 @@ def run_stack(fn: Callable, carry: Any, stacked: Any, count: int, scan: bool) ->
     return carry, jax.tree.map(lambda *o: jnp.stack(o), *outs)
 
 
+def sown_arrays(sown: nnx.State) -> Sown:
+    """{name: value} of what one call of a block sowed (each name sown once per call)."""
+    out: Sown = {}
+    for path, variable in nnx.to_flat_state(sown):
+        name = str(path[-1])
+        if name in out:
+            raise ValueError(f"two layers of one block sow an intermediate named {name!r}")
+        out[name] = variable.get_value()[0]
+    return out
+
+
+def in_depth_order(*parts: Sown) -> Sown:
+    """The parts' arrays (each [layers, ...], parts in depth order) concatenated by name."""
+    names = dict.fromkeys(name for part in parts for name in part)
+    return {name: jnp.concatenate([part[name] for part in parts if name in part]) for name in names}
+
+
+class _Layers:
+    """How one forward pass runs a stacked module: the per-layer function for ``run_stack`` (each
+    layer merged from its slice of the stack, its sown intermediates captured) and its inputs."""
+
+    def __init__(self, cfg: ModelConfig, positions_bt: jax.Array, mask_bts: jax.Array,
+                 routing_mask_bt: jax.Array | None, decode: bool):
+        self.cfg, self.positions_bt, self.mask_bts = cfg, positions_bt, mask_bts
+        self.routing_mask_bt, self.decode = routing_mask_bt, decode
+
+    def fn(self, stacked_module: nnx.Module) -> tuple[Callable, Any]:
+        """(fn((x, stack cache), (layer state, layer index)) -> ((x, stack cache), (MoE metrics,
+        sown intermediates)), the stacked layer states)."""
+        graphdef, stacked = nnx.split(stacked_module)
+
+        def fn(carry: tuple, state_and_layer: tuple) -> tuple[tuple, tuple[dict, Sown]]:
+            x_btd, stack_cache = carry
+            layer_state, layer = state_and_layer
+            block = nnx.capture(nnx.merge(graphdef, layer_state), nnx.Intermediate)
+            (x_btd, stack_cache, metrics), sown = block(
+                x_btd, self.positions_bt, self.mask_bts, self.routing_mask_bt, stack_cache, layer,
+                decode=self.decode)
+            return (x_btd, stack_cache), (metrics, sown_arrays(sown))
+
+        if self.cfg.remat != "none":
+            fn = jax.checkpoint(fn, policy=REMAT_POLICIES[self.cfg.remat])
+        return fn, stacked
+
+
+def _layer_indices(count: int) -> jax.Array:
+    return jnp.arange(count, dtype=jnp.int32)
+
+
 class Transformer(nnx.Module):
     """Decoder-only LM: tokens [B, T] -> logits [B, T, V] (float32)."""
 
@@ -112,36 +157,41 @@ class Transformer(nnx.Module):
         if groups and cfg.moe_every > 1:
             self.group_blocks = stack(lambda r: Block(cfg, r), groups * (cfg.moe_every - 1), rngs)
         if groups:
-            self.moe_blocks = stack(lambda r: MoEBlock(cfg, r), groups, rngs)
+            self.moe_blocks = stack(lambda r: Block(cfg, r, moe=True), groups, rngs)
         self.final_norm = RMSNorm(cfg.d_model, cfg, rngs)
         if not cfg.tie_embeddings:
             self.head_dv = param(rngs, nnx.initializers.normal(cfg.init_std),
                                  (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.param_dtype)
 
     def __call__(self, tokens_bt: jax.Array, positions_bt: jax.Array | None = None,
-                 segment_ids_bt: jax.Array | None = None, *, routing_mask_bt: jax.Array | None = None,
-                 return_aux: bool = False, return_attention: bool = False,
-                 return_routing: bool = False,
-                 return_features: bool = False) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
-        """Logits [B, T, V]; with ``return_aux`` also the MoE auxiliaries (empty for a dense model):
-        ``loss`` (the weighted aux + z losses to add to the training loss) and, per MoE layer,
-        ``aux_loss``, ``z_loss``, ``dropped_frac`` [L_moe] and ``expert_load`` [L_moe, E].
-        ``routing_mask_bt`` (True = route) keeps padding out of the experts and their statistics.
+                 segment_ids_bt: jax.Array | None = None, *,
+                 routing_mask_bt: jax.Array | None = None) -> jax.Array:
+        """Logits [B, T, V] (float32) of the next token at every position (see ``hidden``)."""
+        x_btd, _ = self.hidden(tokens_bt, positions_bt, segment_ids_bt, routing_mask_bt=routing_mask_bt)
+        return lm_logits(x_btd, self.head_weight_vd())
 
-        For inspection (off by default; each implies ``return_aux``): ``return_attention`` adds
-        ``attention_probs`` [L, B, N, T, T] (every layer, in depth order, float32);
-        ``return_routing`` adds, per MoE layer, ``routing_experts`` [L_moe, B, T, R] (each token's
-        top-k experts, best first) and ``routing_weights`` [L_moe, B, T, R] (the weights applied).
-        ``return_features``: the final-norm features [B, T, D] in place of the logits (for a loss
-        that applies the head itself, model/loss.py)."""
+    def hidden(self, tokens_bt: jax.Array, positions_bt: jax.Array | None = None,
+               segment_ids_bt: jax.Array | None = None, *,
+               routing_mask_bt: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """(final-norm features [B, T, D], MoE auxiliaries): the auxiliaries are empty for a dense
+        model, else ``loss`` (the weighted aux + z losses to add to the training loss) and, per MoE
+        layer, ``aux_loss``, ``z_loss``, ``dropped_frac`` [L_moe] and ``expert_load`` [L_moe, E].
+        ``positions_bt`` default to 0..T-1; ``segment_ids_bt`` keep packed documents apart;
+        ``routing_mask_bt`` (True = route) keeps padding out of the experts and their statistics."""
         b, t = tokens_bt.shape
         if positions_bt is None:
             positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        mask_bts = causal_mask(segment_ids_bt, b, t)
-        logits_btv, aux, _ = self._forward(tokens_bt, positions_bt, mask_bts, routing_mask_bt, None,
-                                           decode=False, attention=return_attention,
-                                           routing=return_routing, features=return_features)
-        return (logits_btv, aux) if return_aux or return_attention or return_routing else logits_btv
+        layers = _Layers(self.cfg, positions_bt, causal_mask(segment_ids_bt, b, t), routing_mask_bt,
+                         decode=False)
+        x_btd, aux, _ = self._forward(tokens_bt, layers, {})
+        return x_btd, aux
+
+    def head_weight_vd(self) -> jax.Array:
+        """The LM head as [V, D] in the compute dtype: the tied embedding table or the untied head."""
+        dt = self.embed.dtype
+        if self.cfg.tie_embeddings:
+            return self.embed.table_vd[...].astype(dt)
+        return self.head_dv[...].astype(dt).T
 
     def with_cache(self, tokens_bt: jax.Array, positions_bt: jax.Array, cache: Cache, *,
                    decode: bool, routing_mask_bt: jax.Array | None = None) -> tuple[jax.Array, Cache]:
@@ -154,106 +204,75 @@ class Transformer(nnx.Module):
             mask_bts = decode_mask(positions_bt, cache_length(cache))
         else:
             mask_bts = causal_mask(None, *tokens_bt.shape)
-        logits_btv, _, cache = self._forward(tokens_bt, positions_bt, mask_bts, routing_mask_bt, cache,
-                                             decode=decode)
-        return logits_btv, cache
+        layers = _Layers(self.cfg, positions_bt, mask_bts, routing_mask_bt, decode)
+        x_btd, _, cache = self._forward(tokens_bt, layers, cache)
+        return lm_logits(x_btd, self.head_weight_vd()), cache
 
-    def _forward(self, tokens_bt: jax.Array, positions_bt: jax.Array, mask_bts: jax.Array,
-                 routing_mask_bt: jax.Array | None, cache: Cache | None, *, decode: bool,
-                 attention: bool = False, routing: bool = False, features: bool = False
-                 ) -> tuple[jax.Array, dict[str, jax.Array], Cache | None]:
+    # ------------------------------------------------------------------------------ the stacks
+
+    def _forward(self, tokens_bt: jax.Array, layers: _Layers,
+                 cache: Cache) -> tuple[jax.Array, dict[str, jax.Array], Cache | None]:
+        """(final-norm features, MoE auxiliaries, updated cache or None): every stack in depth
+        order; what the layers sowed is sown again here, stacked over layers."""
         cfg = self.cfg
-        cache = cache or {}
-        new_cache: Cache = {}
         x_btd = self.embed(tokens_bt)
         if cfg.position == "learned":
-            x_btd = x_btd + self.positions(positions_bt).astype(x_btd.dtype)
-
-        def layer_fn(stacked_module: nnx.Module):
-            """(fn((x, stack cache), (layer_state, layer index)) -> ((x, stack cache), MoE metrics
-            or None), the stacked parameters). The cache of the whole stack rides in the carry.
-            With ``attention`` the outputs are dicts that also hold ``attention_probs``."""
-            graphdef, stacked = nnx.split(stacked_module)
-
-            def fn(carry, state_and_layer):
-                x_btd, stack_cache = carry
-                layer_state, layer = state_and_layer
-                block = nnx.merge(graphdef, layer_state)
-                if isinstance(block, MoEBlock):
-                    x_btd, metrics, stack_cache, *probs = block(
-                        x_btd, positions_bt, mask_bts, routing_mask_bt, stack_cache, layer,
-                        decode=decode, return_probs=attention, return_routing=routing)
-                    return (x_btd, stack_cache), metrics | ({"attention_probs": probs[0]} if probs else {})
-                x_btd, stack_cache, *probs = block(x_btd, positions_bt, mask_bts, stack_cache, layer,
-                                                   decode=decode, return_probs=attention)
-                return (x_btd, stack_cache), {"attention_probs": probs[0]} if attention else None
-
-            if cfg.remat != "none":
-                fn = jax.checkpoint(fn, policy=REMAT_POLICIES[cfg.remat])
-            return fn, stacked
-
-        def layers(count: int) -> jax.Array:
-            return jnp.arange(count, dtype=jnp.int32)
-
-        probs_by_stack: list[jax.Array] = []  # [layers, B, N, T, S] each, in depth order
+            x_btd = x_btd + self.positions(layers.positions_bt).astype(x_btd.dtype)
+        new_cache: dict[str, Any] = {}
+        sown_parts: list[Sown] = []
         if cfg.num_dense_first:
-            dense_fn, stacked = layer_fn(self.blocks)
+            fn, stacked = layers.fn(self.blocks)
             n = cfg.num_dense_first
-            (x_btd, new_cache["blocks"]), dense_out = run_stack(
-                dense_fn, (x_btd, cache.get("blocks")), (stacked, layers(n)), n, cfg.scan_layers)
-            if attention:
-                probs_by_stack.append(dense_out["attention_probs"])
+            (x_btd, new_cache["blocks"]), (_, sown) = run_stack(
+                fn, (x_btd, cache.get("blocks")), (stacked, _layer_indices(n)), n, cfg.scan_layers)
+            sown_parts.append(sown)
         aux: dict[str, jax.Array] = {}
         if cfg.num_moe_layers:
-            groups, per_group = cfg.num_moe_layers, cfg.moe_every - 1
-            moe_fn, moe_stacked = layer_fn(self.moe_blocks)
-            group_stacked = group_layers = None
-            if per_group:
-                group_fn, group_stacked = layer_fn(self.group_blocks)
-                by_group = functools.partial(_split_leading, groups=groups, per_group=per_group)
-                group_stacked = jax.tree.map(by_group, group_stacked)
-                group_layers = by_group(layers(groups * per_group))
-
-            def moe_group_fn(carry, state):
-                x_btd, group_cache, moe_cache = carry
-                (dense_state, dense_layers), moe_state_and_layer = state
-                if dense_state is not None:
-                    (x_btd, group_cache), group_out = run_stack(group_fn, (x_btd, group_cache),
-                                                                (dense_state, dense_layers), per_group,
-                                                                cfg.scan_layers)
-                (x_btd, moe_cache), metrics = moe_fn((x_btd, moe_cache), moe_state_and_layer)
-                if attention:  # this group's layers in depth order: its dense blocks, then the MoE one
-                    moe_probs = metrics.pop("attention_probs")[None]
-                    metrics["attention_probs"] = moe_probs if dense_state is None else \
-                        jnp.concatenate([group_out["attention_probs"], moe_probs])
-                return (x_btd, group_cache, moe_cache), metrics
-
-            (x_btd, new_cache["group_blocks"], new_cache["moe_blocks"]), aux = run_stack(
-                moe_group_fn, (x_btd, cache.get("group_blocks"), cache.get("moe_blocks")),
-                ((group_stacked, group_layers), (moe_stacked, layers(groups))), groups, cfg.scan_layers)
-            aux["loss"] = (cfg.aux_loss_coef * jnp.mean(aux["aux_loss"]) +
-                           cfg.z_loss_coef * jnp.mean(aux["z_loss"]))
-            if attention:  # [groups, moe_every, ...] -> [groups * moe_every, ...]
-                group_probs = aux.pop("attention_probs")
-                probs_by_stack.append(group_probs.reshape((-1,) + group_probs.shape[2:]))
-        if attention:
-            aux["attention_probs"] = jnp.concatenate(probs_by_stack)
-
-        x_btd = self.final_norm(x_btd)
-        if features:
-            return x_btd, aux, None
-        if cfg.tie_embeddings:
-            logits_btv = self.embed.attend(x_btd)
-        else:
-            logits_btv = jnp.einsum("btd,dv->btv", x_btd, self.head_dv[...].astype(x_btd.dtype))
-        logits_btv = constrain(logits_btv.astype(jnp.float32), ("batch", "length", "vocab"))
+            x_btd, group_cache, moe_cache, aux, sown = self._moe_groups(x_btd, layers, cache)
+            new_cache |= {"group_blocks": group_cache, "moe_blocks": moe_cache}
+            sown_parts.append(sown)
+        for name, value in in_depth_order(*sown_parts).items():
+            self.sow(nnx.Intermediate, name, value)
         new_cache = {name: c for name, c in new_cache.items() if c is not None}
-        return logits_btv, aux, new_cache or None
+        return self.final_norm(x_btd), aux, new_cache or None
+
+    def _moe_groups(self, x_btd: jax.Array, layers: _Layers, cache: Cache) -> tuple:
+        """(x, group_blocks cache, moe_blocks cache, MoE auxiliaries, sown intermediates): the
+        groups of ``moe_every`` layers, scanned over groups (each: its dense blocks, then its MoE
+        block)."""
+        cfg = self.cfg
+        groups, per_group = cfg.num_moe_layers, cfg.moe_every - 1
+        moe_fn, moe_stacked = layers.fn(self.moe_blocks)
+        group_stacked = group_layers = None
+        if per_group:
+            group_fn, group_stacked = layers.fn(self.group_blocks)
+            by_group = functools.partial(_split_leading, groups=groups, per_group=per_group)
+            group_stacked = jax.tree.map(by_group, group_stacked)
+            group_layers = by_group(_layer_indices(groups * per_group))
+
+        def group(carry: tuple, xs: tuple) -> tuple[tuple, tuple[dict, Sown]]:
+            x_btd, group_cache, moe_cache = carry
+            (dense_state, dense_layers), moe_state_and_layer = xs
+            dense_sown: Sown = {}
+            if dense_state is not None:
+                (x_btd, group_cache), (_, dense_sown) = run_stack(
+                    group_fn, (x_btd, group_cache), (dense_state, dense_layers), per_group,
+                    cfg.scan_layers)
+            (x_btd, moe_cache), (metrics, moe_sown) = moe_fn((x_btd, moe_cache), moe_state_and_layer)
+            moe_sown = {name: value[None] for name, value in moe_sown.items()}
+            return (x_btd, group_cache, moe_cache), (metrics, in_depth_order(dense_sown, moe_sown))
+
+        (x_btd, group_cache, moe_cache), (aux, sown) = run_stack(
+            group, (x_btd, cache.get("group_blocks"), cache.get("moe_blocks")),
+            ((group_stacked, group_layers), (moe_stacked, _layer_indices(groups))), groups,
+            cfg.scan_layers)
+        aux["loss"] = (cfg.aux_loss_coef * jnp.mean(aux["aux_loss"]) +
+                       cfg.z_loss_coef * jnp.mean(aux["z_loss"]))
+        sown = {name: value.reshape((-1,) + value.shape[2:]) for name, value in sown.items()}
+        return x_btd, group_cache, moe_cache, aux, sown
 
 
 # ------------------------------------------------------------------------------------ the KV cache
-
-Cache = dict[str, tuple[jax.Array, jax.Array]]  # stack name -> (k_lbskh, v_lbskh)
 
 
 def _split_leading(a: jax.Array, *, groups: int, per_group: int) -> jax.Array:

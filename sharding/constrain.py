@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Iterator, Sequence
+import functools
+from collections.abc import Callable, Iterator, Sequence
 
 import jax
 from jax.sharding import Mesh, NamedSharding
@@ -27,6 +28,18 @@ def activation_sharding(mesh: Mesh, rules: Rules) -> Iterator[None]:
         yield
     finally:
         _ACTIVE.reset(token)
+
+
+def under_activation_sharding(fn: Callable, mesh: Mesh, rules: Rules) -> Callable:
+    """``fn`` running inside ``activation_sharding(mesh, rules)``: a function to jit, whose trace
+    then resolves its ``constrain`` calls on that mesh wherever it is called from."""
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with activation_sharding(mesh, rules):
+            return fn(*args, **kwargs)
+
+    return wrapped
 
 
 def active() -> tuple[Mesh, Rules] | None:

@@ -6,7 +6,6 @@ the function runs once on the global arrays and every collective is the identity
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -23,14 +22,8 @@ class Collectives:
     """Collectives over the mesh axes that logical names resolved to in one ``manual`` call. A name
     that resolved to no mesh axis (one device, or a dimension left whole) makes each the identity."""
 
-    def __init__(self, axes: Mapping[str, tuple[str, ...]] | None = None,
-                 sizes: Mapping[str, int] | None = None):
+    def __init__(self, axes: Mapping[str, tuple[str, ...]] | None = None):
         self.axes = dict(axes or {})
-        self.sizes = dict(sizes or {})
-
-    def size(self, name: str) -> int:
-        """How many shards the dimensions named ``name`` are split into."""
-        return math.prod(self.sizes[a] for a in self.axes.get(name, ()))
 
     def all_to_all(self, x: jax.Array, name: str, split_axis: int, concat_axis: int) -> jax.Array:
         """Splits ``split_axis`` into one chunk per ``name`` shard, sends chunk i to shard i and
@@ -96,6 +89,6 @@ def manual(fn: Callable[..., Any], args: Sequence[jax.Array], in_names: Sequence
     out_shapes = jax.eval_shape(functools.partial(fn, LOCAL), *args)
     out_specs = jax.tree.map(lambda names, s: logical_to_spec(names, s.shape, mesh, rules),
                              out_names, out_shapes, is_leaf=_is_names)
-    comm = Collectives(axes, dict(mesh.shape))
+    comm = Collectives(axes)
     return jax.shard_map(functools.partial(fn, comm), mesh=mesh, in_specs=in_specs,
                          out_specs=out_specs)(*args)

@@ -7,8 +7,10 @@ import math
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import AxisType, Mesh
 
+from core.options import option
 from sharding.axes import MESH_AXES
 
 
@@ -16,10 +18,10 @@ from sharding.axes import MESH_AXES
 class MeshConfig:
     """Mesh axis sizes; at most one may be -1 (fill with the remaining devices)."""
 
-    data: int = -1
-    fsdp: int = 1
-    tensor: int = 1
-    expert: int = 1
+    data: int = option(-1, "pure data parallelism: replicas, each with the whole model")
+    fsdp: int = option(1, "shards parameters, gradients and optimizer state (and the batch)")
+    tensor: int = option(1, "shards attention heads and MLP hidden units (Megatron style)")
+    expert: int = option(1, "shards the MoE experts (and the batch outside expert layers)")
 
     def sizes(self, num_devices: int) -> dict[str, int]:
         """Concrete axis sizes for ``num_devices``; raises ValueError naming the bad key."""
@@ -42,16 +44,33 @@ class MeshConfig:
                              f"{num_devices} devices")
         return raw
 
+    def fitting(self, num_devices: int) -> MeshConfig:
+        """This mesh when it fits ``num_devices``, else every device on ``data`` (evaluating a run
+        on other devices than it trained on)."""
+        try:
+            self.sizes(num_devices)
+            return self
+        except ValueError:
+            return MeshConfig()
 
-def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
-    """A mesh over ``devices`` (default: all) with Auto axis types, so GSPMD propagates shardings."""
+
+def make_mesh(cfg: MeshConfig, devices: list | None = None, *, physical: bool = False) -> Mesh:
+    """A mesh over ``devices`` (default: all) with Auto axis types, so GSPMD propagates shardings.
+    ``physical``: laid out along the devices' torus when ``mesh_utils`` knows how (a TPU topology
+    compiled for ahead of time), else in device order."""
     devices = list(jax.devices()) if devices is None else list(devices)
     sizes = cfg.sizes(len(devices))
     shape = tuple(sizes[axis] for axis in MESH_AXES)
+    axis_types = (AxisType.Auto,) * len(MESH_AXES)
     if devices == list(jax.devices()):
-        return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
-    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES,
-                axis_types=(AxisType.Auto,) * len(MESH_AXES))
+        return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types)
+    grid = np.asarray(devices).reshape(shape)
+    if physical:
+        try:
+            grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+        except (ValueError, NotImplementedError, AssertionError):
+            pass
+    return Mesh(grid, MESH_AXES, axis_types=axis_types)
 
 
 def initialize_distributed(coordinator: str = "", num_processes: int = 0,
@@ -74,8 +93,6 @@ def initialize_distributed(coordinator: str = "", num_processes: int = 0,
 def sync_processes(name: str) -> None:
     """Every process waits here until all have arrived (files written by process 0 are visible)."""
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices(name)
 
 
@@ -84,6 +101,4 @@ def broadcast_from_0(value: int) -> int:
     take the same branch after a check only process 0 made."""
     if jax.process_count() == 1:
         return value
-    from jax.experimental import multihost_utils
-
     return int(multihost_utils.broadcast_one_to_all(np.int32(value)))

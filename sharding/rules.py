@@ -7,6 +7,7 @@ replicated, so any table is valid for any shape.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -34,13 +35,21 @@ def default_rules() -> Rules:
     )
 
 
-def _lookup(rules: Rules, name: str | None) -> tuple[str, ...]:
+def mesh_axes_of(name: str | None, rules: Rules) -> tuple[str, ...]:
+    """The mesh axes the logical axis ``name`` maps to (none for None)."""
     if name is None:
         return ()
     for logical, mesh_axes in rules:
         if logical == name:
             return mesh_axes
     raise KeyError(f"logical axis {name!r} has no rule")
+
+
+def shards_of(name: str, sizes: dict[str, int], rules: Rules) -> int:
+    """Into how many parts a dimension named ``name`` is split on a mesh of axis ``sizes`` (when its
+    size allows): e.g. the data-parallel size for ``batch``. Config validation asks this, so that
+    only this table knows which mesh axes shard what."""
+    return math.prod(sizes[axis] for axis in mesh_axes_of(name, rules))
 
 
 def logical_to_spec(names: Sequence[str | None], shape: Sequence[int] | None, mesh: Mesh,
@@ -55,7 +64,7 @@ def logical_to_spec(names: Sequence[str | None], shape: Sequence[int] | None, me
     for dim, name in enumerate(names):
         chosen = []
         size = 1
-        for axis in _lookup(rules, name):
+        for axis in mesh_axes_of(name, rules):
             if axis in used or axis not in mesh.shape or mesh.shape[axis] == 1:
                 continue
             if shape is not None and shape[dim] % (size * mesh.shape[axis]):
@@ -67,6 +76,12 @@ def logical_to_spec(names: Sequence[str | None], shape: Sequence[int] | None, me
     while spec and spec[-1] is None:
         spec.pop()
     return PartitionSpec(*spec)
+
+
+def logical_sharding(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
+                     rules: Rules) -> NamedSharding:
+    """The NamedSharding of an array of ``shape`` whose dimensions carry logical ``names``."""
+    return NamedSharding(mesh, logical_to_spec(names, shape, mesh, rules))
 
 
 def _variable_spec(var: nnx.Variable, mesh: Mesh, rules: Rules) -> PartitionSpec:

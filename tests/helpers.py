@@ -11,11 +11,13 @@ import numpy as np
 from model.config import ModelConfig
 from sharding.constrain import activation_sharding
 from sharding.mesh import MeshConfig, make_mesh
-from sharding.rules import default_rules
-from train.config import CONFIG_DIR, Config, OptimConfig, build_config, load_yaml, validate
+from sharding.rules import default_rules, logical_sharding, tree_shardings
+from train.config import CONFIG_DIR, Config, OptimConfig, build_config, load_yaml
 from train.optimizer import make_optimizer
-from train.state import abstract_state, init_state, state_shardings
-from train.step import batch_sharding, grads_loss_and_metrics
+from train.run_dir import RunDir
+from train.state import abstract_state, init_state
+from train.step import grads_loss_and_metrics
+from train.validate import validate
 
 SMALL = ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
                     mlp_dim=48, max_seq_len=16)
@@ -37,16 +39,21 @@ def loss_and_grads(cfg: ModelConfig, mesh_axes: dict[str, int], batch: dict[str,
     tx, _ = make_optimizer(OptimConfig(), 10)
     with activation_sharding(mesh, rules):
         graphdef, abstract = abstract_state(cfg, tx)
-        shardings = state_shardings(abstract, mesh, rules)
+        shardings = tree_shardings(abstract, mesh, rules)
         if params is None:
             params = init_state(cfg, tx, 0, shardings).params
         params = jax.device_put(params, shardings.params)
-        batch_sh = batch_sharding(mesh, rules, *batch["inputs"].shape)
+        batch_sh = logical_sharding(("batch", "length"), batch["inputs"].shape, mesh, rules)
         fn = jax.jit(functools.partial(grads_loss_and_metrics, graphdef=graphdef,
                                        microbatches=microbatches),
                      in_shardings=(shardings.params, batch_sh))
         grads, loss, _ = fn(params, {k: jax.device_put(v, batch_sh) for k, v in batch.items()})
         return float(loss), jax.device_get(grads)
+
+
+def losses_of(run_dir: str | Path) -> dict[int, float]:
+    """{step: loss} of a run's metrics.jsonl."""
+    return RunDir(run_dir).losses()
 
 
 def tiny_config(run_dir: Path, *overrides: str) -> Config:

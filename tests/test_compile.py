@@ -101,7 +101,7 @@ def test_compile_errors_are_one_line() -> None:
 
 
 def test_compile_without_libtpu_is_a_clear_error() -> None:
-    code = ("import sys; sys.modules['libtpu'] = None; from train.compile import main; "
+    code = ("import sys; sys.modules['libtpu'] = None; from cli.compile import main; "
             "sys.exit(main(['--topology', 'v5e:2x2', 'configs/tiny.yaml']))")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                             timeout=120)

@@ -69,7 +69,7 @@ def hf_logits(model, tokens: np.ndarray) -> np.ndarray:
 def meshlm_logits(run_dir: Path, tokens: np.ndarray) -> np.ndarray:
     from flax import nnx
 
-    from eval.load import load_run
+    from inference.load import load_run
 
     run = load_run(run_dir)
     model = nnx.merge(run.graphdef, run.params)
@@ -86,7 +86,7 @@ CASES = {
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_import_matches_transformers_and_export_round_trips(eight_devices, tmp_path, case):
-    from model.convert import export_checkpoint, import_checkpoint
+    from convert.checkpoints import export_checkpoint, import_checkpoint
 
     kind, overrides = CASES[case]
     model = hf_model(kind, **overrides)
@@ -195,7 +195,7 @@ def write_gguf(path: Path, model, tokenizer_dir: Path, quant_of: dict[str, objec
 
 
 def test_gguf_import_undoes_llama_cpp_permutation(eight_devices, tmp_path):
-    from model.convert import import_checkpoint
+    from convert.checkpoints import import_checkpoint
 
     model = hf_model("llama", tie_word_embeddings=False)
     tok_dir = tiny_tokenizer(tmp_path / "tok")
@@ -214,8 +214,8 @@ def test_gguf_import_undoes_llama_cpp_permutation(eight_devices, tmp_path):
     assert word_form(tok, " the") == " the"
 
     # generate --chat starts from the chat template's rendering of the conversation
-    from eval.__main__ import prompt_ids
-    from eval.cli import UsageError
+    from cli.eval import prompt_ids
+    from core.errors import UsageError
 
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi cat"}]
     want = reference.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -230,7 +230,7 @@ def test_gguf_import_undoes_llama_cpp_permutation(eight_devices, tmp_path):
 
 
 def convert_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "model.convert", *map(str, args)],
+    return subprocess.run([sys.executable, "-m", "convert", *map(str, args)],
                           capture_output=True, text=True, timeout=300)
 
 
@@ -260,7 +260,7 @@ def edited_copy(src: Path, dst: Path, config=None, drop: str | None = None) -> P
 
 
 def test_gguf_mixtral_experts_import(eight_devices, tmp_path):
-    from model.convert import import_checkpoint
+    from convert.checkpoints import import_checkpoint
 
     model = hf_model("mixtral", tie_word_embeddings=False)
     model.save_pretrained(tmp_path / "hf")
@@ -274,8 +274,8 @@ def test_gguf_mixtral_experts_import(eight_devices, tmp_path):
 def test_bad_checkpoints_are_one_error_line(llama_dir, tmp_path):
     import gguf
 
-    from model.convert import import_checkpoint
-    from model.hf_layout import ConversionError
+    from convert.checkpoints import import_checkpoint
+    from convert.hf_layout import ConversionError
 
     cases = {
         "unknown architecture 'gpt2'": edited_copy(llama_dir, tmp_path / "a", {"model_type": "gpt2"}),

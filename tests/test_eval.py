@@ -77,7 +77,7 @@ def test_perplexity_of_a_text_file_is_exp_of_the_eval_step_mean_loss(eight_devic
     import jax
 
     from data.pipeline import eval_batches
-    from eval.load import load_run
+    from inference.load import load_run
     from train.step import eval_step
 
     run_dir, _ = trained_run

@@ -13,22 +13,22 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec
 
+from cli.finetune import main as finetune_main
+from core.errors import ConfigError
 from data.pipeline import eval_batches
 from data.sources import open_source
 from data.tokenizer import make_tokenizer
-from eval.load import load_run
+from inference.load import load_run
 from sharding.constrain import activation_sharding
-from sharding.mesh import make_mesh
-from sharding.rules import default_rules
 from tests import reference
-from tests.helpers import random_batch, small_text, tiny_config
+from tests.helpers import losses_of, random_batch, small_text, tiny_config
 from train.checkpoint import Checkpointer
-from train.config import ConfigError, validate
-from train.finetune import load_run_config, merge_main, merge_run
-from train.finetune_state import FinetuneTrainee
-from train.loop import evaluate, losses_of, train
-from train.optimizer import make_optimizer
-from train.step import batch_sharding
+from train.finetune_config import load_run_config
+from train.finetune_trainee import FinetuneTrainee
+from train.loop import train
+from train.merge import merge_run
+from train.program import Program
+from train.validate import validate
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ("model.d_model=32", "model.mlp_dim=64", "train.log_every=1", "checkpoint.every=0",
@@ -89,27 +89,24 @@ def flat(state) -> dict[str, np.ndarray]:
             for path, v in leaves}
 
 
-def trainee_for(cfg) -> tuple[FinetuneTrainee, object]:
-    mesh, rules = make_mesh(cfg.mesh), default_rules()
-    tx, schedule = make_optimizer(cfg.optim, cfg.train.steps)
-    return FinetuneTrainee(cfg, tx, mesh, rules), schedule
+def trainee_for(cfg) -> FinetuneTrainee:
+    return Program(cfg).trainee
 
 
 def test_lora_trains_only_the_adapters(eight_devices, corpus, base_run, tmp_path):
     cfg = ft_config(tmp_path / "ft", base_run, corpus, "finetune.lora_dropout=0.1", "optim.lr=1e-2",
                     "optim.weight_decay=0.1")
-    trainee, schedule = trainee_for(cfg)
-    with activation_sharding(trainee.mesh, trainee.rules):
-        base = flat(trainee.load_base(cfg.finetune.base_step))
-        state = trainee.init()
-        adapters_before = flat(state.params)
-        batch_sh = batch_sharding(trainee.mesh, trainee.rules, 16, 32)
-        step, _ = trainee.jit_steps(schedule, batch_sh)
-        for i in range(3):
-            batch = random_batch(16, 32, cfg.model.vocab_size, seed=i)
-            state, metrics = step(state, {k: jax.device_put(v, batch_sh) for k, v in batch.items()})
-            assert not metrics["skipped"]
-        model = flat(nnx.merge_state(state.params, trainee.frozen))
+    program = Program(cfg)
+    trainee = program.trainee
+    base = flat(trainee.load_base(cfg.finetune.base_step))
+    state = program.init()
+    adapters_before = flat(state.params)
+    for i in range(3):
+        batch = random_batch(16, 32, cfg.model.vocab_size, seed=i)
+        state, metrics = program.train_step(
+            state, {k: jax.device_put(v, program.batch_sharding) for k, v in batch.items()})
+        assert not metrics["skipped"]
+    model = flat(nnx.merge_state(state.params, trainee.frozen))
     adapters = flat(state.params)
     assert set(adapters) == {p for p in model if "/lora_" in p and p.endswith(("/a", "/b"))}
     for path, value in adapters.items():  # every adapter weight moved (B from zero)
@@ -131,7 +128,7 @@ def test_trainable_count_is_the_rank_arithmetic(base_run, lora_run, corpus, tmp_
     assert record["trainable_fraction"] == L * per_layer / (base_total + L * per_layer)
     cfg = ft_config(tmp_path / "qv", base_run, corpus, "finetune.lora_rank=3",
                     "finetune.lora_targets=q,v", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2")
-    trainee = trainee_for(cfg)[0]
+    trainee = trainee_for(cfg)
     assert trainee.trainable_counts()[0] == L * 3 * ((D + N * H) + (D + K * H))
     lora_q = trainee.shardings.params["blocks"]["attn"]["lora_q"]  # laid out like w_q_dnh [L, D, N, H]
     assert lora_q["a"].spec == PartitionSpec(None, "fsdp")  # A [L, D, r]
@@ -165,7 +162,7 @@ def merged_and_adapted_logits(lora_run: Path, out_run: Path, *overrides: str) ->
     base_dir, step = Path(summary["base_run"]), summary["step"]
     cfg = load_run_config(None, [f"finetune.base={base_dir}", f"run.dir={lora_run}",
                                  "train.seq_len=32", *overrides], finetune=True)
-    trainee, _ = trainee_for(cfg)
+    trainee = trainee_for(cfg)
     tokens = jax.numpy.asarray(random_batch(8, 32, 384, seed=5)["inputs"])
     with activation_sharding(trainee.mesh, trainee.rules):
         checkpointer = Checkpointer(lora_run, cfg.checkpoint, read_only=True)
@@ -206,11 +203,10 @@ def test_full_finetune_keeps_frozen_routers(eight_devices, corpus, tmp_path):
     assert routers
     for path in before:
         assert np.array_equal(before[path], after[path]) == (path in routers), path
-    trainee, _ = trainee_for(cfg)
-    with activation_sharding(trainee.mesh, trainee.rules):
-        checkpointer = Checkpointer(ft_dir, cfg.checkpoint, read_only=True)
-        saved, meta, _ = checkpointer.restore(2, *trainee.checkpoint_abstract)
-        checkpointer.close()
+    trainee = trainee_for(cfg)
+    checkpointer = Checkpointer(ft_dir, cfg.checkpoint, read_only=True)
+    saved, meta, _ = checkpointer.restore(2, *trainee.checkpoint_abstract)
+    checkpointer.close()
     trained = sum(v.size for p, v in after.items() if p not in routers)
     assert sum(x.size for x in jax.tree.leaves(saved.opt_state) if x.ndim) == 2 * trained
     assert meta["method"] == "full" and meta["base_step"] == 2
@@ -220,7 +216,7 @@ def test_full_finetune_keeps_frozen_routers(eight_devices, corpus, tmp_path):
     train(ft_config(lora_dir, base_dir, corpus, *moe, "finetune.lora_experts=true",
                     "optim.lr=1e-2"))
     expert_b = [p for p in flat(Checkpointer(lora_dir, cfg.checkpoint).restore(
-        2, *trainee_for(ft_config(lora_dir, base_dir, corpus, *moe, "finetune.lora_experts=true"))[0]
+        2, *trainee_for(ft_config(lora_dir, base_dir, corpus, *moe, "finetune.lora_experts=true"))
         .checkpoint_abstract)[0].params) if "moe/lora_up/b" in p]
     assert expert_b
     plain, adapted, before = merged_and_adapted_logits(lora_dir, tmp_path / "moe_merged", *moe,
@@ -236,14 +232,10 @@ def test_lora_lowers_held_out_perplexity(eight_devices, corpus, tmp_path):
     train(base_config(base_dir, corpus, "train.steps=150"))
     cfg = ft_config(tmp_path / "ft", base_dir, corpus, "train.steps=300", "train.eval_batches=4",
                     "optim.lr=1e-2", "optim.warmup_steps=10")
-    trainee, schedule = trainee_for(cfg)
+    program = Program(cfg)
     docs = open_source(cfg.data.source, "eval", cache_dir=corpus["cache"])
     data = eval_batches(docs, make_tokenizer("byte"), seq_len=32, batch_size=16, max_batches=4)
-    with activation_sharding(trainee.mesh, trainee.rules):
-        state = trainee.init()
-        batch_sh = batch_sharding(trainee.mesh, trainee.rules, 16, 32)
-        _, eval_step = trainee.jit_steps(schedule, batch_sh)
-        before = evaluate(eval_step, state.params, data, batch_sh, 16)
+    before = program.evaluate(program.init().params, data)
     after = train(cfg)["eval_loss"]
     print(f"held-out loss of the fine-tuning text: base {before:.3f}, after LoRA {after:.3f}")
     assert after < before - 1.0, (before, after)
@@ -286,7 +278,7 @@ def test_cli_errors_exit_2_with_one_line(tmp_path, capsys):
     assert result.returncode == 2 and len(lines) == 1, result.stderr
     assert lines[0].startswith("error: finetune.base:") and "does not exist" in lines[0]
     assert not (tmp_path / "run").exists()
-    assert merge_main([str(tmp_path / "none"), str(tmp_path / "out")]) == 2
+    assert finetune_main(["merge", str(tmp_path / "none"), str(tmp_path / "out")]) == 2
     assert capsys.readouterr().err.startswith("error: ")
 
 

@@ -15,10 +15,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import eval.__main__ as eval_main
-import eval.load
-import train.__main__ as train_main
-import train.loop
+import cli.eval as eval_main
+import cli.train as train_main
 from train.config import SECTIONS, Config, dump_yaml
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,7 +68,7 @@ def train_stubbed(monkeypatch):
     def fake_train(cfg, **kwargs):
         raise InputAcceptedError
     monkeypatch.setattr(train_main, "setup_devices", lambda run: jax.device_count())
-    monkeypatch.setattr(train.loop, "train", fake_train)
+    monkeypatch.setattr(train_main, "train", fake_train)
 
 
 def _fuzz(strategy, run, capsys) -> collections.Counter:
@@ -116,7 +114,7 @@ def fake_run(tmp_path_factory) -> Path:
 def eval_stubbed(monkeypatch):
     def fake_load(path, mesh_cfg=None):
         raise InputAcceptedError
-    monkeypatch.setattr(eval.load, "load_run", fake_load)
+    monkeypatch.setattr(eval_main, "load_run", fake_load)
 
 
 def _eval_args(run_dir: Path):
@@ -159,9 +157,10 @@ FORBIDDEN = re.compile(r"\bimport pickle\b|\bpickle\.|cloudpickle|\bdill\b|\bmar
                        r"trust_remote_code\s*=\s*True|\beval\(|\bexec\(|yaml\.load\(|yaml\.unsafe_load|"
                        r"yaml\.full_load|allow_pickle\s*=\s*True|torch\.load\(|jsonpickle|shelve\.|"
                        r"(?<!Sandboxed)Environment\(|jinja2\.Template\(")  # chat templates: sandbox only
-LOADERS = ["train/checkpoint.py", "train/config.py", "train/loop.py", "data/tokenizer.py",
-           "data/sources.py", "data/pipeline.py", "eval/load.py", "data/hf_tokenizer.py",
-           "data/chat.py", "model/convert.py", "model/gguf_import.py", "model/hf_layout.py"]
+LOADERS = ["train/checkpoint.py", "train/config.py", "train/run_dir.py", "train/loop.py",
+           "data/tokenizer.py", "data/sources.py", "data/pipeline.py", "inference/load.py",
+           "data/hf_tokenizer.py", "data/chat.py", "convert/checkpoints.py", "convert/gguf_import.py",
+           "convert/hf_layout.py"]
 
 
 def test_loaders_of_untrusted_files_have_no_code_execution_path():

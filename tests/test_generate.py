@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from eval.generate import Generator, bucket
-from eval.sampling import SamplingConfig
+from inference.generate import Generator, bucket
+from inference.sampling import SamplingConfig
 from model.transformer import Transformer
 from sharding.mesh import MeshConfig, make_mesh
 from sharding.rules import default_rules, tree_shardings

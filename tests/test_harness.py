@@ -16,11 +16,12 @@ from lm_eval import simple_evaluate
 from lm_eval.api.instance import Instance
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
+from cli import harness as harness_cli
 from eval import harness
 from eval.harness import MeshLM
-from eval.load import load_run
-from eval.sampling import SamplingConfig
-from eval.score import Scorer
+from inference.load import load_run
+from inference.sampling import SamplingConfig
+from inference.score import Scorer
 from model.transformer import Transformer
 from sharding.mesh import MeshConfig, make_mesh
 from sharding.rules import default_rules, tree_shardings
@@ -184,7 +185,7 @@ def test_cli_runs_local_tasks(eight_devices, run_dir, tmp_path):
     (["--checkpoint", "RUN", "--tasks", "meshlm_tiny", "--bogus"], "unrecognized arguments"),
 ])
 def test_cli_errors_are_one_line(run_dir, capsys, args, message):
-    code = harness.main([a.replace("RUN", str(run_dir)) for a in args])
+    code = harness_cli.main([a.replace("RUN", str(run_dir)) for a in args])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error:") and message in err and len(err.splitlines()) == 1
 

@@ -14,17 +14,21 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from cli import inspect as inspect_cli
 from data.tokenizer import ByteTokenizer, SentencePieceTokenizer, train_sentencepiece
 from eval import inspect
-from eval.generate import inference_config
-from eval.load import load_run
-from model.transformer import MoEBlock, Transformer
+from inference.generate import inference_graphdef
+from inference.load import load_run
+from model.attention import Attention
+from model.moe import MoE
+from model.transformer import Transformer, sown_arrays
 from sharding.mesh import MeshConfig, make_mesh
 from sharding.rules import default_rules, tree_shardings
 from tests import reference
 from tests.helpers import SMALL, small_text, tiny_config
-from train.config import CONFIG_DIR, build_config, load_yaml, validate
+from train.config import CONFIG_DIR, build_config, load_yaml
 from train.loop import train
+from train.validate import validate
 
 ROOT = Path(__file__).resolve().parent.parent
 TOL = 1e-4  # fp32, whole models
@@ -85,8 +89,7 @@ def _walk(run, ids):
     """Block by block, unscanned and without a mesh (one jit): per layer in depth order, its input
     ``x`` [T, D], attention weights ``probs`` [N, T, T] and weights; MoE layers add their input
     ``moe_in`` [T, D], output ``moe_out`` [T, D], routing metrics and expert weights."""
-    cfg = inference_config(run.cfg.model)
-    graphdef = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))))[0]
+    _, graphdef = inference_graphdef(run.cfg.model, (Attention, MoE))  # both sow intermediates
     tokens = np.asarray([ids], np.int32)
     positions = np.arange(len(ids), dtype=np.int32)[None]
     mask = np.tril(np.ones((len(ids), len(ids)), bool))[None]
@@ -96,14 +99,15 @@ def _walk(run, ids):
         x = model.embed(tokens)
         out = []
         for block in _layers(model):
-            y, _, probs = block.attn(block.attn_norm(x), positions, mask, return_probs=True)
-            step = {"x": x[0], "probs": probs[0], "scale": block.attn_norm.scale[...],
+            (y, _), sown = nnx.capture(block.attn, nnx.Intermediate)(block.attn_norm(x), positions, mask)
+            step = {"x": x[0], "probs": sown_arrays(sown)["attention_probs"][0],
+                    "scale": block.attn_norm.scale[...],
                     "w_q_dnh": block.attn.w_q_dnh[...], "w_k_dkh": block.attn.w_k_dkh[...]}
             x = x + y
             h = block.mlp_norm(x)
-            if isinstance(block, MoEBlock):
-                moe_out, metrics = block.moe(h, return_routing=True)
-                step |= {"moe_in": h[0], "moe_out": moe_out[0], "metrics": metrics,
+            if hasattr(block, "moe"):  # an MoE block
+                (moe_out, metrics), sown = nnx.capture(block.moe, nnx.Intermediate)(h)
+                step |= {"moe_in": h[0], "moe_out": moe_out[0], "metrics": metrics | sown_arrays(sown),
                          **{name: getattr(block.moe, name)[...] for name in
                             ("w_router_de", "w_gate_edf", "w_up_edf", "w_down_efd")}}
                 x = x + moe_out
@@ -269,7 +273,7 @@ def test_analogy_arithmetic_finds_the_planted_answer():
 
 
 def _main(capsys, *argv):
-    code = inspect.main([str(a) for a in argv])
+    code = inspect_cli.main([str(a) for a in argv])
     out, err = capsys.readouterr()
     return code, out, err
 

@@ -16,6 +16,7 @@ from flax import nnx
 
 from model.config import ModelConfig
 from model.flops import param_counts
+from model.loss import lm_logits
 from model.moe import MoE, capacity_positions
 from model.transformer import Transformer
 from sharding.constrain import activation_sharding
@@ -23,8 +24,9 @@ from sharding.mesh import MeshConfig, make_mesh
 from sharding.rules import default_rules, tree_shardings
 from tests import reference
 from tests.helpers import SMALL, loss_and_grads, random_batch, small_text
-from train.config import CONFIG_DIR, build_config, load_yaml, validate
+from train.config import CONFIG_DIR, build_config, load_yaml
 from train.loop import train
+from train.validate import validate
 
 TOL_OP = 1e-5  # fp32, simple ops
 TOL_MODEL = 1e-4  # fp32, whole models
@@ -278,7 +280,9 @@ def test_layout_scanned_equals_unrolled_and_places_moe_layers():
 
     def run(graphdef, p):
         def loss(p):
-            logits, aux = nnx.merge(graphdef, p)(tokens, return_aux=True)
+            model = nnx.merge(graphdef, p)
+            x, aux = model.hidden(tokens)
+            logits = lm_logits(x, model.head_weight_vd())
             return jnp.mean(jax.nn.logsumexp(logits, -1) - logits[..., 0]) + aux["loss"], aux
         return jax.jit(jax.value_and_grad(loss, has_aux=True))(p)
 

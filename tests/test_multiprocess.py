@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import losses_of
 from train.checkpoint import verify
-from train.loop import losses_of
 
 ROOT = Path(__file__).resolve().parent.parent
 TOL = 1e-5

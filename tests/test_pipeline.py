@@ -16,7 +16,7 @@ from data.tokenizer import ByteTokenizer
 from model.transformer import Transformer
 from tests import reference
 from tests.helpers import SMALL
-from train.step import loss_sums
+from train.step import eval_step
 
 TOK = ByteTokenizer()
 DOCS = [f"doc {i}: " + "abcdefghij"[: i % 10] * (i % 5 + 1) for i in range(40)]
@@ -76,7 +76,8 @@ def test_packed_attention_and_loss_equal_each_document_alone():
         start += len(doc)
     batch = {"inputs": inputs, "targets": targets, "weights": weights, "segment_ids": segments,
              "positions": positions}
-    loss_sum, weight_sum = loss_sums(params, graphdef, {k: jnp.asarray(v) for k, v in batch.items()})
+    sums = eval_step(params, {k: jnp.asarray(v) for k, v in batch.items()}, graphdef=graphdef)
+    loss_sum, weight_sum = sums["loss_sum"], sums["weight_sum"]
     assert float(weight_sum) == sum(len(d) - 1 for d in docs)
     assert abs(float(loss_sum) - expected_loss) <= 1e-4 * abs(expected_loss)
 

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 import train.checkpoint as checkpoint_module
-from tests.helpers import SMALL, random_batch, tiny_config
+from core.errors import ConfigError, RunError
+from tests.helpers import SMALL, losses_of, random_batch, tiny_config
 from train.checkpoint import (
     DAMAGED_DIR,
     MANIFEST,
@@ -26,8 +27,8 @@ from train.checkpoint import (
     DamagedCheckpointError,
     DamagedRunFileError,
 )
-from train.config import ConfigError, OptimConfig, RunError
-from train.loop import losses_of, train
+from train.config import OptimConfig
+from train.loop import train
 from train.optimizer import make_optimizer
 from train.state import abstract_state, init_state
 from train.step import train_step
@@ -292,7 +293,7 @@ def test_a_changed_tokenizer_file_stops_the_resume(saved_run, tmp_path):
 
 
 def test_eval_refuses_a_damaged_checkpoint_with_one_line(eight_devices, saved_run, tmp_path, capsys):
-    from eval.__main__ import main as eval_main
+    from cli.eval import main as eval_main
 
     run_dir = _copy(saved_run[0], tmp_path)
     target = _largest_state_file(run_dir / "checkpoints/24")

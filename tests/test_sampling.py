@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from eval.sampling import SamplingConfig, filtered_logits, sample
+from inference.sampling import SamplingConfig, filtered_logits, sample
 
 LOGITS = np.log(np.array([0.4, 0.25, 0.15, 0.1, 0.06, 0.04], np.float32))
 DRAWS = 20_000

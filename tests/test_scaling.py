@@ -15,7 +15,7 @@ import pytest
 from flax import nnx
 from scipy.optimize import minimize_scalar
 
-from eval import scaling
+from cli import scaling
 from eval.scaling_fit import fit_power_law, read_results
 from eval.scaling_plan import CHINCHILLA, plan
 from eval.scaling_runs import SWEEP_BASE, compiled_flops, fit_params, ladder, parse_sizes

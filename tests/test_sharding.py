@@ -11,12 +11,12 @@ from flax import nnx
 
 from model.transformer import Transformer
 from sharding.mesh import MeshConfig, make_mesh
-from sharding.rules import default_rules, logical_to_spec, tree_specs
+from sharding.rules import default_rules, logical_to_spec, tree_shardings, tree_specs
 from tests import reference
 from tests.helpers import SMALL, loss_and_grads, random_batch
 from train.config import CONFIG_DIR, build_config, load_yaml
 from train.optimizer import make_optimizer
-from train.state import abstract_state, init_state, state_shardings
+from train.state import abstract_state, init_state
 
 TOL = 1e-5  # fp32 relative
 GOLDEN = Path(__file__).parent / "golden" / "partition_specs_tiny_data2_fsdp2_tensor2.json"
@@ -50,7 +50,7 @@ def test_state_is_created_sharded(eight_devices):
     rules = default_rules()
     tx, _ = make_optimizer(build_config({}, []).optim, 10)
     _, abstract = abstract_state(SMALL, tx)
-    shardings = state_shardings(abstract, mesh, rules)
+    shardings = tree_shardings(abstract, mesh, rules)
     state = init_state(SMALL, tx, 0, shardings)
     w = state.params["blocks"]["mlp"]["w_up_df"][...]  # [layers, embed, mlp] -> (None, fsdp, tensor)
     assert w.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")

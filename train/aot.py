@@ -1,6 +1,6 @@
 """Ahead-of-time compilation of the real train step for a TPU topology that is not attached (libtpu's
 compile-only devices), and its report: HBM per chip, FLOPs per step against model/flops.py, and a
-roofline estimate of step time and MFU. The CLI around it is ``train/compile.py``.
+roofline estimate of step time and MFU. The command around it is ``cli/compile.py``.
 
 XLA's ``cost_analysis()`` counts the body of a loop once, and the step loops over layers
 (``lax.scan``) and microbatches. So the costs come from two extra compiles of the same model with
@@ -11,33 +11,27 @@ one group is their difference, extrapolated to the real depth. Memory comes from
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from typing import Any
 
 import jax
-import numpy as np
-from jax.experimental import mesh_utils, topologies
+from jax.experimental import topologies
 from jax.sharding import Mesh
 
-from data.pipeline import empty_batch
+from core.errors import first_line
 from model.config import ModelConfig
 from model.flops import matmul_params, param_counts, train_flops_per_token
-from sharding.axes import MESH_AXES
-from sharding.constrain import activation_sharding
 from sharding.mesh import make_mesh
-from sharding.rules import default_rules
-from train.config import Config, ConfigError, validate
-from train.optimizer import make_optimizer
-from train.state import abstract_state, state_shardings
-from train.step import batch_sharding, jit_train_step
+from train.config import Config
+from train.program import Program, memory_report
 from train.tpu_chips import Chip, chip_for_kind, chip_for_topology
+from train.validate import validate
 
 COST_KEYS = ("flops", "bytes accessed", "transcendentals", "optimal_seconds")
 
 
 class CompileError(ValueError):
-    """A user mistake or a config that cannot run on the topology (one line, exit 2)."""
+    """A config that cannot run on the topology, or an unknown topology (one line, exit 2)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,9 +51,8 @@ def topology(name: str) -> Topology:
     try:
         devices = topologies.get_topology_desc(name, "tpu").devices
     except (jax.errors.JaxRuntimeError, RuntimeError, ValueError) as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CompileError(f"--topology: unknown TPU topology {name!r} (expected e.g. v5e:2x2, "
-                           f"v5p:4x4x4, v6e:8x8): {reason}") from None
+                           f"v5p:4x4x4, v6e:8x8): {first_line(e)}") from None
     chip = chip_for_kind(devices[0].device_kind) or chip_for_topology(name)
     if chip is None:
         raise CompileError(f"--topology: no published figures for {devices[0].device_kind!r} "
@@ -69,41 +62,15 @@ def topology(name: str) -> Topology:
 
 
 def topology_mesh(cfg: Config, topo: Topology) -> Mesh:
-    """The config's mesh over the topology's devices, laid out along the physical torus when
-    ``mesh_utils`` knows how (else in device order)."""
-    sizes = cfg.mesh.sizes(len(topo.devices))
-    shape = tuple(sizes[axis] for axis in MESH_AXES)
-    try:
-        grid = mesh_utils.create_device_mesh(shape, topo.devices, allow_split_physical_axes=True)
-    except (ValueError, NotImplementedError, AssertionError):
-        grid = np.asarray(topo.devices).reshape(shape)
-    return make_mesh(cfg.mesh, devices=list(grid.flat))
-
-
-def abstract_batch(batch_size: int, seq_len: int) -> dict[str, jax.ShapeDtypeStruct]:
-    """The fields and dtypes of a training batch (those of the input pipeline), without data."""
-    return {k: jax.ShapeDtypeStruct((batch_size, seq_len), v.dtype)
-            for k, v in empty_batch(1, seq_len).items()}
-
-
-def per_device_bytes(abstract: Any, shardings: Any) -> int:
-    """Bytes one device holds of a pytree of ShapeDtypeStructs laid out by ``shardings``."""
-    return sum(math.prod(s.shard_shape(a.shape)) * np.dtype(a.dtype).itemsize
-               for a, s in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings), strict=True))
+    """The config's mesh over the topology's devices, laid out along the physical torus."""
+    return make_mesh(cfg.mesh, devices=topo.devices, physical=True)
 
 
 def lower_train_step(cfg: Config, mesh: Mesh) -> tuple[Any, int]:
-    """(the lowered train step of train/step.py with the real state and batch shardings, the bytes
-    of train state one device holds)."""
-    rules, t = default_rules(), cfg.train
-    tx, schedule = make_optimizer(cfg.optim, t.steps)
-    with activation_sharding(mesh, rules):
-        graphdef, abstract = abstract_state(cfg.model, tx, t.seed)
-        state_sh = state_shardings(abstract, mesh, rules)
-        batch_sh = batch_sharding(mesh, rules, t.batch_size, t.seq_len)
-        step = jit_train_step(graphdef, tx, schedule, t.microbatches, state_sh, batch_sh)
-        lowered = step.lower(abstract, abstract_batch(t.batch_size, t.seq_len))
-    return lowered, per_device_bytes(abstract, state_sh)
+    """(the lowered train step of the training program, the bytes of train state one device
+    holds)."""
+    program = Program(cfg, mesh=mesh)
+    return program.lower_train_step(), program.state_bytes_per_device()
 
 
 def compile_lowered(lowered: Any, what: str) -> Any:
@@ -158,17 +125,6 @@ def step_costs(cfg: Config, mesh: Mesh, compiled: Any) -> tuple[dict[str, float]
     return total, time.perf_counter() - start
 
 
-def memory_of(compiled: Any) -> dict[str, int]:
-    """Per-device HBM of a compiled program: arguments, outputs (aliased = donated inputs reused),
-    temporaries, code, and the total live at the peak."""
-    stats = compiled.memory_analysis()
-    out = {"arguments": stats.argument_size_in_bytes, "outputs": stats.output_size_in_bytes,
-           "aliased": stats.alias_size_in_bytes, "temporaries": stats.temp_size_in_bytes,
-           "code": stats.generated_code_size_in_bytes}
-    out["total"] = out["arguments"] + out["outputs"] - out["aliased"] + out["temporaries"] + out["code"]
-    return out
-
-
 def roofline(flops_per_device: float, bytes_per_device: float, topo: Topology,
              model_flops: float, tokens: int) -> dict[str, float | str]:
     """Step time as the slower of compute at the chip's peak and HBM traffic at its bandwidth
@@ -218,7 +174,7 @@ def compile_report(cfg: Config, topology_name: str, config_name: str) -> dict[st
                            f"{topo.chip.kind} device; shard it further (mesh.fsdp) or use more chips")
     compiled = compile_lowered(lowered, "the train step")
     compile_s = time.perf_counter() - start
-    memory = memory_of(compiled)
+    memory = memory_report(compiled)
     costs, cost_compile_s = step_costs(cfg, mesh, compiled)
 
     tokens = t.batch_size * t.seq_len
@@ -271,4 +227,3 @@ def check_fits(report: dict[str, Any]) -> None:
         "train.microbatches or a smaller batch")
 
 
-__all__ = ["CompileError", "ConfigError", "check_fits", "compile_report"]

@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -27,12 +26,14 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from core.errors import first_line
+from data.tokenizer import TOKENIZER_FILES
 from sharding.mesh import broadcast_from_0, sync_processes
 from train.config import CheckpointConfig
+from train.run_dir import RunDir, write_atomically
 from train.state import TrainState, with_shardings
 
 MANIFEST = "meshlm_manifest.json"
-RUN_FILES = ("tokenizer.json", "tokenizer.model", "hf_tokenizer.json")  # run files a checkpoint needs
 TMP_SUFFIX = ".orbax-checkpoint-tmp"
 # Orbax rewrites its step metadata (commit time) after the rename: not covered by the manifest.
 UNHASHED = (MANIFEST, "_CHECKPOINT_METADATA")
@@ -78,16 +79,13 @@ def _describe(path: Path) -> dict[str, Any]:
 
 def write_manifest(step_dir: Path, run_dir: Path) -> None:
     """Records size and digest of every file under ``step_dir`` and of the run's tokenizer files
-    (written atomically: a temporary file, fsync, rename)."""
+    (written atomically)."""
     files = {p.relative_to(step_dir).as_posix(): _describe(p)
              for p in sorted(step_dir.rglob("*")) if p.is_file() and p.name not in UNHASHED}
-    run_files = {name: _describe(run_dir / name) for name in RUN_FILES if (run_dir / name).is_file()}
-    tmp = step_dir / (MANIFEST + ".tmp")
-    with tmp.open("w") as f:
-        json.dump({"version": 1, "files": files, "run_files": run_files}, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(step_dir / MANIFEST)
+    run_files = {name: _describe(run_dir / name) for name in TOKENIZER_FILES
+                 if (run_dir / name).is_file()}
+    manifest = {"version": 1, "files": files, "run_files": run_files}
+    write_atomically(step_dir / MANIFEST, json.dumps(manifest, indent=1).encode())
 
 
 def _check_files(base: Path, expected: dict[str, Any]) -> str:
@@ -143,7 +141,7 @@ class Checkpointer:
 
     def __init__(self, run_dir: str | Path, cfg: CheckpointConfig, read_only: bool = False):
         self.run_dir = Path(run_dir).resolve()
-        self.directory = self.run_dir / "checkpoints"
+        self.directory = RunDir(self.run_dir).checkpoints
         self.wait_each_save = not cfg.async_save
         self._pending: int | None = None
         async_options = None if read_only else ocp.AsyncOptions(
@@ -295,10 +293,8 @@ class Checkpointer:
             self.manager.wait_until_finished()
             self.manager.check_for_errors()
         except Exception as e:  # orbax and tensorstore raise many types for I/O failures
-            text = str(e).strip()
             raise CheckpointWriteError(f"checkpoint {self._pending} could not be written: "
-                                       f"{text.splitlines()[0] if text else type(e).__name__}"
-                                       ) from e
+                                       f"{first_line(e)}") from e
 
     def close(self) -> None:
         self.manager.close()

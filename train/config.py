@@ -1,6 +1,6 @@
 """Config = model + mesh + data + optim + train + checkpoint + run + finetune: frozen dataclasses
-loaded from a YAML preset plus ``section.key=value`` overrides, and validated completely before
-anything compiles.
+(each key declared with its meaning) loaded from a YAML preset plus ``section.key=value``
+overrides. ``train/validate.py`` checks the whole before anything compiles.
 """
 
 from __future__ import annotations
@@ -13,29 +13,14 @@ from typing import Any, Literal
 
 import yaml
 
+from core.errors import ConfigError, first_line
+from core.options import option
 from model.config import ModelConfig
+from model.lora import TARGETS, LoRASpec, unmatched_targets
 from sharding.mesh import MeshConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_PRESET = CONFIG_DIR / "default.yaml"
-
-
-class ConfigError(ValueError):
-    """A user mistake in configuration; ``str()`` starts with the offending key."""
-
-    def __init__(self, key: str, message: str):
-        super().__init__(f"{key}: {message}")
-        self.key = key
-
-
-def one_line(text: str) -> str:
-    """``text`` with line breaks and other unprintable characters escaped, for an ``error:`` line."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-
-
-class RunError(RuntimeError):
-    """A failure that ends a run (not a configuration mistake): a full disk, a non-finite
-    divergence, a lost peer process. The CLI prints it as one ``error:`` line and exits 1."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,73 +35,77 @@ class DataConfig:
     tokenizer.json or its directory) or ``run:RUN_DIR`` (the tokenizer saved in a run, e.g. an import).
     """
 
-    source: str = "stdlib"
-    tokenizer: str = "byte"
-    data_dir: str = ""  # tensorflow-datasets data_dir for tfds: sources (e.g. gs://bucket/tfds)
-    cache_dir: str = ""  # where text: sources are prepared; "" = ~/.cache/meshlm/tfds
-    eval_fraction: float = 0.05  # documents held out for evaluation (stdlib and text: sources)
-    prefetch: int = 2  # batches prepared ahead by a background thread (0: none)
-    shuffle_tokens: int = 1 << 20  # chunks are shuffled within windows of about this many tokens
-    streams: int = 8  # independent input streams; any process count dividing it sees the same batches
+    source: str = option("stdlib", "stdlib, text:GLOB, jsonl:GLOB[:FIELD] or tfds:NAME[:SPLIT[:FIELD]]")
+    tokenizer: str = option("byte", "byte, sentencepiece:PATH.model, hf:PATH or run:RUN_DIR")
+    data_dir: str = option("", "tensorflow-datasets data_dir for tfds: sources (e.g. gs://bucket/tfds)")
+    cache_dir: str = option("", "where text: sources are prepared; empty = ~/.cache/meshlm/tfds")
+    eval_fraction: float = option(0.05, "documents held out for evaluation (stdlib and text: sources)")
+    prefetch: int = option(2, "batches prepared ahead by a background thread (0: none)")
+    shuffle_tokens: int = option(1 << 20, "chunks are shuffled within windows of about this many tokens")
+    streams: int = option(8, "independent input streams; any process count dividing it sees the same "
+                          "batches")
 
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
     """AdamW with linear warmup then cosine decay to ``min_lr_ratio * lr``; global-norm clipping."""
 
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 50
-    decay_steps: int = 0  # 0: decay over train.steps
-    b1: float = 0.9
-    b2: float = 0.95
-    eps: float = 1e-8
-    weight_decay: float = 0.1
-    clip_norm: float = 1.0
+    lr: float = option(3e-3, "peak learning rate")
+    min_lr_ratio: float = option(0.1, "the cosine decays to this fraction of lr")
+    warmup_steps: int = option(50, "steps of linear warmup from 0")
+    decay_steps: int = option(0, "step at which the decay reaches its floor; 0 = train.steps")
+    b1: float = option(0.9, "Adam's first-moment decay")
+    b2: float = option(0.95, "Adam's second-moment decay")
+    eps: float = option(1e-8, "Adam's epsilon")
+    weight_decay: float = option(0.1, "AdamW decoupled weight decay (not on norm scales and biases)")
+    clip_norm: float = option(1.0, "global gradient-norm clipping; 0 = none")
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """The loop: global batch (rows), sequence length, microbatches for gradient accumulation."""
 
-    steps: int = 1000
-    batch_size: int = 32
-    seq_len: int = 128
-    microbatches: int = 1
-    seed: int = 0
-    log_every: int = 10
-    eval_every: int = 0  # 0: only at the end
-    eval_batches: int = 4  # 0: one full pass over the held-out split
-    steps_in_flight: int = 4  # bounded dispatch-ahead (the emulated CPU mesh deadlocks without it)
-    max_skipped_steps: int = 10  # non-finite steps skipped in a row before the run stops (0: none)
-    sample_tokens: int = 200
-    sample_prompt: str = "def "
+    steps: int = option(1000, "optimizer steps of the run")
+    batch_size: int = option(32, "global batch, in rows (of all processes together)")
+    seq_len: int = option(128, "tokens per row (packed documents)")
+    microbatches: int = option(1, "gradient accumulation: the batch is split into this many parts")
+    seed: int = option(0, "seeds initialisation, data order and sampling")
+    log_every: int = option(10, "steps between metrics.jsonl records")
+    eval_every: int = option(0, "steps between evaluations; 0 = only at the end")
+    eval_batches: int = option(4, "batches per evaluation; 0 = one full pass over the held-out split")
+    steps_in_flight: int = option(4, "bounded dispatch-ahead (the emulated CPU mesh deadlocks "
+                                  "without it)")
+    max_skipped_steps: int = option(10, "non-finite steps skipped in a row before the run stops "
+                                    "(0: none)")
+    sample_tokens: int = option(200, "tokens sampled at the end of the run (0: no sample)")
+    sample_prompt: str = option("def ", "the prompt of that sample")
 
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
     """Orbax checkpoints under ``run.dir/checkpoints``: every N steps (0: only at the end), keep K."""
 
-    every: int = 200
-    keep: int = 3
-    async_save: bool = True
+    every: int = option(200, "steps between checkpoints; 0 = only at the end")
+    keep: int = option(3, "checkpoints kept (the newest)")
+    async_save: bool = option(True, "save in the background while training goes on")
 
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     """Where the run lives and how the process starts."""
 
-    dir: str = "runs/default"
-    distributed: bool = False  # jax.distributed.initialize() (one process per host on TPU pods)
-    coordinator: str = ""  # host:port of process 0; "" = auto-detect (TPU VMs, SLURM, ...)
-    num_processes: int = 0  # with coordinator: how many processes join
-    process_id: int = -1  # with coordinator: this process's index
-    init_timeout: int = 120  # seconds to wait for every process to join the coordinator
-    heartbeat_timeout: int = 100  # seconds without a heartbeat before a process counts as dead
-    cpu_devices: int = 8  # CPU devices to emulate per process when JAX runs on the host CPU
-    peak_flops: float = 0.0  # FLOP/s of the whole job for MFU; 0: measure a matmul peak at start-up
-    tensorboard: bool = True
-    progress: bool = True
+    dir: str = option("runs/default", "the run directory (an existing one is resumed)")
+    distributed: bool = option(False, "jax.distributed.initialize() (one process per host on TPU pods)")
+    coordinator: str = option("", "host:port of process 0; empty = auto-detect (TPU VMs, SLURM, ...)")
+    num_processes: int = option(0, "with coordinator: how many processes join")
+    process_id: int = option(-1, "with coordinator: this process's index")
+    init_timeout: int = option(120, "seconds to wait for every process to join the coordinator")
+    heartbeat_timeout: int = option(100, "seconds without a heartbeat before a process counts as dead")
+    cpu_devices: int = option(8, "CPU devices to emulate per process when JAX runs on the host CPU")
+    peak_flops: float = option(0.0, "FLOP/s of the whole job for MFU; 0 = measured (CPU) or published "
+                               "(TPU)")
+    tensorboard: bool = option(True, "also write TensorBoard events")
+    progress: bool = option(True, "show a progress bar")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,15 +117,15 @@ class FinetuneConfig:
     experts' gate,up,down too); ``full`` trains every weight with a fresh optimizer, except the MoE
     routers with ``freeze_router``."""
 
-    base: str = ""
-    base_step: int = 0
-    method: Literal["lora", "full"] = "lora"
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    lora_targets: str = "q,k,v,o,gate,up,down"
-    lora_experts: bool = False
-    freeze_router: bool = False
+    base: str = option("", "the run directory to fine-tune; empty = pre-training")
+    base_step: int = option(0, "the base run's checkpoint to start from; 0 = its latest")
+    method: Literal["lora", "full"] = option("lora", "train LoRA adapters only, or every weight")
+    lora_rank: int = option(8, "rank r of the adapters")
+    lora_alpha: float = option(16.0, "the adapters' update is scaled by lora_alpha / lora_rank")
+    lora_dropout: float = option(0.0, "dropout on the adapters' input")
+    lora_targets: str = option("q,k,v,o,gate,up,down", "comma-separated projections to adapt")
+    lora_experts: bool = option(False, "also adapt the MoE experts' gate, up and down")
+    freeze_router: bool = option(False, "full fine-tuning: keep the MoE routers fixed")
 
     @property
     def targets(self) -> tuple[str, ...]:
@@ -144,8 +133,6 @@ class FinetuneConfig:
 
     def problems(self, model: ModelConfig) -> list[tuple[str, str]]:
         """(key, message) for every inconsistency of the section, for the base ``model``."""
-        from model.lora import TARGETS, LoRASpec, unmatched_targets
-
         out = []
         if self.base_step < 0:
             out.append(("base_step", f"must be >= 0 (0: the latest), got {self.base_step}"))
@@ -201,31 +188,32 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         if isinstance(value, str) and value.lower() in ("true", "false"):
             return value.lower() == "true"
         raise ConfigError(key, f"expected true or false, got {value!r}")
-    if annotation is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-        raise ConfigError(key, f"expected an integer, got {value!r}")
-    if annotation is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(key, f"expected a number, got {value!r}")
+    if annotation in NUMBERS:
+        return _number(key, value, annotation)
     if annotation is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
         raise ConfigError(key, f"expected a string, got {value!r}")
     raise TypeError(f"unsupported config annotation {annotation!r} for {key}")
+
+
+NUMBERS = {int: "an integer", float: "a number"}
+
+
+def _number(key: str, value: Any, kind: type) -> int | float:
+    """``value`` as an int or a float: a number (not a boolean; for an int, a whole one) or a string
+    that parses as one; else a ConfigError naming ``key``."""
+    if isinstance(value, str):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        if kind is float or isinstance(value, int):
+            return kind(value)
+        if value.is_integer():
+            return int(value)
+    raise ConfigError(key, f"expected {NUMBERS[kind]}, got {value!r}")
 
 
 def _build_section(name: str, values: dict[str, Any]) -> Any:
@@ -266,7 +254,7 @@ def load_yaml(path: str | Path) -> dict[str, dict[str, Any]]:
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError("config", f"{path} is not valid YAML ({str(e).splitlines()[0]})") from None
+        raise ConfigError("config", f"{path} is not valid YAML ({first_line(e)})") from None
     if not isinstance(raw, dict):
         raise ConfigError("config", f"{path} must hold a mapping of sections")
     for section, values in raw.items():
@@ -286,116 +274,21 @@ def build_config(preset: dict[str, dict[str, Any]], overrides: list[str]) -> Con
     return Config(**{name: _build_section(name, merged.get(name, {})) for name in SECTIONS})
 
 
+def preset_path(name: str | Path | None, default: Path = DEFAULT_PRESET) -> Path:
+    """The YAML file a command's CONFIG names: a path, or the name of a preset in configs/
+    (``tiny`` is configs/tiny.yaml); ``default`` when none is given."""
+    if not name:
+        return default
+    path = Path(name)
+    if not path.is_file() and (CONFIG_DIR / f"{name}.yaml").is_file():
+        return CONFIG_DIR / f"{name}.yaml"
+    return path
+
+
 def load_config(path: str | Path | None, overrides: list[str]) -> Config:
-    """Config from a YAML preset (default: configs/default.yaml) plus overrides."""
-    return build_config(load_yaml(path or DEFAULT_PRESET), overrides)
-
-
-def tokenizer_vocab_size(data: DataConfig) -> int:
-    from data.tokenizer import vocab_size_of
-
-    try:
-        return vocab_size_of(data.tokenizer)
-    except ValueError as e:
-        raise ConfigError("data.tokenizer", str(e)) from None
-
-
-def validate_run(run: RunConfig) -> None:
-    """Checks of the run section that must hold before devices are set up (no JAX needed)."""
-    if run.coordinator and not 0 <= run.process_id < run.num_processes:
-        raise ConfigError("run.process_id", f"must be in [0, run.num_processes="
-                          f"{run.num_processes}) with run.coordinator, got {run.process_id}")
-    for key in ("init_timeout", "heartbeat_timeout"):
-        if getattr(run, key) < 1:
-            raise ConfigError(f"run.{key}", f"must be >= 1 second, got {getattr(run, key)}")
-    if run.cpu_devices < 1:
-        raise ConfigError("run.cpu_devices", f"must be >= 1, got {run.cpu_devices}")
-    if not run.dir:
-        raise ConfigError("run.dir", "must not be empty")
-    if "://" in run.dir:
-        raise ConfigError("run.dir", f"{run.dir!r}: only local or mounted paths are supported "
-                          "(put the run on a shared filesystem mounted on every host)")
-
-
-def jax_process_count() -> int:
-    import jax
-
-    return jax.process_count()
-
-
-def validate(cfg: Config, num_devices: int) -> None:
-    """Every cross-field check; raises ConfigError naming the first bad key."""
-    for key, message in cfg.model.problems():
-        raise ConfigError(f"model.{key}", message)
-    try:
-        sizes = cfg.mesh.sizes(num_devices)
-    except ValueError as e:
-        key, _, message = str(e).partition(": ")
-        raise ConfigError(key, message) from None
-    m, t, o = cfg.model, cfg.train, cfg.optim
-    if m.num_heads % sizes["tensor"]:
-        raise ConfigError("model.num_heads", f"num_heads={m.num_heads} is not divisible by the "
-                          f"tensor axis ({sizes['tensor']})")
-    if m.num_experts % sizes["expert"]:
-        raise ConfigError("model.num_experts", f"num_experts={m.num_experts} is not divisible by the "
-                          f"expert axis ({sizes['expert']})")
-    for key in ("steps", "batch_size", "seq_len", "microbatches", "log_every", "steps_in_flight"):
-        if getattr(t, key) < 1:
-            raise ConfigError(f"train.{key}", f"must be >= 1, got {getattr(t, key)}")
-    for key in ("eval_every", "eval_batches", "sample_tokens", "max_skipped_steps"):
-        if getattr(t, key) < 0:
-            raise ConfigError(f"train.{key}", f"must be >= 0, got {getattr(t, key)}")
-    if t.seq_len > m.max_seq_len:
-        raise ConfigError("train.seq_len", f"seq_len={t.seq_len} is larger than the model's "
-                          f"max_seq_len={m.max_seq_len}")
-    dp = sizes["data"] * sizes["fsdp"] * sizes["expert"]
-    if t.batch_size % dp:
-        raise ConfigError("train.batch_size", f"global batch {t.batch_size} is not divisible by the "
-                          f"data-parallel size {dp} (data*fsdp*expert)")
-    if t.batch_size % t.microbatches or (t.batch_size // t.microbatches) % dp:
-        raise ConfigError("train.microbatches", f"batch_size={t.batch_size} must split into "
-                          f"{t.microbatches} microbatches that are each divisible by the "
-                          f"data-parallel size {dp}")
-    vocab = tokenizer_vocab_size(cfg.data)
-    if vocab > m.vocab_size:
-        raise ConfigError("model.vocab_size", f"vocab_size={m.vocab_size} is smaller than the "
-                          f"{cfg.data.tokenizer} tokenizer's {vocab} ids")
-    source = cfg.data.source
-    if not (source == "stdlib" or source.startswith(("text:", "jsonl:", "tfds:"))):
-        raise ConfigError("data.source", f"expected stdlib, text:GLOB, jsonl:GLOB[:FIELD] or "
-                          f"tfds:NAME, got {source!r}")
-    if not 0 < cfg.data.eval_fraction < 1:
-        raise ConfigError("data.eval_fraction", f"must be in (0, 1), got {cfg.data.eval_fraction}")
-    if cfg.data.shuffle_tokens < 0:
-        raise ConfigError("data.shuffle_tokens", f"must be >= 0, got {cfg.data.shuffle_tokens}")
-    if cfg.data.streams < 1 or t.batch_size % cfg.data.streams:
-        raise ConfigError("data.streams", f"train.batch_size={t.batch_size} must be a multiple of "
-                          f"data.streams={cfg.data.streams}")
-    if cfg.data.streams % jax_process_count():
-        raise ConfigError("data.streams", f"data.streams={cfg.data.streams} is not divisible by "
-                          f"the {jax_process_count()} processes")
-    if cfg.data.prefetch < 0:
-        raise ConfigError("data.prefetch", f"must be >= 0, got {cfg.data.prefetch}")
-    if t.batch_size % jax_process_count():
-        raise ConfigError("train.batch_size", f"global batch {t.batch_size} is not divisible by the "
-                          f"{jax_process_count()} processes")
-    if not (o.lr > 0 and math.isfinite(o.lr)):
-        raise ConfigError("optim.lr", f"must be a positive number, got {o.lr}")
-    if not 0 <= o.min_lr_ratio <= 1:
-        raise ConfigError("optim.min_lr_ratio", f"must be in [0, 1], got {o.min_lr_ratio}")
-    if o.warmup_steps < 0 or o.decay_steps < 0:
-        raise ConfigError("optim.warmup_steps", "warmup_steps and decay_steps must be >= 0")
-    if not (0 <= o.b1 < 1 and 0 <= o.b2 < 1):
-        raise ConfigError("optim.b1", f"b1 and b2 must be in [0, 1), got {o.b1}, {o.b2}")
-    if o.weight_decay < 0 or o.clip_norm < 0 or o.eps <= 0:
-        raise ConfigError("optim.weight_decay", "weight_decay and clip_norm must be >= 0, eps > 0")
-    if cfg.checkpoint.every < 0:
-        raise ConfigError("checkpoint.every", f"must be >= 0, got {cfg.checkpoint.every}")
-    if cfg.checkpoint.keep < 1:
-        raise ConfigError("checkpoint.keep", f"must be >= 1, got {cfg.checkpoint.keep}")
-    for key, message in cfg.finetune.problems(cfg.model) if cfg.finetune.base else ():
-        raise ConfigError(f"finetune.{key}", message)
-    validate_run(cfg.run)
+    """Config from a YAML preset (a path or a preset name; default: configs/default.yaml) plus
+    overrides."""
+    return build_config(load_yaml(preset_path(path)), overrides)
 
 
 def config_from_dict(raw: dict[str, dict[str, Any]]) -> Config:

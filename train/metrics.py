@@ -1,10 +1,14 @@
-"""Where metrics go: a tqdm progress bar on the console, ``metrics.jsonl``, TensorBoard events and
-the MoE expert-load picture. Only process 0 writes.
+"""Where a run's metrics go: ``metrics.jsonl`` and TensorBoard (``MetricsWriter``), the console
+progress bar, the bookkeeping of the steps in flight (``StepLog``: tokens/s, MFU, skipped
+non-finite steps, the mean expert load) and the MoE expert-load picture. Only process 0 writes.
 """
 
 from __future__ import annotations
 
+import collections
 import json
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,18 +16,30 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
+from core.errors import RunError
+from train.checkpoint import warn
+from train.config import Config
+from train.run_dir import RunDir
+
 
 class MetricsWriter:
     """Appends one JSON object per call to ``metrics.jsonl`` and mirrors scalars to TensorBoard."""
 
-    def __init__(self, run_dir: str | Path, tensorboard: bool):
+    def __init__(self, run: RunDir, tensorboard: bool):
         self.enabled = jax.process_index() == 0
-        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path = run.metrics_file
         self.tb = None
         if self.enabled and tensorboard:
+            # tensorboardX imports torch when it is installed (over a second): only when asked for
             from tensorboardX import SummaryWriter
 
-            self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+            self.tb = SummaryWriter(str(run.tensorboard))
+
+    def __enter__(self) -> MetricsWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -54,11 +70,85 @@ def progress_bar(total: int, initial: int, enabled: bool) -> tqdm:
                 dynamic_ncols=True, unit="step")
 
 
+class StepLog:
+    """The metrics of the steps in flight: fetched once at most ``train.steps_in_flight`` steps
+    behind (bounding dispatch-ahead), written every ``train.log_every`` steps with tokens/s and MFU
+    (timed from the first fetched step: compilation is not counted), skipped non-finite steps
+    counted (more than ``train.max_skipped_steps`` in a row end the run), MoE expert load summed."""
+
+    def __init__(self, cfg: Config, writer: MetricsWriter, start: int, flops_per_token: float,
+                 peak_flops: float, latest_checkpoint: Callable[[], int | None]):
+        self.cfg, self.writer, self.latest_checkpoint = cfg, writer, latest_checkpoint
+        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
+        self.in_flight: collections.deque[tuple[int, dict]] = collections.deque()
+        self.last: dict[str, Any] = {"step": start}
+        self.clock: tuple[float | None, int] = (None, start)  # (time, step) of the last log
+        self.load_sum: np.ndarray | float = 0.0  # [MoE layers, experts], summed over fetched steps
+        self.load_steps = 0
+        self.skipped_total = self.skipped_in_a_row = 0
+        self.bar = progress_bar(cfg.train.steps, start, cfg.run.progress)
+
+    def push(self, step: int, metrics: dict[str, jax.Array]) -> None:
+        """Records step ``step``'s (device) metrics, fetching the oldest beyond the bound."""
+        self.in_flight.append((step, metrics))
+        self.drain(self.cfg.train.steps_in_flight)
+
+    def drain(self, limit: int = 0) -> None:
+        """Fetches metrics of the oldest steps until at most ``limit`` remain in flight."""
+        while len(self.in_flight) > limit:
+            step, metrics = self.in_flight.popleft()
+            values = {k: v.tolist() if np.ndim(v) else float(v)  # MoE per-layer lists
+                      for k, v in jax.device_get(metrics).items()}
+            self._count_skip(step, values)
+            if "expert_load" in values:
+                self.load_sum = self.load_sum + np.asarray(values["expert_load"])
+                self.load_steps += 1
+            self.bar.update(1)
+            self.last.update(step=step, **values)
+            self._log(step, values, time.perf_counter())
+
+    def _log(self, step: int, values: dict[str, Any], now: float) -> None:
+        """Writes step ``step``'s record when it is due (a log step or the last)."""
+        since, since_step = self.clock
+        if since is None:  # the first step includes compilation: time from here
+            self.clock = (now, step)
+            since, since_step = self.clock
+        t = self.cfg.train
+        if step % t.log_every and step != t.steps:
+            return
+        elapsed = now - since
+        tps = (step - since_step) * t.batch_size * t.seq_len / elapsed if elapsed > 0 else 0.0
+        mfu = tps * self.flops_per_token / self.peak_flops if self.peak_flops else 0.0
+        self.last.update(tokens_per_s=tps, mfu=mfu)
+        self.writer.write({"step": step, **values, "tokens_per_s": tps, "mfu": mfu,
+                           "skipped_steps": self.skipped_total})
+        self.bar.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{tps:,.0f}", mfu=f"{mfu:.1%}")
+        self.clock = (now, step)
+
+    def _count_skip(self, step: int, values: dict[str, Any]) -> None:
+        """Counts skipped (non-finite) steps; too many in a row end the run."""
+        if not values.get("skipped"):
+            self.skipped_in_a_row = 0
+            return
+        self.skipped_total += 1
+        self.skipped_in_a_row += 1
+        max_skipped = self.cfg.train.max_skipped_steps
+        warn(f"step {step}: non-finite loss ({values['loss']}) or gradient norm "
+             f"({values['grad_norm']}); update skipped ({self.skipped_in_a_row} in a row)")
+        if self.skipped_in_a_row > max_skipped:
+            raise RunError(f"stopped at step {step}: {self.skipped_in_a_row} steps in a row had a "
+                           f"non-finite loss or gradient norm (train.max_skipped_steps="
+                           f"{max_skipped}); the last checkpoint is {self.latest_checkpoint() or 'none'}")
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 def write_expert_load_png(path: str | Path, load_le: np.ndarray, layer_ids: list[int],
                           title: str) -> None:
     """A heatmap of the fraction of routed tokens per expert (columns) in each MoE layer (rows,
     labelled with their ``layer_ids`` in the model)."""
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # heavy (about a second): only when a picture is drawn
 
     layers, experts = load_le.shape
     fig = Figure(figsize=(min(3 + 0.5 * experts, 16), min(2 + 0.45 * layers, 12)))

@@ -12,11 +12,9 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import Mesh
 
 from model.config import ModelConfig
 from model.transformer import Transformer
-from sharding.rules import Rules, tree_shardings
 
 
 @jax.tree_util.register_dataclass
@@ -34,11 +32,6 @@ def abstract_state(cfg: ModelConfig, tx: optax.GradientTransformation,
     graphdef, params = nnx.split(model)
     opt_state = jax.eval_shape(tx.init, params)
     return graphdef, TrainState(jax.ShapeDtypeStruct((), jnp.int32), params, opt_state)
-
-
-def state_shardings(abstract: TrainState, mesh: Mesh, rules: Rules) -> TrainState:
-    """NamedShardings for every leaf of the state, from the parameters' logical axis names."""
-    return tree_shardings(abstract, mesh, rules)
 
 
 def init_state(cfg: ModelConfig, tx: optax.GradientTransformation, seed: int,

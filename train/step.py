@@ -1,57 +1,33 @@
-"""Pure train and eval steps over (state, batch), and their one-time jit with explicit shardings.
+"""Pure train and eval steps over (state, batch); ``train/program.py`` jits them once with explicit
+shardings.
 
-Loss: next-token cross-entropy summed over weighted target positions and divided by the weight sum,
-in float32. An MoE model adds its weighted load-balancing and z-losses to the differentiated
-objective (``loss`` stays the pure cross-entropy) and reports its router metrics. Gradient
-accumulation scans over microbatches inside the step, so the update equals the full-batch update
+Loss: next-token cross-entropy (``model/loss.py``) summed over weighted target positions and divided
+by the weight sum, in float32. An MoE model adds its weighted load-balancing and z-losses to the
+differentiated objective (``loss`` stays the pure cross-entropy) and reports its router metrics.
+Gradient accumulation scans over microbatches inside the step, so the update equals the full-batch update
 (MoE auxiliaries: averaged over microbatches, weighted by their tokens).
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from model.loss import chunked_nll_sum, head_weight_vd
+from model.loss import nll_sums
 from sharding.constrain import constrain
-from sharding.rules import Rules, logical_to_spec
 from train.state import TrainState
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
 
 
-def forward_sums(params: nnx.State, graphdef: nnx.GraphDef, batch: Batch,
-                 frozen: nnx.State | None = None) -> tuple[jax.Array, jax.Array, Metrics]:
-    """(sum of weighted token losses, sum of weights, MoE auxiliaries) for one batch; tokens of
-    weight 0 (padding) are not routed to experts. ``frozen``: the model's state that is not
-    trained (a fine-tune's base weights), merged with ``params``."""
-    model = nnx.merge(graphdef, params, *(() if frozen is None else (frozen,)))
-    weights_bt = batch["weights"].astype(jnp.float32)
-    if model.cfg.loss_chunk:  # the head applied chunk by chunk: no [B, T, V] logits
-        features_btd, aux = model(batch["inputs"], batch.get("positions"), batch.get("segment_ids"),
-                                  routing_mask_bt=weights_bt > 0, return_aux=True, return_features=True)
-        loss_sum = chunked_nll_sum(features_btd, head_weight_vd(model), batch["targets"], weights_bt,
-                                   model.cfg.loss_chunk)
-        return loss_sum, jnp.sum(weights_bt), aux
-    logits_btv, aux = model(batch["inputs"], batch.get("positions"), batch.get("segment_ids"),
-                            routing_mask_bt=weights_bt > 0, return_aux=True)
-    target_logit_bt = jnp.take_along_axis(logits_btv, batch["targets"][..., None], axis=-1)[..., 0]
-    nll_bt = jax.nn.logsumexp(logits_btv, axis=-1) - target_logit_bt
-    return jnp.sum(nll_bt * weights_bt), jnp.sum(weights_bt), aux
-
-
-def loss_sums(params: nnx.State, graphdef: nnx.GraphDef, batch: Batch,
-              frozen: nnx.State | None = None) -> tuple[jax.Array, jax.Array]:
-    """(sum of weighted token losses, sum of weights) for one batch."""
-    loss_sum, weight_sum, _ = forward_sums(params, graphdef, batch, frozen)
-    return loss_sum, weight_sum
+def _model(params: nnx.State, graphdef: nnx.GraphDef, frozen: nnx.State | None) -> nnx.Module:
+    """The model of ``params`` (plus ``frozen``: a fine-tune's untrained state, merged in)."""
+    return nnx.merge(graphdef, params, *(() if frozen is None else (frozen,)))
 
 
 def objective_sums(params: nnx.State, graphdef: nnx.GraphDef, batch: Batch,
@@ -61,7 +37,7 @@ def objective_sums(params: nnx.State, graphdef: nnx.GraphDef, batch: Batch,
 
     Everything is a sum over tokens, so microbatches add up: the objective is the loss sum plus the
     weighted MoE auxiliaries times this batch's weight sum."""
-    loss_sum, weight_sum, aux = forward_sums(params, graphdef, batch, frozen)
+    loss_sum, weight_sum, aux = nll_sums(_model(params, graphdef, frozen), batch)
     if not aux:
         return loss_sum, (loss_sum, weight_sum, {})
     metrics = {"moe_aux_loss": jnp.mean(aux["aux_loss"]), "moe_z_loss": jnp.mean(aux["z_loss"]),
@@ -148,33 +124,6 @@ def all_finite(tree: Any) -> jax.Array:
 
 def eval_step(params: nnx.State, batch: Batch, frozen: nnx.State | None = None, *,
               graphdef: nnx.GraphDef) -> Metrics:
-    loss_sum, weight_sum = loss_sums(params, graphdef, batch, frozen)
+    """(sum of weighted token losses, sum of weights) of one batch, as ``loss_sum``, ``weight_sum``."""
+    loss_sum, weight_sum, _ = nll_sums(_model(params, graphdef, frozen), batch)
     return {"loss_sum": loss_sum, "weight_sum": weight_sum}
-
-
-def batch_sharding(mesh: Mesh, rules: Rules, batch_size: int, seq_len: int) -> NamedSharding:
-    """Sharding of [B, T] batch fields: rows over the batch axes, positions replicated."""
-    return NamedSharding(mesh, logical_to_spec(("batch", "length"), (batch_size, seq_len), mesh, rules))
-
-
-def jit_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
-                   schedule: optax.Schedule, microbatches: int, state_sh: TrainState,
-                   batch_sh: NamedSharding) -> Any:
-    """train_step jitted once: explicit in/out shardings, the incoming state donated."""
-    replicated = NamedSharding(batch_sh.mesh, PartitionSpec())
-    fn = functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule,
-                           microbatches=microbatches)
-    return jax.jit(fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated),
-                   donate_argnums=0)
-
-
-def jit_all_finite(state_sh: TrainState, mesh: Mesh) -> Any:
-    """``all_finite`` over the sharded state, jitted once (checked before every save)."""
-    return jax.jit(all_finite, in_shardings=(state_sh,),
-                   out_shardings=NamedSharding(mesh, PartitionSpec()))
-
-
-def jit_eval_step(graphdef: nnx.GraphDef, params_sh: nnx.State, batch_sh: NamedSharding) -> Any:
-    replicated = NamedSharding(batch_sh.mesh, PartitionSpec())
-    fn = functools.partial(eval_step, graphdef=graphdef)
-    return jax.jit(fn, in_shardings=(params_sh, batch_sh), out_shardings=replicated)

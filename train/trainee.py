@@ -1,36 +1,45 @@
-"""What the training loop trains: how its state is created, stepped, evaluated, checkpointed and
-sampled from. ``Trainee`` is pre-training (every parameter, from a seeded initialisation; checkpoints
-hold the whole TrainState); ``train/finetune_state.py`` subclasses it for LoRA and full fine-tuning.
+"""What a run trains: how its state is laid out, created and checkpointed, and the pure step
+functions over it (``train/program.py`` jits them). ``Trainee`` is pre-training: every parameter,
+from a seeded initialisation; checkpoints hold the whole TrainState. ``train/finetune_trainee.py``
+subclasses it for LoRA and full fine-tuning.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
 from model.flops import train_flops_per_token
-from sharding.rules import Rules
+from sharding.rules import Rules, tree_shardings
 from train.config import Config
-from train.state import TrainState, abstract_state, init_state, state_shardings
-from train.step import jit_eval_step, jit_train_step
+from train.state import TrainState, abstract_state, init_state
+from train.step import eval_step, train_step
 
-StepFn = Any  # (state, batch) -> (state, metrics), the state donated
-EvalFn = Any  # (params, batch) -> {"loss_sum", "weight_sum"}
+StepFn = Callable[..., Any]  # (state, batch, frozen) -> (state, metrics)
+EvalFn = Callable[..., Any]  # (params, batch, frozen) -> {"loss_sum", "weight_sum"}
 
 
 class Trainee:
     """Pre-training. ``graphdef`` and ``abstract`` describe the TrainState the loop steps, which is
     also what checkpoints hold (``checkpoint_abstract`` / ``to_checkpoint`` / ``from_checkpoint``
-    may differ in subclasses); ``shardings`` lays it out on ``mesh``."""
+    may differ in subclasses); ``shardings`` lays it out on ``mesh``. ``frozen`` is model state
+    merged in but never trained (none here; a fine-tune's base weights)."""
+
+    frozen: nnx.State | None = None
+    frozen_abstract: nnx.State | None = None
+    frozen_shardings: nnx.State | None = None
 
     def __init__(self, cfg: Config, tx: optax.GradientTransformation, mesh: Mesh, rules: Rules):
         self.cfg, self.tx, self.mesh, self.rules = cfg, tx, mesh, rules
         self.graphdef, self.abstract = abstract_state(cfg.model, tx, cfg.train.seed)
-        self.shardings = state_shardings(self.abstract, mesh, rules)
+        self.eval_graphdef = self.graphdef
+        self.shardings = tree_shardings(self.abstract, mesh, rules)
 
     def init(self) -> TrainState:
         """The state of step 0."""
@@ -57,11 +66,14 @@ class Trainee:
 
     # ------------------------------------------------------------------------- steps and models
 
-    def jit_steps(self, schedule: optax.Schedule, batch_sh: NamedSharding) -> tuple[StepFn, EvalFn]:
-        """(train step, eval step), each jitted once with explicit shardings."""
-        return (jit_train_step(self.graphdef, self.tx, schedule, self.cfg.train.microbatches,
-                               self.shardings, batch_sh),
-                jit_eval_step(self.graphdef, self.shardings.params, batch_sh))
+    def train_fn(self, schedule: optax.Schedule) -> StepFn:
+        """The pure train step (state, batch, frozen) -> (state, metrics)."""
+        return functools.partial(train_step, graphdef=self.graphdef, tx=self.tx, schedule=schedule,
+                                 microbatches=self.cfg.train.microbatches)
+
+    def eval_fn(self) -> EvalFn:
+        """The pure eval step (params, batch, frozen) -> {"loss_sum", "weight_sum"}."""
+        return functools.partial(eval_step, graphdef=self.eval_graphdef)
 
     def plain_model(self, state: TrainState) -> tuple[nnx.GraphDef, nnx.State]:
         """(graphdef, params) of a plain model (no adapters) equal to the trained one: for sampling."""

@@ -18,14 +18,24 @@ import json
 import math
 import re
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from eval.cli import Parser, UsageError
+from cli.args import Parser, add_json_argument, run, subcommands
+from cli.config_args import add_config_arguments, config_arguments
+from cli.host import use_cpu_devices
+from core.errors import ConfigError, UsageError
+from eval import scaling_fit, scaling_runs
 from eval.scaling_plan import TOKENS_PER_PARAM, format_count, format_plan, plan
-
-if TYPE_CHECKING:
-    from train.config import Config
+from model.flops import (
+    DTYPE_BYTES,
+    accounting,
+    context_table,
+    kv_cache_bytes_per_token,
+    matmul_params,
+    param_counts,
+)
+from train.config import Config, load_config, preset_path
 
 DEFAULT_LENGTHS = "1k,8k,128k,1m"
 _SUFFIX = {"": 1.0, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12, "p": 1e15}
@@ -53,9 +63,20 @@ def parse_lengths(text: str) -> list[int]:
     return out
 
 
-def build_parser() -> argparse.ArgumentParser:
+def add_config_or_flag(parser: argparse.ArgumentParser, default: str) -> None:
+    """``CONFIG [overrides]``, with ``--config NAME`` kept as the older spelling of CONFIG."""
+    add_config_arguments(parser, default=default)
+    parser.add_argument("--config", dest="config_flag", metavar="CONFIG", help=argparse.SUPPRESS)
+
+
+def config_and_overrides(args: argparse.Namespace) -> tuple[str | None, list[str]]:
+    path, overrides = config_arguments(args)
+    return args.config_flag or path, overrides
+
+
+def build_parser() -> Parser:
     parser = Parser(prog="python -m eval scaling", description="Scaling laws and context cost.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    sub = subcommands(parser)
 
     p = sub.add_parser("plan", help="compute-optimal model size and tokens for a budget")
     given = p.add_mutually_exclusive_group(required=True)
@@ -63,26 +84,29 @@ def build_parser() -> argparse.ArgumentParser:
     given.add_argument("--params", help="model size N, e.g. 7B")
     given.add_argument("--tokens", help="training tokens D, e.g. 1.4T")
     p.add_argument("--tokens-per-param", type=float, default=TOKENS_PER_PARAM)
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_json_argument(p)
 
     for name, helptext in (("context", "attention FLOPs and KV cache against context length"),
                            ("account", "parameter, FLOP and KV-cache accounting of a config")):
         p = sub.add_parser(name, help=helptext)
-        p.add_argument("--config", default="default",
-                       help="YAML file or preset name under configs/ (default: default)")
-        p.add_argument("overrides", nargs="*", metavar="section.key=value")
+        add_config_or_flag(p, "configs/default.yaml")
         p.add_argument("--kv-dtype", default="", help="KV-cache dtype (default: model.dtype)")
-        p.add_argument("--json", action="store_true", help="print one JSON object")
+        add_json_argument(p)
         if name == "context":
             p.add_argument("--lengths", default=DEFAULT_LENGTHS, help="comma-separated, k = 1024")
-            p.add_argument("--batch", type=int, default=1, help="sequences held in the KV cache")
+            p.add_argument("--batch-size", "--batch", type=int, default=1,
+                           help="sequences held in the KV cache")
         else:
             p.add_argument("--seq-len", type=int, default=0, help="context (default: train.seq_len)")
             p.add_argument("--check", action="store_true",
                            help="compile the steps and compare with XLA's cost_analysis()")
-            p.add_argument("--batch", type=int, default=8, help="rows of the compiled step (--check)")
+            p.add_argument("--batch-size", "--batch", type=int, default=8,
+                           help="rows of the compiled step (--check)")
 
     p = sub.add_parser("sweep", help="train a ladder of sizes and fit scaling laws")
+    add_config_or_flag(p, "configs/scaling/base.yaml")
+    p.add_argument("--set", action="append", default=[], metavar="section.key=value",
+                   help=argparse.SUPPRESS)  # the older spelling of the overrides
     p.add_argument("--out", default="runs/scaling", help="output directory")
     p.add_argument("--sizes", default=None, help="D_MODELxLAYERS list (default: the ladder in "
                    "eval/scaling_runs.py)")
@@ -91,16 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens-per-param", type=float, default=TOKENS_PER_PARAM)
     p.add_argument("--count", choices=("non_embedding", "total"), default="non_embedding",
                    help="which active parameters N the token rule and the fits use")
-    p.add_argument("--config", default=None, help="base YAML (default: configs/scaling/base.yaml)")
-    p.add_argument("--set", action="append", default=[], metavar="section.key=value",
-                   help="override of the base config for every run (repeatable)")
     p.add_argument("--devices", type=int, default=1, help="emulated CPU devices (default 1: "
                    "fastest for tiny models on a small host)")
     p.add_argument("--no-progress", action="store_true")
 
     p = sub.add_parser("fit", help="refit a sweep directory's saved results")
     p.add_argument("out", nargs="?", default="runs/scaling", help="sweep output directory")
-    p.add_argument("--json", action="store_true", help="print the fits as one JSON object")
+    add_json_argument(p, "the fits as one JSON object")
     return parser
 
 
@@ -116,43 +137,15 @@ def run_plan(args: argparse.Namespace) -> None:
 # ------------------------------------------------------------------------ context, account
 
 def load_model_config(args: argparse.Namespace) -> tuple[Config, Path]:
-    """(Config, the path it came from) for --config and the overrides; the model checked."""
-    from train.config import CONFIG_DIR, ConfigError, load_config
-
-    path = Path(args.config)
-    if not path.is_file() and (CONFIG_DIR / f"{args.config}.yaml").is_file():
-        path = CONFIG_DIR / f"{args.config}.yaml"
-    cfg = load_config(path, args.overrides)
+    """(Config, the path it came from) for CONFIG and the overrides; the model checked."""
+    path, overrides = config_and_overrides(args)
+    path = preset_path(path)
+    cfg = load_config(path, overrides)
     for key, message in cfg.model.problems():
         raise ConfigError(f"model.{key}", message)
-    if args.kv_dtype:
-        from model.flops import DTYPE_BYTES
-
-        if args.kv_dtype not in DTYPE_BYTES:
-            raise UsageError(f"--kv-dtype: expected one of {', '.join(DTYPE_BYTES)}, got {args.kv_dtype!r}")
+    if args.kv_dtype and args.kv_dtype not in DTYPE_BYTES:
+        raise UsageError(f"--kv-dtype: expected one of {', '.join(DTYPE_BYTES)}, got {args.kv_dtype!r}")
     return cfg, path
-
-
-def context_table(model, lengths: list[int], batch: int = 1, kv_dtype: str = "") -> list[dict]:
-    """Per context length n: attention FLOPs per token and per sequence, their share of training and
-    of inference FLOPs, and the KV cache of ``batch`` sequences of n tokens."""
-    from model.flops import attention_flops_per_token as attention_of
-    from model.flops import inference_flops_per_token, kv_cache_bytes_per_token, train_flops_per_token
-
-    per_token = kv_cache_bytes_per_token(model, kv_dtype)
-    rows = []
-    for n in lengths:
-        train = train_flops_per_token(model, n)
-        attention = attention_of(model, n)
-        infer = inference_flops_per_token(model, n)
-        rows.append({"length": n, "train_flops_per_token": train,
-                     "train_attention_flops_per_token": attention,
-                     "train_attention_share": attention / train, "train_flops_per_sequence": train * n,
-                     "train_attention_flops_per_sequence": attention * n,
-                     "decode_flops_per_token": infer,
-                     "decode_attention_share": attention_of(model, n, backward=False) / infer,
-                     "kv_cache_bytes": per_token * n * batch})
-    return rows
 
 
 def format_bytes(x: float) -> str:
@@ -170,20 +163,18 @@ def format_length(n: int) -> str:
 
 
 def run_context(args: argparse.Namespace) -> None:
-    from model.flops import kv_cache_bytes_per_token, matmul_params, param_counts
-
     cfg, path = load_model_config(args)
     lengths = parse_lengths(args.lengths)
-    if args.batch < 1:
-        raise UsageError(f"--batch must be >= 1, got {args.batch}")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     m = cfg.model
-    rows = context_table(m, lengths, args.batch, args.kv_dtype)
+    rows = context_table(m, lengths, args.batch_size, args.kv_dtype)
     kv_dtype = args.kv_dtype or m.dtype
     if args.json:
         print(json.dumps({"config": str(path), "params": param_counts(m),
                           "matmul_params": matmul_params(m), "kv_dtype": kv_dtype,
                           "kv_cache_bytes_per_token": kv_cache_bytes_per_token(m, kv_dtype),
-                          "batch": args.batch, "lengths": rows}))
+                          "batch": args.batch_size, "lengths": rows}))
         return
     print(f"{path}: {format_count(param_counts(m)['total'])} parameters, {m.num_layers} layers, "
           f"{m.num_heads} heads ({m.num_kv_heads} KV) of {m.resolved_head_dim}; matmul weights per "
@@ -191,7 +182,7 @@ def run_context(args: argparse.Namespace) -> None:
           f"{m.max_seq_len}")
     print(f"attention (QK^T + PV, full n x n scores) per token = 12 L n N H training, 4 L n N H "
           f"decoding; KV cache {kv_cache_bytes_per_token(m, kv_dtype)} B/token ({kv_dtype}), "
-          f"batch {args.batch}")
+          f"batch {args.batch_size}")
     print(f"{'length':>8s}{'train FLOPs/tok':>17s}{'attention':>11s}{'train FLOPs/seq':>17s}"
           f"{'decode FLOPs/tok':>18s}{'attention':>11s}{'KV cache':>12s}")
     for r in rows:
@@ -205,25 +196,19 @@ def run_context(args: argparse.Namespace) -> None:
 
 
 def run_account(args: argparse.Namespace) -> None:
-    from model.flops import accounting
-
     cfg, path = load_model_config(args)
     seq_len = args.seq_len or cfg.train.seq_len
-    if seq_len < 1 or args.batch < 1:
-        raise UsageError("--seq-len and --batch must be >= 1")
+    if seq_len < 1 or args.batch_size < 1:
+        raise UsageError("--seq-len and --batch-size must be >= 1")
     m = cfg.model
     result = {"config": str(path), **accounting(m, seq_len)}
     if args.kv_dtype:
-        from model.flops import kv_cache_bytes_per_token
-
         result["kv_cache_bytes_per_token"] = kv_cache_bytes_per_token(m, args.kv_dtype)
     if args.check:
         if seq_len > m.max_seq_len:
             raise UsageError(f"--seq-len {seq_len} is longer than model.max_seq_len={m.max_seq_len}")
-        _set_cpu_devices(1)
-        from eval.scaling_runs import compiled_flops
-
-        check = compiled_flops(m, args.batch, seq_len)
+        use_cpu_devices(1)
+        check = scaling_runs.compiled_flops(m, args.batch_size, seq_len)
         check["train_ratio"] = check["formula_train_flops"] / check["xla_train_flops"]
         check["train_ratio_executed"] = check["formula_train_flops_executed"] / check["xla_train_flops"]
         check["eval_ratio"] = check["formula_eval_flops"] / check["xla_eval_flops"]
@@ -258,8 +243,6 @@ def run_account(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------------- sweep, fit
 
 def run_sweep(args: argparse.Namespace) -> None:
-    from eval import scaling_fit, scaling_runs
-
     if args.devices < 1:
         raise UsageError(f"--devices must be >= 1, got {args.devices}")
     if args.experts < 2:
@@ -268,11 +251,12 @@ def run_sweep(args: argparse.Namespace) -> None:
         raise UsageError(f"--tokens-per-param must be a positive number, got {args.tokens_per_param}")
     sizes = scaling_runs.parse_sizes(args.sizes or scaling_runs.DEFAULT_SIZES)
     out = Path(args.out)
-    base = args.config or scaling_runs.SWEEP_BASE
+    path, overrides = config_and_overrides(args)
+    base = preset_path(path, scaling_runs.SWEEP_BASE)
     rungs = scaling_runs.ladder(sizes, moe=args.moe, experts=args.experts,
                                 tokens_per_param=args.tokens_per_param, count=args.count, base=base,
-                                overrides=args.set, out_dir=out)
-    _set_cpu_devices(args.devices)
+                                overrides=[*overrides, *args.set], out_dir=out)
+    use_cpu_devices(args.devices)
     rows = scaling_runs.run_ladder(rungs, args.count, progress=not args.no_progress)
     scaling_fit.write_results(out, rows)
     meta = {"tokens_per_param": args.tokens_per_param, "count": args.count, "base": str(base)}
@@ -283,19 +267,7 @@ def run_sweep(args: argparse.Namespace) -> None:
           f"{out / scaling_fit.FIT_JSON}, {out / scaling_fit.PLOT_PNG}")
 
 
-def _set_cpu_devices(count: int) -> None:
-    """Emulate ``count`` CPU devices unless JAX already started (then keep what it has)."""
-    import jax
-
-    try:
-        jax.config.update("jax_num_cpu_devices", count)
-    except RuntimeError:  # backends initialised already (e.g. inside the test suite)
-        pass
-
-
 def run_fit(args: argparse.Namespace) -> None:
-    from eval import scaling_fit
-
     out = Path(args.out)
     rows = scaling_fit.read_results(out)
     old_meta = {}
@@ -317,20 +289,19 @@ COMMANDS = {"plan": run_plan, "context": run_context, "account": run_account, "s
             "fit": run_fit}
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+def scaling_command(argv: Sequence[str]) -> int:
+    args = build_parser().parse_args(argv)
     try:
-        args = build_parser().parse_args(argv)
         COMMANDS[args.command](args)
-    except ValueError as e:  # UsageError, ConfigError and the modules' one-line ValueErrors
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     except BrokenPipeError:  # e.g. piped into head
         return 0
     except OSError as e:
-        print(f"error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr)
-        return 2
+        raise UsageError(f"{e.strerror or e}: {e.filename or ''}".rstrip(": ")) from None
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run(scaling_command, argv)
 
 
 if __name__ == "__main__":

@@ -16,10 +16,11 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from eval.generate import bucket, inference_graphdef
+from inference.generate import bucket, inference_graphdef
 from model.config import ModelConfig
+from model.loss import token_nll
 from sharding.constrain import activation_sharding
-from sharding.rules import Rules, logical_to_spec
+from sharding.rules import Rules, logical_sharding
 
 
 def token_scores(params: nnx.State, inputs_bt: jax.Array, targets_bt: jax.Array, lengths_b: jax.Array,
@@ -29,11 +30,9 @@ def token_scores(params: nnx.State, inputs_bt: jax.Array, targets_bt: jax.Array,
     model = nnx.merge(graphdef, params)
     _, t = inputs_bt.shape
     routing_mask_bt = jnp.arange(t, dtype=jnp.int32)[None, :] < lengths_b[:, None]
-    logits_btv = model(inputs_bt, routing_mask_bt=routing_mask_bt).astype(jnp.float32)
-    target_logit_bt = jnp.take_along_axis(logits_btv, targets_bt[..., None], axis=-1)[..., 0]
-    logprob_bt = target_logit_bt - jax.nn.logsumexp(logits_btv, axis=-1)
+    logits_btv = model(inputs_bt, routing_mask_bt=routing_mask_bt)
     greedy_bt = jnp.argmax(logits_btv, axis=-1) == targets_bt
-    return logprob_bt, greedy_bt
+    return -token_nll(logits_btv, targets_bt), greedy_bt
 
 
 class Scorer:
@@ -50,7 +49,7 @@ class Scorer:
         self._params_sh = jax.tree.map(lambda x: x.sharding, params)
 
     def _sharding(self, names: Sequence[str | None], shape: Sequence[int]) -> NamedSharding:
-        return NamedSharding(self.mesh, logical_to_spec(names, shape, self.mesh, self.rules))
+        return logical_sharding(names, shape, self.mesh, self.rules)
 
     @functools.cache  # noqa: B019 (one Scorer per loaded model; shapes are few)
     def _step(self, batch: int, length: int) -> Callable:

@@ -7,7 +7,6 @@ passed to the jitted steps beside the TrainState: never differentiated, updated 
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +14,9 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
+from core.errors import ConfigError, first_line
 from model.flops import frozen_train_flops_per_token
 from model.lora import (
     LoRAKey,
@@ -31,10 +31,10 @@ from model.lora import (
 from model.transformer import Transformer
 from sharding.rules import Rules, tree_shardings
 from train.checkpoint import MANIFEST, Checkpointer, file_digest, warn
-from train.config import CheckpointConfig, Config, ConfigError
-from train.state import TrainState, state_shardings
-from train.step import eval_step, train_step
-from train.trainee import EvalFn, StepFn, Trainee, count
+from train.config import CheckpointConfig, Config
+from train.run_dir import RunDir
+from train.state import TrainState
+from train.trainee import StepFn, Trainee, count
 
 ROUTER = "w_router_de"
 
@@ -57,13 +57,13 @@ def trainable_filter(cfg: Config) -> Any:
 
 def base_reference(base_dir: Path, step: int) -> dict[str, Any]:
     """What a fine-tune's checkpoints record of the base checkpoint they start from."""
-    manifest = base_dir / "checkpoints" / str(step) / MANIFEST
+    manifest = RunDir(base_dir).checkpoints / str(step) / MANIFEST
     return {"base_run": str(base_dir), "base_step": step,
             "base_manifest_sha256": file_digest(manifest) if manifest.is_file() else ""}
 
 
 class FinetuneTrainee(Trainee):
-    """``cfg.finetune`` resolved (see ``train.finetune.resolve_finetune``): ``base`` is an absolute run
+    """``cfg.finetune`` resolved (see ``train/finetune_config.py``): ``base`` is an absolute run
     directory, ``base_step`` one of its checkpoints, ``cfg.model`` the base's model."""
 
     def __init__(self, cfg: Config, tx: optax.GradientTransformation, mesh: Mesh, rules: Rules):
@@ -80,9 +80,9 @@ class FinetuneTrainee(Trainee):
         self.eval_graphdef = nnx.split(set_deterministic(model, True), self.filter, ...)[0]
         step = jax.ShapeDtypeStruct((), jnp.int32)
         self.abstract = TrainState(step, trainable, jax.eval_shape(tx.init, trainable))
-        self.shardings = state_shardings(self.abstract, mesh, rules)
-        self.frozen_abstract, self.frozen_sh = frozen, tree_shardings(frozen, mesh, rules)
-        self.frozen: nnx.State | None = None  # set by init / from_checkpoint
+        self.shardings = tree_shardings(self.abstract, mesh, rules)
+        self.frozen_abstract, self.frozen_shardings = frozen, tree_shardings(frozen, mesh, rules)
+        self.frozen = None  # set by init / from_checkpoint
         if self.lora and (unmatched := unmatched_targets(cfg.model, lora_spec(cfg))):
             warn(f"LoRA targets {', '.join(unmatched)} match no weight of this model: skipped")
         if self.lora:
@@ -110,10 +110,8 @@ class FinetuneTrainee(Trainee):
         try:
             return checkpointer.restore_params(step, self.plain_abstract, self.plain_sh)
         except Exception as e:  # orbax raises many types for damaged or foreign files
-            text = str(e).strip()
             raise ConfigError("finetune.base", f"cannot restore checkpoint {step} of the base run "
-                              f"{self.base_dir}: {text.splitlines()[0] if text else type(e).__name__}"
-                              ) from None
+                              f"{self.base_dir}: {first_line(e)}") from None
         finally:
             checkpointer.close()
 
@@ -121,7 +119,7 @@ class FinetuneTrainee(Trainee):
         """(trainable, frozen) of the model built on ``base`` (the base's buffers are donated)."""
         build = jax.jit(lambda b: nnx.split(self.build(b), self.filter, ...)[1:],
                         in_shardings=(self.plain_sh,),
-                        out_shardings=(self.shardings.params, self.frozen_sh), donate_argnums=0)
+                        out_shardings=(self.shardings.params, self.frozen_shardings), donate_argnums=0)
         return build(base)
 
     def init(self) -> TrainState:
@@ -171,24 +169,18 @@ class FinetuneTrainee(Trainee):
 
     # ------------------------------------------------------------------------- steps and models
 
-    def jit_steps(self, schedule: optax.Schedule, batch_sh: NamedSharding) -> tuple[StepFn, EvalFn]:
-        t, seed = self.cfg.train, self.cfg.train.seed
-        dropout = self.lora and self.cfg.finetune.lora_dropout > 0
+    def train_fn(self, schedule: optax.Schedule) -> StepFn:
+        """The train step; LoRA dropout draws fresh masks every step, a function of (seed, step),
+        so a resumed run draws the same ones."""
+        step_fn = super().train_fn(schedule)
+        if not (self.lora and self.cfg.finetune.lora_dropout > 0):
+            return step_fn
+        seed = self.cfg.train.seed
 
-        def step(state: TrainState, batch: dict, frozen: nnx.State) -> tuple[TrainState, dict]:
-            if dropout:  # fresh masks every step, a function of (seed, step): resumes draw the same
-                frozen = with_dropout_keys(frozen, state.step, seed)
-            return train_step(state, batch, frozen, graphdef=self.graphdef, tx=self.tx,
-                              schedule=schedule, microbatches=t.microbatches)
+        def with_fresh_dropout(state: TrainState, batch: dict, frozen: nnx.State) -> tuple:
+            return step_fn(state, batch, with_dropout_keys(frozen, state.step, seed))
 
-        replicated = NamedSharding(self.mesh, PartitionSpec())
-        jitted_step = jax.jit(step, in_shardings=(self.shardings, batch_sh, self.frozen_sh),
-                              out_shardings=(self.shardings, replicated), donate_argnums=0)
-        jitted_eval = jax.jit(functools.partial(eval_step, graphdef=self.eval_graphdef),
-                              in_shardings=(self.shardings.params, batch_sh, self.frozen_sh),
-                              out_shardings=replicated)
-        return (lambda state, batch: jitted_step(state, batch, self.frozen),
-                lambda params, batch: jitted_eval(params, batch, self.frozen))
+        return with_fresh_dropout
 
     def plain_model(self, state: TrainState) -> tuple[nnx.GraphDef, nnx.State]:
         if not self.lora:
@@ -200,7 +192,7 @@ class FinetuneTrainee(Trainee):
         def merge(trainable: nnx.State, frozen: nnx.State) -> nnx.State:
             return nnx.state(merge_lora(nnx.merge(self.eval_graphdef, trainable, frozen)))
 
-        return jax.jit(merge, in_shardings=(self.shardings.params, self.frozen_sh),
+        return jax.jit(merge, in_shardings=(self.shardings.params, self.frozen_shardings),
                        out_shardings=self.plain_sh)(adapters, self.frozen)
 
     def flops_per_token(self) -> float:

@@ -11,9 +11,10 @@ import re
 from pathlib import Path
 from typing import Any
 
+import gguf
 import numpy as np
 
-from model.hf_layout import ConversionError, HFTensors
+from convert.hf_layout import ConversionError, HFTensors
 
 ARCHITECTURES = ("llama",)
 GLOBAL_NAMES = {
@@ -40,8 +41,6 @@ LAYER_PATTERN = re.compile(r"blk\.(\d+)\.(.+)")
 
 def open_gguf(path: str | Path) -> Any:
     """A ``gguf.GGUFReader`` over ``path``; ConversionError if it is not a GGUF file."""
-    import gguf
-
     try:
         return gguf.GGUFReader(str(path))
     except (ValueError, OSError, IndexError, KeyError) as e:
@@ -107,8 +106,6 @@ def unpermute(w: np.ndarray, heads: int) -> np.ndarray:
 
 def dequantize(tensor: Any) -> np.ndarray:
     """A GGUF tensor as float32 [rows, cols] (the Hugging Face [out, in] order)."""
-    import gguf
-
     kind = gguf.GGMLQuantizationType(tensor.tensor_type)
     try:
         if kind in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):

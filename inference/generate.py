@@ -30,12 +30,13 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from eval.sampling import SamplingConfig, sample
+from inference.sampling import SamplingConfig, sample
 from model.attention import CACHE_AXES
 from model.config import ModelConfig
 from model.transformer import Cache, Transformer, cache_shapes
 from sharding.constrain import activation_sharding
-from sharding.rules import Rules, default_rules, logical_to_spec
+from sharding.rules import Rules, logical_sharding
+from train.loop import RunEnd
 
 MIN_BUCKET = 8
 
@@ -48,10 +49,16 @@ def inference_config(cfg: ModelConfig) -> ModelConfig:
     return cfg
 
 
-def inference_graphdef(cfg: ModelConfig) -> tuple[ModelConfig, nnx.GraphDef]:
-    """(inference config, the model's graphdef under it); the params of ``cfg`` fit it unchanged."""
+def inference_graphdef(cfg: ModelConfig,
+                       sowing: tuple[type[nnx.Module], ...] = ()) -> tuple[ModelConfig, nnx.GraphDef]:
+    """(inference config, the model's graphdef under it); the params of ``cfg`` fit it unchanged.
+    ``sowing``: module types (``Attention``, ``MoE``) that sow their intermediates, for
+    ``nnx.capture``."""
     cfg = inference_config(cfg)
-    return cfg, nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))))[0]
+    model = nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0)))
+    if sowing:
+        model.set_attributes(*sowing, sow_intermediates=True, raise_if_not_found=False)
+    return cfg, nnx.split(model)[0]
 
 
 def bucket(n: int, limit: int) -> int:
@@ -86,7 +93,7 @@ class Generator:
     # ------------------------------------------------------------------------ shardings and steps
 
     def _sharding(self, names: Sequence[str | None], shape: Sequence[int]) -> NamedSharding:
-        return NamedSharding(self.mesh, logical_to_spec(names, shape, self.mesh, self.rules))
+        return logical_sharding(names, shape, self.mesh, self.rules)
 
     def _cache_sharding(self, batch: int, length: int) -> Any:
         return jax.tree.map(lambda s: self._sharding(CACHE_AXES, s.shape),
@@ -202,13 +209,20 @@ class Generator:
         return out
 
 
-def generate(params: nnx.State, graphdef: nnx.GraphDef, prompt_ids: Sequence[int], max_new_tokens: int,
-             window: int, *, temperature: float = 0.8, top_k: int = 0, top_p: float = 1.0,
-             seed: int = 0, stop_id: int | None = None) -> list[int]:
-    """One prompt's new tokens, on the mesh its (sharded) ``params`` live on: a one-off convenience
-    (the training loop's sample); build a ``Generator`` to generate repeatedly."""
-    cfg = nnx.merge(graphdef, params).cfg
-    mesh = jax.tree.leaves(params)[0].sharding.mesh
-    generator = Generator(cfg, params, mesh, default_rules(), window,
-                          SamplingConfig(temperature, top_k, top_p))
-    return generator.generate([list(prompt_ids)], max_new_tokens, seed=seed, stop_id=stop_id).tokens[0]
+def print_sample(end: RunEnd) -> None:
+    """End-of-run hook: ``train.sample_tokens`` tokens continuing ``train.sample_prompt`` from the
+    trained model (temperature 0.8), printed by process 0 (every process takes part: the
+    parameters span them)."""
+    t, tokenizer = end.cfg.train, end.tokenizer
+    if not t.sample_tokens:
+        return
+    _, params = end.program.trainee.plain_model(end.state)
+    ids = ([tokenizer.bos_id] if tokenizer.bos_id >= 0 else []) + tokenizer.encode(t.sample_prompt)
+    generator = Generator(end.cfg.model, params, end.program.mesh, end.program.rules, t.seq_len,
+                          SamplingConfig(temperature=0.8))
+    new = generator.generate([ids], t.sample_tokens, seed=t.seed, stop_id=tokenizer.eos_id).tokens[0]
+    if jax.process_index() != 0:
+        return
+    print("--- sample (temperature 0.8) ---")
+    print(t.sample_prompt + tokenizer.decode(new))
+    print("--- end of sample ---", flush=True)

@@ -1,7 +1,5 @@
-"""Converting checkpoints between meshlm and the formats users arrive and leave with:
-
-    python -m model.convert import SRC RUN_DIR [--seq-len N] [--dtype float32|bfloat16]
-    python -m model.convert export RUN_DIR OUT_DIR [--dtype float32|bfloat16]
+"""Converting checkpoints between meshlm and the formats users arrive and leave with (the commands
+``python -m convert import|export`` are ``cli/convert.py``).
 
 ``import`` reads a Hugging Face model directory (``config.json``, ``*.safetensors``, ``tokenizer.json``
 [+ ``tokenizer_config.json``]) of the Llama or Mixtral family, or a Llama-family GGUF file (tensors
@@ -15,24 +13,29 @@ RUN_DIR unless the whole import succeeds (it is assembled beside it and renamed)
 tokenizers, ``tokenizer.json`` and ``tokenizer_config.json`` — loadable by ``transformers``.
 
 Bad input (unknown architecture, missing or misshapen tensors, an unsupported GGUF quantisation,
-an existing RUN_DIR) is one ``error:`` line and exit 2.
+an existing RUN_DIR) is a ConversionError (a ValueError) with a one-line message.
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import os
 import shutil
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
+from flax import nnx
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save_file
 
-from model.config import ModelConfig
-from model.hf_layout import (
+from convert.gguf_import import hf_config, hf_tensors, open_gguf
+from convert.hf_layout import (
     ConversionError,
     HFTensors,
     hf_config_from_model,
@@ -40,6 +43,14 @@ from model.hf_layout import (
     model_config_from_hf,
     params_from_hf,
 )
+from data.hf_tokenizer import HFTokenizer, tokenizer_from_gguf
+from inference.load import load_run
+from model.config import ModelConfig
+from model.transformer import Transformer
+from train.checkpoint import Checkpointer
+from train.config import CheckpointConfig, Config, DataConfig, RunConfig, TrainConfig
+from train.run_dir import RunDir
+from train.state import TrainState
 
 MAX_WINDOW = 2048  # the imported run's train.seq_len (generation window) at most; --seq-len overrides
 
@@ -49,9 +60,6 @@ MAX_WINDOW = 2048  # the imported run's train.seq_len (generation window) at mos
 
 def read_safetensors(src: Path) -> HFTensors:
     """Every tensor of ``src/*.safetensors`` (one file or an index of shards) as NumPy arrays."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
-
     files = sorted(src.glob("*.safetensors"))
     if not files:
         raise ConversionError(f"{src} holds no *.safetensors weights (only safetensors are read, "
@@ -67,8 +75,6 @@ def read_safetensors(src: Path) -> HFTensors:
 
 def read_hf_dir(src: Path) -> tuple[ModelConfig, HFTensors, Any]:
     """(architecture, tensors, tokenizer) of a Hugging Face model directory."""
-    from data.hf_tokenizer import HFTokenizer
-
     config_file = src / "config.json"
     if not config_file.is_file():
         raise ConversionError(f"{src} has no config.json: not a Hugging Face model directory")
@@ -86,9 +92,6 @@ def read_hf_dir(src: Path) -> tuple[ModelConfig, HFTensors, Any]:
 
 def read_gguf(src: Path) -> tuple[ModelConfig, HFTensors, Any]:
     """(architecture, dequantised tensors in the Hugging Face layout, tokenizer) of a GGUF file."""
-    from data.hf_tokenizer import tokenizer_from_gguf
-    from model.gguf_import import hf_config, hf_tensors, open_gguf
-
     reader = open_gguf(src)
     hf = hf_config(reader)
     cfg = model_config_from_hf(hf)
@@ -108,34 +111,23 @@ def read_source(src: Path) -> tuple[ModelConfig, HFTensors, Any]:
 
 def abstract_params(cfg: ModelConfig) -> Any:
     """The parameter State of the model ``cfg`` describes, as shapes (nothing allocated)."""
-    from flax import nnx
-
-    from model.transformer import Transformer
-
     return nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))))[1]
 
 
 def param_shapes(abstract: Any) -> dict[tuple[str, ...], tuple[int, ...]]:
     """The shape of every parameter of ``abstract``, by path."""
-    from flax import nnx
-
     return {tuple(str(p) for p in path): tuple(var.shape) for path, var in nnx.to_flat_state(abstract)}
 
 
 def params_state(abstract: Any, params: dict[tuple[str, ...], np.ndarray], dtype: str) -> Any:
     """``abstract``'s State (one device, ``dtype``) holding ``params``."""
-    import jax.numpy as jnp
-    from flax import nnx
-
     return nnx.from_flat_state([
         (path, var.replace(jnp.asarray(params[tuple(str(p) for p in path)], dtype=jnp.dtype(dtype))))
         for path, var in nnx.to_flat_state(abstract)])
 
 
-def run_config(cfg: ModelConfig, run_dir: Path, seq_len: int) -> Any:
+def run_config(cfg: ModelConfig, run_dir: Path, seq_len: int) -> Config:
     """The imported run's Config: the architecture, its tokenizer, a generation window."""
-    from train.config import Config, DataConfig, RunConfig, TrainConfig
-
     return Config(model=cfg, data=DataConfig(tokenizer=f"run:{run_dir}"),
                   train=TrainConfig(seq_len=seq_len, batch_size=8), run=RunConfig(dir=str(run_dir)))
 
@@ -143,15 +135,6 @@ def run_config(cfg: ModelConfig, run_dir: Path, seq_len: int) -> Any:
 def import_checkpoint(src: str | Path, run_dir: str | Path, *, seq_len: int = 0,
                       dtype: str = "float32") -> Path:
     """Converts a Hugging Face directory or GGUF file into a new meshlm run directory; returns it."""
-    import dataclasses
-
-    import jax.numpy as jnp
-
-    from data.tokenizer import save_tokenizer
-    from train.checkpoint import Checkpointer
-    from train.config import CheckpointConfig, dump_yaml
-    from train.state import TrainState
-
     src, run_dir = Path(src), Path(run_dir).resolve()
     if run_dir.exists() and any(run_dir.iterdir()):
         raise ConversionError(f"{run_dir} already exists and is not empty (nothing was overwritten)")
@@ -170,8 +153,8 @@ def import_checkpoint(src: str | Path, run_dir: str | Path, *, seq_len: int = 0,
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
     try:
-        (scratch / "config.yaml").write_text(dump_yaml(run_config(cfg, run_dir, seq_len)))
-        save_tokenizer(tokenizer, scratch)
+        RunDir(scratch).write_config(run_config(cfg, run_dir, seq_len))
+        RunDir(scratch).save_tokenizer(tokenizer)
         state = TrainState(jnp.zeros((), jnp.int32), params_state(abstract, params, cfg.param_dtype), {})
         checkpointer = Checkpointer(scratch, CheckpointConfig(every=0, keep=1, async_save=False))
         try:
@@ -214,12 +197,6 @@ def save_hf_tokenizer(tokenizer: Any, out_dir: Path) -> None:
 
 def export_checkpoint(run_dir: str | Path, out_dir: str | Path, *, dtype: str = "float32") -> Path:
     """Writes the run's latest (or given step's) parameters in the Hugging Face layout."""
-    import jax
-    from flax import nnx
-    from safetensors.numpy import save_file
-
-    from eval.load import load_run
-
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ConversionError(f"{out_dir} already exists and is not empty (nothing was overwritten)")
@@ -231,8 +208,6 @@ def export_checkpoint(run_dir: str | Path, out_dir: str | Path, *, dtype: str = 
               for path, var in nnx.to_flat_state(run.params)}
     tensors = hf_from_params(params, cfg)
     if dtype == "bfloat16":
-        import ml_dtypes
-
         tensors = {k: v.astype(ml_dtypes.bfloat16) for k, v in tensors.items()}
     hf_cfg["dtype"] = dtype  # of the written tensors
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -246,51 +221,3 @@ def export_checkpoint(run_dir: str | Path, out_dir: str | Path, *, dtype: str = 
         print(f"warning: the run's {tokenizer.kind!r} tokenizer has no Hugging Face form; only the "
               "weights and config were written", file=sys.stderr)
     return out_dir
-
-
-# ---------------------------------------------------------------------------------------------- CLI
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2, no usage dump
-        raise ConversionError(message)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m model.convert", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    imp = sub.add_parser("import", help="Hugging Face directory or GGUF file -> meshlm run dir")
-    imp.add_argument("src", type=Path, help="a Hugging Face model directory or a .gguf file")
-    imp.add_argument("run_dir", type=Path, help="the new meshlm run directory")
-    imp.add_argument("--seq-len", type=int, default=0,
-                     help=f"generation window / fine-tuning length (default: min(context, {MAX_WINDOW}))")
-    imp.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                     help="parameter and compute dtype of the run (default float32)")
-    exp = sub.add_parser("export", help="meshlm run dir -> Hugging Face directory")
-    exp.add_argument("run_dir", type=Path, help="a meshlm run directory or one checkpoints/<step>")
-    exp.add_argument("out_dir", type=Path, help="the new Hugging Face model directory")
-    exp.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    from sharding.host import quiet_tpu_probe
-
-    quiet_tpu_probe()
-    try:
-        args = build_parser().parse_args(argv)
-        if args.command == "import":
-            out = import_checkpoint(args.src, args.run_dir, seq_len=args.seq_len, dtype=args.dtype)
-            print(f"imported {args.src} -> {out}")
-        else:
-            out = export_checkpoint(args.run_dir, args.out_dir, dtype=args.dtype)
-            print(f"exported {args.run_dir} -> {out}")
-    except (ConversionError, ValueError, OSError) as e:
-        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"error: {text}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

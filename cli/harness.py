@@ -1,0 +1,111 @@
+"""``python -m eval harness --checkpoint PATH --tasks TASK[,TASK]``: lm-evaluation-harness tasks on
+a meshlm checkpoint through ``eval/harness.py``'s model. Prints lm_eval's results table and, last, a
+JSON line of the metrics; mistakes are one ``error:`` line and exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from lm_eval import simple_evaluate
+from lm_eval.utils import handle_non_serializable, make_table
+
+from cli.args import Parser, add_checkpoint_argument, run
+from cli.host import use_cpu_devices
+from core.errors import UsageError
+from eval.harness import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_MAX_GEN_TOKS,
+    MeshLM,
+    QuietCustomDatasetNote,
+    summary,
+    task_manager,
+)
+from inference.load import load_run, read_run_config
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="python -m eval harness",
+                    description="Run lm-evaluation-harness tasks on a meshlm checkpoint.")
+    add_checkpoint_argument(parser)
+    parser.add_argument("--tasks", required=True,
+                        help="comma-separated task, group or tag names (meshlm_tiny: the local tasks)")
+    parser.add_argument("--limit", type=float, help="documents per task (below 1: a fraction)")
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
+    parser.add_argument("--num-fewshot", type=int)
+    parser.add_argument("--max-gen-toks", type=int, default=DEFAULT_MAX_GEN_TOKS,
+                        help="default for generation tasks that set none")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--bootstrap-iters", type=int, default=1000, help="for standard errors; 0: none")
+    parser.add_argument("--output", help="write lm_eval's full results here (JSON)")
+    parser.add_argument("--include-path", action="append", default=[],
+                        help="another directory of task YAML files (repeatable)")
+    return parser
+
+
+def check_args(args: argparse.Namespace) -> list[str]:
+    """The task names; UsageError for values out of range or paths that cannot work."""
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not tasks:
+        raise UsageError("--tasks names no task")
+    if args.limit is not None and not args.limit > 0:
+        raise UsageError(f"--limit must be > 0, got {args.limit:g}")
+    if args.limit is not None and args.limit >= 1:
+        if args.limit != int(args.limit):
+            raise UsageError(f"--limit must be a whole number of documents or a fraction below 1, got "
+                             f"{args.limit:g}")
+        args.limit = int(args.limit)
+    for name, value in (("--batch-size", args.batch_size), ("--max-gen-toks", args.max_gen_toks)):
+        if value < 1:
+            raise UsageError(f"{name} must be >= 1, got {value}")
+    if args.num_fewshot is not None and args.num_fewshot < 0:
+        raise UsageError(f"--num-fewshot must be >= 0, got {args.num_fewshot}")
+    if args.bootstrap_iters < 0:
+        raise UsageError(f"--bootstrap-iters must be >= 0, got {args.bootstrap_iters}")
+    for path in args.include_path:
+        if not Path(path).is_dir():
+            raise UsageError(f"--include-path {path} is not a directory")
+    if args.output and not Path(args.output).resolve().parent.is_dir():
+        raise UsageError(f"--output {args.output}: directory {Path(args.output).parent} does not exist")
+    return tasks
+
+
+def harness_command(argv: Sequence[str]) -> int:
+    args = build_parser().parse_args(argv)
+    tasks = check_args(args)
+    cfg = read_run_config(args.checkpoint)
+    # Nothing can be downloaded here: fail fast instead of waiting on the network.
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    logging.getLogger("lm_eval.api.task").addFilter(QuietCustomDatasetNote())
+    manager = task_manager(tasks, args.include_path)
+    use_cpu_devices(cfg.run.cpu_devices)
+    loaded = load_run(args.checkpoint)
+    lm = MeshLM(run=loaded, batch_size=args.batch_size, max_gen_toks=args.max_gen_toks, seed=args.seed)
+    results = simple_evaluate(model=lm, tasks=tasks, num_fewshot=args.num_fewshot, limit=args.limit,
+                              task_manager=manager, log_samples=False,
+                              bootstrap_iters=args.bootstrap_iters, random_seed=args.seed)
+    print(make_table(results))
+    if results.get("groups"):
+        print(make_table(results, "groups"))
+    if args.output:
+        try:
+            Path(args.output).write_text(json.dumps(results, indent=2, default=handle_non_serializable))
+        except OSError as e:
+            raise UsageError(f"cannot write --output {args.output}: {e.strerror}") from None
+    print(json.dumps({"checkpoint": str(args.checkpoint), "step": loaded.step,
+                      "results": summary(results)}, default=handle_non_serializable))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run(harness_command, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""The host a command runs on, prepared before JAX starts its backends: a quiet TPU probe, the number
+of emulated CPU devices, and joining ``jax.distributed`` (with a watchdog, since JAX aborts with a C++
+stack trace when joining times out).
+
+The ``tpu`` extra installs libtpu so that any host can compile for TPU topologies. On a machine
+without TPU chips JAX still probes it when its backends start: libtpu queries a metadata server that
+is not there and prints warnings before JAX falls back to the CPU. Where no TPU device files exist we
+give libtpu the facts it would look up, so start-up is quiet and quick. TPU VMs are left untouched.
+These settings are read when the backends start, not when ``jax`` is imported.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from pathlib import Path
+
+import jax
+
+from core.errors import RunError, first_line
+from sharding.mesh import initialize_distributed
+from train.config import RunConfig
+
+TPU_DEVICE_GLOBS = ("accel*", "vfio/[0-9]*")  # v4/v5e expose /dev/accel*, v5p/v6e /dev/vfio/N
+
+
+def has_tpu_devices(dev: Path = Path("/dev")) -> bool:
+    return any(any(dev.glob(pattern)) for pattern in TPU_DEVICE_GLOBS)
+
+
+def quiet_tpu_probe() -> None:
+    """On a host without TPU chips (and JAX_PLATFORMS unset), skip libtpu's metadata queries."""
+    if os.environ.get("JAX_PLATFORMS") or has_tpu_devices():
+        return
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-1")
+
+
+def use_cpu_devices(count: int) -> None:
+    """Emulates ``count`` CPU devices unless JAX's backends started already (then it keeps what it
+    has: e.g. inside the test suite)."""
+    try:
+        jax.config.update("jax_num_cpu_devices", count)
+    except RuntimeError:
+        pass
+
+
+def setup_devices(run: RunConfig) -> int:
+    """Joins the multi-process runtime if asked and emulates CPU devices; returns the global
+    device count. RunError if the coordinator cannot be joined in ``run.init_timeout`` seconds."""
+    use_cpu_devices(run.cpu_devices)
+    if run.distributed:
+        where = f"the coordinator at {run.coordinator}" if run.coordinator else "the cluster"
+        message = (f"error: could not join {where} within run.init_timeout={run.init_timeout} s "
+                   "(is process 0 running and reachable, and did every process start?)")
+        # JAX aborts the process with a C++ stack trace when joining times out: say it first.
+        watchdog = threading.Timer(max(run.init_timeout - 1.0, 0.9 * run.init_timeout),
+                                   lambda: (print(message, file=sys.stderr), exit_now(1)))
+        watchdog.daemon = True
+        watchdog.start()
+        try:
+            initialize_distributed(run.coordinator, run.num_processes, run.process_id,
+                                   run.init_timeout, run.heartbeat_timeout)
+        except Exception as e:  # noqa: BLE001 -- refusals come as several types
+            raise RunError(f"{message[len('error: '):]}: {first_line(e)}") from None
+        finally:
+            watchdog.cancel()
+    return jax.device_count()
+
+
+def exit_now(code: int) -> None:
+    """Leaves without JAX's distributed shutdown, whose barrier would wait for a dead peer."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

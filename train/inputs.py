@@ -1,0 +1,58 @@
+"""This process's share of a run's data: the endless training batches (a grain iterator whose
+position checkpoints save) and the evaluation batches, as many on every process."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+
+from core.errors import ConfigError
+from data.batches import equalize_across_processes
+from data.pipeline import Shard, empty_batch, eval_batches, regroup_state, train_dataset
+from data.sources import open_source
+from data.tokenizer import Tokenizer
+from sharding.mesh import sync_processes
+from train.config import Config
+from train.run_dir import RunDir
+
+
+def this_shard() -> Shard:
+    return Shard(jax.process_index(), jax.process_count())
+
+
+def open_inputs(cfg: Config, run: RunDir) -> tuple[Tokenizer, Any, list]:
+    """(the run's tokenizer, training batch iterator, evaluation batches) of this process's rows;
+    ConfigError for a tokenizer or data the user pointed at that cannot be read (unreadable files,
+    empty globs, unknown datasets)."""
+    d, t = cfg.data, cfg.train
+    shard = this_shard()
+    local_batch = t.batch_size // shard.count
+    kwargs = {"eval_fraction": d.eval_fraction, "data_dir": d.data_dir or None,
+              "cache_dir": d.cache_dir or None}
+
+    def open_splits() -> tuple:
+        return open_source(d.source, "train", **kwargs), open_source(d.source, "eval", **kwargs)
+
+    try:
+        tokenizer = run.tokenizer_for(d.tokenizer)
+        if shard.index == 0:  # process 0 prepares text: sources once; the others then reuse them
+            train_docs, eval_docs = open_splits()
+        sync_processes("meshlm: data sources prepared")
+        if shard.index != 0:
+            train_docs, eval_docs = open_splits()
+        iterator = iter(train_dataset(train_docs, tokenizer, seq_len=t.seq_len,
+                                      batch_size=local_batch, seed=t.seed, shard=shard,
+                                      streams=d.streams, prefetch=d.prefetch,
+                                      shuffle_tokens=d.shuffle_tokens))
+        batches = eval_batches(eval_docs, tokenizer, seq_len=t.seq_len, batch_size=local_batch,
+                               max_batches=t.eval_batches, shard=shard)
+    except ValueError as e:
+        raise ConfigError("data", str(e)) from None
+    return tokenizer, iterator, equalize_across_processes(batches, empty_batch(local_batch, t.seq_len))
+
+
+def resume_position(iterator: Any, saved: list[dict[str, Any]], streams: int) -> None:
+    """Sets the training iterator to the positions every process saved (also when the number of
+    processes changed)."""
+    iterator.set_state(regroup_state(saved, this_shard(), streams))

@@ -1,0 +1,138 @@
+"""Every cross-field check of a Config, before anything compiles: each raises a ConfigError naming
+the first bad key. How the mesh divides the model and the batch is asked of ``sharding/``'s rules
+table, never computed from mesh axis names here."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+
+from core.errors import ConfigError
+from data.tokenizer import vocab_size_of
+from sharding.rules import default_rules, mesh_axes_of, shards_of
+from train.config import Config, DataConfig, OptimConfig, RunConfig, TrainConfig
+
+SOURCE_KINDS = ("text:", "jsonl:", "tfds:")
+
+
+def validate(cfg: Config, num_devices: int) -> None:
+    """Every cross-field check of ``cfg`` for a job on ``num_devices`` devices."""
+    for key, message in cfg.model.problems():
+        raise ConfigError(f"model.{key}", message)
+    try:
+        sizes = cfg.mesh.sizes(num_devices)
+    except ValueError as e:
+        key, _, message = str(e).partition(": ")
+        raise ConfigError(key, message) from None
+    check_sharding(cfg, sizes)
+    check_train(cfg.train, cfg.model.max_seq_len)
+    check_batch_split(cfg.train, sizes)
+    check_data(cfg.data, cfg.train, cfg.model.vocab_size)
+    check_optim(cfg.optim)
+    if cfg.checkpoint.every < 0:
+        raise ConfigError("checkpoint.every", f"must be >= 0, got {cfg.checkpoint.every}")
+    if cfg.checkpoint.keep < 1:
+        raise ConfigError("checkpoint.keep", f"must be >= 1, got {cfg.checkpoint.keep}")
+    for key, message in cfg.finetune.problems(cfg.model) if cfg.finetune.base else ():
+        raise ConfigError(f"finetune.{key}", message)
+    validate_run(cfg.run)
+
+
+def _axes(name: str) -> str:
+    return "*".join(mesh_axes_of(name, default_rules()))
+
+
+def check_sharding(cfg: Config, sizes: dict[str, int]) -> None:
+    """The model's heads and experts split evenly over the mesh axes that shard them."""
+    rules, m = default_rules(), cfg.model
+    if m.num_heads % shards_of("heads", sizes, rules):
+        raise ConfigError("model.num_heads", f"num_heads={m.num_heads} is not divisible by the "
+                          f"{_axes('heads')} axis ({shards_of('heads', sizes, rules)})")
+    if m.num_experts % shards_of("experts", sizes, rules):
+        raise ConfigError("model.num_experts", f"num_experts={m.num_experts} is not divisible by the "
+                          f"{_axes('experts')} axis ({shards_of('experts', sizes, rules)})")
+
+
+def check_train(t: TrainConfig, max_seq_len: int) -> None:
+    for key in ("steps", "batch_size", "seq_len", "microbatches", "log_every", "steps_in_flight"):
+        if getattr(t, key) < 1:
+            raise ConfigError(f"train.{key}", f"must be >= 1, got {getattr(t, key)}")
+    for key in ("eval_every", "eval_batches", "sample_tokens", "max_skipped_steps"):
+        if getattr(t, key) < 0:
+            raise ConfigError(f"train.{key}", f"must be >= 0, got {getattr(t, key)}")
+    if t.seq_len > max_seq_len:
+        raise ConfigError("train.seq_len", f"seq_len={t.seq_len} is larger than the model's "
+                          f"max_seq_len={max_seq_len}")
+
+
+def check_batch_split(t: TrainConfig, sizes: dict[str, int]) -> None:
+    """The global batch (and each microbatch) divides into the data-parallel shards."""
+    dp = shards_of("batch", sizes, default_rules())
+    if t.batch_size % dp:
+        raise ConfigError("train.batch_size", f"global batch {t.batch_size} is not divisible by the "
+                          f"data-parallel size {dp} ({_axes('batch')})")
+    if t.batch_size % t.microbatches or (t.batch_size // t.microbatches) % dp:
+        raise ConfigError("train.microbatches", f"batch_size={t.batch_size} must split into "
+                          f"{t.microbatches} microbatches that are each divisible by the "
+                          f"data-parallel size {dp}")
+
+
+def check_data(d: DataConfig, t: TrainConfig, vocab_size: int) -> None:
+    """The tokenizer fits the model; the source and its streams split over the processes."""
+    try:
+        vocab = vocab_size_of(d.tokenizer)
+    except ValueError as e:
+        raise ConfigError("data.tokenizer", str(e)) from None
+    if vocab > vocab_size:
+        raise ConfigError("model.vocab_size", f"vocab_size={vocab_size} is smaller than the "
+                          f"{d.tokenizer} tokenizer's {vocab} ids")
+    if not (d.source == "stdlib" or d.source.startswith(SOURCE_KINDS)):
+        raise ConfigError("data.source", f"expected stdlib, text:GLOB, jsonl:GLOB[:FIELD] or "
+                          f"tfds:NAME, got {d.source!r}")
+    if not 0 < d.eval_fraction < 1:
+        raise ConfigError("data.eval_fraction", f"must be in (0, 1), got {d.eval_fraction}")
+    if d.shuffle_tokens < 0:
+        raise ConfigError("data.shuffle_tokens", f"must be >= 0, got {d.shuffle_tokens}")
+    if d.streams < 1 or t.batch_size % d.streams:
+        raise ConfigError("data.streams", f"train.batch_size={t.batch_size} must be a multiple of "
+                          f"data.streams={d.streams}")
+    processes = jax.process_count()
+    if d.streams % processes:
+        raise ConfigError("data.streams", f"data.streams={d.streams} is not divisible by the "
+                          f"{processes} processes")
+    if d.prefetch < 0:
+        raise ConfigError("data.prefetch", f"must be >= 0, got {d.prefetch}")
+    if t.batch_size % processes:
+        raise ConfigError("train.batch_size", f"global batch {t.batch_size} is not divisible by the "
+                          f"{processes} processes")
+
+
+def check_optim(o: OptimConfig) -> None:
+    if not (o.lr > 0 and math.isfinite(o.lr)):
+        raise ConfigError("optim.lr", f"must be a positive number, got {o.lr}")
+    if not 0 <= o.min_lr_ratio <= 1:
+        raise ConfigError("optim.min_lr_ratio", f"must be in [0, 1], got {o.min_lr_ratio}")
+    if o.warmup_steps < 0 or o.decay_steps < 0:
+        raise ConfigError("optim.warmup_steps", "warmup_steps and decay_steps must be >= 0")
+    if not (0 <= o.b1 < 1 and 0 <= o.b2 < 1):
+        raise ConfigError("optim.b1", f"b1 and b2 must be in [0, 1), got {o.b1}, {o.b2}")
+    if o.weight_decay < 0 or o.clip_norm < 0 or o.eps <= 0:
+        raise ConfigError("optim.weight_decay", "weight_decay and clip_norm must be >= 0, eps > 0")
+
+
+def validate_run(run: RunConfig) -> None:
+    """Checks of the run section that must hold before devices are set up (no JAX device needed)."""
+    if run.coordinator and not 0 <= run.process_id < run.num_processes:
+        raise ConfigError("run.process_id", f"must be in [0, run.num_processes="
+                          f"{run.num_processes}) with run.coordinator, got {run.process_id}")
+    for key in ("init_timeout", "heartbeat_timeout"):
+        if getattr(run, key) < 1:
+            raise ConfigError(f"run.{key}", f"must be >= 1 second, got {getattr(run, key)}")
+    if run.cpu_devices < 1:
+        raise ConfigError("run.cpu_devices", f"must be >= 1, got {run.cpu_devices}")
+    if not run.dir:
+        raise ConfigError("run.dir", "must not be empty")
+    if "://" in run.dir:
+        raise ConfigError("run.dir", f"{run.dir!r}: only local or mounted paths are supported "
+                          "(put the run on a shared filesystem mounted on every host)")
