@@ -29,7 +29,7 @@ import collections
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +86,7 @@ def device_count(requested: int, batch_size: int, cores: int) -> int:
 def cpu_devices(count: int) -> list:
     """``count`` CPU devices: the JAX backend is started with that many if it has not started
     yet (under pytest it has: the existing ones are used); ConfigError if fewer exist."""
-    use_cpu_devices(count)
+    use_cpu_devices(count, unless_started=True)
     devices = jax.devices("cpu")
     if len(devices) < count:
         raise ConfigError("--devices", f"{count} CPU devices asked for, {len(devices)} exist")
@@ -133,7 +133,8 @@ def run(cfg: Config, data: Path, eval_batches: int, devices: list, reference: An
             ref["train_s"] += time.perf_counter() - start
 
     def split_loss(ids: np.ndarray) -> float:
-        return _mean_loss(eval_step, state.params, [next_batch(ids) for _ in range(eval_batches)])
+        return _mean_loss(eval_step, state.params, (next_batch(ids) for _ in range(eval_batches)),
+                          eval_batches)
 
     val_loss, train_loss = split_loss(val_ids), split_loss(train_ids)
     ref_figures = {} if reference is None else _reference_figures(
@@ -157,13 +158,14 @@ def _meshlm_turn(step: Any, state: Any, batch: dict, next_batch: Any, turn: int,
     return state, batch
 
 
-def _mean_loss(eval_step: Any, params: Any, batches: list[dict]) -> float:
-    """Mean token loss over ``batches``, at most ``IN_FLIGHT`` eval steps in flight."""
+def _mean_loss(eval_step: Any, params: Any, batches: Iterator[dict], count: int) -> float:
+    """Mean token loss over ``count`` batches, each made while at most ``IN_FLIGHT`` eval steps
+    are in flight."""
     pending: collections.deque = collections.deque()
     loss_sum = weight_sum = 0.0
-    for i in range(len(batches) + IN_FLIGHT):
-        if i < len(batches):
-            pending.append(eval_step(params, batches[i], None))
+    for i in range(count + IN_FLIGHT):
+        if i < count:
+            pending.append(eval_step(params, next(batches), None))
         if i >= IN_FLIGHT:
             sums = pending.popleft()
             loss_sum += float(sums["loss_sum"])

@@ -6,17 +6,23 @@ Target: the capacity path at most 1.3x the dense twin's step time on one device.
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 
 import jax
 
 from bench.common import print_table, write_result
 from bench.timing import step_seconds
+from cli.args import Parser, run
 from cli.host import quiet_tpu_probe, use_cpu_devices
 from model.flops import param_counts
 from train.config import CONFIG_DIR, load_config
 
 
-def main(argv: list[str]) -> int:
+def moe_command(argv: Sequence[str]) -> int:
+    parser = Parser(prog="python -m bench.moe", description=__doc__.split("\n")[0])
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value",
+                        help="overrides of both presets")
+    argv = parser.parse_args(argv).overrides
     quiet_tpu_probe()
     use_cpu_devices(8)
     dense = load_config(CONFIG_DIR / "dense_tiny.yaml", argv)
@@ -44,5 +50,9 @@ def main(argv: list[str]) -> int:
     return 0
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+    return run(moe_command, argv)
+
+
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main())

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Sequence
 
 from bench.common import print_table, write_result
 from bench.timing import step_seconds
+from cli.args import Parser, run
+from cli.config_args import add_config_arguments, config_arguments
 from cli.host import quiet_tpu_probe, use_cpu_devices
 from data.pipeline import train_dataset
 from data.sources import open_source
@@ -40,10 +43,12 @@ def train_tokens_per_s(cfg, steps: int = 8) -> float:
     return cfg.train.batch_size * cfg.train.seq_len / step_seconds(cfg, steps)
 
 
-def main(argv: list[str]) -> int:
+def pipeline_command(argv: Sequence[str]) -> int:
+    parser = Parser(prog="python -m bench.pipeline", description=__doc__.split("\n")[0])
+    add_config_arguments(parser)
+    cfg = load_config(*config_arguments(parser.parse_intermixed_args(argv)))
     quiet_tpu_probe()
     use_cpu_devices(8)
-    cfg = load_config(None, argv)
     supply = pipeline_tokens_per_s(cfg)
     demand = train_tokens_per_s(cfg)
     ratio = supply / demand
@@ -62,5 +67,9 @@ def main(argv: list[str]) -> int:
     return 0
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+    return run(pipeline_command, argv)
+
+
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main())

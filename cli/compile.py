@@ -18,7 +18,7 @@ from typing import Any
 import jax
 
 from cli.args import Parser, add_json_argument, run
-from cli.config_args import add_config_arguments, config_keys_help, config_of
+from cli.config_args import add_config_arguments, config_arguments, config_keys_help, config_of
 from core.errors import UsageError
 from train.aot import check_fits, compile_report
 
@@ -119,7 +119,7 @@ def compile_command(argv: Sequence[str]) -> int:
         raise UsageError('libtpu is not installed; install the TPU extra: pip install -e ".[tpu]"')
     prepare_environment()
     cfg = config_of(args)
-    report = compile_report(cfg, args.topology, args.config or "configs/default.yaml")
+    report = compile_report(cfg, args.topology, config_arguments(args)[0] or "configs/default.yaml")
     print(json.dumps(report, indent=2) if args.json else format_report(report), flush=True)
     check_fits(report)
     return 0

@@ -9,19 +9,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from cli import inspect, scaling
 from cli.args import Parser, add_checkpoint_argument, add_json_argument, run, subcommands
-from cli.host import quiet_tpu_probe, use_cpu_devices
+from cli.host import load_checkpoint, quiet_tpu_probe
 from core.errors import UsageError
 from data.tokenizer import check_utf8
 from eval.perplexity import perplexity
 from inference.generate import Generator
-from inference.load import LoadedRun, load_run, read_run_config
+from inference.load import LoadedRun
 from inference.sampling import SamplingConfig
 
 
@@ -179,10 +178,7 @@ def eval_command(argv: Sequence[str]) -> int:
         read_prompts(args)  # fail on bad prompts before loading anything
     if args.command == "perplexity" and args.text is not None:
         check_utf8(Path(args.text))
-    cfg = read_run_config(args.checkpoint)
-    use_cpu_devices(cfg.run.cpu_devices)
-    logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's read-only notices are not news
-    loaded = load_run(args.checkpoint)
+    loaded = load_checkpoint(args.checkpoint)
     (run_generate if args.command == "generate" else run_perplexity)(args, loaded)
     return 0
 

@@ -16,7 +16,7 @@ from lm_eval import simple_evaluate
 from lm_eval.utils import handle_non_serializable, make_table
 
 from cli.args import Parser, add_checkpoint_argument, run
-from cli.host import use_cpu_devices
+from cli.host import load_checkpoint
 from core.errors import UsageError
 from eval.harness import (
     DEFAULT_BATCH_SIZE,
@@ -26,7 +26,7 @@ from eval.harness import (
     summary,
     task_manager,
 )
-from inference.load import load_run, read_run_config
+from inference.load import read_run_config
 
 
 def build_parser() -> Parser:
@@ -78,14 +78,13 @@ def check_args(args: argparse.Namespace) -> list[str]:
 def harness_command(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(argv)
     tasks = check_args(args)
-    cfg = read_run_config(args.checkpoint)
+    read_run_config(args.checkpoint)  # a bad checkpoint path fails before the tasks are indexed
     # Nothing can be downloaded here: fail fast instead of waiting on the network.
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     logging.getLogger("lm_eval.api.task").addFilter(QuietCustomDatasetNote())
     manager = task_manager(tasks, args.include_path)
-    use_cpu_devices(cfg.run.cpu_devices)
-    loaded = load_run(args.checkpoint)
+    loaded = load_checkpoint(args.checkpoint)
     lm = MeshLM(run=loaded, batch_size=args.batch_size, max_gen_toks=args.max_gen_toks, seed=args.seed)
     results = simple_evaluate(model=lm, tasks=tasks, num_fewshot=args.num_fewshot, limit=args.limit,
                               task_manager=manager, log_samples=False,

@@ -1,6 +1,6 @@
 """The host a command runs on, prepared before JAX starts its backends: a quiet TPU probe, the number
-of emulated CPU devices, and joining ``jax.distributed`` (with a watchdog, since JAX aborts with a C++
-stack trace when joining times out).
+of emulated CPU devices, joining ``jax.distributed`` (with a watchdog, since JAX aborts with a C++
+stack trace when joining times out), and loading a checkpoint onto the devices.
 
 The ``tpu`` extra installs libtpu so that any host can compile for TPU topologies. On a machine
 without TPU chips JAX still probes it when its backends start: libtpu queries a metadata server that
@@ -11,6 +11,7 @@ These settings are read when the backends start, not when ``jax`` is imported.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import threading
@@ -19,6 +20,7 @@ from pathlib import Path
 import jax
 
 from core.errors import RunError, first_line
+from inference.load import LoadedRun, load_run, read_run_config
 from sharding.mesh import initialize_distributed
 from train.config import RunConfig
 
@@ -38,13 +40,23 @@ def quiet_tpu_probe() -> None:
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-1")
 
 
-def use_cpu_devices(count: int) -> None:
-    """Emulates ``count`` CPU devices unless JAX's backends started already (then it keeps what it
-    has: e.g. inside the test suite)."""
+def use_cpu_devices(count: int, *, unless_started: bool = False) -> None:
+    """Emulates ``count`` CPU devices. Once JAX's backends have started another count is a
+    RuntimeError, or with ``unless_started`` the devices there are stay (e.g. inside the test
+    suite)."""
     try:
         jax.config.update("jax_num_cpu_devices", count)
     except RuntimeError:
-        pass
+        if not unless_started:
+            raise
+
+
+def load_checkpoint(path: str | Path) -> LoadedRun:
+    """The run of a checkpoint (a run directory or one of its steps), loaded onto the devices its
+    config asks this host to emulate."""
+    use_cpu_devices(read_run_config(path).run.cpu_devices)
+    logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's read-only notices are not news
+    return load_run(path)
 
 
 def setup_devices(run: RunConfig) -> int:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import math
 import sys
 from collections.abc import Sequence
@@ -14,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from cli.args import Parser, add_checkpoint_argument, add_json_argument, run, subcommands
-from cli.host import use_cpu_devices
+from cli.host import load_checkpoint
 from core.errors import UsageError
 from eval.inspect import (
     format_table,
@@ -25,7 +24,6 @@ from eval.inspect import (
     inspect_tokens,
 )
 from eval.inspect_plots import plot
-from inference.load import load_run
 from train.run_dir import RunDir
 
 
@@ -117,9 +115,7 @@ def run_inspection(args: argparse.Namespace) -> dict[str, Any]:
     if args.command == "next":
         args.temperatures = parse_temperatures(args.temperatures)
     check_model_args(args, cfg)
-    use_cpu_devices(cfg.run.cpu_devices)
-    logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's read-only notices are not news
-    loaded = load_run(args.checkpoint)
+    loaded = load_checkpoint(args.checkpoint)
     if args.command == "next":
         return inspect_next(loaded, args.prompt, args.temperatures, args.top)
     if args.command == "embeddings":

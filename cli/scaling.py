@@ -207,7 +207,7 @@ def run_account(args: argparse.Namespace) -> None:
     if args.check:
         if seq_len > m.max_seq_len:
             raise UsageError(f"--seq-len {seq_len} is longer than model.max_seq_len={m.max_seq_len}")
-        use_cpu_devices(1)
+        use_cpu_devices(1, unless_started=True)
         check = scaling_runs.compiled_flops(m, args.batch_size, seq_len)
         check["train_ratio"] = check["formula_train_flops"] / check["xla_train_flops"]
         check["train_ratio_executed"] = check["formula_train_flops_executed"] / check["xla_train_flops"]
@@ -256,7 +256,7 @@ def run_sweep(args: argparse.Namespace) -> None:
     rungs = scaling_runs.ladder(sizes, moe=args.moe, experts=args.experts,
                                 tokens_per_param=args.tokens_per_param, count=args.count, base=base,
                                 overrides=[*overrides, *args.set], out_dir=out)
-    use_cpu_devices(args.devices)
+    use_cpu_devices(args.devices, unless_started=True)
     rows = scaling_runs.run_ladder(rungs, args.count, progress=not args.no_progress)
     scaling_fit.write_results(out, rows)
     meta = {"tokens_per_param": args.tokens_per_param, "count": args.count, "base": str(base)}

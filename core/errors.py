@@ -46,8 +46,9 @@ def one_line(text: str) -> str:
 
 
 def exit_code(error: BaseException) -> int | None:
-    """The exit code a command ends with for ``error``, or None for an unexpected one (a bug: let
-    its traceback show)."""
+    """The exit code a command ends with for ``error``, or None for one that is not a user's
+    mistake by its type (commands let those show their traceback, unless they catch the type, such
+    as OSError for a file, themselves)."""
     if isinstance(error, KeyboardInterrupt):
         return INTERRUPTED_EXIT
     if isinstance(error, RunError):
@@ -58,7 +59,8 @@ def exit_code(error: BaseException) -> int | None:
 
 
 def report(error: BaseException) -> int:
-    """Prints ``error``'s one line on stderr and returns its exit code (see ``exit_code``)."""
+    """Prints ``error``'s one line on stderr and returns its exit code (see ``exit_code``; 2 for a
+    type a command chose to catch)."""
     message = "interrupted" if isinstance(error, KeyboardInterrupt) else one_line(str(error))
     print(f"error: {message or type(error).__name__}", file=sys.stderr, flush=True)
     code = exit_code(error)

@@ -134,7 +134,6 @@ class SentencePieceTokenizer:
         self.__init__(state["model_proto"])
 
 
-KINDS = {"byte": ByteTokenizer, "sentencepiece": SentencePieceTokenizer, "hf": HFTokenizer}
 SPEC_HELP = ("expected 'byte', 'sentencepiece:PATH.model', 'hf:PATH' (a Hugging Face tokenizer.json or "
              "its directory) or 'run:RUN_DIR' (the tokenizer of a meshlm run)")
 

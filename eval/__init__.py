@@ -1,1 +1,2 @@
-"""Evaluation: loading trained runs, sampling text, and the ``python -m eval`` command line."""
+"""Evaluations of trained runs: perplexity, the lm-evaluation-harness model and its local tasks,
+inspection of a checkpoint's insides, and scaling-law planning, sweeps and fits."""

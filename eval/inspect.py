@@ -150,12 +150,6 @@ def forward(run: LoadedRun, ids: list[int], *, attention: bool = False,
     return logits_btv[0], {name: np.take(value, 0, axis=1) for name, value in sown.items()}
 
 
-def moe_layer_indices(model_cfg: Any) -> list[int]:
-    """Depth (0-based) of each MoE layer: the last block of each group of ``moe_every``."""
-    first, every = model_cfg.num_dense_first, model_cfg.moe_every
-    return [first + g * every + every - 1 for g in range(model_cfg.num_moe_layers)]
-
-
 # ------------------------------------------------------------------------------------ subcommands
 
 
@@ -225,7 +219,7 @@ def inspect_routing(run: Any, prompt: str) -> dict[str, Any]:
     aux = forward(run, ids, routing=True)[1]
     experts_ltr, weights_ltr = aux["routing_experts"], aux["routing_weights"]
     layers = []
-    for depth, experts_tr, weights_tr in zip(moe_layer_indices(cfg), experts_ltr, weights_ltr,
+    for depth, experts_tr, weights_tr in zip(cfg.moe_layer_indices, experts_ltr, weights_ltr,
                                              strict=True):
         load_e = np.bincount(experts_tr.reshape(-1), minlength=cfg.num_experts) / experts_tr.size
         layers.append({"layer": depth, "experts": experts_tr.tolist(), "weights": weights_tr.tolist(),

@@ -98,6 +98,12 @@ class ModelConfig:
         """MoE layers = groups of ``moe_every`` layers after the first dense ones."""
         return (self.num_layers - self.num_dense_first) // self.moe_every if self.is_moe else 0
 
+    @property
+    def moe_layer_indices(self) -> list[int]:
+        """Depth (0-based) of each MoE layer: the last block of each group of ``moe_every``."""
+        first, every = self.num_dense_first, self.moe_every
+        return [first + g * every + every - 1 for g in range(self.num_moe_layers)]
+
     def expert_capacity(self, tokens: int) -> int:
         """Assignments one expert takes from a group of ``tokens`` tokens (capacity path)."""
         k, e = self.experts_per_token, self.num_experts

@@ -208,7 +208,3 @@ def with_dropout_keys(state: Any, step: jax.Array, seed: int) -> Any:
     return jax.tree_util.tree_map_with_path(refresh, state,
                                             is_leaf=lambda x: isinstance(x, nnx.Variable))
 
-
-def lora_param_count(model: nnx.Module) -> int:
-    """Number of adapter weights (A and B entries) attached to ``model``."""
-    return sum(x.size for x in jax.tree.leaves(nnx.state(model, LoRAParam)))

@@ -1,5 +1,7 @@
 """The eval CLI on a real (tiny) trained run: perplexity agrees with training's evaluation."""
 
+import contextlib
+import io
 import json
 import subprocess
 import sys
@@ -7,18 +9,36 @@ from pathlib import Path
 
 import pytest
 
+from inference.generate import print_sample
 from tests.helpers import tiny_config
 from train.loop import train
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
+SAMPLE = 8  # tokens of the end-of-run sample
+
+
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("eval") / "run"
-    summary = train(tiny_config(run_dir, "train.steps=20", "mesh.data=2", "mesh.tensor=4",
-                                "checkpoint.every=10"))
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        summary = train(tiny_config(run_dir, "train.steps=20", "mesh.data=2", "mesh.tensor=4",
+                                    "checkpoint.every=10", f"train.sample_tokens={SAMPLE}"),
+                        hooks=(print_sample,))
+    summary["printed"] = printed.getvalue()
     return run_dir, summary
+
+
+def test_the_end_of_run_sample_is_what_generate_gives_from_the_last_checkpoint(trained_run):
+    run_dir, summary = trained_run
+    sample = summary["printed"].split("--- sample (temperature 0.8) ---\n")[1]
+    sample = sample.split("\n--- end of sample ---")[0]
+    result = run_eval("generate", "--checkpoint", str(run_dir), "--prompt", "def ", "--seed", "0",
+                      "--temperature", "0.8", "--max-new-tokens", str(SAMPLE))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout == sample + "\n"
 
 
 def run_eval(*args: str) -> subprocess.CompletedProcess:

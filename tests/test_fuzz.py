@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import cli.eval as eval_main
+import cli.host
 import cli.train as train_main
 from train.config import SECTIONS, Config, dump_yaml
 
@@ -114,7 +115,7 @@ def fake_run(tmp_path_factory) -> Path:
 def eval_stubbed(monkeypatch):
     def fake_load(path, mesh_cfg=None):
         raise InputAcceptedError
-    monkeypatch.setattr(eval_main, "load_run", fake_load)
+    monkeypatch.setattr(cli.host, "load_run", fake_load)
 
 
 def _eval_args(run_dir: Path):

@@ -20,7 +20,6 @@ import train.checkpoint as checkpoint_module
 from core.errors import ConfigError, RunError
 from tests.helpers import SMALL, losses_of, random_batch, tiny_config
 from train.checkpoint import (
-    DAMAGED_DIR,
     MANIFEST,
     TMP_SUFFIX,
     Checkpointer,
@@ -30,6 +29,7 @@ from train.checkpoint import (
 from train.config import OptimConfig
 from train.loop import train
 from train.optimizer import make_optimizer
+from train.run_dir import DAMAGED_DIR
 from train.state import abstract_state, init_state
 from train.step import train_step
 

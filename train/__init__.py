@@ -1,1 +1,2 @@
-"""Training: configuration, sharded state, pure train/eval steps, checkpoints and the loop."""
+"""Training: the config and its validation, the run directory, checkpoints, the sharded program
+(state, shardings, jitted steps), the loop, fine-tuning and merging, and AOT compiles for TPUs."""

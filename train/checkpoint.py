@@ -37,7 +37,6 @@ MANIFEST = "meshlm_manifest.json"
 TMP_SUFFIX = ".orbax-checkpoint-tmp"
 # Orbax rewrites its step metadata (commit time) after the rename: not covered by the manifest.
 UNHASHED = (MANIFEST, "_CHECKPOINT_METADATA")
-DAMAGED_DIR = "damaged_checkpoints"
 
 
 class DamagedCheckpointError(ValueError):
@@ -142,6 +141,7 @@ class Checkpointer:
     def __init__(self, run_dir: str | Path, cfg: CheckpointConfig, read_only: bool = False):
         self.run_dir = Path(run_dir).resolve()
         self.directory = RunDir(self.run_dir).checkpoints
+        self.damaged = RunDir(self.run_dir).damaged_checkpoints
         self.wait_each_save = not cfg.async_save
         self._pending: int | None = None
         async_options = None if read_only else ocp.AsyncOptions(
@@ -219,7 +219,7 @@ class Checkpointer:
             if verdict == 0:
                 return step
             older = [s for s in steps if s < step]
-            warn(f"{problem}; it is moved to {self.run_dir / DAMAGED_DIR} and "
+            warn(f"{problem}; it is moved to {self.damaged} and "
                  + (f"training resumes from checkpoint {max(older)}" if older
                     else "training starts from scratch"))
             if jax.process_index() == 0:
@@ -230,7 +230,7 @@ class Checkpointer:
 
     def quarantine(self, step: int) -> Path:
         """Moves checkpoint ``step`` out of the checkpoint directory (kept for inspection)."""
-        target_dir = self.run_dir / DAMAGED_DIR
+        target_dir = self.damaged
         target_dir.mkdir(exist_ok=True)
         target, n = target_dir / str(step), 1
         while target.exists():

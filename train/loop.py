@@ -60,9 +60,8 @@ def write_expert_load_picture(end: RunEnd) -> None:
     m = end.cfg.model
     if end.expert_load is None or jax.process_index() != 0:
         return
-    layer_ids = [m.first_dense_layers + (i + 1) * m.moe_every - 1 for i in range(m.num_moe_layers)]
     step = end.summary["step"]
-    write_expert_load_png(end.run.path / "expert_load.png", end.expert_load, layer_ids,
+    write_expert_load_png(end.run.expert_load_picture, end.expert_load, m.moe_layer_indices,
                           f"expert load, mean over steps {step - end.load_steps + 1}-{step} "
                           f"({m.num_experts} experts, top-{m.experts_per_token})")
 
@@ -70,8 +69,9 @@ def write_expert_load_picture(end: RunEnd) -> None:
 def train(cfg: Config, *, hooks: Sequence[EndHook] = (write_expert_load_picture,),
           batch_hook: BatchHook | None = None) -> dict[str, Any]:
     """Runs (or resumes) the job described by ``cfg``; returns a summary of the last step
-    (``preempted`` is the step it stopped at after SIGTERM; then no hooks run). ``batch_hook`` is
-    for tests."""
+    (``preempted`` is the step it stopped at after SIGTERM; then no hooks run). ``hooks`` run at
+    the end: ``python -m train`` adds the sample of ``train.sample_tokens`` tokens
+    (``inference.generate.print_sample``, a layer above this one). ``batch_hook`` is for tests."""
     with Preemption() as preemption:
         end = _train(cfg, preemption, batch_hook)
     if "preempted" not in end.summary:

@@ -1,7 +1,8 @@
 """The run directory, and the only code that knows its layout: ``config.yaml`` (the fully resolved
 config, written atomically), the tokenizer files (``data/tokenizer.py`` names them), ``metrics.jsonl``,
-``tensorboard/``, ``logs/`` and ``checkpoints/<step>/`` (written by ``train/checkpoint.py``).
-Training, fine-tuning, evaluation and conversion all go through ``RunDir``.
+``tensorboard/``, ``logs/``, ``expert_load.png``, and ``checkpoints/<step>/`` and
+``damaged_checkpoints/`` (whose contents ``train/checkpoint.py`` writes). Training, fine-tuning,
+evaluation and conversion all go through ``RunDir``.
 
 Under ``jax.distributed`` every process holds a ``RunDir`` of the same shared directory; process 0
 writes, and ``prepare`` and ``tokenizer_for`` keep the others in step with it.
@@ -32,6 +33,7 @@ from train.config import Config, config_from_dict, dump_yaml
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
+DAMAGED_DIR = "damaged_checkpoints"  # checkpoints that failed verification, kept for inspection
 
 
 def write_atomically(path: Path, data: bytes) -> None:
@@ -56,8 +58,10 @@ class RunDir:
     config_file = property(lambda self: self.path / CONFIG_FILE)
     metrics_file = property(lambda self: self.path / METRICS_FILE)
     checkpoints = property(lambda self: self.path / "checkpoints")
+    damaged_checkpoints = property(lambda self: self.path / DAMAGED_DIR)
     tensorboard = property(lambda self: self.path / "tensorboard")
     logs = property(lambda self: self.path / "logs")
+    expert_load_picture = property(lambda self: self.path / "expert_load.png")
 
     @classmethod
     def of_checkpoint(cls, path: str | Path) -> tuple[RunDir, int | None]:
@@ -84,7 +88,10 @@ class RunDir:
         if not self.config_file.is_file():
             raise ValueError(f"{self.path} is not a meshlm run directory (it has no {CONFIG_FILE})")
         try:
-            return config_from_dict(yaml.safe_load(self.config_file.read_text()) or {})
+            raw = yaml.safe_load(self.config_file.read_text())
+            if not isinstance(raw, dict):
+                raise TypeError("it holds no mapping of sections")
+            return config_from_dict(raw)
         except (yaml.YAMLError, ConfigError, TypeError, AttributeError) as e:
             raise ValueError(f"{self.config_file} is not a valid meshlm config ({e})") from None
 
