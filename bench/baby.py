@@ -48,7 +48,9 @@ from train.config import CONFIG_DIR, Config, load_config
 from train.optimizer import make_optimizer
 from train.program import Program, memory_report
 
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare/input.txt"
+# nanoGPT's shakespeare_char corpus, kept in the repository so `make bench` runs from a clone alone
+# (provenance and checksum in bench/data/SOURCE.md)
+DEFAULT_DATA = Path(__file__).resolve().parent / "data/tinyshakespeare.txt"
 NANOGPT_VAL_LOSS = 1.886  # nanoGPT README, baby GPT on shakespeare_char
 NANOGPT_MS_PER_STEP = 50.0  # its PyTorch eager run of this config on this machine, quiet
 TARGET_VAL_LOSS = 1.80
