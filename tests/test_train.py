@@ -1,6 +1,10 @@
 """Training behaviour: accumulation equals full batch, loss falls, exact resume, restore on a new mesh."""
 
+import json
+import time
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -12,7 +16,9 @@ from tests import reference
 from tests.helpers import SMALL, loss_and_grads, losses_of, random_batch, small_text, tiny_config
 from train.checkpoint import Checkpointer
 from train.loop import train
+from train.metrics import MetricsWriter, StepLog
 from train.program import Program
+from train.run_dir import RunDir
 
 TOL = 1e-5
 
@@ -81,3 +87,22 @@ def _eval_loss_after_restore(cfg, run_dir, mesh_axes) -> float:
                         batch_size=t.batch_size, max_batches=2)
     assert program.global_batch(data[0])["inputs"].shape == (t.batch_size, t.seq_len)
     return program.evaluate(state.params, data)
+
+
+def test_the_last_logged_interval_is_timed_by_completed_steps(tmp_path):
+    # Each step's outputs are ready as soon as it is pushed and the host spends 20 ms per step (a
+    # host-bound run): every interval must read the same rate, the last one included, although its
+    # steps in flight are all fetched at once by the final drain.
+    cfg = tiny_config(tmp_path, "train.steps=12", "train.log_every=4", "train.steps_in_flight=4",
+                      "run.progress=false")
+    with MetricsWriter(RunDir(tmp_path), tensorboard=False) as writer:
+        log = StepLog(cfg, writer, 0, 1.0, 0.0, lambda: None)
+        for step in range(1, 13):
+            time.sleep(0.02)
+            log.push(step, {"loss": jnp.float32(1.0), "grad_norm": jnp.float32(1.0),
+                            "lr": jnp.float32(1e-3), "skipped": jnp.int32(0)})
+        log.drain()
+    records = [json.loads(x) for x in RunDir(tmp_path).metrics_file.read_text().splitlines()]
+    rates = {r["step"]: r["tokens_per_s"] for r in records}
+    assert sorted(rates) == [4, 8, 12]
+    assert max(rates.values()) < 1.5 * min(rates.values()), rates

@@ -73,14 +73,19 @@ def progress_bar(total: int, initial: int, enabled: bool) -> tqdm:
 class StepLog:
     """The metrics of the steps in flight: fetched once at most ``train.steps_in_flight`` steps
     behind (bounding dispatch-ahead), written every ``train.log_every`` steps with tokens/s and MFU
-    (timed from the first fetched step: compilation is not counted), skipped non-finite steps
-    counted (more than ``train.max_skipped_steps`` in a row end the run), MoE expert load summed."""
+    (timed from the first step: compilation is not counted), skipped non-finite steps counted (more
+    than ``train.max_skipped_steps`` in a row end the run), MoE expert load summed.
+
+    Intervals are timed by when steps complete, not when they are fetched: a step is fetched up to
+    ``steps_in_flight`` steps late, and the final drain fetches the last ones all at once (which
+    made the last interval of a host-bound run read over twice the real rate)."""
 
     def __init__(self, cfg: Config, writer: MetricsWriter, start: int, flops_per_token: float,
                  peak_flops: float, latest_checkpoint: Callable[[], int | None]):
         self.cfg, self.writer, self.latest_checkpoint = cfg, writer, latest_checkpoint
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
         self.in_flight: collections.deque[tuple[int, dict]] = collections.deque()
+        self.completed_at: dict[int, float] = {}  # steps in flight seen completed: when
         self.last: dict[str, Any] = {"step": start}
         self.clock: tuple[float | None, int] = (None, start)  # (time, step) of the last log
         self.load_sum: np.ndarray | float = 0.0  # [MoE layers, experts], summed over fetched steps
@@ -91,7 +96,20 @@ class StepLog:
     def push(self, step: int, metrics: dict[str, jax.Array]) -> None:
         """Records step ``step``'s (device) metrics, fetching the oldest beyond the bound."""
         self.in_flight.append((step, metrics))
+        self._note_completed()
         self.drain(self.cfg.train.steps_in_flight)
+
+    def _note_completed(self) -> None:
+        """Times the steps in flight whose outputs are ready now, oldest first: the device runs them
+        in order, so the first one not ready ends the scan. A step is timed to within one push; a
+        step not seen ready before its fetch is timed when the fetch returns."""
+        now = time.perf_counter()
+        for step, metrics in self.in_flight:
+            if step in self.completed_at:
+                continue
+            if not all(x.is_ready() for x in jax.tree.leaves(metrics)):
+                break
+            self.completed_at[step] = now
 
     def drain(self, limit: int = 0) -> None:
         """Fetches metrics of the oldest steps until at most ``limit`` remain in flight."""
@@ -105,10 +123,11 @@ class StepLog:
                 self.load_steps += 1
             self.bar.update(1)
             self.last.update(step=step, **values)
-            self._log(step, values, time.perf_counter())
+            self._log(step, values, self.completed_at.pop(step, time.perf_counter()))
 
     def _log(self, step: int, values: dict[str, Any], now: float) -> None:
-        """Writes step ``step``'s record when it is due (a log step or the last)."""
+        """Writes step ``step``'s record, which completed at ``now``, when it is due (a log step or
+        the last)."""
         since, since_step = self.clock
         if since is None:  # the first step includes compilation: time from here
             self.clock = (now, step)
