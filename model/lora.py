@@ -8,6 +8,11 @@ Adapters are attached after the model is built, next to the weight they adapt (`
 B [L, r, N, H] with the weight's logical names (None for r), so scanned stacks slice them per layer
 and ``sharding/`` places them like the weight. Expert adapters ([L, E, D, r], [L, E, r, F]) are added
 to the expert weights before the expert kernels run (no dropout there).
+
+Dropout masks are drawn row by row: row r of a step's batch gets its mask from
+``fold_in(layer key, r)``, with the layer key from (seed, step, adapter) (``with_dropout_keys``) and
+r the row's index in the step's whole batch (``set_dropout_rows``; by default the input's own row
+numbers). A step accumulated over microbatches therefore draws the masks of the whole-batch step.
 """
 
 from __future__ import annotations
@@ -40,6 +45,11 @@ class LoRAParam(nnx.Param):
 
 class LoRAKey(nnx.Variable):
     """Per-layer dropout keys of one adapter (raw uint32 key data), replaced by every training step."""
+
+
+class LoRARows(nnx.Variable):
+    """The index of each input row in the training step's whole batch, per layer [*lead, B] (set by
+    ``set_dropout_rows`` for each microbatch): it keys that row's dropout masks."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,11 +109,18 @@ class LoRA(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """The update for input ``x`` [..., *in] -> [..., *out], in ``x``'s dtype."""
         if self.dropout and not self.deterministic:
-            keep = jax.random.bernoulli(jax.random.wrap_key_data(self.key[...]), 1.0 - self.dropout,
-                                        x.shape)
-            x = jnp.where(keep, x / (1.0 - self.dropout), jnp.zeros_like(x))
+            x = self.dropped(x)
         h = dense(x, self.a[...].astype(x.dtype), self.in_dims) * self.scaling
         return dense(h, self.b[...].astype(x.dtype), 1)
+
+    def dropped(self, x: jax.Array) -> jax.Array:
+        """Inverted dropout of ``x`` [B, ...]: row b's mask is drawn from ``fold_in(key, rows[b])``,
+        so it is the same whichever microbatch holds the row."""
+        rows_b = self.rows[...] if hasattr(self, "rows") else jnp.arange(x.shape[0], dtype=jnp.int32)
+        keys_b = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.wrap_key_data(self.key[...]),
+                                                         rows_b)
+        keep = jax.vmap(lambda k: jax.random.bernoulli(k, 1.0 - self.dropout, x.shape[1:]))(keys_b)
+        return jnp.where(keep, x / (1.0 - self.dropout), jnp.zeros_like(x))
 
     def delta(self) -> jax.Array:
         """``(alpha / r) A B`` shaped like the adapted weight."""
@@ -175,6 +192,16 @@ def set_deterministic(model: nnx.Module, deterministic: bool) -> nnx.Module:
     """Turns the adapters' dropout off (True) or on (False), in place; returns ``model``."""
     for _, _, adapter in adapters(model):
         adapter.deterministic = deterministic
+    return model
+
+
+def set_dropout_rows(model: nnx.Module, rows_b: jax.Array) -> nnx.Module:
+    """Tells every dropout adapter of ``model`` (in place; returns it) that its inputs' rows are rows
+    ``rows_b`` [B] of the training step's whole batch."""
+    for _, _, adapter in adapters(model):
+        if adapter.dropout:
+            lead = adapter.key.shape[:-1]
+            adapter.rows = LoRARows(jnp.broadcast_to(rows_b.astype(jnp.int32), lead + rows_b.shape))
     return model
 
 

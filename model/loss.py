@@ -1,11 +1,12 @@
 """The LM head and the next-token cross-entropy, each defined once and used by training, evaluation,
 scoring and perplexity.
 
-``lm_logits`` applies the head weight [V, D] to final features, in float32 logits; ``token_nll`` is
-``logsumexp(logits) - logits[target]`` per position. ``nll_sums`` is what training and evaluation
-take from a batch: with ``ModelConfig.loss_chunk > 0`` the head runs over chunks of positions, so
-the [B, T, V] logits never exist at once: each chunk's [B, c, V] logits are made, reduced to their
-token losses and made again in the backward pass (``jax.checkpoint``); the result is the same.
+``lm_logits`` applies the head weight [V, D] to final features (both in the compute dtype),
+accumulating in float32 and giving float32 logits; ``token_nll`` is ``logsumexp(logits) -
+logits[target]`` per position. ``nll_sums`` is what training and evaluation take from a batch:
+with ``ModelConfig.loss_chunk > 0`` the head runs over chunks of positions, so the [B, T, V]
+logits never exist at once: each chunk's [B, c, V] logits are made, reduced to their token losses
+and made again in the backward pass (``jax.checkpoint``); the result is the same.
 """
 
 from __future__ import annotations
@@ -15,13 +16,16 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from model.lora import set_dropout_rows
 from model.primitives import dense
 from sharding.constrain import constrain
 
 
 def lm_logits(x_btd: jax.Array, w_vd: jax.Array) -> jax.Array:
-    """Logits [B, T, V] in float32 of final features ``x_btd`` under the head weight ``w_vd``."""
-    logits_btv = dense(x_btd, w_vd.T).astype(jnp.float32)
+    """Logits [B, T, V] of final features ``x_btd`` under the head weight ``w_vd``, accumulated in
+    and returned as float32 whatever the compute dtype (bf16 logits would be quantised to steps of
+    about 0.06 at magnitude 10, which cross-entropy and sampling would see)."""
+    logits_btv = dense(x_btd, w_vd.T, out_dtype=jnp.float32)
     return constrain(logits_btv, ("batch", "length", "vocab"))
 
 
@@ -67,9 +71,12 @@ def chunked_nll_sum(features_btd: jax.Array, w_vd: jax.Array, targets_bt: jax.Ar
 
 def nll_sums(model: Any, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array, dict]:
     """(sum of weighted token losses, sum of weights, MoE auxiliaries) of a ``Transformer`` on a
-    batch (``inputs``, ``targets``, ``weights`` [B, T], optional ``positions`` and ``segment_ids``);
-    tokens of weight 0 (padding) are not routed to experts."""
+    batch (``inputs``, ``targets``, ``weights`` [B, T], optional ``positions`` and ``segment_ids``,
+    optional ``rows`` [B]: each row's index in the training step's whole batch, which keys its LoRA
+    dropout masks); tokens of weight 0 (padding) are not routed to experts."""
     weights_bt = batch["weights"].astype(jnp.float32)
+    if "rows" in batch:
+        set_dropout_rows(model, batch["rows"])
     x_btd, aux = model.hidden(batch["inputs"], batch.get("positions"), batch.get("segment_ids"),
                               routing_mask_bt=weights_bt > 0)
     w_vd = model.head_weight_vd()

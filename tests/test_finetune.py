@@ -19,7 +19,7 @@ from data.pipeline import eval_batches
 from data.sources import open_source
 from data.tokenizer import make_tokenizer
 from inference.load import load_run
-from sharding.constrain import activation_sharding
+from sharding.constrain import activation_sharding, under_activation_sharding
 from tests import reference
 from tests.helpers import losses_of, random_batch, small_text, tiny_config
 from train.checkpoint import Checkpointer
@@ -28,6 +28,7 @@ from train.finetune_trainee import FinetuneTrainee
 from train.loop import train
 from train.merge import merge_run
 from train.program import Program
+from train.step import grads_loss_and_metrics
 from train.validate import validate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -116,6 +117,41 @@ def test_lora_trains_only_the_adapters(eight_devices, corpus, base_run, tmp_path
         assert np.array_equal(model[path], value), path
     moments = [x.shape for x in jax.tree.leaves(state.opt_state) if x.ndim]
     assert sorted(moments) == sorted([v.shape for v in adapters.values()] * 2)  # mu and nu only
+
+
+def test_lora_dropout_microbatches_equal_the_full_batch(eight_devices, corpus, base_run, tmp_path):
+    """With dropout on and non-zero adapters, a step split into 4 microbatches has the loss and
+    gradients of the whole batch under the same step key: a row's masks do not depend on the
+    microbatch it lands in."""
+    cfg = ft_config(tmp_path / "ft", base_run, corpus, "finetune.lora_dropout=0.5",
+                    "train.batch_size=32")
+    program = Program(cfg)
+    trainee = program.trainee
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda x: x + 0.02 * rng.normal(size=x.shape).astype(x.dtype),
+                          jax.device_get(program.init().params))  # B != 0: every adapter matters
+    params = jax.device_put(params, trainee.shardings.params)
+    batch = {k: jax.device_put(v, program.batch_sharding)
+             for k, v in random_batch(32, 32, cfg.model.vocab_size, seed=3).items()}
+    step = jax.numpy.int32(5)
+
+    def grads_and_loss(n: int, graphdef: nnx.GraphDef) -> tuple:
+        def fn(params, batch, frozen):  # what the train step differentiates
+            batch, frozen = trainee.with_dropout(step, batch, frozen)
+            return grads_loss_and_metrics(params, batch, frozen, graphdef=graphdef,
+                                          microbatches=n)[:2]
+        return jax.device_get(jax.jit(under_activation_sharding(fn, program.mesh, program.rules))(
+            params, batch, trainee.frozen))
+
+    whole_grads, whole_loss = grads_and_loss(1, trainee.graphdef)
+    whole_grads = flat(whole_grads)
+    no_dropout = flat(grads_and_loss(1, trainee.eval_graphdef)[0])
+    for path, value in whole_grads.items():  # the masks change every gradient
+        assert reference.relative_error(value, no_dropout[path]) > 0.1, path
+    grads, loss = grads_and_loss(4, trainee.graphdef)
+    assert abs(loss - whole_loss) < 1e-5 * abs(whole_loss)
+    for path, value in flat(grads).items():
+        assert reference.relative_error(value, whole_grads[path]) < 1e-4, path
 
 
 def test_trainable_count_is_the_rank_arithmetic(base_run, lora_run, corpus, tmp_path):

@@ -12,6 +12,7 @@ from model.attention import causal_mask, dot_product_attention
 from model.config import ModelConfig
 from model.flops import param_counts
 from model.layers import RMSNorm, apply_rope
+from model.loss import nll_sums
 from model.transformer import Transformer
 from tests import reference
 
@@ -123,6 +124,42 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
     assert logits.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(logits)))
     full = Transformer(SMALL, nnx.Rngs(0))(jnp.zeros((2, 16), jnp.int32))
     assert reference.relative_error(logits, full) < 5e-2  # bf16 has an 8-bit mantissa
+
+
+def _reference_logits_and_loss(x_btd, w_vd, targets_bt, weights_bt) -> tuple[np.ndarray, float]:
+    """Logits of the bf16 features and head weight with every product and sum in float64, and the
+    weighted cross-entropy sum over them."""
+    logits = np.einsum("btd,vd->btv", np.asarray(x_btd, np.float64), np.asarray(w_vd, np.float64))
+    top = logits.max(-1, keepdims=True)
+    lse = np.log(np.exp(logits - top).sum(-1)) + top[..., 0]
+    nll = lse - np.take_along_axis(logits, targets_bt[..., None], -1)[..., 0]
+    return logits, float(np.sum(nll * weights_bt))
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_bfloat16_logits_and_loss_are_float32_accumulated(tied):
+    """With bf16 compute, the head's logits (and the loss, whole or chunked) are the float32 sums
+    of the bf16 features times the bf16 head weight, not rounded to bf16."""
+    cfg = dataclasses.replace(SMALL, dtype="bfloat16", tie_embeddings=tied, init_std=0.5)
+    model = Transformer(cfg, nnx.Rngs(0))
+    rng = np.random.default_rng(6)
+    tokens = rng.integers(0, 64, (2, 16)).astype(np.int32)
+    batch = {"inputs": jnp.asarray(tokens), "targets": jnp.asarray(np.roll(tokens, -1, 1)),
+             "weights": jnp.asarray((rng.random((2, 16)) > 0.2).astype(np.float32))}
+    x_btd, _ = model.hidden(batch["inputs"])
+    w_vd = model.head_weight_vd()
+    assert x_btd.dtype == w_vd.dtype == jnp.bfloat16
+    want_logits, want_loss = _reference_logits_and_loss(x_btd, w_vd, np.asarray(batch["targets"]),
+                                                        np.asarray(batch["weights"]))
+    logits = np.asarray(model(batch["inputs"]))
+    assert logits.dtype == np.float32
+    assert reference.relative_error(logits, want_logits) < TOL_OP
+    rounded = np.asarray(jnp.asarray(logits).astype(jnp.bfloat16).astype(jnp.float32))
+    assert np.mean(logits != rounded) > 0.5  # most logits are not bf16 values
+    for chunk in (0, 5):  # the whole [B, T, V] head and the chunked loss
+        model.cfg = dataclasses.replace(cfg, loss_chunk=chunk)
+        loss_sum, _, _ = nll_sums(model, batch)
+        assert abs(float(loss_sum) - want_loss) < TOL_OP * abs(want_loss), chunk
 
 
 def test_every_parameter_has_logical_axis_names():

@@ -29,6 +29,7 @@ from model.lora import (
     with_dropout_keys,
 )
 from model.transformer import Transformer
+from sharding.constrain import constrain
 from sharding.rules import Rules, tree_shardings
 from train.checkpoint import MANIFEST, Checkpointer, file_digest, warn
 from train.config import CheckpointConfig, Config
@@ -170,17 +171,22 @@ class FinetuneTrainee(Trainee):
     # ------------------------------------------------------------------------- steps and models
 
     def train_fn(self, schedule: optax.Schedule) -> StepFn:
-        """The train step; LoRA dropout draws fresh masks every step, a function of (seed, step),
-        so a resumed run draws the same ones."""
+        """The train step; LoRA dropout draws fresh masks every step (see ``with_dropout``)."""
         step_fn = super().train_fn(schedule)
         if not (self.lora and self.cfg.finetune.lora_dropout > 0):
             return step_fn
-        seed = self.cfg.train.seed
 
         def with_fresh_dropout(state: TrainState, batch: dict, frozen: nnx.State) -> tuple:
-            return step_fn(state, batch, with_dropout_keys(frozen, state.step, seed))
+            return step_fn(state, *self.with_dropout(state.step, batch, frozen))
 
         return with_fresh_dropout
+
+    def with_dropout(self, step: jax.Array, batch: dict, frozen: nnx.State) -> tuple[dict, nnx.State]:
+        """(``batch`` with ``rows``, each row's index in it; ``frozen`` with the dropout keys of
+        ``step``): a row's masks are a function of (seed, step, adapter, layer, row), so a resumed
+        run draws the same ones and microbatches draw those of the whole batch."""
+        rows_b = constrain(jnp.arange(batch["inputs"].shape[0], dtype=jnp.int32), ("batch",))
+        return {**batch, "rows": rows_b}, with_dropout_keys(frozen, step, self.cfg.train.seed)
 
     def plain_model(self, state: TrainState) -> tuple[nnx.GraphDef, nnx.State]:
         if not self.lora:
