@@ -2,11 +2,13 @@
 ``python -m convert import|export`` are ``cli/convert.py``).
 
 ``import`` reads a Hugging Face model directory (``config.json``, ``*.safetensors``, ``tokenizer.json``
-[+ ``tokenizer_config.json``]) of the Llama or Mixtral family, or a Llama-family GGUF file (tensors
-dequantised to float32, its embedded tokenizer and chat template converted), and writes a meshlm run
-directory: ``config.yaml``, the tokenizer and an Orbax checkpoint at step 0 holding the parameters,
-usable by ``python -m eval``, ``python -m train.finetune`` and ``export``. Nothing is written to
-RUN_DIR unless the whole import succeeds (it is assembled beside it and renamed).
+[+ ``tokenizer_config.json``]) of the Llama or Mixtral family, or a Llama-family GGUF file (its
+embedded tokenizer and chat template converted), and writes a meshlm run directory:
+``config.yaml``, the tokenizer and an Orbax checkpoint at step 0 holding the parameters, usable by
+``python -m eval``, ``python -m train.finetune`` and ``export``. Nothing is written to RUN_DIR
+unless the whole import succeeds (it is assembled beside it and renamed). Tensors are read one
+parameter at a time, each converted into the run's dtype as it is read and placed on the device,
+so the host never holds the model more than once (before: two or three float32 copies).
 
 ``export`` writes a run's latest checkpoint (merge LoRA adapters first) in the Hugging Face layout:
 ``config.json``, ``generation_config.json``, ``model.safetensors`` and, for Hugging Face
@@ -23,6 +25,7 @@ import json
 import os
 import shutil
 import sys
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -31,20 +34,22 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx
-from safetensors import SafetensorError
-from safetensors.numpy import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
 
 from convert.gguf_import import hf_config, hf_tensors, open_gguf
 from convert.hf_layout import (
     ConversionError,
     HFTensors,
+    LazyTensors,
     hf_config_from_model,
     hf_from_params,
     model_config_from_hf,
     params_from_hf,
 )
-from data.hf_tokenizer import HFTokenizer, tokenizer_from_gguf
-from inference.load import load_run
+from core.errors import first_line
+from data.hf_tokenizer import HFTokenizer, read_json_object, tokenizer_from_gguf
+from inference.load import load_run, read_run_config
 from model.config import ModelConfig
 from model.transformer import Transformer
 from train.checkpoint import Checkpointer
@@ -52,25 +57,74 @@ from train.config import CheckpointConfig, Config, DataConfig, RunConfig, TrainC
 from train.run_dir import RunDir
 from train.state import TrainState
 
+INDEX_FILE = "model.safetensors.index.json"
 MAX_WINDOW = 2048  # the imported run's train.seq_len (generation window) at most; --seq-len overrides
 
 
 # ------------------------------------------------------------------------------------------ sources
 
 
-def read_safetensors(src: Path) -> HFTensors:
-    """Every tensor of ``src/*.safetensors`` (one file or an index of shards) as NumPy arrays."""
-    files = sorted(src.glob("*.safetensors"))
-    if not files:
-        raise ConversionError(f"{src} holds no *.safetensors weights (only safetensors are read, "
-                              "never pickled .bin files)")
-    out: HFTensors = {}
-    for f in files:
+def _shard(src: Path, name: Any) -> Path:
+    """A file the index names: a plain ``*.safetensors`` name in ``src``."""
+    if not isinstance(name, str) or Path(name).name != name or not name.endswith(".safetensors"):
+        raise ConversionError(f"{src / INDEX_FILE} names {name!r}, not a *.safetensors file name in "
+                              "this directory")
+    return src / name
+
+
+def _tensor_names(path: Path) -> list[str]:
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            return list(f.keys())
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ConversionError(f"{path} is not a readable safetensors file ({first_line(e)})") from None
+
+
+def _tensor_reader(path: Path, name: str) -> Callable[[], np.ndarray]:
+    def read() -> np.ndarray:
         try:
-            out.update(load_file(str(f)))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise ConversionError(f"{f} is not a readable safetensors file ({e})") from None
-    return out
+            with safe_open(str(path), framework="numpy") as f:
+                return f.get_tensor(name)
+        except (SafetensorError, OSError, ValueError, TypeError) as e:
+            raise ConversionError(f"tensor {name} of {path} is not readable ({first_line(e)})") from None
+
+    return read
+
+
+def _files_by_index(src: Path) -> dict[str, Path]:
+    """Tensor name -> the shard ``model.safetensors.index.json`` names for it (each checked to
+    hold it)."""
+    weight_map = read_json_object(src / INDEX_FILE).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ConversionError(f"{src / INDEX_FILE} has no weight_map of tensor names to files")
+    files = {name: _shard(src, file) for name, file in weight_map.items()}
+    for path in set(files.values()):
+        held = set(_tensor_names(path))
+        if missing := sorted(n for n, p in files.items() if p == path and n not in held):
+            raise ConversionError(f"{src / INDEX_FILE} puts tensor {missing[0]} in {path}, which "
+                                  "does not hold it")
+    return files
+
+
+def read_safetensors(src: Path) -> HFTensors:
+    """The tensors of ``src``'s safetensors, each read when looked up. With
+    ``model.safetensors.index.json`` its ``weight_map`` says which file holds each tensor (other
+    files, such as Mistral's consolidated.safetensors beside the shards, are not read); without it
+    every ``*.safetensors`` file is read, and a tensor in two of them is refused."""
+    if (src / INDEX_FILE).is_file():
+        files = _files_by_index(src)
+    else:
+        files = {}
+        for path in sorted(src.glob("*.safetensors")):
+            for name in _tensor_names(path):
+                if name in files:
+                    raise ConversionError(f"tensor {name} is in both {files[name]} and {path}, and "
+                                          f"no {INDEX_FILE} says which to read")
+                files[name] = path
+        if not files and not any(src.glob("*.safetensors")):
+            raise ConversionError(f"{src} holds no *.safetensors weights (only safetensors are "
+                                  "read, never pickled .bin files)")
+    return LazyTensors({name: _tensor_reader(path, name) for name, path in files.items()})
 
 
 def read_hf_dir(src: Path) -> tuple[ModelConfig, HFTensors, Any]:
@@ -78,11 +132,7 @@ def read_hf_dir(src: Path) -> tuple[ModelConfig, HFTensors, Any]:
     config_file = src / "config.json"
     if not config_file.is_file():
         raise ConversionError(f"{src} has no config.json: not a Hugging Face model directory")
-    try:
-        hf = json.loads(config_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConversionError(f"{config_file} is not valid JSON ({e})") from None
-    cfg = model_config_from_hf(hf)
+    cfg = model_config_from_hf(read_json_object(config_file))
     if not (src / "tokenizer.json").is_file():
         raise ConversionError(f"{src} has no tokenizer.json (a Hugging Face fast tokenizer is needed)")
     extra = src / "tokenizer_config.json"
@@ -119,11 +169,11 @@ def param_shapes(abstract: Any) -> dict[tuple[str, ...], tuple[int, ...]]:
     return {tuple(str(p) for p in path): tuple(var.shape) for path, var in nnx.to_flat_state(abstract)}
 
 
-def params_state(abstract: Any, params: dict[tuple[str, ...], np.ndarray], dtype: str) -> Any:
-    """``abstract``'s State (one device, ``dtype``) holding ``params``."""
-    return nnx.from_flat_state([
-        (path, var.replace(jnp.asarray(params[tuple(str(p) for p in path)], dtype=jnp.dtype(dtype))))
-        for path, var in nnx.to_flat_state(abstract)])
+def params_state(abstract: Any, makers: Mapping[tuple[str, ...], Callable[[], np.ndarray]]) -> Any:
+    """``abstract``'s State on one device, each parameter made (read and converted,
+    ``params_from_hf``) and placed in turn: the host holds one parameter at a time."""
+    return nnx.from_flat_state([(path, var.replace(jnp.asarray(makers[tuple(str(p) for p in path)]())))
+                                for path, var in nnx.to_flat_state(abstract)])
 
 
 def run_config(cfg: ModelConfig, run_dir: Path, seq_len: int) -> Config:
@@ -143,19 +193,19 @@ def import_checkpoint(src: str | Path, run_dir: str | Path, *, seq_len: int = 0,
     if tokenizer.vocab_size > cfg.vocab_size:
         raise ConversionError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only "
                               f"{cfg.vocab_size}")
-    abstract = abstract_params(cfg)
-    params = params_from_hf(tensors, cfg, param_shapes(abstract))
-    del tensors
     seq_len = seq_len or min(cfg.max_seq_len, MAX_WINDOW)
     if not 1 <= seq_len <= cfg.max_seq_len:
         raise ConversionError(f"--seq-len must be in [1, {cfg.max_seq_len}], got {seq_len}")
+    abstract = abstract_params(cfg)
+    makers = params_from_hf(tensors, cfg, param_shapes(abstract), jnp.dtype(cfg.param_dtype))
+    state = TrainState(jnp.zeros((), jnp.int32), params_state(abstract, makers), {})
+    del makers, tensors
     scratch = run_dir.with_name(f".{run_dir.name}.importing-{os.getpid()}")
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
     try:
         RunDir(scratch).write_config(run_config(cfg, run_dir, seq_len))
         RunDir(scratch).save_tokenizer(tokenizer)
-        state = TrainState(jnp.zeros((), jnp.int32), params_state(abstract, params, cfg.param_dtype), {})
         checkpointer = Checkpointer(scratch, CheckpointConfig(every=0, keep=1, async_save=False))
         try:
             checkpointer.save(0, state, {"step": 0, "imported_from": str(src.resolve())}, {})
@@ -200,6 +250,7 @@ def export_checkpoint(run_dir: str | Path, out_dir: str | Path, *, dtype: str = 
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ConversionError(f"{out_dir} already exists and is not empty (nothing was overwritten)")
+    hf_config_from_model(read_run_config(run_dir).model)  # refused before the weights are read
     run = load_run(run_dir)
     cfg, tokenizer = run.cfg.model, run.tokenizer
     bos, eos = special_ids(tokenizer)

@@ -1,20 +1,22 @@
 """Reading Llama-family GGUF files (llama.cpp's format) as Hugging Face-layout tensors: metadata to a
-Hugging Face-style config, tensor names to Hugging Face names, every tensor dequantised to float32
-with the ``gguf`` package, and llama.cpp's row permutation of the Q and K projections undone (its
-converter reorders each head's rows so that RoPE rotates interleaved pairs; meshlm and Hugging Face
-rotate the two halves of each head).
+Hugging Face-style config, tensor names to Hugging Face names, each tensor read (quantised ones
+dequantised with the ``gguf`` package) only when the import places it, and llama.cpp's row
+permutation of the Q and K projections undone (its converter reorders each head's rows so that
+RoPE rotates interleaved pairs; meshlm and Hugging Face rotate the two halves of each head).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import gguf
 import numpy as np
 
-from convert.hf_layout import ConversionError, HFTensors
+from convert.hf_layout import ConversionError, HFTensors, LazyTensors
+from data.gguf_file import open_gguf as open_gguf_file
 
 ARCHITECTURES = ("llama",)
 GLOBAL_NAMES = {
@@ -40,11 +42,12 @@ LAYER_PATTERN = re.compile(r"blk\.(\d+)\.(.+)")
 
 
 def open_gguf(path: str | Path) -> Any:
-    """A ``gguf.GGUFReader`` over ``path``; ConversionError if it is not a GGUF file."""
+    """A ``gguf.GGUFReader`` over ``path``, its header checked against the file's size
+    (``data/gguf_file.py``); ConversionError if it is not a readable GGUF file."""
     try:
-        return gguf.GGUFReader(str(path))
-    except (ValueError, OSError, IndexError, KeyError) as e:
-        raise ConversionError(f"{path} is not a readable GGUF file ({e})") from None
+        return open_gguf_file(path)
+    except ValueError as e:
+        raise ConversionError(str(e)) from None
 
 
 def field(reader: Any, key: str, default: Any = None) -> Any:
@@ -105,28 +108,46 @@ def unpermute(w: np.ndarray, heads: int) -> np.ndarray:
 
 
 def dequantize(tensor: Any) -> np.ndarray:
-    """A GGUF tensor as float32 [rows, cols] (the Hugging Face [out, in] order)."""
+    """A GGUF tensor [rows, cols] (the Hugging Face [out, in] order): F32 and F16 as the file's
+    own memory-mapped values (converted when they are placed), others dequantised to float32."""
     kind = gguf.GGMLQuantizationType(tensor.tensor_type)
     try:
         if kind in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
-            values = np.asarray(tensor.data, dtype=np.float32)
+            values = np.asarray(tensor.data)
         else:
             values = gguf.quants.dequantize(tensor.data, kind)
     except (NotImplementedError, ValueError, KeyError) as e:
         raise ConversionError(f"tensor {tensor.name} uses quantisation type {kind.name}, which "
                               f"meshlm cannot dequantise ({type(e).__name__})") from None
-    shape = tuple(int(n) for n in reversed(tensor.shape.tolist()))
-    return values.reshape(shape).astype(np.float32, copy=False)
+    return values.reshape(tuple(int(n) for n in reversed(tensor.shape.tolist())))
+
+
+def _reader(tensor: Any, heads: int = 0) -> Callable[[], np.ndarray]:
+    """Reads ``tensor`` when called, with llama.cpp's Q/K row order undone for ``heads`` > 0."""
+    return lambda: unpermute(dequantize(tensor), heads) if heads else dequantize(tensor)
+
+
+def _expert_reader(tensor: Any, expert: int, last: dict[str, np.ndarray]) -> Callable[[], np.ndarray]:
+    """Reads expert ``expert``'s matrix of a stacked [E, out, in] tensor, keeping only the last
+    stack dequantised (``last``): the experts of one stack are read one after another."""
+    def read() -> np.ndarray:
+        if tensor.name not in last:
+            last.clear()
+            last[tensor.name] = dequantize(tensor)
+        return last[tensor.name][expert]
+
+    return read
 
 
 def hf_tensors(reader: Any, config: dict[str, Any]) -> HFTensors:
-    """Every tensor of the GGUF file, dequantised, under its Hugging Face name."""
+    """Every tensor of the GGUF file under its Hugging Face name, read (dequantised) when looked up."""
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
-    out: HFTensors = {}
+    readers: dict[str, Callable[[], np.ndarray]] = {}
+    last_stack: dict[str, np.ndarray] = {}
     for tensor in reader.tensors:
         name = tensor.name
         if name in GLOBAL_NAMES:
-            out[GLOBAL_NAMES[name]] = dequantize(tensor)
+            readers[GLOBAL_NAMES[name]] = _reader(tensor)
             continue
         match = LAYER_PATTERN.fullmatch(name)
         if not match:
@@ -134,15 +155,12 @@ def hf_tensors(reader: Any, config: dict[str, Any]) -> HFTensors:
         layer, part = match.groups()
         prefix = f"model.layers.{int(layer)}."
         if part in EXPERT_NAMES:
-            for e, w in enumerate(dequantize(tensor)):
-                out[f"{prefix}block_sparse_moe.experts.{e}.{EXPERT_NAMES[part]}.weight"] = w
+            for e in range(int(tensor.shape[-1]) if len(tensor.shape) == 3 else 0):
+                readers[f"{prefix}block_sparse_moe.experts.{e}.{EXPERT_NAMES[part]}.weight"] = \
+                    _expert_reader(tensor, e, last_stack)
         elif part in LAYER_NAMES:
-            w = dequantize(tensor)
-            if part == "attn_q.weight":
-                w = unpermute(w, heads)
-            elif part == "attn_k.weight":
-                w = unpermute(w, kv_heads)
-            out[prefix + LAYER_NAMES[part]] = w
+            permuted = {"attn_q.weight": heads, "attn_k.weight": kv_heads}.get(part, 0)
+            readers[prefix + LAYER_NAMES[part]] = _reader(tensor, permuted)
         else:
             raise ConversionError(f"tensor {name} is not part of a Llama-family GGUF file")
-    return out
+    return LazyTensors(readers)

@@ -10,21 +10,38 @@ on the Hugging Face side, ``{("blocks", "attn", "w_q_dnh"): a_lDNH}`` on meshlm'
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+import functools
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
 
 from model.config import ModelConfig
 
-HFTensors = dict[str, np.ndarray]
-Params = dict[tuple[str, ...], np.ndarray]
+FLOAT32 = np.dtype(np.float32)
+HFTensors = Mapping[str, np.ndarray]  # read when looked up (LazyTensors) or held
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                  "mixtral": "MixtralForCausalLM"}
 
 
 class ConversionError(ValueError):
     """A checkpoint that cannot be converted (unknown architecture, missing or misshapen tensors)."""
+
+
+class LazyTensors(Mapping[str, np.ndarray]):
+    """Tensors by name, each read (from its file) when it is looked up, and not kept."""
+
+    def __init__(self, readers: Mapping[str, Callable[[], np.ndarray]]) -> None:
+        self._readers = dict(readers)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self._readers[name]()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._readers)
+
+    def __len__(self) -> int:
+        return len(self._readers)
 
 
 # ------------------------------------------------------------------------------------ config.json
@@ -74,13 +91,36 @@ def model_config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
     return cfg
 
 
+def _inexpressible(cfg: ModelConfig) -> tuple[str, str] | None:
+    """(key, why) of the first option of ``cfg`` that a Llama or Mixtral ``config.json`` cannot
+    say, so that a model in that layout would compute something else; None when there is none.
+    (softmax_topk and topk_softmax are one function up to rounding; the capacity path is a training
+    device: meshlm's own inference, like Mixtral, drops no token.)"""
+    if cfg.position != "rope":
+        return "position", "Llama/Mixtral have rotary positions only, no learned table"
+    if cfg.activation != "swiglu":
+        return "activation", "Llama/Mixtral MLPs are SwiGLU only"
+    if not cfg.is_moe:
+        return None
+    if cfg.router_mode == "softmax_topk_unnormalized":
+        return "router_mode", "Mixtral renormalises the top-k gates to sum 1"
+    for key, why in (("num_shared_experts", "Mixtral has no always-on experts"),
+                     ("first_dense_layers", "every Mixtral layer is MoE"),
+                     ("moe_every", "every Mixtral layer is MoE")):
+        if getattr(cfg, key) != (1 if key == "moe_every" else 0):
+            return key, why
+    return None
+
+
 def hf_config_from_model(cfg: ModelConfig, bos_id: int | None = None,
                          eos_id: int | None = None) -> dict[str, Any]:
     """A Hugging Face ``config.json`` (Llama, or Mixtral for MoE) for a meshlm architecture;
-    ConversionError if the architecture has no Hugging Face equivalent."""
-    if cfg.position != "rope" or cfg.activation != "swiglu":
-        raise ConversionError("only RoPE + SwiGLU models have a Llama/Mixtral layout "
-                              f"(this one: position={cfg.position}, activation={cfg.activation})")
+    ConversionError naming the first key the layout cannot express (nothing is exported rather
+    than a model that computes something else)."""
+    if found := _inexpressible(cfg):
+        key, why = found
+        raise ConversionError(f"model.{key}={getattr(cfg, key)} has no Hugging Face "
+                              f"{'Mixtral' if cfg.is_moe else 'Llama'} form ({why}); nothing was written")
     out: dict[str, Any] = dict(
         vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.mlp_dim,
         num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
@@ -91,9 +131,6 @@ def hf_config_from_model(cfg: ModelConfig, bos_id: int | None = None,
     if not cfg.is_moe:
         return {"architectures": [ARCHITECTURES["llama"]], "model_type": "llama", **out,
                 "attention_bias": False, "mlp_bias": False}
-    if cfg.first_dense_layers or cfg.moe_every != 1 or cfg.num_shared_experts:
-        raise ConversionError("Mixtral layout needs every layer MoE (first_dense_layers=0, "
-                              "moe_every=1) and no shared experts")
     if cfg.resolved_expert_mlp_dim != cfg.mlp_dim:
         out["intermediate_size"] = cfg.resolved_expert_mlp_dim
     return {"architectures": [ARCHITECTURES["mixtral"]], "model_type": "mixtral", **out,
@@ -159,57 +196,67 @@ def _stack_name(cfg: ModelConfig) -> str:
     return "moe_blocks" if cfg.is_moe else "blocks"
 
 
+def _parameter_sources(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[Layout, list[str], int]]:
+    """Every meshlm parameter -> (layout, the HF tensors it is made of, in stacking order, and how
+    many leading axes they stack along: 0 alone, 1 over layers, 2 over layers and experts)."""
+    out = {path: (layout, [name], 0)
+           for name, path, layout in (EMBED, FINAL_NORM) + (() if cfg.tie_embeddings else (HEAD,))}
+    stack, layers = _stack_name(cfg), range(cfg.num_layers)
+    for suffix, path, layout in ATTENTION_TABLE + ((ROUTER,) if cfg.is_moe else DENSE_MLP_TABLE):
+        out[(stack, *path)] = (layout, [f"model.layers.{i}.{suffix}" for i in layers], 1)
+    for template, path, layout in EXPERT_TABLE if cfg.is_moe else ():
+        out[(stack, *path)] = (layout, [f"model.layers.{i}.{template.format(e=e)}" for i in layers
+                                        for e in range(cfg.num_experts)], 2)
+    return out
+
+
 def _take(tensors: Mapping[str, np.ndarray], name: str, layout: Layout, cfg: ModelConfig,
           shape: tuple[int, ...]) -> np.ndarray:
-    """Tensor ``name`` as the meshlm parameter slice of ``shape``; ConversionError if it is missing
-    or its shape is not the one the config implies."""
-    if name not in tensors:
-        raise ConversionError(f"tensor {name} is missing from the checkpoint")
-    want = layout.to_hf(np.zeros(shape, np.float32), cfg).shape
+    """Tensor ``name`` (read now, as stored) as the meshlm parameter slice of ``shape``;
+    ConversionError if its shape is not the one the config implies."""
+    nothing = np.lib.stride_tricks.as_strided(np.zeros(1, np.int8), shape, (0,) * len(shape))
+    want = layout.to_hf(nothing, cfg).shape  # the shape alone: no memory behind it
     w = tensors[name]
     if tuple(w.shape) != tuple(want):
         raise ConversionError(f"tensor {name} has shape {tuple(w.shape)}, the config implies "
                               f"{tuple(want)} (shape mismatch)")
-    return layout.to_meshlm(np.asarray(w, dtype=np.float32), cfg)
+    return layout.to_meshlm(np.asarray(w), cfg)
+
+
+def _make(tensors: Mapping[str, np.ndarray], cfg: ModelConfig, layout: Layout, names: list[str],
+          stacked: int, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """One parameter in ``dtype``, each HF tensor converted as it is read into its slot."""
+    out = np.empty(shape, dtype)
+    for slot, name in zip(out.reshape(-1, *shape[stacked:]), names, strict=True):
+        slot[...] = _take(tensors, name, layout, cfg, shape[stacked:])
+    return out
 
 
 def params_from_hf(tensors: Mapping[str, np.ndarray], cfg: ModelConfig,
-                   shapes: Mapping[tuple[str, ...], tuple[int, ...]]) -> Params:
-    """meshlm parameters (float32, layers stacked) from Hugging Face tensors, given the model's
-    parameter ``shapes``; ConversionError names a missing or misshapen tensor, or a tensor left over."""
-    out: Params = {}
-    used = set()
-
-    def take(name: str, layout: Layout, shape: tuple[int, ...]) -> np.ndarray:
-        used.add(name)
-        return _take(tensors, name, layout, cfg, shape)
-
-    for name, path, layout in (EMBED, FINAL_NORM) + (() if cfg.tie_embeddings else (HEAD,)):
-        out[path] = take(name, layout, shapes[path])
-    layer_table = ATTENTION_TABLE + ((ROUTER,) if cfg.is_moe else DENSE_MLP_TABLE)
-    stack = _stack_name(cfg)
-    for suffix, path, layout in layer_table:
-        shape = shapes[(stack, *path)][1:]
-        out[(stack, *path)] = np.stack([take(f"model.layers.{i}.{suffix}", layout, shape)
-                                        for i in range(cfg.num_layers)])
-    for template, path, layout in EXPERT_TABLE if cfg.is_moe else ():
-        shape = shapes[(stack, *path)][2:]
-        out[(stack, *path)] = np.stack([np.stack([
-            take(f"model.layers.{i}.{template.format(e=e)}", layout, shape)
-            for e in range(cfg.num_experts)]) for i in range(cfg.num_layers)])
+                   shapes: Mapping[tuple[str, ...], tuple[int, ...]],
+                   dtype: np.dtype = FLOAT32) -> dict[tuple[str, ...], Callable[[], np.ndarray]]:
+    """A maker for each meshlm parameter (layers stacked, in ``dtype``) from Hugging Face tensors,
+    given the model's parameter ``shapes``: calling it reads the parameter's tensors, one at a time,
+    so a caller that keeps one parameter at a time holds the model once, not a float32 copy of it
+    beside another. ConversionError, before anything is read, names a missing tensor or one left
+    over; a maker raises it for a misshapen one."""
+    sources = _parameter_sources(cfg)
+    used = [name for _, names, _ in sources.values() for name in names]
+    if missing := next((name for name in used if name not in tensors), None):
+        raise ConversionError(f"tensor {missing} is missing from the checkpoint")
     ignorable = ("rotary_emb.inv_freq",)  # buffers some older checkpoints carry
-    if extra := sorted(n for n in set(tensors) - used if not n.endswith(ignorable)):
-        if extra == ["lm_head.weight"] and cfg.tie_embeddings:
-            return out  # some tied checkpoints store the head anyway
+    extra = sorted(n for n in set(tensors) - set(used) if not n.endswith(ignorable))
+    if extra and not (extra == ["lm_head.weight"] and cfg.tie_embeddings):  # some tied ones store it
         raise ConversionError(f"tensor {extra[0]} is not part of a {len(used)}-tensor "
                               f"{'Mixtral' if cfg.is_moe else 'Llama'} checkpoint of this config "
                               f"({len(extra)} such tensors)")
-    return out
+    return {path: functools.partial(_make, tensors, cfg, layout, names, stacked, shapes[path], dtype)
+            for path, (layout, names, stacked) in sources.items()}
 
 
 def hf_from_params(params: Mapping[tuple[str, ...], np.ndarray], cfg: ModelConfig) -> HFTensors:
     """Hugging Face tensors (contiguous, float32 or as stored) from meshlm parameters."""
-    out: HFTensors = {}
+    out: dict[str, np.ndarray] = {}
     for name, path, layout in (EMBED, FINAL_NORM) + (() if cfg.tie_embeddings else (HEAD,)):
         out[name] = layout.to_hf(np.asarray(params[path]), cfg)
     stack = _stack_name(cfg)

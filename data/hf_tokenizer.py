@@ -14,16 +14,22 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from gguf import GGUFReader
+import numpy as np
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers, processors
 from tokenizers.models import BPE
 
 from core.errors import first_line
 from data.chat import render_chat
+from data.gguf_file import open_gguf
 
 HF_FILE = "hf_tokenizer.json"  # its name in a run directory (meshlm's own tokenizer.json is metadata)
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
 SPACE_SYMBOL = "\u2581"  # "▁": a space inside SentencePiece-style pieces
+
+MAX_JSON_BYTES = 128 << 20  # a JSON file read (four times Gemma's 33 MB tokenizer.json, the largest known)
+HASH_BASE = 1_000_003  # odd: invertible mod 2**64 (merges rebuild)
+HASH_INVERSE = pow(HASH_BASE, -1, 1 << 64)
+MERGES_PER_TOKEN, MIN_MERGE_LIMIT = 16, 1 << 20  # real vocabularies: a few merges per token
 
 # GGUF token types (llama.cpp's llama_token_type)
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -205,17 +211,17 @@ class HFTokenizer:
         path = Path(tokenizer_json)
         if not path.is_file():
             raise ValueError(f"{path} does not exist")
-        backend = _parse_tokenizer_json(path.read_text(encoding="utf-8"), str(path))
+        backend = _parse_tokenizer_json(read_text(path), str(path))
         config: dict[str, Any] = {}
         if tokenizer_config_json is not None:
             config_path = Path(tokenizer_config_json)
-            config = _read_json(config_path)
+            config = read_json_object(config_path)
             siblings = config_path.parent
             special_map = siblings / "special_tokens_map.json"
             if special_map.is_file():
-                config = {**_read_json(special_map), **config}
+                config = {**read_json_object(special_map), **config}
             if chat_template is None and (siblings / "chat_template.jinja").is_file():
-                chat_template = (siblings / "chat_template.jinja").read_text(encoding="utf-8")
+                chat_template = read_text(siblings / "chat_template.jinja")
         special = {name: _token_text(config.get(name)) for name in SPECIAL_TOKEN_NAMES}
         for name, text in special.items():
             if text is not None and backend.token_to_id(text) is None:
@@ -246,13 +252,28 @@ def _parse_tokenizer_json(text: str, where: str) -> Tokenizer:
         raise ValueError(f"{where} is not a Hugging Face tokenizer.json ({first_line(e)})") from None
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_text(path: Path, max_bytes: int = MAX_JSON_BYTES) -> str:
+    """A UTF-8 file of at most ``max_bytes`` (checked before it is read); ValueError otherwise."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise ValueError(f"{path} has {size} bytes (at most {max_bytes} are read)")
+        return path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ValueError(f"{path} does not exist") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not a readable text file ({e})") from None
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON file (at most MAX_JSON_BYTES) holding an object; ValueError with one line otherwise."""
+    text = read_text(path)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not a readable JSON file ({e})") from None
+    except RecursionError:
+        raise ValueError(f"{path} is not a readable JSON file (nested too deeply)") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path} does not hold a JSON object")
     return data
@@ -299,14 +320,35 @@ def _prepended_id(backend: Tokenizer) -> int:
 
 
 def _gguf_tokenizer_fields(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ValueError(f"{path} does not exist")
-    try:
-        reader = GGUFReader(path)
-    except (ValueError, OSError, IndexError, KeyError) as e:
-        raise ValueError(f"{path} is not a readable GGUF file ({e})") from None
+    reader = open_gguf(path)
     return {name: field.contents() for name, field in reader.fields.items()
             if name.startswith("tokenizer.")}
+
+
+def _split_candidates(pieces: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(piece index, cut) of every cut of a piece whose two halves hash like whole pieces of the
+    list: every cut into two listed pieces, plus the rare hash collision (the caller checks). Each
+    substring's polynomial hash (mod 2**64) comes from prefix sums, so the cost is linear in the
+    pieces' total length, not quadratic in each piece's (slicing and hashing every cut)."""
+    lengths = np.array([len(p) for p in pieces], np.int64)
+    ends = np.cumsum(lengths)
+    starts = ends - lengths
+    codes = np.frombuffer("".join(pieces).encode("utf-32-le"), np.uint32).astype(np.uint64)
+    with np.errstate(over="ignore"):
+        one = np.ones(1, np.uint64)
+        power = np.concatenate([one, np.cumprod(np.full(len(codes), HASH_BASE, np.uint64))])
+        inverse = np.concatenate([one, np.cumprod(np.full(len(codes), HASH_INVERSE, np.uint64))])
+        prefix = np.concatenate([np.zeros(1, np.uint64), np.cumsum(codes * power[:-1])])
+        interior = np.ones(len(codes), bool)
+        interior[starts[lengths > 0]] = False
+        cut_at = np.flatnonzero(interior)  # every position strictly inside a piece
+        piece = np.repeat(np.arange(len(pieces)), lengths)[cut_at]
+        start, end = starts[piece], ends[piece]
+        whole = (prefix[ends] - prefix[starts]) * inverse[starts]
+        left = (prefix[cut_at] - prefix[start]) * inverse[start]
+        right = (prefix[end] - prefix[cut_at]) * inverse[cut_at]
+    hit = np.isin(left, whole) & np.isin(right, whole)
+    return piece[hit], (cut_at - start)[hit]
 
 
 def _merges_by_score(tokens: Sequence[str], scores: Sequence[float],
@@ -314,12 +356,18 @@ def _merges_by_score(tokens: Sequence[str], scores: Sequence[float],
     """BPE merges of a SentencePiece-style vocabulary: every split of a normal piece into two
     pieces of the vocabulary, the merged piece's score deciding the order (best first)."""
     known = {t: i for i, t in enumerate(tokens) if types[i] in (NORMAL, USER_DEFINED)}
+    pieces = list(known)
+    candidates = _split_candidates(pieces)
+    if len(candidates[0]) > max(MIN_MERGE_LIMIT, MERGES_PER_TOKEN * len(tokens)):
+        raise ValueError(f"the GGUF vocabulary splits into {len(candidates[0])} merges (at most "
+                         f"{MERGES_PER_TOKEN} per token): not a SentencePiece vocabulary")
     ranked = []
-    for piece, token in known.items():
-        for cut in range(1, len(piece)):
-            left, right = piece[:cut], piece[cut:]
-            if left in known and right in known:
-                ranked.append((-scores[token], token, -len(left), left, right))
+    for index, cut in zip(*candidates, strict=True):
+        piece = pieces[index]
+        left, right = piece[:cut], piece[cut:]
+        if left in known and right in known:
+            token = known[piece]
+            ranked.append((-scores[token], token, -len(left), left, right))
     ranked.sort()
     return [(left, right) for *_, left, right in ranked]
 
@@ -352,8 +400,12 @@ def tokenizer_from_gguf(path: str | os.PathLike) -> HFTokenizer:
         what = "has no tokenizer" if model is None else f"has tokenizer model {model!r}"
         raise ValueError(f"{path} {what}: only 'gpt2' (byte-level BPE) and 'llama' (SentencePiece BPE) "
                          "are supported")
-    tokens: list[str] = list(fields["tokenizer.ggml.tokens"])
+    tokens: list[str] = list(fields.get("tokenizer.ggml.tokens") or [])
     types: list[int] = list(fields.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens))
+    scores = list(fields.get("tokenizer.ggml.scores") or [0.0] * len(tokens))
+    if not tokens or not len(tokens) == len(types) == len(scores):
+        raise ValueError(f"{path} has {len(tokens)} tokens, {len(types)} token types and {len(scores)} "
+                         "scores: a GGUF tokenizer needs one of each per token")
     vocab = {token: i for i, token in enumerate(tokens)}
     ids = {name: int(fields.get(f"tokenizer.ggml.{key}", -1)) for name, key in (
         ("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
@@ -365,7 +417,6 @@ def tokenizer_from_gguf(path: str | os.PathLike) -> HFTokenizer:
         backend.pre_tokenizer = _byte_level_pre(str(fields.get("tokenizer.ggml.pre", "default")))
         backend.decoder = decoders.ByteLevel()
     else:
-        scores = list(fields.get("tokenizer.ggml.scores") or [0.0] * len(tokens))
         unk = tokens[ids["unk_token"]] if ids["unk_token"] >= 0 else None
         backend = Tokenizer(BPE(vocab=vocab, merges=merges or _merges_by_score(tokens, scores, types),
                                 unk_token=unk, byte_fallback=True, fuse_unk=True))

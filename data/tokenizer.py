@@ -16,7 +16,7 @@ from typing import Literal, Protocol
 
 import sentencepiece as spm
 
-from data.hf_tokenizer import HF_FILE, HFTokenizer
+from data.hf_tokenizer import HF_FILE, HFTokenizer, read_text
 
 TOKENIZER_FILE = "tokenizer.json"  # meshlm's metadata: kind, vocabulary size, the files below
 MODEL_FILE = "tokenizer.model"
@@ -176,37 +176,45 @@ def save_tokenizer(tokenizer: Tokenizer, run_dir: str | Path) -> None:
     (Path(run_dir) / TOKENIZER_FILE).write_text(json.dumps(meta) + "\n")
 
 
+def _verified_file(run_dir: Path, meta: dict) -> bytes:
+    """The bytes of the file the metadata names: a plain file name inside ``run_dir`` (resolved:
+    no link out of it either) whose sha256 is the recorded one -- a run written by meshlm always
+    records it. ValueError otherwise."""
+    name = meta["file"]
+    root = run_dir.resolve()
+    path = (run_dir / str(name)).resolve()
+    if not isinstance(name, str) or Path(name).name != name or name in ("", ".", "..") \
+            or path.parent != root:
+        raise ValueError(f"file {name!r} is not a file name inside {run_dir}")
+    if not isinstance(meta.get("sha256"), str):
+        raise ValueError(f"it records no sha256 for {name} (a run written by meshlm always does)")
+    if not path.is_file():
+        raise ValueError(f"{path} is missing")
+    blob = path.read_bytes()
+    if hashlib.sha256(blob).hexdigest() != meta["sha256"]:
+        raise ValueError(f"{path} is not the file this run was trained with (its sha256 differs)")
+    return blob
+
+
 def load_tokenizer(run_dir: str | Path) -> Tokenizer:
     """The tokenizer a run directory was trained with; ValueError if it is missing or invalid."""
     path = Path(run_dir) / TOKENIZER_FILE
     if not path.is_file():
         raise ValueError(f"{path} is missing: not a meshlm run directory")
     try:
-        meta = json.loads(path.read_text())
+        meta = json.loads(read_text(path))
         kind = meta["kind"]
         if kind == "byte":
             tokenizer: Tokenizer = ByteTokenizer()
         elif kind == "sentencepiece":
-            model_path = Path(run_dir) / meta["file"]
-            if "sha256" in meta and model_path.is_file() and \
-                    hashlib.sha256(model_path.read_bytes()).hexdigest() != meta["sha256"]:
-                raise ValueError(f"{model_path} is not the model this run was trained with "
-                                 "(its sha256 differs)")
-            tokenizer = SentencePieceTokenizer(model_path)
+            tokenizer = SentencePieceTokenizer(_verified_file(Path(run_dir), meta))
         elif kind == "hf":
-            file_path = Path(run_dir) / meta["file"]
-            if not file_path.is_file():
-                raise ValueError(f"{file_path} is missing")
-            blob = file_path.read_bytes()
-            if hashlib.sha256(blob).hexdigest() != meta["sha256"]:
-                raise ValueError(f"{file_path} is not the tokenizer this run was trained with "
-                                 "(its sha256 differs)")
-            tokenizer = HFTokenizer.from_saved(blob.decode("utf-8"), meta)
+            tokenizer = HFTokenizer.from_saved(_verified_file(Path(run_dir), meta).decode("utf-8"), meta)
         else:
             raise ValueError(f"unknown kind {kind!r}")
         if meta.get("vocab_size", tokenizer.vocab_size) != tokenizer.vocab_size:
             raise ValueError(f"vocab_size {meta['vocab_size']} but the model has {tokenizer.vocab_size}")
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError, OSError) as e:
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, OSError, RecursionError) as e:
         raise ValueError(f"{path} is not a valid tokenizer file ({e})") from None
     return tokenizer
 

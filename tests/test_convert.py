@@ -121,9 +121,9 @@ GGUF_NAMES = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q",
 
 
 def write_gguf(path: Path, model, tokenizer_dir: Path, quant_of: dict[str, object] | None = None,
-               hf_dir: Path | None = None):
+               hf_dir: Path | None = None, f16: bool = False):
     """``model`` (a tiny Llama, or a Mixtral saved in ``hf_dir``) as a llama.cpp-style GGUF with the
-    tokenizer embedded."""
+    tokenizer embedded (matrices in F16 with ``f16``, as llama.cpp writes them)."""
     import gguf
 
     c = model.config
@@ -182,7 +182,7 @@ def write_gguf(path: Path, model, tokenizer_dir: Path, quant_of: dict[str, objec
             a = permute_like_llama_cpp(a, c.num_key_value_heads)
         qtype = (quant_of or {}).get(gg_name)
         if qtype is None:
-            w.add_tensor(gg_name, np.ascontiguousarray(a))
+            w.add_tensor(gg_name, np.ascontiguousarray(a.astype(np.float16) if f16 and a.ndim > 1 else a))
         else:
             raw = np.zeros((a.shape[0], a.shape[1] // gguf.GGML_QUANT_SIZES[qtype][0]
                             * gguf.GGML_QUANT_SIZES[qtype][1]), np.uint8)
@@ -300,3 +300,134 @@ def test_bad_checkpoints_are_one_error_line(llama_dir, tmp_path):
     result = convert_cli("import", llama_dir, tmp_path / "taken")
     assert result.returncode == 2 and "not empty" in result.stderr
     assert (tmp_path / "taken" / "keep.txt").read_text() == "mine"
+
+
+# --------------------------------------------------------------------- what the HF layout can say
+
+MOE = dict(num_experts=4, experts_per_token=2, num_layers=2, d_model=32, num_heads=4, num_kv_heads=2,
+           mlp_dim=48, vocab_size=VOCAB)
+INEXPRESSIBLE = {  # a meshlm option Llama/Mixtral's config.json has no way to say -> its key
+    "router_mode": dict(MOE, router_mode="softmax_topk_unnormalized"),
+    "num_shared_experts": dict(MOE, num_shared_experts=1),
+    "first_dense_layers": dict(MOE, first_dense_layers=1, num_layers=3),
+    "moe_every": dict(MOE, moe_every=2),
+    "position": dict(MOE, position="learned"),
+    "activation": dict(MOE, activation="gelu"),
+}
+
+
+@pytest.mark.parametrize("key", list(INEXPRESSIBLE))
+def test_export_refuses_what_the_hf_layout_cannot_express(key):
+    from convert.hf_layout import ConversionError, hf_config_from_model
+    from model.config import ModelConfig
+
+    cfg = ModelConfig(**INEXPRESSIBLE[key])
+    assert not cfg.problems()
+    with pytest.raises(ConversionError, match=rf"^model\.{key}=") as info:
+        hf_config_from_model(cfg)
+    assert "\n" not in str(info.value)
+
+
+def test_export_keeps_the_router_modes_mixtral_computes():
+    """softmax_topk and topk_softmax are the same function up to rounding: both are Mixtral's."""
+    from convert.hf_layout import hf_config_from_model
+    from model.config import ModelConfig
+
+    for mode in ("softmax_topk", "topk_softmax"):
+        assert hf_config_from_model(ModelConfig(**MOE, router_mode=mode))["model_type"] == "mixtral"
+
+
+def test_export_of_an_unnormalised_router_is_one_error_line_and_writes_nothing(eight_devices,
+                                                                               tmp_path):
+    from convert.checkpoints import import_checkpoint
+
+    src = tmp_path / "hf"
+    hf_model("mixtral").save_pretrained(src)
+    tiny_tokenizer(src)
+    run_dir = import_checkpoint(src, tmp_path / "run")
+    config = run_dir / "config.yaml"
+    config.write_text(config.read_text().replace("router_mode: topk_softmax",
+                                                 "router_mode: softmax_topk_unnormalized"))
+    result = convert_cli("export", run_dir, tmp_path / "out")
+    assert result.returncode == 2 and result.stderr.startswith("error: model.router_mode="), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------- sharded safetensors
+
+
+def test_index_decides_which_file_holds_each_tensor(llama_dir, tmp_path):
+    """A Mistral-style repository: shards named by model.safetensors.index.json, and a
+    consolidated file beside them holding the same tensors (here: altered, and sorted last). The
+    index decides; without it, a tensor in two files is refused, naming both."""
+    from safetensors.numpy import load_file, save_file
+
+    from convert.checkpoints import read_safetensors
+    from convert.hf_layout import ConversionError
+
+    src = tmp_path / "sharded"
+    hf_model("llama").save_pretrained(src, max_shard_size="40KB")
+    index = json.loads((src / "model.safetensors.index.json").read_text())["weight_map"]
+    assert len(set(index.values())) > 1
+    want = {}
+    for shard in set(index.values()):
+        want.update(load_file(str(src / shard)))
+    save_file({k: v + 1 for k, v in want.items()}, str(src / "model.safetensors"))
+    save_file({"layers.0.attention.wq.weight": np.zeros((2, 2), np.float32)},
+              str(src / "consolidated.safetensors"))
+    got = read_safetensors(src)
+    assert sorted(got) == sorted(index)
+    for name, value in want.items():
+        np.testing.assert_array_equal(np.asarray(got[name]), value)
+
+    (src / "model.safetensors.index.json").unlink()
+    (src / "consolidated.safetensors").unlink()
+    with pytest.raises(ConversionError, match=r"tensor \S+ is in both \S+model-0000\d-of-0000\d"
+                                              r"\.safetensors and \S+model\.safetensors"):
+        read_safetensors(src)
+
+
+def test_index_naming_a_file_outside_the_directory_is_refused(llama_dir, tmp_path):
+    import shutil
+
+    from convert.checkpoints import read_safetensors
+    from convert.hf_layout import ConversionError
+
+    src = tmp_path / "hf"
+    shutil.copytree(llama_dir, src)
+    (src / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"model.norm.weight": "../elsewhere.safetensors"}}))
+    with pytest.raises(ConversionError, match="file name in this directory"):
+        read_safetensors(src)
+
+
+# ------------------------------------------------------------------------------ GGUF, streamed
+
+
+def test_gguf_import_holds_the_model_once(eight_devices, tmp_path):
+    """An F16 GGUF is converted tensor by tensor into the run's dtype: the import's host
+    allocations peak well under the model's float32 size (before: two to three float32 copies)."""
+    import tracemalloc
+
+    import jax
+
+    from convert.checkpoints import import_checkpoint
+
+    model = hf_model("llama", hidden_size=128, intermediate_size=512, num_hidden_layers=4,
+                     tie_word_embeddings=False)
+    path = write_gguf(tmp_path / "f16.gguf", model, tiny_tokenizer(tmp_path / "tok"), f16=True)
+    float32_bytes = 4 * sum(p.numel() for p in model.parameters())
+    import_checkpoint(path, tmp_path / "warm")  # compiles and imports what the import needs once
+    tracemalloc.start()
+    try:
+        run_dir = import_checkpoint(path, tmp_path / "run", dtype="bfloat16")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    print(f"model {float32_bytes / 2**20:.1f} MiB in float32, import peak {peak / 2**20:.1f} MiB")
+    assert peak < 0.75 * float32_bytes
+    from inference.load import load_run
+
+    params = load_run(run_dir).params
+    assert {str(v.dtype) for v in jax.tree.leaves(params)} == {"bfloat16"}

@@ -160,8 +160,8 @@ FORBIDDEN = re.compile(r"\bimport pickle\b|\bpickle\.|cloudpickle|\bdill\b|\bmar
                        r"(?<!Sandboxed)Environment\(|jinja2\.Template\(")  # chat templates: sandbox only
 LOADERS = ["train/checkpoint.py", "train/config.py", "train/run_dir.py", "train/loop.py",
            "data/tokenizer.py", "data/sources.py", "data/pipeline.py", "inference/load.py",
-           "data/hf_tokenizer.py", "data/chat.py", "convert/checkpoints.py", "convert/gguf_import.py",
-           "convert/hf_layout.py"]
+           "data/hf_tokenizer.py", "data/chat.py", "data/gguf_file.py", "convert/checkpoints.py",
+           "convert/gguf_import.py", "convert/hf_layout.py"]
 
 
 def test_loaders_of_untrusted_files_have_no_code_execution_path():
@@ -179,3 +179,234 @@ def test_loaders_of_untrusted_files_have_no_code_execution_path():
 def test_yaml_tags_that_would_run_code_stay_strings():
     with pytest.raises(yaml.YAMLError):
         yaml.safe_load("!!python/object/apply:os.system ['true']")
+
+
+# ------------------------------------------------------------------------------- hostile files
+# Files that come from elsewhere (GGUF, safetensors, JSON, chat templates) are refused with one
+# ``error:`` line, in bounded time and memory: a count, length or size the file cannot back is
+# rejected before anything of that size is allocated or looped over.
+
+SECONDS = 10.0  # loose: each case ends within a few seconds
+MEGABYTES = 64  # Python allocations (tracemalloc) while one hostile file is read
+
+
+def _bounded(run):
+    """``run()``'s result, asserting it took under SECONDS and allocated under MEGABYTES."""
+    import time
+    import tracemalloc
+
+    tracemalloc.start()
+    start = time.perf_counter()
+    try:
+        return run()
+    finally:
+        elapsed, peak = time.perf_counter() - start, tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert elapsed < SECONDS, f"took {elapsed:.1f} s"
+        assert peak < MEGABYTES << 20, f"allocated {peak / 2**20:.0f} MiB"
+
+
+def _one_error_line(capsys, code: int) -> str:
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (code, captured.err)
+    return lines[0]
+
+
+def _loader_error(capsys, run) -> str:
+    """The one ``error:`` line a command prints for the ValueError ``run()`` raises."""
+    from core.errors import report
+
+    with pytest.raises(ValueError) as info:
+        _bounded(run)
+    return _one_error_line(capsys, report(info.value))
+
+
+def _convert_import(capsys, src: Path, tmp_path: Path) -> str:
+    import cli.convert
+
+    line = _one_error_line(capsys, _bounded(
+        lambda: cli.convert.main(["import", str(src), str(tmp_path / "imported")])))
+    assert not (tmp_path / "imported").exists()
+    return line
+
+
+def _gguf_header(tensors: int, kvs: int) -> bytes:
+    import struct
+
+    return b"GGUF" + struct.pack("<IQQ", 3, tensors, kvs)
+
+
+def _gguf_string(text: bytes) -> bytes:
+    import struct
+
+    return struct.pack("<Q", len(text)) + text
+
+
+def _hostile_ggufs() -> dict[str, bytes]:
+    import struct
+
+    arch = _gguf_string(b"general.architecture") + struct.pack("<I", 8) + _gguf_string(b"llama")
+    return {
+        "kv count 2**60": _gguf_header(0, 2**60) + arch,
+        "tensor count 2**60": _gguf_header(2**60, 1) + arch + _gguf_string(b"w") + struct.pack(
+            "<IQQIQ", 2, 4, 4, 0, 0),
+        "array of 2**62 bytes": _gguf_header(0, 1) + _gguf_string(b"tokenizer.ggml.token_type")
+        + struct.pack("<IIQ", 9, 0, 2**62) + b"\x01" * 16,
+        "array of 2**40 strings": _gguf_header(0, 1) + _gguf_string(b"tokenizer.ggml.tokens")
+        + struct.pack("<IIQ", 9, 8, 2**40) + _gguf_string(b"a") * 4,
+        "key of 2**62 bytes": _gguf_header(0, 1) + struct.pack("<Q", 2**62) + b"abc",
+        "2**31 tensor dimensions": _gguf_header(1, 1) + arch + _gguf_string(b"w")
+        + struct.pack("<I", 2**31) + b"\0" * 64,
+        "tensor beyond the file": _gguf_header(1, 1) + arch + _gguf_string(b"w") + struct.pack(
+            "<IQQIQ", 2, 2**20, 2**20, 0, 0),
+        "truncated": _gguf_header(0, 1) + arch[:-3],
+    }
+
+
+@pytest.mark.parametrize("case", list(_hostile_ggufs()))
+def test_hostile_gguf_headers_are_one_error_line(case, tmp_path, capsys):
+    from data.hf_tokenizer import tokenizer_from_gguf
+
+    path = tmp_path / "hostile.gguf"
+    path.write_bytes(_hostile_ggufs()[case])
+    assert "GGUF" in _convert_import(capsys, path, tmp_path)
+    assert "GGUF" in _loader_error(capsys, lambda: tokenizer_from_gguf(path))
+
+
+def test_a_gguf_array_longer_than_any_vocabulary_is_refused_unread(tmp_path, capsys):
+    """2**26 one-byte items that the (sparse) file does hold: refused by count, not walked."""
+    import struct
+
+    from data.hf_tokenizer import tokenizer_from_gguf
+
+    path = tmp_path / "long.gguf"
+    path.write_bytes(_gguf_header(0, 1) + _gguf_string(b"tokenizer.ggml.token_type")
+                     + struct.pack("<IIQ", 9, 0, 2**26))
+    with path.open("r+b") as f:
+        f.truncate(path.stat().st_size + 2**26)
+    assert "items" in _loader_error(capsys, lambda: tokenizer_from_gguf(path))
+
+
+def _tiny_hf_dir(directory: Path) -> Path:
+    """A valid Llama config.json and tokenizer.json: what the hostile file is placed beside."""
+    import json
+
+    from tokenizers import Tokenizer, models
+
+    directory.mkdir()
+    (directory / "config.json").write_text(json.dumps(dict(
+        model_type="llama", vocab_size=8, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16)))
+    Tokenizer(models.WordLevel({"<unk>": 0, "a": 1}, unk_token="<unk>")).save(
+        str(directory / "tokenizer.json"))
+    return directory
+
+
+def _hostile_safetensors() -> dict[str, bytes]:
+    import struct
+
+    header = b'{"w": {"dtype": "F32", "shape": [1024, 1024], "data_offsets": [0, 4194304]}}'
+    return {
+        "truncated header": struct.pack("<Q", 100) + b'{"w": {"dtype"',
+        "header length 2**63": struct.pack("<Q", 2**63) + b"{}",
+        "header length 2**30": struct.pack("<Q", 2**30) + b"{}" + b" " * 64,
+        "tensor beyond the file": struct.pack("<Q", len(header)) + header + b"\0" * 16,
+        "nested header": struct.pack("<Q", 200_000) + b"[" * 100_000 + b"]" * 100_000,
+        "empty": b"",
+    }
+
+
+@pytest.mark.parametrize("case", list(_hostile_safetensors()))
+def test_hostile_safetensors_are_one_error_line(case, tmp_path, capsys):
+    src = _tiny_hf_dir(tmp_path / "hf")
+    (src / "model.safetensors").write_bytes(_hostile_safetensors()[case])
+    assert "model.safetensors" in _convert_import(capsys, src, tmp_path)
+
+
+def _sparse(path: Path, size: int, start: bytes = b"{") -> None:
+    path.write_bytes(start)
+    with path.open("r+b") as f:
+        f.truncate(size)
+
+
+HOSTILE_JSON = [(name, how) for how in ("nested", "oversized") for name in (
+    "config.json", "tokenizer.json", "tokenizer_config.json", "model.safetensors.index.json")]
+
+
+@pytest.mark.parametrize(("name", "how"), HOSTILE_JSON)
+def test_hostile_json_files_are_one_error_line(name, how, tmp_path, capsys):
+    src = _tiny_hf_dir(tmp_path / "hf")
+    if how == "nested":
+        (src / name).write_text("[" * 200_000 + "]" * 200_000)
+    else:
+        _sparse(src / name, 1 << 30)  # a 1 GiB file that takes no disk
+    assert name in _convert_import(capsys, src, tmp_path)
+
+
+def _tokenizer_with_template(directory: Path, template: str):
+    import json
+
+    from data.hf_tokenizer import HFTokenizer
+
+    _tiny_hf_dir(directory)
+    (directory / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    return HFTokenizer.from_path(directory)
+
+
+HOSTILE_TEMPLATES = {
+    "nested range loops": "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}"
+                          "{% endfor %}",
+    "nested loops, no calls": "{% set x = range(100000) | list %}{% for a in x %}{% for b in x %}"
+                              "{% endfor %}{% endfor %}",
+    "huge string": "{{ 'x' * 10**9 }}",
+    "huge list": "{{ ([1] * 10**9) | length }}",
+    "huge power": "{{ 10 ** (10 ** 10) }}",
+    "huge padding": "{{ 'x' | center(10**9) }}",
+    "huge format width": "{{ '%1000000000s' % 'x' }}",
+    "huge format field": "{{ '{:>1000000000}'.format('x') }}",
+    "huge method argument": "{{ 'x'.ljust(10**9) }}",
+    "output in a loop": "{% for i in range(100000) %}{{ 'x' * 100000 }}{% endfor %}",
+    "text in a loop": "{% set x = range(100000) | list %}{% set s %}{% for a in x %}{% for b in x %}"
+                      + "y" * 1000 + "{% endfor %}{% endfor %}{% endset %}{{ s | length }}",
+    "doubling": "{% set a = 'x' * 1000 %}" + "".join(
+        "{% set a = a ~ a %}" for _ in range(30)) + "{{ a | length }}",
+    "recursion": "{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}",
+    "division by zero": "{{ 1 / 0 }}",
+    "type error": "{{ 1 + 'a' }}",
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_TEMPLATES))
+def test_hostile_chat_templates_end_with_one_error_line(case, tmp_path, capsys):
+    tokenizer = _tokenizer_with_template(tmp_path / "hf", HOSTILE_TEMPLATES[case])
+    line = _loader_error(capsys, lambda: tokenizer.apply_chat_template([{"role": "user", "content": "hi"}]))
+    assert line.startswith("error: chat template")
+
+
+def test_gguf_chat_template_is_bounded_too(tmp_path, capsys):
+    import gguf
+
+    from data.hf_tokenizer import tokenizer_from_gguf
+
+    writer = gguf.GGUFWriter(tmp_path / "t.gguf", "llama")
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(["a", "b"])
+    writer.add_chat_template(HOSTILE_TEMPLATES["nested loops, no calls"])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    tokenizer = tokenizer_from_gguf(tmp_path / "t.gguf")
+    line = _loader_error(capsys, lambda: tokenizer.apply_chat_template([{"role": "user", "content": "hi"}]))
+    assert line.startswith("error: chat template")
+
+
+def test_a_large_but_honest_chat_template_still_renders(tmp_path):
+    """The bounds leave real templates alone: loops over messages, filters, methods, tojson."""
+    template = ("{% for m in messages %}{{ '<|' ~ m['role'] ~ '|>' }}{{ m['content'] | trim }}"
+                "{{ (m['content'] * 2)[:3] }}{{ '%-4s' % m['role'] }}{{ '{:>3}'.format(loop.index) }}"
+                "{% endfor %}{{ messages | tojson }}")
+    tokenizer = _tokenizer_with_template(tmp_path / "hf", template)
+    messages = [{"role": "user", "content": "hé " * 20_000}] * 20
+    text = tokenizer.apply_chat_template(messages)
+    assert text.startswith("<|user|>hé hé") and text.count("<|user|>") == 20

@@ -244,3 +244,32 @@ def test_bad_specs_and_files(tmp_path):
     with pytest.raises(ValueError, match="no chat template"):
         no_template.apply_chat_template(CHATS[0])
     assert no_template.bos_id == no_template.eos_id == -1 and no_template.pad_id == 0
+
+
+def test_merges_rebuild_is_linear_in_piece_length(tmp_path):
+    """A "llama" GGUF without merges: they are rebuilt from the pieces' scores. Each split of a piece
+    is looked up by hash, not sliced and hashed, so a 200,000-character piece costs about as much as
+    its length (before: 200,000 slices of up to 200,000 characters, about 16 s here)."""
+    import time
+
+    import gguf
+
+    long_piece = "ab" * 100_000
+    tokens = ["<unk>", "<s>", "</s>", "a", "b", "ab", "abab", "\u2581", "\u2581ab", long_piece,
+              long_piece[:-1], "b" + long_piece[2:]]
+    writer = gguf.GGUFWriter(tmp_path / "long.gguf", "llama")
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores([0.0, 0.0, 0.0, -1.0, -1.0, -2.0, -3.0, -1.0, -2.5, -9.0, -8.0, -8.5])
+    writer.add_token_types([2, 3, 3] + [1] * (len(tokens) - 3))
+    writer.add_unk_token_id(0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    start = time.perf_counter()
+    tok = tokenizer_from_gguf(tmp_path / "long.gguf")
+    assert time.perf_counter() - start < 5.0
+    merges = [tuple(m) for m in json.loads(tok.backend.to_str())["model"]["merges"]]
+    assert merges == [("a", "b"), ("\u2581", "ab"), ("ab", "ab"), (long_piece[:-1], "b"),
+                      ("a", "b" + long_piece[2:])]
+    assert tok.encode("abab ab") == [8, 5, 8]  # "▁ab", "ab", "▁ab"

@@ -174,19 +174,42 @@ def test_load_tokenizer_errors(trained, tmp_path):
         load_tokenizer(tmp_path)
     save_tokenizer(trained, tmp_path)
     (tmp_path / "tokenizer.model").write_bytes(b"garbage")
-    with pytest.raises(ValueError, match="not a valid tokenizer file.*not the model this run was trained"):
-        load_tokenizer(tmp_path)
-    meta = json.loads((tmp_path / "tokenizer.json").read_text())
-    del meta["sha256"]  # as written before the digest was recorded: the model itself is checked
-    (tmp_path / "tokenizer.json").write_text(json.dumps(meta))
-    with pytest.raises(ValueError, match="not a valid tokenizer file.*not a SentencePiece model"):
+    with pytest.raises(ValueError, match="not a valid tokenizer file.*not the file this run was trained"):
         load_tokenizer(tmp_path)
     (tmp_path / "tokenizer.model").unlink()
-    with pytest.raises(ValueError, match="not a valid tokenizer file.*does not exist"):
+    with pytest.raises(ValueError, match="not a valid tokenizer file.*is missing"):
         load_tokenizer(tmp_path)
     (tmp_path / "tokenizer.json").write_text("{not json")
     with pytest.raises(ValueError, match="not a valid tokenizer file"):
         load_tokenizer(tmp_path)
+
+
+def test_load_tokenizer_reads_only_its_own_verified_file(trained, tmp_path):
+    """The metadata names a plain file inside the run directory, with its sha256: a path that
+    leaves the directory, or a file with no digest, is refused (a run written by meshlm always has
+    one)."""
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "tokenizer.model").write_bytes(trained.model_proto)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    save_tokenizer(trained, run_dir)
+    meta = json.loads((run_dir / "tokenizer.json").read_text())
+    for name in ("../elsewhere/tokenizer.model", str(outside / "tokenizer.model"), "..", ".", ""):
+        (run_dir / "tokenizer.json").write_text(json.dumps({**meta, "file": name}))
+        with pytest.raises(ValueError, match="not a valid tokenizer file.*file name inside"):
+            load_tokenizer(run_dir)
+    (run_dir / "escape.model").symlink_to(outside / "tokenizer.model")
+    (run_dir / "tokenizer.json").write_text(json.dumps({**meta, "file": "escape.model"}))
+    with pytest.raises(ValueError, match="file name inside"):
+        load_tokenizer(run_dir)
+    for kind, file in (("sentencepiece", "tokenizer.model"), ("hf", "hf_tokenizer.json")):
+        (run_dir / "tokenizer.json").write_text(json.dumps({"kind": kind, "vocab_size": 400,
+                                                            "file": file}))
+        with pytest.raises(ValueError, match="not a valid tokenizer file.*no sha256"):
+            load_tokenizer(run_dir)
+    (run_dir / "tokenizer.json").write_text(json.dumps(meta))
+    assert load_tokenizer(run_dir).encode("the cat") == trained.encode("the cat")
 
 
 def test_long_lines_are_cut_not_dropped(tmp_path):
