@@ -52,8 +52,9 @@ def use_cpu_devices(count: int, *, unless_started: bool = False) -> None:
 
 
 def load_checkpoint(path: str | Path) -> LoadedRun:
-    """The run of a checkpoint (a run directory or one of its steps), loaded onto the devices its
-    config asks this host to emulate."""
+    """The run of a checkpoint (a run directory: its newest checkpoint that verifies, as training
+    would resume it; or one of its steps, refused if damaged), loaded onto the devices its config
+    asks this host to emulate (see ``inference.load.load_run``)."""
     use_cpu_devices(read_run_config(path).run.cpu_devices)
     logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's read-only notices are not news
     return load_run(path)

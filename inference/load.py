@@ -32,6 +32,13 @@ class LoadedRun:
     step: int
     run_dir: Path
 
+    @property
+    def window(self) -> int:
+        """The context every inference path uses (generation, scoring, the harness, inspection,
+        perplexity): the model's own ``model.max_seq_len``, never ``train.seq_len`` (how long the
+        training rows were; a fine-tune's may be far shorter than the model's context)."""
+        return self.cfg.model.max_seq_len
+
 
 def read_run_config(path: str | Path) -> Config:
     """The saved config of the run that ``path`` (a run directory or one of its checkpoints) belongs
@@ -40,9 +47,10 @@ def read_run_config(path: str | Path) -> Config:
 
 
 def load_run(path: str | Path, mesh_cfg: MeshConfig | None = None) -> LoadedRun:
-    """Restores the parameters of ``path`` (latest step of a run, or one step directory) onto
-    ``mesh_cfg`` (default: the run's own mesh when it fits the devices here, else every device on
-    ``data``)."""
+    """Restores the parameters of ``path`` onto ``mesh_cfg`` (default: the run's own mesh when it
+    fits the devices here, else every device on ``data``). A run directory gives its newest
+    checkpoint that verifies, as training would resume it (a warning passes over damaged newer
+    ones); a step directory gives that step, refused if it does not verify."""
     run, step = RunDir.of_checkpoint(path)
     cfg = run.read_config()
     tokenizer = run.load_tokenizer()
@@ -56,17 +64,19 @@ def load_run(path: str | Path, mesh_cfg: MeshConfig | None = None) -> LoadedRun:
     mesh, rules = make_mesh(mesh_cfg or cfg.mesh.fitting(jax.device_count())), default_rules()
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Transformer(cfg.model, nnx.Rngs(0))))
     steps = run.committed_steps()
-    if step is None:
-        if not steps:
-            raise ValueError(f"{run.path} has no complete checkpoint")
-        step = max(steps)
-    elif step not in steps:
+    if not steps:
+        raise ValueError(f"{run.path} has no complete checkpoint")
+    if step is not None and step not in steps:
         raise ValueError(f"checkpoint {step} in {run.path} is missing or incomplete "
-                         f"(complete: {steps or 'none'})")
+                         f"(complete: {steps})")
     checkpointer = Checkpointer(run.path, cfg.checkpoint, read_only=True)  # the run may be live
     try:
+        if step is None:
+            step = checkpointer.readable_step()
         params = checkpointer.restore_params(step, abstract, tree_shardings(abstract, mesh, rules))
     except Exception as e:  # orbax raises many types for damaged files
+        if step is None:  # no checkpoint verifies
+            raise ValueError(first_line(e)) from None
         raise ValueError(f"cannot restore checkpoint {step} of {run.path}: {first_line(e)}") from None
     finally:
         checkpointer.close()

@@ -16,6 +16,13 @@ MoEImpl = Literal["capacity", "dropless"]
 AttentionImpl = Literal["einsum", "xla", "blockwise"]
 RouterMode = Literal["softmax_topk", "topk_softmax", "softmax_topk_unnormalized"]
 
+# Keys that change how the model is computed, not its parameters or the function it computes (up to
+# rounding: ``dtype`` is the compute dtype; parameters stay in ``param_dtype``). A resumed run may
+# change them (train/config.py, RESUMABLE). Not ``moe_impl`` or ``capacity_factor``: the capacity
+# path drops assignments that the dropless one keeps.
+RUNTIME_KEYS = frozenset({"dtype", "remat", "scan_layers", "attention_impl", "attention_block",
+                          "loss_chunk", "fused_projections"})
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:

@@ -114,36 +114,65 @@ def test_sigterm_saves_exits_0_and_resume_continues_the_same_curve(eight_devices
     assert [losses[s] for s in range(1, STEPS + 1)] == [reference[s] for s in range(1, STEPS + 1)]
 
 
-def _kill_trial(run_dir: Path, rng: random.Random, when: str, capsys) -> dict:
-    """Starts a run and SIGKILLs it -- inside its nth asynchronous save (``save``), at a random
-    moment of training (``train``) or of the whole process life (``any``) -- then resumes it in
-    this process to the end. Returns what the kill left and where the resume started."""
-    proc = _start(run_dir)
+def _step_dirs(ckpt: Path) -> tuple[list[int], list[int]]:
+    """(committed, unfinished) steps in ``ckpt`` as it is now, by name only (safe while the run
+    writes): orbax commits a save by renaming ``<step>.orbax-checkpoint-tmp*`` to ``<step>``."""
+    names = os.listdir(ckpt) if ckpt.is_dir() else []
+    return (sorted(int(n) for n in names if n.isdigit()),
+            sorted(int(n.split(TMP_SUFFIX)[0]) for n in names if TMP_SUFFIX in n))
+
+
+def _later_save_unfinished(ckpt: Path) -> bool:
+    committed, unfinished = _step_dirs(ckpt)
+    return bool(committed) and any(s > committed[-1] for s in unfinished)
+
+
+def _place_kill(proc: subprocess.Popen, run_dir: Path, rng: random.Random, when: str) -> None:
+    """Waits for the moment to SIGKILL the run: inside its nth asynchronous save (``save``, n
+    random; ``first_save``, nothing committed yet), at a random moment of its start-up (``start``),
+    or once a checkpoint has committed and training went on 0-13 steps more: at once (``train``) or
+    inside the next save, a newer step still being written (``later_save``)."""
     ckpt = run_dir / "checkpoints"
-    if when == "save":
-        nth = rng.randint(1, 5)  # inside the nth save of the run
-        seen: set[str] = set()
+    if when in ("save", "first_save"):
+        nth = rng.randint(1, 5) if when == "save" else 1
+        seen: set[int] = set()
 
         def in_save() -> bool:
-            if ckpt.is_dir():
-                seen.update(p for p in os.listdir(ckpt) if TMP_SUFFIX in p)
+            seen.update(_step_dirs(ckpt)[1])
             return len(seen) >= nth
         _wait_for(in_save, proc, poll=0.001)
         time.sleep(rng.uniform(0, 0.05))
-    elif when == "train":
-        _wait_for(lambda: _metric_lines(run_dir) >= 1, proc, poll=0.01)
-        time.sleep(rng.uniform(0, 5))  # the 24 steps and their 6 saves take a few seconds
+    elif when == "start":
+        time.sleep(rng.uniform(0, 8))  # config, tokenizer, compile: about 10 s here
     else:
-        time.sleep(rng.uniform(0, 12))  # start-up (config, tokenizer, compile) takes several
+        _wait_for(lambda: bool(_step_dirs(ckpt)[0]), proc, poll=0.002)
+        target = min(_metric_lines(run_dir) + rng.randint(0, 13), STEPS - 3)
+        _wait_for(lambda: _metric_lines(run_dir) >= target, proc, poll=0.002)
+        if when == "later_save":
+            _wait_for(lambda: _later_save_unfinished(ckpt), proc, poll=0.001)
+            time.sleep(rng.uniform(0, 0.02))  # a save of this run is open for 50-300 ms
+        else:
+            time.sleep(rng.uniform(0, 0.1))
+
+
+def _kill_trial(run_dir: Path, rng: random.Random, when: str, capsys) -> dict:
+    """Starts a run, SIGKILLs it where ``_place_kill`` says, then resumes it in this process to
+    the end. Returns what the kill left and where the resume started."""
+    proc = _start(run_dir)
+    _place_kill(proc, run_dir, rng, when)
     proc.kill()
     proc.communicate()
-    unfinished = bool(ckpt.is_dir() and [p for p in os.listdir(ckpt) if TMP_SUFFIX in p])
+    assert proc.returncode == -signal.SIGKILL, f"the run ended before the kill ({when})"
+    ckpt = run_dir / "checkpoints"
+    unfinished = _step_dirs(ckpt)[1]
     committed = _committed(run_dir)
     capsys.readouterr()
     train(_cfg(run_dir))
     resumed = _resumed_from(capsys.readouterr().out)
-    assert not [p for p in os.listdir(ckpt) if TMP_SUFFIX in p]  # unfinished saves cleaned up
-    return {"when": when, "committed": committed, "unfinished_save": unfinished, "resumed": resumed}
+    assert not _step_dirs(ckpt)[1]  # unfinished saves cleaned up
+    return {"when": when, "committed": committed, "unfinished_save": bool(unfinished),
+            "later_save_unfinished": bool(committed) and any(s > committed[-1] for s in unfinished),
+            "resumed": resumed}
 
 
 def _check_trial(run_dir: Path, trial: dict, reference) -> None:
@@ -159,20 +188,29 @@ def test_sigkill_during_an_async_save_resumes_from_the_last_committed(eight_devi
     _check_trial(tmp_path / "run", trial, reference)
 
 
-@pytest.mark.slow
+# Eight of ten kills come after a checkpoint committed, so the restart really resumes (four of them
+# inside a later save); two come before any commit, so the restart begins again from step 0.
+KILL_PLAN = ("later_save", "train", "start", "later_save", "train", "later_save", "first_save",
+             "train", "later_save", "train")
+
+
+@pytest.mark.slow  # ~3 min: each trial starts a run (~15 s to its first commit) and resumes it
 def test_sigkill_at_random_points_always_resumes_exactly(eight_devices, reference, tmp_path, capsys):
     rng = random.Random(7)
     trials = []
-    for i in range(12):
+    for i, when in enumerate(KILL_PLAN):
         run_dir = tmp_path / f"trial{i}"
-        trial = _kill_trial(run_dir, rng, ("save", "train", "any")[i % 3], capsys)
+        trial = _kill_trial(run_dir, rng, when, capsys)
         _check_trial(run_dir, trial, reference)
         trials.append(trial)
+    resumed = [t for t in trials if t["resumed"] > 0]
+    later = [t for t in resumed if t["later_save_unfinished"]]
     with capsys.disabled():
-        print(f"\n{len(trials)} kill trials survived, "
-              f"{sum(t['unfinished_save'] for t in trials)} left an unfinished save:")
+        print(f"\n{len(trials)} kill trials survived, {len(resumed)} resumed from a committed "
+              f"checkpoint, {len(later)} with a later save unfinished:")
         for t in trials:
             print(" ", t)
+    assert len(resumed) >= 8 and len(later) >= 3, (len(resumed), len(later))
 
 
 def _nan_weights(steps: set[int]):
@@ -298,7 +336,9 @@ def test_eval_refuses_a_damaged_checkpoint_with_one_line(eight_devices, saved_ru
     run_dir = _copy(saved_run[0], tmp_path)
     target = _largest_state_file(run_dir / "checkpoints/24")
     target.write_bytes(target.read_bytes()[:-7])
-    assert eval_main(["perplexity", "--checkpoint", str(run_dir), "--max-batches", "1"]) == 2
+    # Asked for by its step (a run directory falls back as training does: tests/test_run_safety.py)
+    assert eval_main(["perplexity", "--checkpoint", str(run_dir / "checkpoints/24"),
+                      "--max-batches", "1"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         f"error: cannot restore checkpoint 24 of {run_dir}: checkpoint 24 is damaged: "
         f"state/{target.relative_to(run_dir / 'checkpoints/24/state')} has "

@@ -6,9 +6,14 @@ Crash consistency: orbax writes a step into ``<step>.orbax-checkpoint-tmp*`` and
 every process has written its part, so a killed save leaves only a temporary directory, which is
 ignored and removed at the next start. Just before that rename, process 0 writes
 ``meshlm_manifest.json`` into the directory (size and SHA-256 of every file, and of the run's
-tokenizer files), so a committed checkpoint always carries its manifest; ``verify`` detects a
-truncated, altered or missing file, and ``resume_step`` moves damaged checkpoints aside to
-``run_dir/damaged_checkpoints/`` and falls back to the newest good one.
+tokenizer files), so a committed checkpoint always carries its manifest; one without it is not
+trusted. ``verify`` detects a truncated, altered or missing file (the manifest included).
+
+Choosing a checkpoint has one owner, ``Checkpointer.newest_verified``: training (``resume_step``)
+moves damaged newer checkpoints aside to ``run_dir/damaged_checkpoints/`` and resumes the newest
+good one, and refuses to start again from step 0 when checkpoints exist but none verifies (unless
+``checkpoint.restart_if_damaged``); reading a run (``readable_step``: eval, inspect, export) passes
+over damaged ones with a warning and moves nothing, since the run may be live.
 """
 
 from __future__ import annotations
@@ -45,6 +50,10 @@ class DamagedCheckpointError(ValueError):
 
 class DamagedRunFileError(ValueError):
     """A run-level file (the tokenizer) differs from the one the checkpoints were written with."""
+
+
+class NoUsableCheckpointError(ValueError):
+    """A run has checkpoints, but none of them verifies: starting again would lose it silently."""
 
 
 class CheckpointWriteError(RuntimeError):
@@ -102,12 +111,13 @@ def _check_files(base: Path, expected: dict[str, Any]) -> str:
 
 
 def verify(step_dir: Path, run_dir: Path) -> bool:
-    """True if ``step_dir`` matches its manifest, False if it has none (written before manifests
-    existed); raises DamagedCheckpointError or DamagedRunFileError naming the first bad file."""
+    """True if ``step_dir`` matches its manifest; raises DamagedCheckpointError naming the first bad
+    file (a checkpoint without a manifest is damaged: every committed save carries one) or
+    DamagedRunFileError for a changed tokenizer file."""
     step = step_dir.name
     path = step_dir / MANIFEST
     if not path.is_file():
-        return False
+        raise DamagedCheckpointError(f"checkpoint {step} is damaged: it has no {MANIFEST}")
     try:
         manifest = json.loads(path.read_bytes().decode("utf-8"))
         files, run_files = dict(manifest["files"]), dict(manifest["run_files"])
@@ -143,7 +153,9 @@ class Checkpointer:
         self.directory = RunDir(self.run_dir).checkpoints
         self.damaged = RunDir(self.run_dir).damaged_checkpoints
         self.wait_each_save = not cfg.async_save
+        self.restart_if_damaged = cfg.restart_if_damaged
         self._pending: int | None = None
+        self._verified: set[int] = set()  # steps that matched their manifest (read once)
         async_options = None if read_only else ocp.AsyncOptions(
             post_finalization_callback=self._before_commit)
         absl_logger = logging.getLogger("absl")
@@ -179,6 +191,7 @@ class Checkpointer:
                 raise OSError(f"not enough disk space for checkpoint {step} in {self.directory}: "
                               f"{free / 2**20:.1f} MiB free, {need_bytes / 2**20:.1f} MiB needed")
         self._pending = step
+        self._verified.discard(step)
         self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta),
             data=grain.checkpoint.CheckpointSave(_IteratorSnapshot(data_state))), force=True)
@@ -195,38 +208,76 @@ class Checkpointer:
         write_manifest(candidates[-1], self.run_dir)
 
     def verify(self, step: int) -> bool:
-        """See ``verify``: True (manifest matches), False (no manifest) or an exception."""
-        return verify(self.directory / str(step), self.run_dir)
+        """See ``verify``: True or an exception; a step that verified is not read again."""
+        if step not in self._verified:
+            verify(self.directory / str(step), self.run_dir)
+            self._verified.add(step)
+        return True
 
-    def resume_step(self) -> int | None:
-        """The newest committed checkpoint that matches its manifest, or None. Damaged newer ones
-        are moved to ``run_dir/damaged_checkpoints/`` with a warning (process 0 checks and moves;
-        every process gets the same answer). A changed tokenizer raises DamagedRunFileError."""
-        while steps := self.all_steps():
-            step = max(steps)
-            problem, run_problem = "", ""
-            if jax.process_index() == 0:
+    def newest_verified(self) -> tuple[int | None, dict[int, str]]:
+        """(the newest committed step that verifies or None, {newer step: its problem}): the one
+        selection training and reading share. Process 0 verifies (only its problems carry text);
+        every process gets the same steps. A changed tokenizer raises DamagedRunFileError."""
+        steps = sorted(self.all_steps(), reverse=True)
+        good, problems, run_problem = -1, {}, ""
+        if jax.process_index() == 0:
+            for step in steps:
                 try:
                     self.verify(step)
                 except DamagedCheckpointError as e:
-                    problem = str(e)
+                    problems[step] = str(e)
+                    continue
                 except DamagedRunFileError as e:
                     run_problem = str(e)
-            verdict = broadcast_from_0(2 if run_problem else 1 if problem else 0)
-            if verdict == 2:
-                raise DamagedRunFileError(run_problem or "the run's tokenizer files do not match "
-                                          "its checkpoints (see process 0)")
-            if verdict == 0:
-                return step
-            older = [s for s in steps if s < step]
-            warn(f"{problem}; it is moved to {self.damaged} and "
-                 + (f"training resumes from checkpoint {max(older)}" if older
-                    else "training starts from scratch"))
+                good = step
+                break
+        if broadcast_from_0(1 if run_problem else 0):
+            raise DamagedRunFileError(run_problem or "the run's tokenizer files do not match its "
+                                      "checkpoints (see process 0)")
+        good = broadcast_from_0(good)
+        return (good if good >= 0 else None), {s: problems.get(s, "") for s in steps if s > good}
+
+    def resume_step(self) -> int | None:
+        """Where training starts: the newest checkpoint that verifies, or None when there are none.
+        Damaged newer ones are moved to ``run_dir/damaged_checkpoints/`` with a warning each
+        (process 0 moves). When checkpoints exist and none verifies: NoUsableCheckpointError and
+        nothing moved, or with ``checkpoint.restart_if_damaged`` all moved and None."""
+        good, damaged = self.newest_verified()
+        if good is None and damaged and not self.restart_if_damaged:
+            newest = max(damaged)
+            raise NoUsableCheckpointError(
+                f"none of the {len(damaged)} checkpoints of {self.run_dir} verifies "
+                f"({damaged[newest] or f'checkpoint {newest} is damaged, see process 0'}); nothing "
+                "was moved or cut: choose another run.dir, or set checkpoint.restart_if_damaged=true to "
+                f"train this one again from step 0 (the checkpoints move to {self.damaged.name}/, "
+                "metrics.jsonl to an archive)")
+        for step in sorted(damaged, reverse=True):
+            warn(f"{damaged[step]}; it is moved to {self.damaged} and "
+                 + (f"training resumes from checkpoint {good}" if good is not None else
+                    "training starts again from step 0 (checkpoint.restart_if_damaged=true)"))
             if jax.process_index() == 0:
                 self.quarantine(step)
-            sync_processes(f"meshlm: damaged checkpoint {step} moved")
+        if damaged:
+            sync_processes("meshlm: damaged checkpoints moved")
             self.manager.reload()
-        return None
+        return good
+
+    def readable_step(self) -> int:
+        """The checkpoint to read a run from (eval, inspect, export): the newest that verifies, with
+        one warning when newer ones are damaged (they stay where they are: the run may be live).
+        DamagedCheckpointError when none verifies, ValueError when there are none."""
+        good, damaged = self.newest_verified()
+        if good is None:
+            if not damaged:
+                raise ValueError(f"{self.run_dir} has no complete checkpoint")
+            others = f"; so are the {len(damaged) - 1} older ones" if len(damaged) > 1 else ""
+            raise DamagedCheckpointError(f"no checkpoint of {self.run_dir} verifies "
+                                         f"({damaged[max(damaged)]}{others})")
+        if damaged:
+            newest = max(damaged)
+            more = f" (and {len(damaged) - 1} more)" if len(damaged) > 1 else ""
+            warn(f"{damaged[newest]}{more}; using checkpoint {good}, the newest that verifies")
+        return good
 
     def quarantine(self, step: int) -> Path:
         """Moves checkpoint ``step`` out of the checkpoint directory (kept for inspection)."""

@@ -15,7 +15,7 @@ import yaml
 
 from core.errors import ConfigError, first_line
 from core.options import option
-from model.config import ModelConfig
+from model.config import RUNTIME_KEYS, ModelConfig
 from model.lora import TARGETS, LoRASpec, unmatched_targets
 from sharding.mesh import MeshConfig
 
@@ -88,6 +88,9 @@ class CheckpointConfig:
     every: int = option(200, "steps between checkpoints; 0 = only at the end")
     keep: int = option(3, "checkpoints kept (the newest)")
     async_save: bool = option(True, "save in the background while training goes on")
+    restart_if_damaged: bool = option(False, "when no checkpoint of an existing run verifies, start "
+                                      "again from step 0 (they move to damaged_checkpoints/, "
+                                      "metrics.jsonl is archived) instead of refusing")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,6 +175,37 @@ class Config:
 
 
 SECTIONS: dict[str, type] = typing.get_type_hints(Config)
+
+
+def _every_key(section: type) -> frozenset[str]:
+    return frozenset(f.name for f in dataclasses.fields(section))
+
+
+# What a resumed run may change (README, "Resuming with another config"): the keys that change how
+# the same run is computed -- the model's runtime keys, the mesh, where data is read from and how
+# far ahead, microbatching, evaluation, logging, sampling, checkpoints and the processes. Every
+# other key fixes the model, the data order or the optimisation and must stay as the run started;
+# train/validate.py (check_resume) names the first that changed. train.steps may change while the
+# learning-rate schedule keeps its length (optim.decay_steps, which defaults to train.steps).
+RESUMABLE: dict[str, frozenset[str]] = {
+    "model": RUNTIME_KEYS,
+    "mesh": _every_key(MeshConfig),
+    "data": frozenset({"data_dir", "cache_dir", "prefetch"}),
+    "optim": frozenset(),
+    "train": frozenset({"steps", "microbatches", "log_every", "eval_every", "eval_batches",
+                        "steps_in_flight", "max_skipped_steps", "sample_tokens", "sample_prompt"}),
+    "checkpoint": _every_key(CheckpointConfig),
+    "run": _every_key(RunConfig),
+    "finetune": frozenset(),
+}
+# Why a section's other keys are fixed (the end of a refusal's error line).
+FIXED_BECAUSE = {
+    "model": "it changes the model's parameters or the function they compute",
+    "data": "it changes which tokens the run trains on, or their order",
+    "optim": "it changes the optimisation",
+    "train": "it changes the batches or the optimisation",
+    "finetune": "it changes what is fine-tuned",
+}
 
 
 def _coerce(key: str, value: Any, annotation: Any) -> Any:

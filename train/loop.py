@@ -3,11 +3,13 @@ resume the newest good checkpoint, then run -- batches in, bounded steps in flig
 asynchronous checkpoints -- and end with an evaluation and the caller's end-of-run hooks (the MoE
 expert-load picture, a sample).
 
-Reliability: SIGTERM (or JAX's preemption notice under ``jax.distributed``) finishes the current
-step, saves, waits for the commit and returns (exit 0); the next start resumes from the newest
-checkpoint that verifies (damaged ones are moved aside). Steps with a non-finite loss or gradient
-norm are skipped inside the jitted step and counted; more than ``train.max_skipped_steps`` in a row
-stop the run (RunError). A checkpoint is never written from a non-finite state.
+Reliability: one trainer per run directory (``RunDir.locked``, held for the whole run). SIGTERM (or
+JAX's preemption notice under ``jax.distributed``) finishes the current step, saves, waits for the
+commit and returns (exit 0); the next start resumes from the newest checkpoint that verifies
+(damaged ones are moved aside; when none does, the run refuses to start again unless
+``checkpoint.restart_if_damaged``). Steps with a non-finite loss or gradient norm are skipped
+inside the jitted step and counted; more than ``train.max_skipped_steps`` in a row stop the run
+(RunError). A checkpoint is never written from a non-finite state.
 """
 
 from __future__ import annotations
@@ -24,7 +26,12 @@ from core.errors import ConfigError, RunError, first_line
 from data.tokenizer import Tokenizer
 from model.flops import param_counts, peak_flops
 from sharding.mesh import sync_processes
-from train.checkpoint import Checkpointer, CheckpointWriteError, DamagedRunFileError
+from train.checkpoint import (
+    Checkpointer,
+    CheckpointWriteError,
+    DamagedRunFileError,
+    NoUsableCheckpointError,
+)
 from train.config import Config
 from train.inputs import open_inputs, resume_position
 from train.metrics import MetricsWriter, StepLog, write_expert_load_png
@@ -72,11 +79,12 @@ def train(cfg: Config, *, hooks: Sequence[EndHook] = (write_expert_load_picture,
     (``preempted`` is the step it stopped at after SIGTERM; then no hooks run). ``hooks`` run at
     the end: ``python -m train`` adds the sample of ``train.sample_tokens`` tokens
     (``inference.generate.print_sample``, a layer above this one). ``batch_hook`` is for tests."""
-    with Preemption() as preemption:
-        end = _train(cfg, preemption, batch_hook)
-    if "preempted" not in end.summary:
-        for hook in hooks:
-            hook(end)
+    with RunDir(cfg.run.dir).locked():  # before anything in the directory is touched; hooks write
+        with Preemption() as preemption:
+            end = _train(cfg, preemption, batch_hook)
+        if "preempted" not in end.summary:
+            for hook in hooks:
+                hook(end)
     return end.summary
 
 
@@ -177,10 +185,10 @@ class _Steps:
 def _resume_or_init(program: Program, checkpointer: Checkpointer, run: RunDir,
                     batches: Any) -> tuple[TrainState, int]:
     """(state, step): the newest checkpoint that verifies, restored onto the program's mesh with
-    the input position it saved, or the state of step 0. Metrics past that step are dropped."""
+    the input position it saved, or the state of step 0. Metrics past that step are archived."""
     try:
         start = checkpointer.resume_step() or 0
-    except DamagedRunFileError as e:
+    except (DamagedRunFileError, NoUsableCheckpointError) as e:
         raise ConfigError("run.dir", str(e)) from None
     run.trim_metrics(start)
     if not start:

@@ -19,8 +19,10 @@ from train.state import TrainState
 
 
 def merge_run(adapter_run: str | Path, out_run: str | Path) -> dict[str, Any]:
-    """Writes ``out_run``: ``adapter_run``'s config (finetune section cleared), tokenizer, and its
-    latest checkpoint with the adapters merged into the base weights; returns a summary.
+    """Writes ``out_run``: ``adapter_run``'s config (finetune section cleared; its model section is the
+    base's, so evaluation keeps the base's window, ``model.max_seq_len``, whatever ``train.seq_len``
+    the fine-tune trained at), tokenizer, and its latest checkpoint with the adapters merged into
+    the base weights; returns a summary.
     ValueError for an unusable adapter run or an existing ``out_run``."""
     source, target = RunDir(Path(adapter_run).resolve()), RunDir(Path(out_run).resolve())
     cfg = source.read_config()
@@ -29,8 +31,7 @@ def merge_run(adapter_run: str | Path, out_run: str | Path) -> dict[str, Any]:
     steps = source.committed_steps()
     if not steps:
         raise ValueError(f"{source.path} has no complete checkpoint")
-    if target.path.exists() and any(target.path.iterdir()):
-        raise ValueError(f"{target.path} exists and is not empty: choose a new directory")
+    _check_empty(target)
     step = max(steps)
     trainee = Program(dataclasses.replace(cfg, mesh=cfg.mesh.fitting(jax.device_count()))).trainee
     checkpointer = Checkpointer(source.path, cfg.checkpoint, read_only=True)
@@ -45,13 +46,20 @@ def merge_run(adapter_run: str | Path, out_run: str | Path) -> dict[str, Any]:
     _, params = trainee.plain_model(TrainState(None, adapters, None))
     out_cfg = dataclasses.replace(cfg, finetune=FinetuneConfig(),
                                   run=dataclasses.replace(cfg.run, dir=str(target.path)))
-    if jax.process_index() == 0:
-        target.path.mkdir(parents=True, exist_ok=True)
-        target.write_config(out_cfg)
-        source.copy_tokenizer_to(target)  # as the adapter run saved it
-    saved = Checkpointer(target.path, dataclasses.replace(cfg.checkpoint, async_save=False))
-    meta = {"step": step, "merged_from": str(source.path), **trainee.checkpoint_meta()}
-    saved.save(step, TrainState(jnp.asarray(step, jnp.int32), params, None), meta, {})
-    saved.close()
+    with target.locked():  # one writer, as for training
+        _check_empty(target)  # again: another writer may have begun meanwhile
+        if jax.process_index() == 0:
+            target.write_config(out_cfg)
+            source.copy_tokenizer_to(target)  # as the adapter run saved it
+        saved = Checkpointer(target.path, dataclasses.replace(cfg.checkpoint, async_save=False))
+        meta = {"step": step, "merged_from": str(source.path), **trainee.checkpoint_meta()}
+        saved.save(step, TrainState(jnp.asarray(step, jnp.int32), params, None), meta, {})
+        saved.close()
     return {"out_run": str(target.path), "step": step, "base_run": cfg.finetune.base,
             "base_step": cfg.finetune.base_step}
+
+
+def _check_empty(target: RunDir) -> None:
+    """ValueError unless ``target`` is new or empty (a lock file left by a failed merge aside)."""
+    if target.path.exists() and any(p != target.lock_file for p in target.path.iterdir()):
+        raise ValueError(f"{target.path} exists and is not empty: choose a new directory")

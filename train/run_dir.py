@@ -1,18 +1,30 @@
 """The run directory, and the only code that knows its layout: ``config.yaml`` (the fully resolved
-config, written atomically), the tokenizer files (``data/tokenizer.py`` names them), ``metrics.jsonl``,
-``tensorboard/``, ``logs/``, ``expert_load.png``, and ``checkpoints/<step>/`` and
-``damaged_checkpoints/`` (whose contents ``train/checkpoint.py`` writes). Training, fine-tuning,
-evaluation and conversion all go through ``RunDir``.
+config, written atomically) and ``config_history/`` (each config the run started with), the
+tokenizer files (``data/tokenizer.py`` names them), ``metrics.jsonl`` and the records cut from it on
+resume (``metrics.superseded.N.jsonl``), ``tensorboard/``, ``logs/``,
+``expert_load.png``, ``run.lock``, and ``checkpoints/<step>/`` and ``damaged_checkpoints/`` (whose
+contents ``train/checkpoint.py`` writes). Training, fine-tuning, evaluation and conversion all go
+through ``RunDir``.
 
-Under ``jax.distributed`` every process holds a ``RunDir`` of the same shared directory; process 0
-writes, and ``prepare`` and ``tokenizer_for`` keep the others in step with it.
+One writer at a time: a trainer (or merge) holds an OS advisory lock (``flock``) on ``run.lock`` for
+its whole life, taken before anything in the directory is touched; the kernel drops it when the
+process ends, however it ends, so a killed trainer's lock file blocks nothing. Under
+``jax.distributed`` every process holds a ``RunDir`` of the same shared directory; process 0 takes the
+lock and writes, and ``locked``, ``prepare`` and ``tokenizer_for`` keep the others in step with it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
 import os
 import shutil
+import socket
+import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import jax
@@ -30,10 +42,16 @@ from data.tokenizer import (
 )
 from sharding.mesh import broadcast_from_0, sync_processes
 from train.config import Config, config_from_dict, dump_yaml
+from train.validate import check_resume
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 DAMAGED_DIR = "damaged_checkpoints"  # checkpoints that failed verification, kept for inspection
+HISTORY_DIR = "config_history"  # every config the run started with: NNN-stepS-TIME.yaml
+STAMP = "%Y%m%dT%H%M%SZ"
+LOCK_FILE = "run.lock"  # flock-ed by the one process that writes the run; names it (pid, host)
+# Filesystems where flock is not supported (some FUSE mounts): the run goes on, unguarded, warned.
+NO_LOCKING = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)
 
 
 def write_atomically(path: Path, data: bytes) -> None:
@@ -62,6 +80,12 @@ class RunDir:
     tensorboard = property(lambda self: self.path / "tensorboard")
     logs = property(lambda self: self.path / "logs")
     expert_load_picture = property(lambda self: self.path / "expert_load.png")
+    lock_file = property(lambda self: self.path / LOCK_FILE)
+    config_history = property(lambda self: self.path / HISTORY_DIR)
+
+    def superseded_metrics(self, n: int) -> Path:
+        """The ``n``th archive of metrics records cut on resume (1, 2, ...)."""
+        return self.path / f"metrics.superseded.{n}.jsonl"
 
     @classmethod
     def of_checkpoint(cls, path: str | Path) -> tuple[RunDir, int | None]:
@@ -78,6 +102,48 @@ class RunDir:
             return cls(path.parent.parent), int(path.name)
         raise ValueError(f"{path} is neither a meshlm run directory (with config.yaml) nor one of its "
                          "checkpoints/<step> directories")
+
+    # ---------------------------------------------------------------------------------- the lock
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Holds the run's lock for the block (process 0 takes it; creates the directory). Another
+        live holder is a ConfigError naming it (every process gets the same answer); the lock of a
+        process that died was released by the kernel and is simply taken."""
+        fd, problem = (self._take_lock() if jax.process_index() == 0 else (None, ""))
+        try:
+            if broadcast_from_0(1 if problem else 0):
+                raise ConfigError("run.dir", problem or "process 0 could not lock the run directory")
+            yield
+        finally:
+            if fd is not None:
+                os.close(fd)  # releases the lock
+
+    def _take_lock(self) -> tuple[int | None, str]:
+        """(descriptor holding the lock, or None; the problem when refused)."""
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            return None, f"cannot write to {self.path}: {e.strerror or e}"
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _lock_holder(fd)
+            os.close(fd)
+            return None, (f"{self.path} is in use by another trainer ({holder}); wait for it to end "
+                          "or choose another run.dir")
+        except OSError as e:
+            if e.errno not in NO_LOCKING:
+                os.close(fd)
+                return None, f"cannot lock {self.lock_file}: {e.strerror or e}"
+            print(f"warning: {self.lock_file} cannot be locked on this filesystem "
+                  f"({e.strerror}): a second trainer on this run.dir would not be refused",
+                  file=sys.stderr, flush=True)
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode())
+        os.fsync(fd)
+        return fd, ""
 
     # -------------------------------------------------------------------------------- the config
 
@@ -100,28 +166,50 @@ class RunDir:
         write_atomically(self.config_file, dump_yaml(cfg).encode())
 
     def prepare(self, cfg: Config) -> None:
-        """Creates the directory and writes the config, or checks that an existing run trained the
-        same model (keys added to ModelConfig since then take their defaults). ConfigError if it
-        holds another model or cannot be written; every process gets the same answer."""
-        if self.config_file.is_file():
-            try:
-                previous = yaml.safe_load(self.config_file.read_text()) or {}
-            except yaml.YAMLError:
-                raise ConfigError("run.dir", f"{self.config_file} is not valid YAML") from None
-            defaults = Config().to_dict()["model"]
-            if {**defaults, **(previous.get("model") or {})} != cfg.to_dict()["model"]:
-                raise ConfigError("run.dir", f"{self.path} holds a run of a different model; choose "
-                                  "another run.dir or keep the model.* settings")
+        """Creates the directory and writes the config; on an existing run, first checks that
+        ``cfg`` changes only what a resume may change (``check_resume``; keys added to the config
+        since the run started take their defaults). Each config the run starts with that differs
+        from the last is kept in ``config_history/``. ConfigError for a refused change or a
+        directory that cannot be written; every process gets the same answer."""
+        previous = self.started_config()
+        if previous is not None:
+            check_resume(previous, cfg, str(self.path))
         sync_processes("meshlm: run directory checked")  # every process read it before it changes
         problem = ""
         if jax.process_index() == 0:
             try:
                 self.path.mkdir(parents=True, exist_ok=True)
+                if cfg != previous:
+                    self.record_config(cfg, previous)
                 self.write_config(cfg)
             except OSError as e:
                 problem = f"cannot write to {self.path}: {e.strerror or e}"
         if broadcast_from_0(1 if problem else 0):  # the others must not wait for process 0 forever
             raise ConfigError("run.dir", problem or "process 0 cannot write to the run directory")
+
+    def started_config(self) -> Config | None:
+        """The config of the run already here, or None; ConfigError if it cannot be read."""
+        if not self.config_file.is_file():
+            return None
+        try:
+            return self.read_config()
+        except ValueError as e:
+            raise ConfigError("run.dir", str(e)) from None
+
+    def record_config(self, cfg: Config, previous: Config | None) -> None:
+        """Adds ``cfg`` to ``config_history/`` as ``NNN-stepS-TIME.yaml`` (S: the newest committed
+        checkpoint, where a resume starts). A run from before the history existed gets its
+        ``previous`` config as the first entry."""
+        self.config_history.mkdir(exist_ok=True)
+        entries = sorted(self.config_history.glob("*.yaml"))
+        if not entries and previous is not None:
+            stamp = time.gmtime(self.config_file.stat().st_mtime)
+            write_atomically(self.config_history / f"000-step0-{time.strftime(STAMP, stamp)}.yaml",
+                             dump_yaml(previous).encode())
+            entries = [None]
+        step = max(self.committed_steps(), default=0) if self.checkpoints.is_dir() else 0
+        name = f"{len(entries):03d}-step{step}-{time.strftime(STAMP, time.gmtime())}.yaml"
+        write_atomically(self.config_history / name, dump_yaml(cfg).encode())
 
     # ----------------------------------------------------------------------------- the tokenizer
 
@@ -165,20 +253,25 @@ class RunDir:
 
     # ---------------------------------------------------------------------- metrics, checkpoints
 
-    def trim_metrics(self, step: int) -> None:
-        """On resume: drops records past ``step`` (they are trained again) and any torn last line
-        from ``metrics.jsonl`` (process 0)."""
+    def trim_metrics(self, step: int) -> Path | None:
+        """On a start from ``step``: ``metrics.jsonl`` keeps the records up to ``step`` (none at step
+        0: they are of an earlier attempt), so it reads as one uninterrupted run; the others, torn
+        lines included, move to a new ``metrics.superseded.N.jsonl`` (process 0; nothing is ever
+        deleted). Returns that archive, or None when nothing was cut."""
         if jax.process_index() != 0 or not self.metrics_file.is_file():
-            return
-        kept = []
-        for line in self.metrics_file.read_bytes().decode("utf-8", "replace").splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict) and int(record.get("step", 0)) <= step:
-                kept.append(line + "\n")
-        write_atomically(self.metrics_file, "".join(kept).encode())
+            return None
+        kept, cut = [], []
+        for line in self.metrics_file.read_bytes().splitlines():
+            if line.strip():
+                (kept if step and _step_of(line) in range(step + 1) else cut).append(line + b"\n")
+        if not cut:
+            return None
+        n = 1
+        while self.superseded_metrics(n).exists():
+            n += 1
+        write_atomically(self.superseded_metrics(n), b"".join(cut))  # first: a crash loses nothing
+        write_atomically(self.metrics_file, b"".join(kept))
+        return self.superseded_metrics(n)
 
     def losses(self) -> dict[int, float]:
         """{step: loss} from ``metrics.jsonl`` (the last record of a step wins)."""
@@ -193,3 +286,21 @@ class RunDir:
         """The committed checkpoint steps, oldest first (orbax's listing: the temporary directories
         of unfinished saves are never listed)."""
         return sorted(ocp.utils.checkpoint_steps(self.checkpoints))
+
+
+def _step_of(line: bytes) -> int:
+    """The step of a metrics record, or -1 for a torn or foreign line."""
+    try:
+        record = json.loads(line)
+        return int(record.get("step", 0)) if isinstance(record, dict) else -1
+    except (ValueError, TypeError):
+        return -1
+
+
+def _lock_holder(fd: int) -> str:
+    """Who holds a run's lock, as its lock file says."""
+    try:
+        holder = json.loads(os.pread(fd, 4096, 0))
+        return f"pid {int(holder['pid'])} on {holder['host']}"
+    except (ValueError, TypeError, KeyError, OSError):
+        return "its lock file names no holder yet"

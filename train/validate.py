@@ -5,13 +5,22 @@ table, never computed from mesh axis names here."""
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import jax
 
 from core.errors import ConfigError
 from data.tokenizer import vocab_size_of
 from sharding.rules import default_rules, mesh_axes_of, shards_of
-from train.config import Config, DataConfig, OptimConfig, RunConfig, TrainConfig
+from train.config import (
+    FIXED_BECAUSE,
+    RESUMABLE,
+    Config,
+    DataConfig,
+    OptimConfig,
+    RunConfig,
+    TrainConfig,
+)
 
 SOURCE_KINDS = ("text:", "jsonl:", "tfds:")
 
@@ -136,3 +145,37 @@ def validate_run(run: RunConfig) -> None:
     if "://" in run.dir:
         raise ConfigError("run.dir", f"{run.dir!r}: only local or mounted paths are supported "
                           "(put the run on a shared filesystem mounted on every host)")
+
+
+def _resume_view(cfg: Config) -> dict[str, Any]:
+    """``section.key`` -> value, with ``optim.decay_steps`` as the schedule's actual length."""
+    view = {f"{section}.{key}": value for section, values in cfg.to_dict().items()
+            for key, value in values.items()}
+    view["optim.decay_steps"] = cfg.optim.decay_steps or cfg.train.steps
+    return view
+
+
+def _shown(value: Any) -> str:
+    return '""' if value == "" else str(value)
+
+
+def check_resume(previous: Config, cfg: Config, run_dir: str) -> None:
+    """ConfigError unless ``cfg`` changes only keys a resume of a run started with ``previous`` may
+    change (RESUMABLE in train/config.py): it names the first refused key with its old and new
+    value, and the other refused keys on the same line."""
+    old, new = _resume_view(previous), _resume_view(cfg)
+    refused = [key for key in old if old[key] != new[key]
+               and key.partition(".")[2] not in RESUMABLE[key.partition(".")[0]]]
+    if not refused:
+        return
+    key = refused[0]
+    also = f" (also changed: {', '.join(refused[1:])})" if refused[1:] else ""
+    if key == "optim.decay_steps" and not cfg.optim.decay_steps:  # derived from a new train.steps
+        raise ConfigError("train.steps", f"the run in {run_dir} started with train.steps="
+                          f"{previous.train.steps} and a learning-rate schedule of {old[key]} steps; "
+                          f"train.steps={cfg.train.steps} would re-stretch it mid-run. To train on "
+                          f"with the same schedule, also set optim.decay_steps={old[key]}{also}")
+    raise ConfigError(key, f"the run in {run_dir} started with {key}={_shown(old[key])}; a resume "
+                      f"cannot change it to {key}={_shown(new[key])} "
+                      f"({FIXED_BECAUSE[key.partition('.')[0]]}). Keep {key}={_shown(old[key])} or "
+                      f"choose another run.dir{also}")
