@@ -1,8 +1,8 @@
 """``python -m eval {generate,perplexity,harness,scaling,inspect} ...`` (also ``meshlm-eval``).
 
 Mistakes (bad arguments, missing or damaged checkpoints, unreadable prompt files) print one
-``error:`` line and exit 2. A prompt longer than the model's context window keeps its last window
-tokens, with a warning on stderr.
+``error:`` line and exit 2. The context window is the model's own (``model.max_seq_len``), never
+``train.seq_len``; a prompt longer than it keeps its last window tokens, with a warning on stderr.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from cli.args import Parser, add_checkpoint_argument, add_json_argument, run, su
 from cli.host import load_checkpoint, quiet_tpu_probe
 from core.errors import UsageError
 from data.tokenizer import check_utf8
-from eval.perplexity import perplexity
+from eval.perplexity import perplexity, perplexity_window
 from inference.generate import Generator
-from inference.load import LoadedRun
+from inference.load import LoadedRun, read_run_config
 from inference.sampling import SamplingConfig
 
 
@@ -58,8 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     data = ppl.add_mutually_exclusive_group()
     data.add_argument("--data", help="data.source spec, its eval split (default: the run's own)")
     data.add_argument("--text", help="a UTF-8 text file, all of it")
-    ppl.add_argument("--batch-size", type=int, default=0)
+    ppl.add_argument("--batch-size", type=int, default=0,
+                     help="rows per batch (default: as many tokens as a training batch)")
     ppl.add_argument("--max-batches", type=int, default=0, help="0: one full pass")
+    ppl.add_argument("--window", type=int, default=0,
+                     help="tokens per row, 2..model.max_seq_len (default: model.max_seq_len)")
     sub.add_parser("harness", help="lm-evaluation-harness tasks (see: harness --help)", add_help=False)
     sub.add_parser("scaling", help="FLOPs, compute-optimal plans, sweeps (see: scaling --help)",
                    add_help=False)
@@ -78,8 +81,8 @@ def check_args(args: argparse.Namespace) -> None:
             raise UsageError(problem)
         if args.system is not None and not args.chat:
             raise UsageError("--system needs --chat")
-    if args.command == "perplexity" and (args.batch_size < 0 or args.max_batches < 0):
-        raise UsageError("--batch-size and --max-batches must be >= 0")
+    if args.command == "perplexity" and min(args.batch_size, args.max_batches, args.window) < 0:
+        raise UsageError("--batch-size, --max-batches and --window must be >= 0")
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
@@ -135,7 +138,7 @@ def prompt_ids(tok, prompt: str, chat: bool, system: str | None) -> list[int]:
 def run_generate(args: argparse.Namespace, run: LoadedRun) -> None:
     tok = run.tokenizer
     prompts = read_prompts(args)
-    window = run.cfg.train.seq_len  # the context the model was trained on
+    window = run.window  # the model's own context (model.max_seq_len), not train.seq_len
     ids = []
     for i, prompt in enumerate(prompts):
         row = prompt_ids(tok, prompt, args.chat, args.system)
@@ -164,10 +167,11 @@ def run_generate(args: argparse.Namespace, run: LoadedRun) -> None:
 
 
 def run_perplexity(args: argparse.Namespace, run: LoadedRun) -> None:
-    report = perplexity(run, args.data, args.batch_size, args.max_batches, text_file=args.text)
+    report = perplexity(run, args.data, args.batch_size, args.max_batches, text_file=args.text,
+                        window=args.window)
     print(f"loss {report['loss']:.4f}  perplexity {report['perplexity']:.3f}  "
           f"tokens {report['tokens']}  bits/byte {report['bits_per_byte']:.4f}  "
-          f"({report['source']}, step {report['step']})")
+          f"({report['source']}, window {report['window']}, step {report['step']})")
     print(json.dumps(report))
 
 
@@ -176,8 +180,14 @@ def eval_command(argv: Sequence[str]) -> int:
     check_args(args)
     if args.command == "generate":
         read_prompts(args)  # fail on bad prompts before loading anything
-    if args.command == "perplexity" and args.text is not None:
-        check_utf8(Path(args.text))
+    if args.command == "perplexity":
+        if args.text is not None:
+            check_utf8(Path(args.text))
+        max_seq_len = read_run_config(args.checkpoint).model.max_seq_len
+        try:  # a window the model cannot take fails before the parameters are restored
+            perplexity_window(max_seq_len, args.window)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
     loaded = load_checkpoint(args.checkpoint)
     (run_generate if args.command == "generate" else run_perplexity)(args, loaded)
     return 0

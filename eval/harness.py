@@ -4,8 +4,8 @@
 - ``loglikelihood``: every (context, continuation) becomes one token row, [BOS] + context +
   continuation (split as lm_eval's causal models split it), scored by `inference.score.Scorer` (one jitted,
   sharded forward pass per batch of rows sorted by length). A row longer than the window
-  (``train.seq_len``, the context the model was trained on) loses context from the left; the
-  continuation is always scored whole (one too long for the window is scored in window-sized pieces,
+  (``model.max_seq_len``, the model's own context, never ``train.seq_len``) loses context from the
+  left; the continuation is always scored whole (one too long for the window is scored in window-sized pieces,
   each with the longest context that fits).
 - ``loglikelihood_rolling``: the text's tokens in lm_eval's rolling windows
   (``get_rolling_token_windows`` + ``make_disjoint_window``, prefix BOS), summed.
@@ -81,7 +81,7 @@ class MeshLM(TemplateLM):
             run = load_run(checkpoint)
         self.run = run
         self.tok = run.tokenizer
-        self.window = run.cfg.train.seq_len
+        self.window = run.window  # model.max_seq_len
         self._batch_size = _batch_size(batch_size)
         self._max_gen_toks = int(max_gen_toks)
         if self._max_gen_toks < 1:

@@ -4,8 +4,9 @@ the attention weights and MoE routing of the real forward pass (the model's laye
 intermediates). Each report is a JSON-able dict, shown as a table by ``format_table`` or drawn by
 ``eval/inspect_plots.py``.
 
-Prompts start with BOS, as in training, and keep their last ``train.seq_len`` tokens. An MoE model runs
-with enough expert capacity that no token is dropped, as in generation and scoring.
+Prompts start with BOS, as in training, and keep their last ``model.max_seq_len`` tokens (the model's
+own window, never ``train.seq_len``). An MoE model runs with enough expert capacity that no token is
+dropped, as in generation and scoring.
 """
 
 from __future__ import annotations
@@ -85,7 +86,9 @@ def temperature_probs(logits_v: np.ndarray, temperature: float) -> np.ndarray:
     """softmax(logits / T) in float64; T = 0 puts all the mass on the argmax (greedy decoding)."""
     logits_v = np.asarray(logits_v, np.float64)
     if temperature == 0:
-        return np.eye(logits_v.shape[-1])[int(np.argmax(logits_v))]
+        p_v = np.zeros_like(logits_v)  # one-hot: [V], never an identity matrix [V, V]
+        p_v[int(np.argmax(logits_v))] = 1.0
+        return p_v
     z = logits_v / temperature
     p = np.exp(z - z.max())
     return p / p.sum()
@@ -164,7 +167,7 @@ def inspect_tokens(tokenizer: Any, text: str) -> dict[str, Any]:
 
 def inspect_next(run: Any, prompt: str, temperatures: list[float], top: int) -> dict[str, Any]:
     tok = run.tokenizer
-    ids = prompt_ids(tok, prompt, run.cfg.train.seq_len)
+    ids = prompt_ids(tok, prompt, run.window)
     logits_v = forward(run, ids)[0][-1]
     order = np.argsort(-logits_v, kind="stable")[:top]
     dists = [temperature_probs(logits_v, t) for t in temperatures]
@@ -200,7 +203,7 @@ def inspect_embeddings(run: Any, neighbors: str | None, analogy: list[str] | Non
 def inspect_attention(run: Any, prompt: str, layer: int, head: int | None,
                       position: int) -> dict[str, Any]:
     tok = run.tokenizer
-    ids = prompt_ids(tok, prompt, run.cfg.train.seq_len)
+    ids = prompt_ids(tok, prompt, run.window)
     if not -len(ids) <= position < len(ids):
         raise UsageError(f"--position {position} is outside the prompt's {len(ids)} tokens")
     position %= len(ids)
@@ -215,7 +218,7 @@ def inspect_attention(run: Any, prompt: str, layer: int, head: int | None,
 def inspect_routing(run: Any, prompt: str) -> dict[str, Any]:
     tok = run.tokenizer
     cfg = run.cfg.model
-    ids = prompt_ids(tok, prompt, run.cfg.train.seq_len)
+    ids = prompt_ids(tok, prompt, run.window)
     aux = forward(run, ids, routing=True)[1]
     experts_ltr, weights_ltr = aux["routing_experts"], aux["routing_weights"]
     layers = []

@@ -8,7 +8,8 @@ heads over ``tensor``, experts over ``expert``, as in training) and the cache do
   advance together) and samples the next one.
 
 The host loop dispatches step i + 1 before it reads token i, so the device never waits on Python.
-Rows stop at the stop id (EOS) or after ``max_new_tokens``. The cache holds
+Rows stop at the stop id (EOS) or after ``max_new_tokens``. The window is the model's own context
+(``model.max_seq_len``; callers pass it), never the training rows' length. The cache holds
 ``min(window, prompt + new tokens)`` slots (rounded up to a power of two); when a row would pass the
 model's window, every row is re-prefilled with the last half of its context (a context shift) and
 generation goes on. A prompt longer than the window keeps its last ``window`` tokens.
@@ -211,15 +212,15 @@ class Generator:
 
 def print_sample(end: RunEnd) -> None:
     """End-of-run hook: ``train.sample_tokens`` tokens continuing ``train.sample_prompt`` from the
-    trained model (temperature 0.8), printed by process 0 (every process takes part: the
-    parameters span them)."""
+    trained model (temperature 0.8) in its own window (``model.max_seq_len``, as ``eval generate``),
+    printed by process 0 (every process takes part: the parameters span them)."""
     t, tokenizer = end.cfg.train, end.tokenizer
     if not t.sample_tokens:
         return
     _, params = end.program.trainee.plain_model(end.state)
     ids = ([tokenizer.bos_id] if tokenizer.bos_id >= 0 else []) + tokenizer.encode(t.sample_prompt)
-    generator = Generator(end.cfg.model, params, end.program.mesh, end.program.rules, t.seq_len,
-                          SamplingConfig(temperature=0.8))
+    generator = Generator(end.cfg.model, params, end.program.mesh, end.program.rules,
+                          end.cfg.model.max_seq_len, SamplingConfig(temperature=0.8))
     new = generator.generate([ids], t.sample_tokens, seed=t.seed, stop_id=tokenizer.eos_id).tokens[0]
     if jax.process_index() != 0:
         return

@@ -1,8 +1,15 @@
-"""Scoring token rows: the log-probability of every target token and whether it is the argmax, in one
-jitted, sharded forward pass over right-padded [B, T] rows (compiled once per (B, T) bucket).
+"""Scoring through the model as served (the inference graph: an MoE model with enough expert capacity
+that no token is dropped, as in generation). Every evaluation tool uses it, so they agree:
 
-A row of n tokens gives n - 1 (input, target) pairs; rows hold at most ``window + 1`` tokens. An MoE
-model scores with enough expert capacity that no token is dropped, as in generation.
+- ``Scorer``: the log-probability of every target token of right-padded [B, T] token rows and
+  whether it is the argmax, in one jitted, sharded forward pass (compiled once per (B, T) bucket).
+  A row of n tokens gives n - 1 (input, target) pairs; rows hold at most ``window + 1`` tokens.
+  The harness and inspection score with it.
+- ``BatchLoss``: the sums of token losses and weights of packed [B, T] batches (the rows of
+  ``data.pipeline``, documents kept apart by their segment ids). ``eval perplexity`` runs it.
+
+Training's own evaluation (``eval_loss``) runs the training graph instead, where a capacity-path MoE
+model may drop tokens.
 """
 
 from __future__ import annotations
@@ -14,12 +21,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from data.batches import to_global
 from inference.generate import bucket, inference_graphdef
 from model.config import ModelConfig
-from model.loss import token_nll
-from sharding.constrain import activation_sharding
+from model.loss import nll_sums, token_nll
+from sharding.constrain import activation_sharding, under_activation_sharding
 from sharding.rules import Rules, logical_sharding
 
 
@@ -81,3 +89,32 @@ class Scorer:
                     self._step(self.batch_size, length)(self.params, inputs_bt, targets_bt, lengths))
                 out.extend((logprob_bt[i, :n], greedy_bt[i, :n]) for i, n in enumerate(lengths[:len(chunk)]))
         return out
+
+
+def loss_sums(params: nnx.State, batch: dict[str, jax.Array], *,
+              graphdef: nnx.GraphDef) -> dict[str, jax.Array]:
+    """``loss_sum`` (weighted token losses) and ``weight_sum`` of one packed batch."""
+    loss_sum, weight_sum, _ = nll_sums(nnx.merge(graphdef, params), batch)
+    return {"loss_sum": loss_sum, "weight_sum": weight_sum}
+
+
+class BatchLoss:
+    """Loss sums of packed batches of ``batch_size`` rows of ``length`` tokens (``inputs``,
+    ``targets``, ``weights``, ``positions``, ``segment_ids``) through the inference graph; one
+    jitted, sharded step (rows over the data axes), compiled once."""
+
+    def __init__(self, cfg: ModelConfig, params: nnx.State, mesh: Mesh, rules: Rules, batch_size: int,
+                 length: int):
+        _, graphdef = inference_graphdef(cfg)
+        self.params, self.batch_size = params, batch_size
+        self.batch_sharding = logical_sharding(("batch", "length"), (batch_size, length), mesh, rules)
+        self._step = jax.jit(
+            under_activation_sharding(functools.partial(loss_sums, graphdef=graphdef), mesh, rules),
+            in_shardings=(jax.tree.map(lambda x: x.sharding, params), self.batch_sharding),
+            out_shardings=NamedSharding(mesh, PartitionSpec()))
+
+    def __call__(self, local: dict[str, np.ndarray]) -> tuple[float, float]:
+        """(loss sum, weight sum) of a batch of which this process holds ``local`` (its rows)."""
+        out = jax.device_get(self._step(self.params, to_global(local, self.batch_sharding,
+                                                               self.batch_size)))
+        return float(out["loss_sum"]), float(out["weight_sum"])

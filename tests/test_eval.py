@@ -1,17 +1,33 @@
 """The eval CLI on a real (tiny) trained run: perplexity agrees with training's evaluation."""
 
 import contextlib
+import functools
 import io
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
 
+import jax
+import numpy as np
 import pytest
+from flax import nnx
 
+from cli import eval as eval_cli
+from data.pipeline import empty_batch, eval_batches
+from data.tokenizer import ByteTokenizer
+from eval.perplexity import perplexity, trimmed
 from inference.generate import print_sample
+from inference.load import LoadedRun, load_run
+from inference.score import Scorer
+from model.transformer import Transformer
+from sharding.mesh import make_mesh
+from sharding.rules import default_rules, tree_shardings
 from tests.helpers import tiny_config
 from train.loop import train
+from train.program import Program
+from train.step import eval_step
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -48,10 +64,11 @@ def run_eval(*args: str) -> subprocess.CompletedProcess:
 
 def test_perplexity_matches_training_eval_on_another_mesh(eight_devices, trained_run):
     run_dir, summary = trained_run
-    result = run_eval("perplexity", "--checkpoint", str(run_dir), "--max-batches", "2")
+    result = run_eval("perplexity", "--checkpoint", str(run_dir), "--max-batches", "2",
+                      "--window", "32")  # training's eval batches: train.seq_len rows
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert report["step"] == 20 and 0 < report["tokens"] <= 2 * 16 * 32
+    assert report["step"] == 20 and report["window"] == 32 and 0 < report["tokens"] <= 2 * 16 * 32
     assert abs(report["loss"] - summary["eval_loss"]) <= 1e-5 * summary["eval_loss"]
 
 
@@ -86,20 +103,32 @@ def test_a_prompt_longer_than_the_window_is_cut_with_a_warning(eight_devices, tr
                       "--max-new-tokens", "3", "--temperature", "0", "--json")
     assert result.returncode == 0, result.stderr
     assert result.stderr.strip() == ("warning: prompt has 101 tokens, more than the model's window of "
-                                     "32: keeping its last 32")
+                                     "64: keeping its last 64")
+
+
+def test_generate_keeps_a_prompt_longer_than_the_training_length_whole(eight_devices, trained_run,
+                                                                       capsys):
+    """The window is the model's own (model.max_seq_len = 64), not train.seq_len (32): greedy
+    decoding continues the whole prompt, as the plain forward pass over all of it does."""
+    run_dir, _ = trained_run
+    run = load_run(run_dir)
+    prompt = "import numpy as np; x = np.arange(10); y = x * "
+    ids = [run.tokenizer.bos_id, *run.tokenizer.encode(prompt)]
+    assert run.cfg.train.seq_len < len(ids) and len(ids) + 4 <= run.cfg.model.max_seq_len
+    code = eval_cli.main(["generate", "--checkpoint", str(run_dir), "--prompt", prompt,
+                          "--max-new-tokens", "4", "--temperature", "0", "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0 and err == "", err  # nothing cut, nothing to warn about
+    model = nnx.merge(run.graphdef, jax.device_get(run.params))
+    new = []
+    while len(new) < 4 and run.tokenizer.eos_id not in new:
+        new.append(int(np.argmax(model(np.asarray([ids + new], np.int32))[0, -1])))
+    new = [t for t in new if t != run.tokenizer.eos_id]
+    assert json.loads(out.strip().splitlines()[-1])["completion"] == run.tokenizer.decode(new)
 
 
 def test_perplexity_of_a_text_file_is_exp_of_the_eval_step_mean_loss(eight_devices, trained_run,
                                                                      tmp_path):
-    import functools
-    import math
-
-    import jax
-
-    from data.pipeline import eval_batches
-    from inference.load import load_run
-    from train.step import eval_step
-
     run_dir, _ = trained_run
     text = tmp_path / "poem.txt"
     text.write_text("Shall I compare thee to a summer's day?\nThou art more lovely and more temperate.\n"
@@ -110,14 +139,54 @@ def test_perplexity_of_a_text_file_is_exp_of_the_eval_step_mean_loss(eight_devic
     run = load_run(run_dir)
     step = jax.jit(functools.partial(eval_step, graphdef=run.graphdef))
     params = jax.device_get(run.params)
+    window = run.cfg.model.max_seq_len  # the model's own context, not train.seq_len (32)
     sums = [jax.device_get(step(params, batch))
-            for batch in eval_batches([text.read_text()], run.tokenizer, seq_len=32, batch_size=16)]
+            for batch in eval_batches([text.read_text()], run.tokenizer, seq_len=window, batch_size=16)]
     loss = sum(float(s["loss_sum"]) for s in sums) / sum(float(s["weight_sum"]) for s in sums)
     assert report["tokens"] == sum(int(s["weight_sum"]) for s in sums) == len(text.read_bytes()) + 1
+    assert report["window"] == window == 64
     assert abs(report["loss"] - loss) <= 1e-5 * loss
     assert report["perplexity"] == pytest.approx(math.exp(loss), rel=1e-5)
     assert report["bits_per_byte"] == pytest.approx(
         report["loss"] * report["tokens"] / math.log(2) / len(text.read_bytes()), rel=1e-5)
+
+
+def test_perplexity_of_a_moe_model_that_drops_tokens_is_the_scorers_nll(eight_devices, tmp_path):
+    """Evaluation has one definition, the model as served: perplexity runs the inference graph (no
+    token dropped), as scoring and the harness do. At capacity factor 0.5 the training graph drops
+    expert assignments, so training's eval loss is another number."""
+    cfg = tiny_config(tmp_path / "moe", "model.num_experts=8", "model.experts_per_token=2",
+                      "model.expert_mlp_dim=16", "model.capacity_factor=0.5", "model.init_std=0.3",
+                      "mesh.data=2", "mesh.expert=4")
+    mesh, rules = make_mesh(cfg.mesh), default_rules()
+    graphdef, params = nnx.split(Transformer(cfg.model, nnx.Rngs(0)))
+    params = jax.device_put(params, tree_shardings(params, mesh, rules))
+    tok = ByteTokenizer()
+    run = LoadedRun(cfg=cfg, tokenizer=tok, graphdef=graphdef, params=params, mesh=mesh, rules=rules,
+                    step=0, run_dir=tmp_path / "moe")
+    text = tmp_path / "line.txt"
+    text.write_text("the dog sees the moon.\n")  # one row, shorter than train.seq_len
+    report = perplexity(run, text_file=str(text))
+    row = [tok.bos_id, *tok.encode(text.read_text()), tok.eos_id]
+    assert report["tokens"] == len(row) - 1 <= cfg.train.seq_len
+    scorer = Scorer(cfg.model, params, mesh, rules, window=cfg.model.max_seq_len, batch_size=2)
+    (logprob, _), = scorer.score([row])
+    nll = -float(np.mean(logprob, dtype=np.float64))
+    assert abs(report["loss"] - nll) <= 1e-5 * nll
+    program = Program(cfg, mesh=mesh)  # the training graph, as the in-training eval_loss runs it
+    training_nll = program.evaluate(params, eval_batches([text.read_text()], tok, seq_len=32,
+                                                         batch_size=cfg.train.batch_size))
+    assert abs(training_nll - nll) > 1e-3 * nll  # tokens were dropped there
+
+
+def test_perplexity_rows_are_cut_to_the_longest_real_row():
+    short, padding = empty_batch(2, 64), empty_batch(2, 64)
+    short["inputs"][1, :21], short["weights"][1, :21] = 7, 1.0
+    out = trimmed([short, padding], 64)
+    assert [b["inputs"].shape for b in out] == [(2, 32), (2, 32)]  # 21 tokens -> a bucket of 32
+    assert out[0]["weights"].sum() == 21 and np.all(out[0]["inputs"][1, :21] == 7)
+    short["weights"][0, 63] = 1.0  # a full row: nothing to cut
+    assert trimmed([short], 64)[0]["weights"].shape == (2, 64)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -133,6 +202,8 @@ def test_perplexity_of_a_text_file_is_exp_of_the_eval_step_mean_loss(eight_devic
     (["generate", "--checkpoint", "RUN", "--prompt", "x", "--top-p", "1.5"], "--top-p must be in"),
     (["generate", "--checkpoint", "RUN", "--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens"),
     (["perplexity", "--checkpoint", "RUN", "--text", "LATIN1"], "is not UTF-8 text"),
+    (["perplexity", "--checkpoint", "RUN", "--window", "65"], "--window 65 is outside 2..64"),
+    (["perplexity", "--checkpoint", "RUN", "--window", "1"], "--window"),
     (["generate", "--checkpoint", "RUN", "--prompt", "x", "--bogus"], "unrecognized arguments"),
 ])
 def test_eval_errors_exit_2(trained_run, tmp_path, args, message):

@@ -83,8 +83,19 @@ def test_loglikelihood_is_the_sum_of_token_log_probs(lm):
     assert results[1][1]  # the model's own greedy byte is greedy
 
 
+def test_a_request_longer_than_the_training_length_is_scored_whole(lm):
+    """The window is the model's own (model.max_seq_len = 64), not train.seq_len (32)."""
+    context, continuation = "import os, sys, re, json, math, time", ", random\n"
+    row = [lm.tok.bos_id, *lm.tok.encode(context + continuation)]
+    assert lm.run.cfg.train.seq_len + 1 < len(row) <= lm.run.cfg.model.max_seq_len + 1
+    (logprob, is_greedy), = lm.loglikelihood(_requests("loglikelihood", [(context, continuation)]))
+    expected, expected_greedy = _oracle(lm, row, len(lm.tok.encode(continuation)))  # the whole row
+    assert abs(logprob - expected) <= TOL * abs(expected) and is_greedy == expected_greedy
+    assert lm.max_length == lm.run.cfg.model.max_seq_len
+
+
 def test_long_continuation_is_scored_whole_in_window_pieces(lm):
-    text = "import os, sys, re, json, math, time, random, itertools\n"  # longer than the window
+    text = "import os, sys, re, json, math, time, random, itertools\n" * 2  # longer than the window
     (logprob, _), = lm.loglikelihood(_requests("loglikelihood", [("", text)]))
     tokens = [lm.tok.bos_id, *lm.tok.encode(text)]
     expected, end = 0.0, len(tokens)
@@ -96,7 +107,7 @@ def test_long_continuation_is_scored_whole_in_window_pieces(lm):
 
 
 def test_rolling_loglikelihood_sums_lm_evals_windows(lm):
-    text = "def add(a, b):\n    \"\"\"Sum.\"\"\"\n    return a + b\n\n\nprint(add(1, 2))\n" * 2
+    text = "def add(a, b):\n    \"\"\"Sum.\"\"\"\n    return a + b\n\n\nprint(add(1, 2))\n" * 4
     tokens = lm.tok.encode(text)
     assert len(tokens) > 3 * lm.window
     windows = [make_disjoint_window(w) for w in get_rolling_token_windows(

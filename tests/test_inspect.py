@@ -164,7 +164,7 @@ def test_tokens_give_pieces_ids_and_byte_spans_for_byte_and_sentencepiece(tmp_pa
 def test_next_probabilities_are_softmax_of_logits_over_temperature(dense):
     temps = [0.0, 1e-4, 0.5, 1.0, 2.0]
     report = inspect.inspect_next(dense, PROMPT, temps, top=dense.cfg.model.vocab_size)
-    ids = inspect.prompt_ids(dense.tokenizer, PROMPT, dense.cfg.train.seq_len)
+    ids = inspect.prompt_ids(dense.tokenizer, PROMPT, dense.cfg.model.max_seq_len)
     model = nnx.merge(dense.graphdef, jax.device_get(dense.params))
     logits_v = np.asarray(model(np.asarray([ids], np.int32))[0, -1])  # the plain full forward pass
     order = [row["id"] for row in report["top"]]
@@ -179,6 +179,35 @@ def test_next_probabilities_are_softmax_of_logits_over_temperature(dense):
     assert order[0] == argmax and probs_tv[0][0] == 1.0 and report["entropy_bits"][0] == 0.0
     assert probs_tv[1][0] > 0.999  # T -> 0: the mass goes to the argmax
     assert report["entropy_bits"][2] < report["entropy_bits"][3] < report["entropy_bits"][4]
+
+
+def test_next_keeps_a_prompt_longer_than_the_training_length_whole(dense, capsys):
+    """The window is the model's own (model.max_seq_len = 64), not train.seq_len (32)."""
+    prompt = "the dog bites the man. the cat sees the old sailor."
+    ids = [dense.tokenizer.bos_id, *dense.tokenizer.encode(prompt)]
+    assert dense.cfg.train.seq_len < len(ids) <= dense.cfg.model.max_seq_len
+    report = inspect.inspect_next(dense, prompt, [1.0], top=5)
+    assert capsys.readouterr().err == ""  # nothing cut, nothing to warn about
+    model = nnx.merge(dense.graphdef, jax.device_get(dense.params))
+    logits_v = np.asarray(model(np.asarray([ids], np.int32))[0, -1])  # the whole prompt
+    got = np.array([row["logit"] for row in report["top"]])
+    assert reference.relative_error(got, logits_v[[row["id"] for row in report["top"]]]) < TOL
+
+
+def test_greedy_probabilities_need_no_vocab_by_vocab_matrix():
+    import tracemalloc
+
+    vocab = 8192  # np.eye(vocab) would take 512 MB
+    logits_v = np.random.default_rng(0).normal(size=vocab).astype(np.float32)
+    tracemalloc.start()
+    try:
+        p_v = inspect.temperature_probs(logits_v, 0.0)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20, f"{peak / 2**20:.0f} MiB for one distribution over {vocab} tokens"
+    assert p_v.shape == (vocab,) and p_v.dtype == np.float64
+    assert p_v[int(np.argmax(logits_v))] == 1.0 and p_v.sum() == 1.0
 
 
 # ----------------------------------------------------------------------------------------- attention

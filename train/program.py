@@ -2,7 +2,7 @@
 is trained (``Trainee``: abstract and initialised state, its shardings), the batch sharding, the
 train and eval steps jitted once with explicit in/out shardings and the state donated, and the
 memory report of a compiled step. The training loop, fine-tuning, the AOT compile, the scaling
-check, perplexity and the training benchmarks use it.
+check and the training benchmarks use it (perplexity runs the inference graph: ``inference/score.py``).
 
 The steps are traced inside ``activation_sharding(mesh, rules)`` wherever they are first called,
 so model code's ``constrain`` calls resolve on this program's mesh.
