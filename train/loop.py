@@ -221,6 +221,8 @@ def _committing(checkpointer: Checkpointer) -> Iterator[Checkpointer]:
     (that save holds a good state), quietly (the failure is the message to show)."""
     try:
         yield checkpointer
+    except GeneratorExit:  # dropped unclosed by _Closing after a failure with several processes:
+        raise  # the pending save's commit waits on the peers, which may be dead; wait for nothing
     except BaseException:
         with contextlib.suppress(Exception):
             checkpointer.close()
