@@ -255,7 +255,7 @@ def test_damaged_input_position_is_detected_and_the_previous_checkpoint_used(tra
     shutil.copytree(run_dir, copy)
     (copy / "checkpoints" / "20" / "data" / "process_0-of-1.json").write_text("{not json")
     result = subprocess.run([sys.executable, "-m", "train", "configs/tiny.yaml", f"run.dir={copy}",
-                             "train.steps=30", "mesh.data=2", "mesh.tensor=4",
+                             "train.steps=30", "optim.decay_steps=20", "mesh.data=2", "mesh.tensor=4",
                              "checkpoint.every=10"], cwd=ROOT, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
