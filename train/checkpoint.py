@@ -184,6 +184,10 @@ class Checkpointer:
         An earlier save that failed raises here (orbax waits for it first). With ``need_bytes``,
         too little free space on the checkpoint filesystem raises OSError before anything is
         written (process 0 decides for all)."""
+        # A device collective first: it fails at once when a peer has died (its connections close),
+        # where orbax's commit barriers below go through the coordination service and would wait
+        # for the heartbeat timeout, after which JAX aborts the process.
+        sync_processes(f"meshlm: saving checkpoint {step}")
         self.wait()
         if need_bytes:
             free = free_bytes(self.directory) if jax.process_index() == 0 else 0
