@@ -26,9 +26,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from data.batches import to_global
 from inference.generate import bucket, inference_graphdef
 from model.config import ModelConfig
-from model.loss import nll_sums, token_nll
+from model.loss import token_nll
 from sharding.constrain import activation_sharding, under_activation_sharding
 from sharding.rules import Rules, logical_sharding
+from train.step import eval_step
 
 
 def token_scores(params: nnx.State, inputs_bt: jax.Array, targets_bt: jax.Array, lengths_b: jax.Array,
@@ -91,17 +92,10 @@ class Scorer:
         return out
 
 
-def loss_sums(params: nnx.State, batch: dict[str, jax.Array], *,
-              graphdef: nnx.GraphDef) -> dict[str, jax.Array]:
-    """``loss_sum`` (weighted token losses) and ``weight_sum`` of one packed batch."""
-    loss_sum, weight_sum, _ = nll_sums(nnx.merge(graphdef, params), batch)
-    return {"loss_sum": loss_sum, "weight_sum": weight_sum}
-
-
 class BatchLoss:
     """Loss sums of packed batches of ``batch_size`` rows of ``length`` tokens (``inputs``,
-    ``targets``, ``weights``, ``positions``, ``segment_ids``) through the inference graph; one
-    jitted, sharded step (rows over the data axes), compiled once."""
+    ``targets``, ``weights``, ``positions``, ``segment_ids``): training's ``eval_step`` over the
+    inference graph; one jitted, sharded step (rows over the data axes), compiled once."""
 
     def __init__(self, cfg: ModelConfig, params: nnx.State, mesh: Mesh, rules: Rules, batch_size: int,
                  length: int):
@@ -109,7 +103,7 @@ class BatchLoss:
         self.params, self.batch_size = params, batch_size
         self.batch_sharding = logical_sharding(("batch", "length"), (batch_size, length), mesh, rules)
         self._step = jax.jit(
-            under_activation_sharding(functools.partial(loss_sums, graphdef=graphdef), mesh, rules),
+            under_activation_sharding(functools.partial(eval_step, graphdef=graphdef), mesh, rules),
             in_shardings=(jax.tree.map(lambda x: x.sharding, params), self.batch_sharding),
             out_shardings=NamedSharding(mesh, PartitionSpec()))
 
