@@ -211,12 +211,12 @@ class Checkpointer:
             raise FileNotFoundError(f"checkpoint {step}: no temporary directory to finish")
         write_manifest(candidates[-1], self.run_dir)
 
-    def verify(self, step: int) -> bool:
-        """See ``verify``: True or an exception; a step that verified is not read again."""
+    def verify(self, step: int) -> None:
+        """See ``verify``: returns, or raises for a damaged step; a step that verified is not read
+        again."""
         if step not in self._verified:
             verify(self.directory / str(step), self.run_dir)
             self._verified.add(step)
-        return True
 
     def newest_verified(self) -> tuple[int | None, dict[int, str]]:
         """(the newest committed step that verifies or None, {newer step: its problem}): the one
