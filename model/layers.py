@@ -51,7 +51,7 @@ class LearnedPositions(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.table_td = param(rngs, nnx.initializers.normal(cfg.init_std),
-                              (cfg.max_seq_len, cfg.d_model), ("length", "embed"), cfg.param_dtype)
+                              (cfg.max_seq_len, cfg.d_model), ("positions", "embed"), cfg.param_dtype)
 
     def __call__(self, positions_bt: jax.Array) -> jax.Array:
         return jnp.take(self.table_td[...], positions_bt, axis=0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import math
 from collections.abc import Callable, Iterator, Sequence
 
 import jax
@@ -55,3 +56,28 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     mesh, rules = active
     spec = logical_to_spec(names, x.shape, mesh, rules)
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def target_platform() -> str:
+    """The platform (``tpu``, ``gpu``, ``cpu``) the traced program is for: that of the active mesh's
+    devices (a TPU topology compiled for ahead of time on a CPU host), else JAX's default backend.
+    Kernel choices (``attention_impl=auto``, ``moe_matmul=auto``) follow it."""
+    context = _ACTIVE.get()
+    if context is None:
+        return jax.default_backend()
+    return context[0].devices.flat[0].platform
+
+
+def shards(name: str, size: int | None = None) -> int:
+    """Into how many parts the active mesh splits a dimension of logical axis ``name`` (1 outside an
+    ``activation_sharding`` block): model code asks "is the length split?" without naming mesh
+    axes. With ``size``, for a dimension of that size: mesh axes that do not divide it are left out,
+    as ``logical_to_spec`` does (a one-token decode step's length is not split)."""
+    context = _ACTIVE.get()
+    if context is None:
+        return 1
+    mesh, rules = context
+    spec = logical_to_spec((name,), None if size is None else (size,), mesh, rules)
+    entry = spec[0] if len(spec) else None
+    axes = () if entry is None else (entry,) if isinstance(entry, str) else entry
+    return math.prod(mesh.shape[axis] for axis in axes)

@@ -68,7 +68,7 @@ def _resolve(args: Sequence[jax.Array], in_names: Sequence[Names], mesh: Mesh,
 
 
 def manual(fn: Callable[..., Any], args: Sequence[jax.Array], in_names: Sequence[Names],
-           out_names: Any, within: Mapping[str, str] | None = None) -> Any:
+           out_names: Any, within: Mapping[str, str] | None = None, check_vma: bool = True) -> Any:
     """``fn(collectives, *local_args)`` on every device, each argument split by the mesh axes its
     logical ``in_names`` map to (dimensions named None are whole on every device, gathered at the
     boundary); outputs are assembled from ``out_names`` (a pytree of name tuples matching ``fn``'s
@@ -76,7 +76,10 @@ def manual(fn: Callable[..., Any], args: Sequence[jax.Array], in_names: Sequence
 
     ``within={"experts": "batch"}`` splits dimensions named ``experts`` only over mesh axes that
     also split the ``batch`` dimensions in this call (so that an all-to-all over ``experts`` moves
-    distinct rows); the others stay whole (e.g. a batch too small to split)."""
+    distinct rows); the others stay whole (e.g. a batch too small to split).
+
+    ``check_vma=False`` for an ``fn`` that calls a Pallas kernel: a ``pallas_call``'s outputs carry
+    no record of the mesh axes they vary over, which ``jax.shard_map``'s check requires."""
     context = active()
     if context is None:
         return fn(LOCAL, *args)
@@ -91,4 +94,4 @@ def manual(fn: Callable[..., Any], args: Sequence[jax.Array], in_names: Sequence
                              out_names, out_shapes, is_leaf=_is_names)
     comm = Collectives(axes)
     return jax.shard_map(functools.partial(fn, comm), mesh=mesh, in_specs=in_specs,
-                         out_specs=out_specs)(*args)
+                         out_specs=out_specs, check_vma=check_vma)(*args)

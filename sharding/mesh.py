@@ -20,6 +20,8 @@ class MeshConfig:
 
     data: int = option(-1, "pure data parallelism: replicas, each with the whole model")
     fsdp: int = option(1, "shards parameters, gradients and optimizer state (and the batch)")
+    context: int = option(1, "context parallelism: shards the sequence (attention all-gathers keys "
+                             "and values); also shards parameters like fsdp")
     tensor: int = option(1, "shards attention heads and MLP hidden units (Megatron style)")
     expert: int = option(1, "shards the MoE experts (and the batch outside expert layers)")
 

@@ -19,11 +19,19 @@ Rules = tuple[tuple[str, tuple[str, ...]], ...]
 
 
 def default_rules() -> Rules:
-    """Data/FSDP/tensor/expert parallelism: the MaxText-style default table."""
+    """Data/FSDP/context/tensor/expert parallelism: the MaxText-style default table.
+
+    ``length`` (activations, batches, the KV cache's slots) is split over ``context``; the learned
+    position table's rows are ``positions``, left whole (any device may look up any position: packed
+    rows restart them). ``embed`` takes ``context`` after ``fsdp``, so the devices of a context group
+    also share the parameters, gradients and optimizer state between them (as MaxText does). On an
+    activation [batch, length, embed] ``length`` claims ``context`` first (a mesh axis is used once
+    per array), so ``embed`` keeps it only where the length is not split (a one-token decode step)."""
     return (
         ("batch", ("data", "fsdp", "expert")),
-        ("length", ()),
-        ("embed", ("fsdp",)),
+        ("length", ("context",)),
+        ("positions", ()),
+        ("embed", ("fsdp", "context")),
         ("heads", ("tensor",)),
         ("kv_heads", ("tensor",)),
         ("head_dim", ()),

@@ -3,10 +3,11 @@
 import numpy as np
 
 
-def attention(q_btnh, k_bskh, v_bskh, segment_ids_bt=None):
+def attention(q_btnh, k_bskh, v_bskh, segment_ids_bt=None, window=0):
     """Causal grouped-query attention, one (batch, head, query) at a time.
 
-    Query head n uses key/value head n // (N / K) (each kv head serves a consecutive group)."""
+    Query head n uses key/value head n // (N / K) (each kv head serves a consecutive group). With a
+    ``window`` (0 = none) query t sees only keys s > t - window."""
     q, k, v = (np.asarray(a, np.float64) for a in (q_btnh, k_bskh, v_bskh))
     b_size, t_size, n_heads, h = q.shape
     kv_heads = k.shape[2]
@@ -16,7 +17,7 @@ def attention(q_btnh, k_bskh, v_bskh, segment_ids_bt=None):
         for n in range(n_heads):
             kv = n // group
             for t in range(t_size):
-                visible = [s for s in range(t + 1)
+                visible = [s for s in range(max(0, t - window + 1) if window else 0, t + 1)
                            if segment_ids_bt is None or segment_ids_bt[b][s] == segment_ids_bt[b][t]]
                 scores = np.array([q[b, t, n] @ k[b, s, kv] / np.sqrt(h) for s in visible])
                 weights = np.exp(scores - scores.max())

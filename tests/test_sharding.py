@@ -73,7 +73,8 @@ def test_rules_drop_axes_that_do_not_divide(eight_devices):
 
 
 def test_mesh_fill_axis(eight_devices):
-    assert MeshConfig(data=-1, tensor=2).sizes(8) == {"data": 4, "fsdp": 1, "tensor": 2, "expert": 1}
+    assert MeshConfig(data=-1, tensor=2).sizes(8) == {"data": 4, "fsdp": 1, "context": 1, "tensor": 2,
+                                                        "expert": 1}
     with pytest.raises(ValueError, match="product"):
         MeshConfig(data=3).sizes(8)
     assert np.prod(list(make_mesh(MeshConfig(data=1, fsdp=-1, tensor=4)).shape.values())) == 8
