@@ -1,7 +1,8 @@
 """Mixture-of-Experts feed-forward layer: a float32 router with top-k gates, the Switch load-balancing
 and router z auxiliaries, a capacity path (fixed [E, C] buffers, exchanged between expert shards by
-all-to-all) and a dropless path (assignments sorted by expert, ``ragged_dot`` grouped matmuls), and
-optional shared experts. Logical axis names only: ``sharding/manual.py`` maps them onto the mesh.
+all-to-all) and a dropless path (assignments sorted by expert, three grouped matmuls: XLA's
+``ragged_dot`` or, on TPU, the Pallas megablox kernel; see ``model/grouped_matmul.py``), and optional
+shared experts. Logical axis names only: ``sharding/manual.py`` maps them onto the mesh.
 
 Routing groups are batch rows: capacity, drops and priorities depend only on a row's own tokens, so
 the result is the same on every mesh and for every microbatching.
@@ -17,6 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from model.config import ModelConfig
+from model.grouped_matmul import grouped_matmul, resolve_matmul
 from model.layers import MLP
 from model.lora import adapted_weight
 from model.primitives import param
@@ -141,9 +143,12 @@ def capacity_moe(comm: Collectives, x_btd: jax.Array, mask_bt: jax.Array, w_rout
 
 def dropless_moe(comm: Collectives, x_btd: jax.Array, mask_bt: jax.Array, w_router_de: jax.Array,
                  w_up_edf: jax.Array, w_down_efd: jax.Array, *w_gate_edf: jax.Array, k: int,
-                 mode: str, routing: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
+                 mode: str, matmul: str = "ragged_dot",
+                 routing: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The dropless path on one device's rows with every expert's weights: the A = B*T*k
-    assignments sorted by expert, grouped matmuls (``ragged_dot``), unsorted and combined."""
+    assignments sorted by expert, grouped matmuls (``matmul``: ragged_dot or megablox, see
+    ``grouped_matmul``), unsorted and combined. With ``expert_mlp`` sharded each device holds a
+    slice of every expert's hidden units, and the down projection's partial sums are added up."""
     b, t, d = x_btd.shape
     num_experts = w_router_de.shape[-1]
     logits_bte, probs_bte, experts_btr, gates_btr = route(x_btd, w_router_de, k, mode)
@@ -153,12 +158,12 @@ def dropless_moe(comm: Collectives, x_btd: jax.Array, mask_bt: jax.Array, w_rout
     token_a = jnp.repeat(jnp.arange(b * t), k)[order_a]
     group_sizes_e = jnp.sum(jax.nn.one_hot(expert_a, num_experts, dtype=jnp.int32), axis=0)
     x_ad = x_btd.reshape(b * t, d)[token_a]
-    up_af = jax.lax.ragged_dot(x_ad, w_up_edf, group_sizes_e)
+    up_af = grouped_matmul(x_ad, w_up_edf, group_sizes_e, matmul)
     if w_gate_edf:
-        h_af = jax.nn.silu(jax.lax.ragged_dot(x_ad, w_gate_edf[0], group_sizes_e)) * up_af
+        h_af = jax.nn.silu(grouped_matmul(x_ad, w_gate_edf[0], group_sizes_e, matmul)) * up_af
     else:
         h_af = jax.nn.gelu(up_af)
-    y_ad = comm.psum(jax.lax.ragged_dot(h_af, w_down_efd, group_sizes_e), "expert_mlp")
+    y_ad = comm.psum(grouped_matmul(h_af, w_down_efd, group_sizes_e, matmul), "expert_mlp")
     y_ad = jnp.where((expert_a[order_a] < num_experts)[:, None], y_ad, 0)
     y_btrd = jnp.zeros_like(y_ad).at[order_a].set(y_ad).reshape(b, t, k, d)
     weights_btr = jnp.where(routed_btr, gates_btr, 0.0).astype(y_btrd.dtype)
@@ -225,15 +230,18 @@ class MoE(nnx.Module):
         if cfg.activation == "swiglu":
             args.append(adapted_weight(self, "gate", self.w_gate_edf[...]).astype(dt))
             in_names.append((experts, None, "expert_mlp"))
+        pallas = False
         if cfg.moe_impl == "capacity":
             kernel = functools.partial(capacity_moe, k=cfg.experts_per_token, mode=cfg.router_mode,
                                        capacity=cfg.expert_capacity(t), routing=routing)
         else:
+            matmul = resolve_matmul(cfg.moe_matmul)
+            pallas = matmul == "megablox"
             kernel = functools.partial(dropless_moe, k=cfg.experts_per_token, mode=cfg.router_mode,
-                                       routing=routing)
+                                       matmul=matmul, routing=routing)
         stat_names = STAT_NAMES | ROUTING_NAMES if routing else STAT_NAMES
         y_btd, stats = manual(kernel, args, in_names, (("batch", None, None), stat_names),
-                              within={"experts": "batch"})
+                              within={"experts": "batch"}, check_vma=not pallas)
         y_btd = constrain(y_btd, ("batch", "length", "embed"))
         if cfg.num_shared_experts:
             y_btd = y_btd + self.shared(x_btd)
