@@ -3,7 +3,9 @@
 Two jitted steps, each compiled once per shape with explicit shardings (rows over the data axes, kv
 heads over ``tensor``, experts over ``expert``, as in training) and the cache donated:
 - ``prefill``: prompts right-padded to a bucket length run in one pass; their keys and values fill
-  cache slots [0, T); each row's next token is sampled from the logits at its own last position.
+  the cache (slots [0, T), or each row's last ``sliding_window`` positions in a model whose layers
+  are all local: a rolling cache); each row's next token is sampled from the logits at its own
+  last position.
 - ``decode``: every row feeds its newest token at its own position (rows of different lengths
   advance together) and samples the next one.
 
@@ -112,7 +114,7 @@ class Generator:
             positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
             routing_mask_bt = positions_bt < lengths_b[:, None]  # padding stays out of the experts
             logits_btv, cache = model.with_cache(tokens_bt, positions_bt, cache, decode=False,
-                                                 routing_mask_bt=routing_mask_bt)
+                                                 routing_mask_bt=routing_mask_bt, lengths_b=lengths_b)
             last_bv = logits_btv[jnp.arange(b), lengths_b - 1]
             return sample(last_bv, key, sampling), last_bv, cache
 

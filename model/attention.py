@@ -1,58 +1,83 @@
-"""Causal grouped-query self-attention (1 <= K <= N key/value heads) with RoPE or no positions.
+"""Causal grouped-query self-attention (1 <= K <= N key/value heads) with RoPE or no positions,
+optionally local (a sliding window, on every layer or on all but each Nth).
 
 Scores, masking and softmax run in float32 whatever the compute dtype. Packed rows are supported:
-a query attends only to earlier keys of the same segment.
+a query attends only to earlier keys of the same segment. Each kernel builds the mask it needs from
+token indices, segment ids and the layer's window (model/masks.py); none is a [B, T, T] input.
+
+``attention_impl`` picks the kernel of training and prefill (``causal_attention``): ``einsum``
+(materialised scores), ``xla`` (``jax.nn.dot_product_attention``), ``blockwise`` (query blocks),
+``splash`` (the Pallas TPU kernel, model/splash.py; interpreted off TPU) or ``auto``, which picks by
+the platform the program is compiled for (``resolve_impl``). Whenever the active mesh splits the
+sequence (context parallelism), keys and values are all-gathered and each device attends with its
+own queries: splash splits its queries itself, every other kernel becomes
+model/context_attention.py.
 
 Decoding keeps a preallocated key/value cache for a stack of L layers, ``(k_lbskh, v_lbskh)`` with
-S slots; slot s holds the token at position s. Each layer gets the whole stack's cache and its own
-layer index and writes only its new entries, so the buffers are updated in place across the scanned
-layers (no per-layer copies). A prefill writes a prompt's T keys into slots [0, T) and attends among
-them causally; a decode step writes each row's one new key at the slot of its own position (rows may
-be at different positions) and attends to the slots at or before it.
+S slots; the token at position p sits in slot p % S. With S at least the context that is slot p;
+a model whose layers are all local keeps only ``sliding_window`` slots (a rolling window: decoding
+memory is bounded by the window). Each layer gets the whole stack's cache and its own layer index
+and writes only its new entries, so the buffers are updated in place across the scanned layers. A
+prefill writes each row's latest S prompt keys and attends among the prompt causally; a decode step
+writes each row's one new key at its own position's slot (rows may be at different positions) and
+attends to the slots holding positions at or before it (and within the window).
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from model.attention_kernels import blockwise_causal_attention, xla_attention
+from model.attention_kernels import blockwise_causal_attention, cudnn_attention, xla_attention
 from model.config import ModelConfig
+from model.context_attention import context_attention
 from model.layers import apply_rope
 from model.lora import adapted
+from model.masks import Window, cache_mask, cache_slot_positions, causal_mask
 from model.primitives import dense, param
-from sharding.constrain import constrain
-
-
-def causal_mask(segment_ids_bt: jax.Array | None, batch: int, length: int) -> jax.Array:
-    """[B, T, T] boolean mask: key s visible to query t iff s <= t and both are in one segment."""
-    idx = jnp.arange(length)
-    mask_tt = idx[:, None] >= idx[None, :]
-    if segment_ids_bt is None:
-        return jnp.broadcast_to(mask_tt, (batch, length, length))
-    same_bts = segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :]
-    return mask_tt[None] & same_bts
-
-
-def decode_mask(positions_bt: jax.Array, cache_length: int) -> jax.Array:
-    """[B, T, S] boolean mask for queries at ``positions_bt`` over a cache: slot s <= position."""
-    return jnp.arange(cache_length)[None, None, :] <= positions_bt[:, :, None]
-
+from model.splash import splash_attention, splash_problems
+from sharding.constrain import constrain, shards, target_platform
 
 KVCache = tuple[jax.Array, jax.Array]  # (k_lbskh, v_lbskh) of a stack of layers
 CACHE_AXES = ("layers", "batch", "length", "kv_heads", "head_dim")
+# attention_impl=auto on CPU: the einsum path up to this many tokens, blockwise beyond: bench.longctx
+# measured them level at 256 tokens and blockwise faster from 512 (1.4x) to 4096 (3.0x), in linear memory
+CPU_EINSUM_MAX_LENGTH = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class Span:
+    """What attention needs to know about the T tokens of one call besides their activations:
+    their positions, packed segments (training), each row's real length (a right-padded prefill)
+    and whether this is a decode step (T = 1 over a cache)."""
+
+    positions_bt: jax.Array
+    segment_ids_bt: jax.Array | None = None
+    lengths_b: jax.Array | None = None
+    decode: bool = False
 
 
 def update_cache(cache_lbskh: jax.Array, new_btkh: jax.Array, layer: jax.Array | int,
-                 positions_bt: jax.Array, decode: bool) -> jax.Array:
-    """The stack's cache with layer ``layer``'s ``new_btkh`` written in: at each row's own slot
-    ``positions_bt[:, 0]`` when decoding one token (T = 1), else into slots [0, T) (a prefill)."""
+                 span: Span) -> jax.Array:
+    """The stack's cache with layer ``layer``'s ``new_btkh`` written in. Decoding (T = 1): at each
+    row's slot ``position % S``. A prefill: slot s of row b gets the row's latest prompt position
+    congruent to s (zeros where there is none); with S >= T that is slots [0, T)."""
     new_btkh = new_btkh.astype(cache_lbskh.dtype)
-    if decode:  # a scatter of B x K x H values, in place (the cache buffer is donated)
+    slots = cache_lbskh.shape[2]
+    if span.decode:  # a scatter of B x K x H values, in place (the cache buffer is donated)
         rows_b = jnp.arange(new_btkh.shape[0])
-        return cache_lbskh.at[layer, rows_b, positions_bt[:, 0]].set(new_btkh[:, 0])
-    return jax.lax.dynamic_update_slice(cache_lbskh, new_btkh[None], (layer, 0, 0, 0, 0))
+        return cache_lbskh.at[layer, rows_b, span.positions_bt[:, 0] % slots].set(new_btkh[:, 0])
+    b, t = new_btkh.shape[:2]
+    if t <= slots:  # slots past a row's length hold padding, never read (model/masks.py)
+        return jax.lax.dynamic_update_slice(cache_lbskh, new_btkh[None], (layer, 0, 0, 0, 0))
+    last_b = jnp.full((b,), t - 1) if span.lengths_b is None else span.lengths_b - 1
+    held_bs = cache_slot_positions(last_b[:, None], slots)[:, 0]  # latest position in each slot
+    rows_bs = jnp.take_along_axis(new_btkh, jnp.clip(held_bs, 0, t - 1)[:, :, None, None], axis=1)
+    rows_bs = jnp.where((held_bs >= 0)[:, :, None, None], rows_bs, 0)
+    return jax.lax.dynamic_update_slice(cache_lbskh, rows_bs[None], (layer, 0, 0, 0, 0))
 
 
 def attention_probs(q_btnh: jax.Array, k_bskh: jax.Array, mask_bts: jax.Array) -> jax.Array:
@@ -84,16 +109,74 @@ def attend(probs32_bnts: jax.Array, v_bskh: jax.Array) -> jax.Array:
 
 
 def dot_product_attention(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array,
-                          mask_bts: jax.Array, *, impl: str = "einsum", block: int = 128) -> jax.Array:
-    """softmax(q k^T / sqrt(H) + mask) v, [B, T, N, H]. ``impl`` (ModelConfig.attention_impl):
-    ``einsum`` (``attend(attention_probs(...))``), ``xla`` or ``blockwise`` (see
-    model/attention_kernels.py; ``blockwise`` needs a causal mask over T == S, so a decode step
-    takes the einsum path)."""
+                          mask_bts: jax.Array, *, impl: str = "einsum") -> jax.Array:
+    """softmax(q k^T / sqrt(H) + mask) v, [B, T, N, H], under a dense mask (a decode step over a
+    cache, or a causal mask built whole): ``impl`` ``xla`` (``jax.nn.dot_product_attention``) or
+    anything else for ``attend(attention_probs(...))``."""
     if impl == "xla":
         return xla_attention(q_btnh, k_bskh, v_bskh, mask_bts)
-    if impl == "blockwise" and q_btnh.shape[1] == k_bskh.shape[1]:
-        return blockwise_causal_attention(q_btnh, k_bskh, v_bskh, mask_bts, block)
     return attend(attention_probs(q_btnh, k_bskh, mask_bts), v_bskh)
+
+
+def resolve_impl(impl: str, length: int, dtype: jnp.dtype) -> str:
+    """The kernel ``attention_impl`` means for ``length`` queries per device (a context-parallel
+    shard's share): ``auto`` is splash on TPU
+    (lengths the kernel tiles; others, a short prompt's prefill, take einsum), cuDNN on GPU for
+    bfloat16/float16 (else xla), and on CPU the path bench.longctx measured fastest: einsum up to
+    CPU_EINSUM_MAX_LENGTH tokens, blockwise beyond. An explicit ``splash`` on a length the kernel
+    cannot tile also takes einsum (config validation refuses it for training)."""
+    if impl == "splash":
+        return "splash" if not splash_problems(length) else "einsum"
+    if impl != "auto":
+        return impl
+    platform = target_platform()
+    if platform == "tpu":
+        return "splash" if not splash_problems(length) else "einsum"
+    if platform == "gpu":
+        return "cudnn" if jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) else "xla"
+    return "einsum" if length <= CPU_EINSUM_MAX_LENGTH else "blockwise"
+
+
+def layer_window(window: int, local: bool | jax.Array) -> Window:
+    """A layer's window: ``window`` when it is local, 0 (none) when global; traced when ``local``
+    is (a stack that mixes local and global layers)."""
+    if not window or local is False:
+        return 0
+    if local is True:
+        return window
+    return jnp.where(local, window, 0).astype(jnp.int32)
+
+
+def _static_window_attention(impl: str, q_btnh: jax.Array, k_btkh: jax.Array, v_btkh: jax.Array,
+                             segment_ids_bt: jax.Array | None, window: int) -> jax.Array:
+    if impl == "splash":
+        return splash_attention(q_btnh, k_btkh, v_btkh, segment_ids_bt, window)
+    return cudnn_attention(q_btnh, k_btkh, v_btkh, segment_ids_bt, window)
+
+
+def causal_attention(q_btnh: jax.Array, k_btkh: jax.Array, v_btkh: jax.Array,
+                     segment_ids_bt: jax.Array | None, window: int, local: bool | jax.Array, *,
+                     impl: str, block: int) -> jax.Array:
+    """Causal self-attention of T queries over their own T keys, [B, T, N, H]: ``local`` says
+    whether this layer keeps to ``window`` tokens (a traced bool inside a stack that mixes local and
+    global layers). Kernels whose mask is fixed at trace time (splash, cuDNN) run under a
+    ``lax.cond`` over the two windows then; the others take the window as a traced value."""
+    b, t = q_btnh.shape[:2]
+    this_window = layer_window(window, local)
+    length_shards = shards("length", t)
+    impl = resolve_impl(impl, t // length_shards, q_btnh.dtype)
+    if length_shards > 1 and impl != "splash":  # splash splits its queries over the mesh itself
+        return context_attention(q_btnh, k_btkh, v_btkh, segment_ids_bt, this_window, block=block)
+    args = (q_btnh, k_btkh, v_btkh, segment_ids_bt)
+    if impl in ("splash", "cudnn"):
+        if isinstance(this_window, int):
+            return _static_window_attention(impl, *args, this_window)
+        return jax.lax.cond(local, lambda *a: _static_window_attention(impl, *a, window),
+                            lambda *a: _static_window_attention(impl, *a, 0), *args)
+    if impl == "blockwise":
+        return blockwise_causal_attention(*args, this_window, block)
+    return dot_product_attention(q_btnh, k_btkh, v_btkh,
+                                 causal_mask(segment_ids_bt, b, t, this_window), impl=impl)
 
 
 class Attention(nnx.Module):
@@ -116,6 +199,7 @@ class Attention(nnx.Module):
         self.rope_theta = cfg.rope_theta
         self.dtype = jnp.dtype(cfg.dtype)
         self.impl, self.block = cfg.attention_impl, cfg.attention_block
+        self.window = cfg.sliding_window
         self.fused = cfg.fused_projections
         self.sow_intermediates = False
 
@@ -134,31 +218,45 @@ class Attention(nnx.Module):
             outs = [dense(x_btd, w.astype(dt)) for w in weights]
         return tuple(adapted(self, name, x_btd, out) for name, out in zip("qkv", outs, strict=True))
 
-    def __call__(self, x_btd: jax.Array, positions_bt: jax.Array, mask_bts: jax.Array,
-                 cache: KVCache | None = None, layer: jax.Array | int = 0, *,
-                 decode: bool = False) -> tuple[jax.Array, KVCache | None]:
+    def __call__(self, x_btd: jax.Array, span: Span, cache: KVCache | None = None,
+                 layer: jax.Array | int = 0,
+                 local: bool | jax.Array = False) -> tuple[jax.Array, KVCache | None]:
         """(output [B, T, D], the stack's updated cache or None); this is layer ``layer`` of the
-        cache's stack. Without a cache, or in a prefill, ``mask_bts`` is over the T new tokens; in a
-        decode step (T = 1) it is over the S slots."""
+        cache's stack, local (a ``sliding_window``) when ``local``. Without a cache, or in a
+        prefill, the T new tokens attend among themselves; a decode step (T = 1) attends over the
+        cache's slots."""
         dt = self.dtype
         q_btnh, k_btkh, v_btkh = self.project_qkv(x_btd)
         if self.use_rope:
-            q_btnh = apply_rope(q_btnh, positions_bt, self.rope_theta)
-            k_btkh = apply_rope(k_btkh, positions_bt, self.rope_theta)
+            q_btnh = apply_rope(q_btnh, span.positions_bt, self.rope_theta)
+            k_btkh = apply_rope(k_btkh, span.positions_bt, self.rope_theta)
         q_btnh = constrain(q_btnh, ("batch", "length", "heads", "head_dim"))
         k_btkh = constrain(k_btkh, ("batch", "length", "kv_heads", "head_dim"))
         v_btkh = constrain(v_btkh, ("batch", "length", "kv_heads", "head_dim"))
         if cache is not None:
-            cache = tuple(constrain(update_cache(c_lbskh, new_btkh, layer, positions_bt, decode), CACHE_AXES)
+            cache = tuple(constrain(update_cache(c_lbskh, new_btkh, layer, span), CACHE_AXES)
                           for c_lbskh, new_btkh in zip(cache, (k_btkh, v_btkh), strict=True))
-            if decode:  # attend over every cached slot of this layer (the mask hides the future)
-                k_btkh, v_btkh = (constrain(c_lbskh[layer], CACHE_AXES[1:]) for c_lbskh in cache)
-        if self.sow_intermediates:
-            probs32_bnts = attention_probs(q_btnh, k_btkh, mask_bts)
-            self.sow(nnx.Intermediate, "attention_probs", probs32_bnts)
-            out_btnh = attend(probs32_bnts, v_btkh)
+        window = layer_window(self.window, local)
+        if span.decode:  # attend over every cached slot of this layer (the mask hides the rest)
+            k_bskh, v_bskh = (constrain(c_lbskh[layer], CACHE_AXES[1:]) for c_lbskh in cache)
+            mask_bts = cache_mask(span.positions_bt, k_bskh.shape[1], window)
+            if self.sow_intermediates:
+                out_btnh = self._sown_attention(q_btnh, k_bskh, v_bskh, mask_bts)
+            else:
+                out_btnh = dot_product_attention(q_btnh, k_bskh, v_bskh, mask_bts,
+                                                 impl="xla" if self.impl == "xla" else "einsum")
+        elif self.sow_intermediates:
+            mask_bts = causal_mask(span.segment_ids_bt, *q_btnh.shape[:2], window)
+            out_btnh = self._sown_attention(q_btnh, k_btkh, v_btkh, mask_bts)
         else:
-            out_btnh = dot_product_attention(q_btnh, k_btkh, v_btkh, mask_bts, impl=self.impl,
-                                             block=self.block)
+            out_btnh = causal_attention(q_btnh, k_btkh, v_btkh, span.segment_ids_bt, self.window,
+                                        local, impl=self.impl, block=self.block)
         out_btd = adapted(self, "o", out_btnh, dense(out_btnh, self.w_o_nhd[...].astype(dt), axes=2))
         return constrain(out_btd, ("batch", "length", "embed")), cache
+
+    def _sown_attention(self, q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array,
+                        mask_bts: jax.Array) -> jax.Array:
+        """The einsum path, sowing its float32 weights [B, N, T, S] as ``attention_probs``."""
+        probs32_bnts = attention_probs(q_btnh, k_bskh, mask_bts)
+        self.sow(nnx.Intermediate, "attention_probs", probs32_bnts)
+        return attend(probs32_bnts, v_bskh)

@@ -2,18 +2,22 @@
 ``xla`` (``jax.nn.dot_product_attention``) and ``blockwise`` (query blocks, never a T x T score
 matrix). Both compute softmax(q k^T / sqrt(H) + mask) v with scores and softmax in float32.
 
-``blockwise``: queries are cut into blocks of ``block`` rows; block i attends only to keys
-[0, (i + 1) * block) -- the keys after its last query are masked anyway -- with heads leading
-([B, K, G, T, H], the layout XLA:CPU's batched matmuls run fastest in). Each block's scores are
-recomputed in the backward pass (``jax.checkpoint``), so only [B, N, block, S] scores exist at a
-time. It needs a mask that hides every key after its query (the causal masks of training and
-prefill, packed segments included); decoding over a cache uses the plain einsum path.
+``blockwise``: queries and keys are cut into blocks of ``block`` rows, heads leading ([B, K, G,
+block, H], the layout XLA:CPU's batched matmuls run fastest in); each query block folds in the key
+blocks it may see with a running softmax (flash attention's recurrence, in plain JAX) and skips the
+others (the future, and keys before a sliding window), so its FLOPs are the causal part; its own
+backward pass recomputes each block pair's probabilities from the saved log-sum-exp, so its memory
+is linear in T (bench.longctx). It is causal by construction (training and prefill, packed
+segments and windows built per block pair from indices and segment ids, model/masks.py); decoding
+over a cache uses the plain einsum path.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from model.masks import Window, within_window
 
 
 def xla_attention(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array,
@@ -27,33 +31,169 @@ def xla_attention(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array,
     return out_btnh.astype(dt)
 
 
-def _block_attention(q_bkgch: jax.Array, k_bkph: jax.Array, v_bkph: jax.Array,
-                     mask_bcp: jax.Array) -> jax.Array:
-    """One query block's output [B, K, G, c, H] over its P visible keys."""
-    h = q_bkgch.shape[-1]
-    logits_bkgcp = jnp.einsum("bkgch,bkph->bkgcp", q_bkgch, k_bkph,
-                              preferred_element_type=jnp.float32) * (h ** -0.5)
-    logits_bkgcp = jnp.where(mask_bcp[:, None, None], logits_bkgcp, jnp.finfo(jnp.float32).min)
-    probs_bkgcp = jax.nn.softmax(logits_bkgcp, axis=-1)
-    return jnp.einsum("bkgcp,bkph->bkgch", probs_bkgcp.astype(v_bkph.dtype), v_bkph)
+def cudnn_attention(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array,
+                    segment_ids_bt: jax.Array | None, window: int) -> jax.Array:
+    """The cuDNN (flash) kernel of ``jax.nn.dot_product_attention`` for a GPU: causal, grouped heads
+    natively, a static ``window`` (cuDNN counts the query itself: window - 1 keys to its left) and
+    packed segments as a mask. cuDNN takes bfloat16 or float16 inputs; its softmax is float32."""
+    mask_b1ts = None
+    if segment_ids_bt is not None:
+        mask_b1ts = (segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :])[:, None]
+    return jax.nn.dot_product_attention(q_btnh, k_bskh, v_bskh, mask=mask_b1ts, is_causal=True,
+                                        local_window_size=(window - 1, 0) if window else None,
+                                        implementation="cudnn")
+
+
+def _blocks(x_bt_: jax.Array, count: int, block: int, fill: int | float = 0) -> jax.Array:
+    """[count, B, block, ...]: ``x`` padded along T (axis 1) to count * block with ``fill``, cut into
+    blocks on a leading axis."""
+    pad = count * block - x_bt_.shape[1]
+    if pad:
+        widths = [(0, 0), (0, pad)] + [(0, 0)] * (x_bt_.ndim - 2)
+        x_bt_ = jnp.pad(x_bt_, widths, constant_values=fill)
+    b = x_bt_.shape[0]
+    return jnp.moveaxis(x_bt_.reshape((b, count, block) + x_bt_.shape[2:]), 1, 0)
 
 
 def blockwise_causal_attention(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array,
-                               mask_bts: jax.Array, block: int) -> jax.Array:
-    """Causal attention by query blocks of ``block`` rows (see the module docstring); T == S."""
+                               segment_ids_bt: jax.Array | None, window: Window,
+                               block: int) -> jax.Array:
+    """Causal attention by blocks (see the module docstring); T == S; ``segment_ids_bt`` keep packed
+    documents apart (None: one document per row)."""
     b, t, n, h = q_btnh.shape
-    k = k_bskh.shape[2]
+    kv = k_bskh.shape[2]
     if k_bskh.shape[1] != t:
         raise ValueError(f"blockwise attention needs as many keys as queries, got {t} queries and "
                          f"{k_bskh.shape[1]} keys")
-    q_bkgth = q_btnh.reshape(b, t, k, n // k, h).transpose(0, 2, 3, 1, 4)
-    k_bksh = k_bskh.transpose(0, 2, 1, 3)
-    v_bksh = v_bskh.transpose(0, 2, 1, 3)
-    attend = jax.checkpoint(_block_attention)
-    outs = []
-    for start in range(0, t, block):
-        stop = min(start + block, t)
-        outs.append(attend(q_bkgth[:, :, :, start:stop], k_bksh[:, :, :stop], v_bksh[:, :, :stop],
-                           mask_bts[:, start:stop, :stop]))
-    out_bkgth = jnp.concatenate(outs, axis=3) if len(outs) > 1 else outs[0]
-    return out_bkgth.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+    block = min(block, t)
+    count = -(-t // block)
+    q_ibkgch = _blocks(q_btnh.reshape(b, t, kv, n // kv, h), count, block).transpose(0, 1, 3, 4, 2, 5)
+    k_jbkch, v_jbkch = (_blocks(x, count, block).transpose(0, 1, 3, 2, 4) for x in (k_bskh, v_bskh))
+    seg_bt = jnp.zeros((b, t), jnp.int32) if segment_ids_bt is None else segment_ids_bt
+    seg_jbc = _blocks(seg_bt.astype(jnp.int32), count, block, fill=-1)  # padding: its own segment
+    out_ibkgch = _flash(q_ibkgch, k_jbkch, v_jbkch, seg_jbc, jnp.asarray(window, jnp.int32))
+    out_btnh = out_ibkgch.transpose(1, 0, 4, 2, 3, 5).reshape(b, count * block, n, h)
+    return out_btnh[:, :t]
+
+
+# Flash attention's recurrence in plain JAX with its own backward pass (``jax.custom_vjp``): the
+# forward keeps only each query's output and log-sum-exp, and the backward recomputes each block
+# pair's probabilities, so no [T, T] residual is ever stored -- also inside the scanned layers, where
+# differentiating a checkpointed scan over blocks kept every block's scores (measured).
+# Block tensors: q [I, B, K, G, c, H] (query block i), k and v [J, B, K, c, H], segments [J, B, c].
+
+
+def _pair_mask(i: jax.Array, j: jax.Array, seg_jbc: jax.Array, window: jax.Array,
+               anchor: jax.Array) -> jax.Array:
+    """[B, c, c]: which keys of block j each query of block i sees. The optimization barrier ties
+    the mask to ``anchor`` (this step's queries): otherwise XLA hoists the masks, which depend only
+    on indices and segments, out of the loops over layers and blocks and keeps all T x T of them."""
+    seg_q_bc, seg_k_bc, i, j, _ = jax.lax.optimization_barrier(
+        (seg_jbc[i], seg_jbc[j], i, j, anchor))
+    idx_c = jnp.arange(seg_jbc.shape[-1])
+    block = seg_jbc.shape[-1]
+    causal_cp = within_window(i * block + idx_c[:, None], j * block + idx_c[None, :], window)
+    return causal_cp[None] & (seg_q_bc[:, :, None] == seg_k_bc[:, None, :])
+
+
+def _pair_logits(q_bkgch: jax.Array, k_bkph: jax.Array, mask_bcp: jax.Array) -> jax.Array:
+    h = q_bkgch.shape[-1]
+    logits_bkgcp = jnp.einsum("bkgch,bkph->bkgcp", q_bkgch, k_bkph,
+                              preferred_element_type=jnp.float32) * (h ** -0.5)
+    return jnp.where(mask_bcp[:, None, None], logits_bkgcp, jnp.finfo(jnp.float32).min)
+
+
+def _over_visible(i_or_j: jax.Array, other_is_query: bool, window: jax.Array, count: int,
+                  block: int, step, init):
+    """Folds ``step(carry, other)`` over the blocks paired with ``i_or_j`` that can see each
+    other (a ``fori_loop`` with traced bounds: the causal, windowed part of the work only). For
+    query block i: key blocks from the first its window reaches to i; for key block j: query
+    blocks from j to the last whose window reaches it. (A ``lax.cond`` per block pair would do the
+    same work, but differentiating the layers' scan then keeps every pair's scores: measured.)"""
+    windowed = window > 0
+    if other_is_query:
+        last = jnp.minimum(count - 1, ((i_or_j + 1) * block + window - 2) // block)
+        lo, hi = i_or_j, jnp.where(windowed, last, count - 1) + 1
+    else:
+        first = jnp.maximum(0, (i_or_j * block - window + 1) // block)
+        lo, hi = jnp.where(windowed, first, 0), i_or_j + 1
+    return jax.lax.fori_loop(lo, hi, lambda other, carry: step(carry, other), init)
+
+
+def _flash_forward(q_ibkgch, k_jbkch, v_jbkch, seg_jbc, window):
+    count, block = q_ibkgch.shape[0], q_ibkgch.shape[-2]
+
+    def query_block(args):
+        q_bkgch, i = args
+
+        def step(carry, j):
+            best, total, acc_bkgch = carry
+            mask_bcp = _pair_mask(i, j, seg_jbc, window, q_bkgch)
+            logits_bkgcp = _pair_logits(q_bkgch, k_jbkch[j], mask_bcp)
+            new_best = jnp.maximum(best, logits_bkgcp.max(axis=-1))
+            probs_bkgcp = jnp.where(mask_bcp[:, None, None],
+                                    jnp.exp(logits_bkgcp - new_best[..., None]), 0.0)
+            rescale = jnp.exp(best - new_best)
+            acc_bkgch = acc_bkgch * rescale[..., None] + jnp.einsum(
+                "bkgcp,bkph->bkgch", probs_bkgcp.astype(v_jbkch.dtype), v_jbkch[j],
+                preferred_element_type=jnp.float32)
+            return new_best, total * rescale + probs_bkgcp.sum(axis=-1), acc_bkgch
+
+        shape = q_bkgch.shape[:-1]
+        init = (jnp.full(shape, jnp.finfo(jnp.float32).min), jnp.zeros(shape, jnp.float32),
+                jnp.zeros(q_bkgch.shape, jnp.float32))
+        best, total, acc_bkgch = _over_visible(i, False, window, count, block, step, init)
+        return (acc_bkgch / total[..., None]).astype(v_jbkch.dtype), best + jnp.log(total)
+
+    out_ibkgch, lse_ibkgc = jax.lax.map(query_block, (q_ibkgch, jnp.arange(count)))
+    return out_ibkgch, (q_ibkgch, k_jbkch, v_jbkch, seg_jbc, window, out_ibkgch, lse_ibkgc)
+
+
+@jax.custom_vjp
+def _flash(q_ibkgch, k_jbkch, v_jbkch, seg_jbc, window):
+    return _flash_forward(q_ibkgch, k_jbkch, v_jbkch, seg_jbc, window)[0]
+
+
+def _flash_backward(residuals, dout_ibkgch):
+    q_ibkgch, k_jbkch, v_jbkch, seg_jbc, window, out_ibkgch, lse_ibkgc = residuals
+    count, block, h = q_ibkgch.shape[0], q_ibkgch.shape[-2], q_ibkgch.shape[-1]
+    scale = h ** -0.5
+    dout_ibkgch = dout_ibkgch.astype(jnp.float32)
+    delta_ibkgc = jnp.sum(dout_ibkgch * out_ibkgch.astype(jnp.float32), axis=-1)
+
+    def grads_of_pair(i, j):
+        """(probs, d logits) of block pair (i, j), [B, K, G, c, c] float32."""
+        mask_bcp = _pair_mask(i, j, seg_jbc, window, dout_ibkgch[i])
+        logits_bkgcp = _pair_logits(q_ibkgch[i], k_jbkch[j], mask_bcp)
+        probs_bkgcp = jnp.where(mask_bcp[:, None, None],
+                                jnp.exp(logits_bkgcp - lse_ibkgc[i][..., None]), 0.0)
+        dprobs_bkgcp = jnp.einsum("bkgch,bkph->bkgcp", dout_ibkgch[i], v_jbkch[j],
+                                  preferred_element_type=jnp.float32)
+        return probs_bkgcp, probs_bkgcp * (dprobs_bkgcp - delta_ibkgc[i][..., None])
+
+    def dq_block(i):
+        def step(dq_bkgch, j):
+            _, dlogits_bkgcp = grads_of_pair(i, j)
+            return dq_bkgch + scale * jnp.einsum("bkgcp,bkph->bkgch", dlogits_bkgcp, k_jbkch[j],
+                                                 preferred_element_type=jnp.float32)
+        return _over_visible(i, False, window, count, block, step,
+                             jnp.zeros(q_ibkgch.shape[1:], jnp.float32))
+
+    def dkv_block(j):
+        def step(carry, i):
+            dk_bkph, dv_bkph = carry
+            probs_bkgcp, dlogits_bkgcp = grads_of_pair(i, j)
+            dv_bkph = dv_bkph + jnp.einsum("bkgcp,bkgch->bkph", probs_bkgcp, dout_ibkgch[i])
+            dk_bkph = dk_bkph + scale * jnp.einsum("bkgcp,bkgch->bkph", dlogits_bkgcp,
+                                                   q_ibkgch[i].astype(jnp.float32))
+            return dk_bkph, dv_bkph
+        zeros = jnp.zeros(k_jbkch.shape[1:], jnp.float32)
+        return _over_visible(j, True, window, count, block, step, (zeros, zeros))
+
+    dq_ibkgch = jax.lax.map(dq_block, jnp.arange(count))
+    dk_jbkch, dv_jbkch = jax.lax.map(dkv_block, jnp.arange(count))
+    return (dq_ibkgch.astype(q_ibkgch.dtype), dk_jbkch.astype(k_jbkch.dtype),
+            dv_jbkch.astype(v_jbkch.dtype), None, None)
+
+
+_flash.defvjp(_flash_forward, _flash_backward)

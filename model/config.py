@@ -13,7 +13,8 @@ Activation = Literal["swiglu", "gelu"]
 DType = Literal["float32", "bfloat16"]
 Remat = Literal["none", "full", "dots", "dots_no_batch"]
 MoEImpl = Literal["capacity", "dropless"]
-AttentionImpl = Literal["einsum", "xla", "blockwise"]
+AttentionImpl = Literal["auto", "einsum", "xla", "blockwise", "splash"]
+MoEMatmul = Literal["auto", "ragged_dot", "megablox"]
 RouterMode = Literal["softmax_topk", "topk_softmax", "softmax_topk_unnormalized"]
 
 # Keys that change how the model is computed, not its parameters or the function it computes (up to
@@ -21,7 +22,7 @@ RouterMode = Literal["softmax_topk", "topk_softmax", "softmax_topk_unnormalized"
 # change them (train/config.py, RESUMABLE). Not ``moe_impl`` or ``capacity_factor``: the capacity
 # path drops assignments that the dropless one keeps.
 RUNTIME_KEYS = frozenset({"dtype", "remat", "scan_layers", "attention_impl", "attention_block",
-                          "loss_chunk", "fused_projections"})
+                          "loss_chunk", "fused_projections", "moe_matmul"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,9 +39,10 @@ class ModelConfig:
     the top-k probabilities as they are (Switch, DeepSeek; the only one whose gates carry a gradient
     to the router when k = 1). ``moe_impl``: ``capacity`` = each expert takes at most
     ceil(capacity_factor * T * k / num_experts) assignments of a row of T tokens, in token order, the
-    rest are dropped (the residual carries them); ``dropless`` = grouped matmuls (ragged_dot), nothing
-    dropped. ``aux_loss_coef`` scales the Switch load-balancing loss, ``z_loss_coef`` the router
-    z-loss (both averaged over MoE layers).
+    rest are dropped (the residual carries them); ``dropless`` = grouped matmuls, nothing dropped
+    (``moe_matmul``: ``ragged_dot``, or ``megablox``, the Pallas TPU kernel; ``auto`` = megablox
+    when compiling for TPU). ``aux_loss_coef`` scales the Switch load-balancing loss,
+    ``z_loss_coef`` the router z-loss (both averaged over MoE layers).
 
     ``fused_projections``: the q, k and v weights (and a SwiGLU MLP's gate and up weights) are
     concatenated at run time and applied as one matmul whose output is split again -- the same
@@ -66,8 +68,13 @@ class ModelConfig:
     dtype: DType = option("float32", "compute dtype; norms, softmax, router and loss stay float32")
     scan_layers: bool = option(True, "run the layers with lax.scan (compile time flat in depth)")
     remat: Remat = option("none", "recompute activations in the backward pass (jax.checkpoint policy)")
-    attention_impl: AttentionImpl = option("einsum", "attention kernel (model/attention_kernels.py)")
+    attention_impl: AttentionImpl = option(
+        "auto", "attention kernel: auto picks by backend (splash on TPU, see model/attention.py)")
     attention_block: int = option(128, "query rows per block of attention_impl=blockwise")
+    sliding_window: int = option(
+        0, "local attention: a query sees this many tokens (itself included); 0 = off")
+    sliding_window_pattern: int = option(
+        0, "with sliding_window: every Nth layer is global (N-1 local, 1 global); 0 = all local")
     loss_chunk: int = option(0, ">0: cross-entropy over chunks of this many positions (model/loss.py)")
     fused_projections: bool = option(False, "one matmul for q/k/v (and SwiGLU gate/up): unsharded CPU runs")
     init_std: float = option(0.02, "standard deviation of the normal weight initialisation")
@@ -79,6 +86,8 @@ class ModelConfig:
     expert_mlp_dim: int = option(0, "hidden units of an expert; 0 = mlp_dim")
     capacity_factor: float = option(1.25, "capacity path: an expert takes this times its even share")
     moe_impl: MoEImpl = option("capacity", "capacity (fixed buffers, overflow dropped) or dropless")
+    moe_matmul: MoEMatmul = option(
+        "auto", "dropless grouped matmul: auto = megablox gmm on TPU, ragged_dot elsewhere")
     router_mode: RouterMode = option("softmax_topk", "how top-k gates come from the router logits")
     aux_loss_coef: float = option(0.01, "weight of the Switch load-balancing loss")
     z_loss_coef: float = option(0.001, "weight of the router z-loss")
@@ -86,6 +95,13 @@ class ModelConfig:
     @property
     def resolved_head_dim(self) -> int:
         return self.head_dim or self.d_model // self.num_heads
+
+    def is_local_layer(self, depth: int) -> bool:
+        """Whether the layer at ``depth`` (0-based) attends within ``sliding_window`` tokens: with a
+        window, every layer but each ``sliding_window_pattern``-th (Gemma's 5 local : 1 global is 6)."""
+        if not self.sliding_window:
+            return False
+        return not self.sliding_window_pattern or (depth + 1) % self.sliding_window_pattern != 0
 
     @property
     def is_moe(self) -> bool:
@@ -141,9 +157,12 @@ class ModelConfig:
             out.append(("rope_theta", f"must be > 0, got {self.rope_theta}"))
         if self.init_std <= 0:
             out.append(("init_std", f"must be > 0, got {self.init_std}"))
-        if self.attention_impl not in ("einsum", "xla", "blockwise"):
-            out.append(("attention_impl", f"must be einsum, xla or blockwise, got "
+        if self.attention_impl not in ("auto", "einsum", "xla", "blockwise", "splash"):
+            out.append(("attention_impl", f"must be auto, einsum, xla, blockwise or splash, got "
                         f"{self.attention_impl!r}"))
+        for key in ("sliding_window", "sliding_window_pattern"):
+            if getattr(self, key) < 0:
+                out.append((key, f"must be >= 0 (0 = off), got {getattr(self, key)}"))
         if self.attention_block < 1:
             out.append(("attention_block", f"must be >= 1, got {self.attention_block}"))
         if self.loss_chunk < 0:
@@ -160,6 +179,8 @@ class ModelConfig:
         for key in ("aux_loss_coef", "z_loss_coef"):
             if not getattr(self, key) >= 0:
                 out.append((key, f"must be >= 0, got {getattr(self, key)}"))
+        if self.moe_matmul not in ("auto", "ragged_dot", "megablox"):
+            out.append(("moe_matmul", f"must be auto, ragged_dot or megablox, got {self.moe_matmul!r}"))
         for key in ("first_dense_layers", "num_shared_experts", "expert_mlp_dim"):
             if getattr(self, key) < 0:
                 out.append((key, f"must be >= 0, got {getattr(self, key)}"))

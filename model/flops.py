@@ -73,10 +73,13 @@ def expert_slots_per_token(cfg: ModelConfig, seq_len: int) -> float:
 
 
 def attention_flops_per_token(cfg: ModelConfig, context: int, backward: bool = True) -> float:
-    """QK^T and PV FLOPs of one token attending to ``context`` keys in every layer: 4 * L * S * N * H
-    forward, three times that with the backward pass. Linear in the context per token, so O(n^2)
-    per sequence of n tokens."""
-    forward = 4 * cfg.num_layers * context * cfg.num_heads * cfg.resolved_head_dim
+    """QK^T and PV FLOPs of one token attending to ``context`` keys in every layer (a local layer:
+    at most ``sliding_window`` keys): 4 * S * N * H per layer forward, three times that with the
+    backward pass. Linear in the context per token, so O(n^2) per sequence of n tokens (O(n * W)
+    for local layers)."""
+    keys = sum(min(context, cfg.sliding_window) if cfg.is_local_layer(d) else context
+               for d in range(cfg.num_layers))
+    forward = 4 * keys * cfg.num_heads * cfg.resolved_head_dim
     return 3 * forward if backward else forward
 
 

@@ -24,9 +24,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-from model.attention import Attention, KVCache, causal_mask, decode_mask
+from model.attention import Attention, KVCache, Span
 from model.config import ModelConfig
 from model.layers import MLP, Embed, LearnedPositions, RMSNorm
 from model.loss import lm_logits
@@ -57,12 +58,12 @@ class Block(nnx.Module):
         else:
             self.mlp = MLP(cfg, rngs)
 
-    def __call__(self, x_btd: jax.Array, positions_bt: jax.Array, mask_bts: jax.Array,
-                 routing_mask_bt: jax.Array | None, cache: KVCache | None = None,
-                 layer: jax.Array | int = 0, *, decode: bool = False) -> tuple[jax.Array, Any, dict]:
-        """(x, the stack's cache, this layer's MoE metrics or {} for a dense layer)."""
-        y_btd, cache = self.attn(self.attn_norm(x_btd), positions_bt, mask_bts, cache, layer,
-                                 decode=decode)
+    def __call__(self, x_btd: jax.Array, span: Span, routing_mask_bt: jax.Array | None,
+                 cache: KVCache | None = None, layer: jax.Array | int = 0,
+                 local: bool | jax.Array = False) -> tuple[jax.Array, Any, dict]:
+        """(x, the stack's cache, this layer's MoE metrics or {} for a dense layer); ``local``: the
+        layer attends within the sliding window."""
+        y_btd, cache = self.attn(self.attn_norm(x_btd), span, cache, layer, local)
         x_btd = x_btd + y_btd
         if hasattr(self, "moe"):
             y_btd, metrics = self.moe(self.mlp_norm(x_btd), routing_mask_bt)
@@ -115,23 +116,24 @@ class _Layers:
     """How one forward pass runs a stacked module: the per-layer function for ``run_stack`` (each
     layer merged from its slice of the stack, its sown intermediates captured) and its inputs."""
 
-    def __init__(self, cfg: ModelConfig, positions_bt: jax.Array, mask_bts: jax.Array,
-                 routing_mask_bt: jax.Array | None, decode: bool):
-        self.cfg, self.positions_bt, self.mask_bts = cfg, positions_bt, mask_bts
-        self.routing_mask_bt, self.decode = routing_mask_bt, decode
+    def __init__(self, cfg: ModelConfig, span: Span, routing_mask_bt: jax.Array | None):
+        self.cfg, self.span, self.routing_mask_bt = cfg, span, routing_mask_bt
 
-    def fn(self, stacked_module: nnx.Module) -> tuple[Callable, Any]:
-        """(fn((x, stack cache), (layer state, layer index)) -> ((x, stack cache), (MoE metrics,
-        sown intermediates)), the stacked layer states)."""
+    def fn(self, stacked_module: nnx.Module, local_l: np.ndarray) -> tuple[Callable, Any]:
+        """(fn((x, stack cache), (layer state, (layer index, local))) -> ((x, stack cache), (MoE
+        metrics, sown intermediates)), the stacked layer states). ``local_l``: which of the stack's
+        layers are local; when they all agree, that is a constant of the trace, not a scanned
+        value (kernels then fix their window at trace time)."""
         graphdef, stacked = nnx.split(stacked_module)
+        uniform = bool(local_l[0]) if len(set(local_l.tolist())) == 1 else None
 
         def fn(carry: tuple, state_and_layer: tuple) -> tuple[tuple, tuple[dict, Sown]]:
             x_btd, stack_cache = carry
-            layer_state, layer = state_and_layer
+            layer_state, (layer, local) = state_and_layer
             block = nnx.capture(nnx.merge(graphdef, layer_state), nnx.Intermediate)
             (x_btd, stack_cache, metrics), sown = block(
-                x_btd, self.positions_bt, self.mask_bts, self.routing_mask_bt, stack_cache, layer,
-                decode=self.decode)
+                x_btd, self.span, self.routing_mask_bt, stack_cache, layer,
+                local if uniform is None else uniform)
             return (x_btd, stack_cache), (metrics, sown_arrays(sown))
 
         if self.cfg.remat != "none":
@@ -141,6 +143,22 @@ class _Layers:
 
 def _layer_indices(count: int) -> jax.Array:
     return jnp.arange(count, dtype=jnp.int32)
+
+
+def stack_depths(cfg: ModelConfig) -> dict[str, np.ndarray]:
+    """The depth (0-based) of each layer of each stack, in stack order."""
+    first, every, groups = cfg.num_dense_first, cfg.moe_every, cfg.num_moe_layers
+    return {"blocks": np.arange(first),
+            "group_blocks": np.array([first + g * every + j for g in range(groups)
+                                      for j in range(every - 1)], dtype=np.int64),
+            "moe_blocks": np.array([first + g * every + every - 1 for g in range(groups)],
+                                   dtype=np.int64)}
+
+
+def stack_locals(cfg: ModelConfig) -> dict[str, np.ndarray]:
+    """Which layers of each stack attend within the sliding window."""
+    return {name: np.array([cfg.is_local_layer(int(d)) for d in depths], dtype=bool)
+            for name, depths in stack_depths(cfg).items()}
 
 
 class Transformer(nnx.Module):
@@ -181,8 +199,7 @@ class Transformer(nnx.Module):
         b, t = tokens_bt.shape
         if positions_bt is None:
             positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        layers = _Layers(self.cfg, positions_bt, causal_mask(segment_ids_bt, b, t), routing_mask_bt,
-                         decode=False)
+        layers = _Layers(self.cfg, Span(positions_bt, segment_ids_bt), routing_mask_bt)
         x_btd, aux, _ = self._forward(tokens_bt, layers, {})
         return x_btd, aux
 
@@ -194,17 +211,16 @@ class Transformer(nnx.Module):
         return self.head_dv[...].astype(dt).T
 
     def with_cache(self, tokens_bt: jax.Array, positions_bt: jax.Array, cache: Cache, *,
-                   decode: bool, routing_mask_bt: jax.Array | None = None) -> tuple[jax.Array, Cache]:
+                   decode: bool, routing_mask_bt: jax.Array | None = None,
+                   lengths_b: jax.Array | None = None) -> tuple[jax.Array, Cache]:
         """(logits [B, T, V], updated cache). A prefill (``decode=False``) runs a prompt batch whose
-        row b sits at positions 0..T-1 and fills cache slots [0, T); a decode step (``decode=True``,
+        row b sits at positions 0..T-1, right-padded after ``lengths_b[b]`` tokens (default: none),
+        and fills the cache (model/attention.py: update_cache); a decode step (``decode=True``,
         T = 1) runs each row's next token at its own position, attending to the cached slots."""
-        if decode:
-            if tokens_bt.shape[1] != 1:
-                raise ValueError(f"a decode step takes one token per row, got {tokens_bt.shape[1]}")
-            mask_bts = decode_mask(positions_bt, cache_length(cache))
-        else:
-            mask_bts = causal_mask(None, *tokens_bt.shape)
-        layers = _Layers(self.cfg, positions_bt, mask_bts, routing_mask_bt, decode)
+        if decode and tokens_bt.shape[1] != 1:
+            raise ValueError(f"a decode step takes one token per row, got {tokens_bt.shape[1]}")
+        layers = _Layers(self.cfg, Span(positions_bt, lengths_b=lengths_b, decode=decode),
+                         routing_mask_bt)
         x_btd, _, cache = self._forward(tokens_bt, layers, cache)
         return lm_logits(x_btd, self.head_weight_vd()), cache
 
@@ -217,14 +233,16 @@ class Transformer(nnx.Module):
         cfg = self.cfg
         x_btd = self.embed(tokens_bt)
         if cfg.position == "learned":
-            x_btd = x_btd + self.positions(layers.positions_bt).astype(x_btd.dtype)
+            x_btd = x_btd + self.positions(layers.span.positions_bt).astype(x_btd.dtype)
         new_cache: dict[str, Any] = {}
         sown_parts: list[Sown] = []
         if cfg.num_dense_first:
-            fn, stacked = layers.fn(self.blocks)
+            local_l = stack_locals(cfg)["blocks"]
+            fn, stacked = layers.fn(self.blocks, local_l)
             n = cfg.num_dense_first
             (x_btd, new_cache["blocks"]), (_, sown) = run_stack(
-                fn, (x_btd, cache.get("blocks")), (stacked, _layer_indices(n)), n, cfg.scan_layers)
+                fn, (x_btd, cache.get("blocks")), (stacked, (_layer_indices(n), jnp.asarray(local_l))),
+                n, cfg.scan_layers)
             sown_parts.append(sown)
         aux: dict[str, jax.Array] = {}
         if cfg.num_moe_layers:
@@ -242,13 +260,15 @@ class Transformer(nnx.Module):
         block)."""
         cfg = self.cfg
         groups, per_group = cfg.num_moe_layers, cfg.moe_every - 1
-        moe_fn, moe_stacked = layers.fn(self.moe_blocks)
+        locals_ = stack_locals(cfg)
+        moe_fn, moe_stacked = layers.fn(self.moe_blocks, locals_["moe_blocks"])
         group_stacked = group_layers = None
         if per_group:
-            group_fn, group_stacked = layers.fn(self.group_blocks)
+            group_fn, group_stacked = layers.fn(self.group_blocks, locals_["group_blocks"])
             by_group = functools.partial(_split_leading, groups=groups, per_group=per_group)
             group_stacked = jax.tree.map(by_group, group_stacked)
-            group_layers = by_group(_layer_indices(groups * per_group))
+            group_layers = (by_group(_layer_indices(groups * per_group)),
+                            by_group(jnp.asarray(locals_["group_blocks"])))
 
         def group(carry: tuple, xs: tuple) -> tuple[tuple, tuple[dict, Sown]]:
             x_btd, group_cache, moe_cache = carry
@@ -264,7 +284,8 @@ class Transformer(nnx.Module):
 
         (x_btd, group_cache, moe_cache), (aux, sown) = run_stack(
             group, (x_btd, cache.get("group_blocks"), cache.get("moe_blocks")),
-            ((group_stacked, group_layers), (moe_stacked, _layer_indices(groups))), groups,
+            ((group_stacked, group_layers),
+             (moe_stacked, (_layer_indices(groups), jnp.asarray(locals_["moe_blocks"])))), groups,
             cfg.scan_layers)
         aux["loss"] = (cfg.aux_loss_coef * jnp.mean(aux["aux_loss"]) +
                        cfg.z_loss_coef * jnp.mean(aux["z_loss"]))
@@ -286,14 +307,20 @@ def cache_layers(cfg: ModelConfig) -> dict[str, int]:
     return {name: n for name, n in counts.items() if n}
 
 
+def cache_slots(cfg: ModelConfig, length: int) -> int:
+    """Slots a cache for a context of ``length`` tokens holds: ``length``, or the sliding window
+    when every layer is local (a rolling cache: position p in slot p % window)."""
+    if cfg.sliding_window and all(cfg.is_local_layer(d) for d in range(cfg.num_layers)):
+        return min(length, cfg.sliding_window)
+    return length
+
+
 def cache_shapes(cfg: ModelConfig, batch: int, length: int) -> Cache:
-    """Abstract cache (``jax.ShapeDtypeStruct`` leaves) of ``length`` slots for ``batch`` rows, in the
-    compute dtype."""
+    """Abstract cache (``jax.ShapeDtypeStruct`` leaves) for a context of ``length`` tokens
+    (``cache_slots`` slots) for ``batch`` rows, in the compute dtype."""
     dt = jnp.dtype(cfg.dtype)
-    return {name: tuple(jax.ShapeDtypeStruct((n, batch, length, cfg.num_kv_heads,
+    slots = cache_slots(cfg, length)
+    return {name: tuple(jax.ShapeDtypeStruct((n, batch, slots, cfg.num_kv_heads,
                                               cfg.resolved_head_dim), dt) for _ in range(2))
             for name, n in cache_layers(cfg).items()}
 
-
-def cache_length(cache: Cache) -> int:
-    return next(iter(cache.values()))[0].shape[2]

@@ -19,7 +19,7 @@ from data.tokenizer import ByteTokenizer, SentencePieceTokenizer, train_sentence
 from eval import inspect
 from inference.generate import inference_graphdef
 from inference.load import load_run
-from model.attention import Attention
+from model.attention import Attention, Span
 from model.moe import MoE
 from model.transformer import Transformer, sown_arrays
 from sharding.mesh import MeshConfig, make_mesh
@@ -92,14 +92,13 @@ def _walk(run, ids):
     _, graphdef = inference_graphdef(run.cfg.model, (Attention, MoE))  # both sow intermediates
     tokens = np.asarray([ids], np.int32)
     positions = np.arange(len(ids), dtype=np.int32)[None]
-    mask = np.tril(np.ones((len(ids), len(ids)), bool))[None]
 
     def walk(params):
         model = nnx.merge(graphdef, params)
         x = model.embed(tokens)
         out = []
         for block in _layers(model):
-            (y, _), sown = nnx.capture(block.attn, nnx.Intermediate)(block.attn_norm(x), positions, mask)
+            (y, _), sown = nnx.capture(block.attn, nnx.Intermediate)(block.attn_norm(x), Span(positions))
             step = {"x": x[0], "probs": sown_arrays(sown)["attention_probs"][0],
                     "scale": block.attn_norm.scale[...],
                     "w_q_dnh": block.attn.w_q_dnh[...], "w_k_dkh": block.attn.w_k_dkh[...]}

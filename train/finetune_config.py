@@ -23,7 +23,8 @@ from train.run_dir import RunDir
 DEFAULT_FINETUNE_PRESET = CONFIG_DIR / "finetune_lora.yaml"
 # Model keys a fine-tune may set differently from its base: they change how it runs, not its weights.
 RUNTIME_MODEL_KEYS = ("dtype", "remat", "scan_layers", "attention_impl", "attention_block",
-                      "loss_chunk", "moe_impl", "capacity_factor", "aux_loss_coef", "z_loss_coef")
+                      "loss_chunk", "moe_impl", "moe_matmul", "capacity_factor", "aux_loss_coef",
+                      "z_loss_coef")
 
 
 def load_run_config(path: str | Path | None, overrides: list[str], *,

@@ -50,10 +50,11 @@ def objective_sums(params: nnx.State, graphdef: nnx.GraphDef, batch: Batch,
 
 def _split_microbatches(batch: Batch, n: int) -> Batch:
     """[B, ...] -> [n, B/n, ...] taking rows with stride n, so each microbatch keeps the batch
-    sharding of the whole (every device holds B/n/devices rows of every microbatch)."""
+    sharding of the whole (every device holds B/n/devices rows of every microbatch), and their
+    positions stay split over the length as they came (context parallelism)."""
     def split(x):
         x = x.reshape((x.shape[0] // n, n) + x.shape[1:]).swapaxes(0, 1)
-        return constrain(x, (None, "batch") + (None,) * (x.ndim - 2))
+        return constrain(x, (None, "batch", "length") + (None,) * (x.ndim - 3))
     return jax.tree.map(split, batch)
 
 

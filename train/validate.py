@@ -11,6 +11,8 @@ import jax
 
 from core.errors import ConfigError
 from data.tokenizer import vocab_size_of
+from model.config import ModelConfig
+from model.splash import splash_problems
 from sharding.rules import default_rules, mesh_axes_of, shards_of
 from train.config import (
     FIXED_BECAUSE,
@@ -37,6 +39,7 @@ def validate(cfg: Config, num_devices: int) -> None:
     check_sharding(cfg, sizes)
     check_train(cfg.train, cfg.model.max_seq_len)
     check_batch_split(cfg.train, sizes)
+    check_length_split(cfg.train, cfg.model, sizes)
     check_data(cfg.data, cfg.train, cfg.model.vocab_size)
     check_optim(cfg.optim)
     if cfg.checkpoint.every < 0:
@@ -85,6 +88,20 @@ def check_batch_split(t: TrainConfig, sizes: dict[str, int]) -> None:
         raise ConfigError("train.microbatches", f"batch_size={t.batch_size} must split into "
                           f"{t.microbatches} microbatches that are each divisible by the "
                           f"data-parallel size {dp}")
+
+
+def check_length_split(t: TrainConfig, m: ModelConfig, sizes: dict[str, int]) -> None:
+    """The sequence divides into the context-parallel shards (the mesh axes that split ``length``),
+    and an explicit splash kernel can tile each shard."""
+    cp = shards_of("length", sizes, default_rules())
+    if t.seq_len % cp:
+        raise ConfigError("train.seq_len", f"seq_len={t.seq_len} is not divisible by the "
+                          f"context-parallel size {cp} ({_axes('length')})")
+    problems = splash_problems(t.seq_len // cp) if m.attention_impl == "splash" else []
+    if problems:
+        split = f" split {cp} ways" if cp > 1 else ""
+        raise ConfigError("model.attention_impl", f"splash cannot take train.seq_len={t.seq_len}"
+                          f"{split}: {problems[0]}; use attention_impl=auto or another length")
 
 
 def check_data(d: DataConfig, t: TrainConfig, vocab_size: int) -> None:

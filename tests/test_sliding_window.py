@@ -1,0 +1,143 @@
+"""Sliding-window (local) attention: every kernel against the naive reference, the per-layer
+pattern, and cached decoding (a rolling cache when every layer is local) against the full forward
+pass with the window mask."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from inference.generate import Generator
+from inference.sampling import SamplingConfig
+from model.attention import Attention, causal_attention
+from model.config import ModelConfig
+from model.transformer import Transformer, cache_shapes
+from sharding.mesh import MeshConfig, make_mesh
+from sharding.rules import default_rules, tree_shardings
+from tests import reference
+from tests.helpers import SMALL
+
+TOL = 1e-5  # fp32, simple ops
+TOL_MODEL = 1e-4  # fp32, whole models
+GREEDY = SamplingConfig(temperature=0.0)
+
+
+def qkv(b: int, t: int, n: int, k: int, h: int, seed: int = 0) -> tuple[jax.Array, ...]:
+    keys = jax.random.split(jax.random.key(seed), 3)
+    return (jax.random.normal(keys[0], (b, t, n, h)), jax.random.normal(keys[1], (b, t, k, h)),
+            jax.random.normal(keys[2], (b, t, k, h)))
+
+
+def packed_segments(b: int, t: int) -> np.ndarray:
+    segments = np.zeros((b, t), np.int32)
+    segments[:, t // 3:] = 1
+    segments[1:, 2 * t // 3:] = 2
+    return segments
+
+
+@pytest.mark.parametrize("impl", ["einsum", "xla", "blockwise"])
+@pytest.mark.parametrize("packed", [False, True])
+def test_every_kernel_keeps_to_the_window(impl: str, packed: bool) -> None:
+    """Static (a stack of local layers) and traced (a stack mixing local and global layers) windows
+    give the reference's windowed attention; a global layer of the mixed stack sees everything."""
+    b, t, window = 2, 13, 4
+    q, k, v = qkv(b, t, 4, 2, 8)
+    segments = packed_segments(b, t) if packed else None
+    seg = None if segments is None else jnp.asarray(segments)
+    local_ref = reference.attention(q, k, v, segments, window)
+    global_ref = reference.attention(q, k, v, segments)
+
+    def run(local):
+        return causal_attention(q, k, v, seg, window, local, impl=impl, block=5)
+
+    np.testing.assert_allclose(run(True), local_ref, rtol=TOL, atol=TOL)
+    mixed = jax.jit(run)
+    np.testing.assert_allclose(mixed(jnp.bool_(True)), local_ref, rtol=TOL, atol=TOL)
+    np.testing.assert_allclose(mixed(jnp.bool_(False)), global_ref, rtol=TOL, atol=TOL)
+
+
+@pytest.mark.parametrize("traced", [False, True])
+def test_windowed_gradients_match_the_einsum_path(traced: bool) -> None:
+    """blockwise's own backward pass, with the window fixed or a traced per-layer value."""
+    b, t, window = 2, 12, 3
+    q, k, v = qkv(b, t, 4, 2, 8, seed=1)
+    seg = jnp.asarray(packed_segments(b, t))
+    cotangent = jax.random.normal(jax.random.key(2), q.shape)
+
+    def grads(impl):
+        def loss(q, k, v, local):
+            out = causal_attention(q, k, v, seg, window, local if traced else True, impl=impl, block=5)
+            return jnp.sum(out * cotangent)
+        return jax.jit(jax.grad(loss, (0, 1, 2)))(q, k, v, jnp.bool_(True))
+
+    for actual, expected in zip(grads("blockwise"), grads("einsum"), strict=True):
+        np.testing.assert_allclose(actual, expected, rtol=TOL, atol=TOL)
+
+
+def test_the_pattern_makes_every_nth_layer_global() -> None:
+    cfg = ModelConfig(num_layers=12, sliding_window=4, sliding_window_pattern=6)
+    assert [d for d in range(12) if not cfg.is_local_layer(d)] == [5, 11]
+    assert all(ModelConfig(num_layers=3, sliding_window=4).is_local_layer(d) for d in range(3))
+    assert not any(ModelConfig(num_layers=3).is_local_layer(d) for d in range(3))
+    assert dict(ModelConfig(sliding_window=-1).problems())["sliding_window"].startswith("must be >= 0")
+
+
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_local_layers_follow_the_pattern_through_the_stacks(moe: bool) -> None:
+    """The sown attention weights of each layer: zero outside the window exactly on local layers
+    (depth d is global when (d + 1) % pattern == 0), across the dense, group and MoE stacks."""
+    t, window = 10, 3
+    cfg = dataclasses.replace(SMALL, num_layers=5, sliding_window=window, sliding_window_pattern=2)
+    if moe:
+        cfg = dataclasses.replace(cfg, num_experts=4, experts_per_token=2, first_dense_layers=1,
+                                  moe_every=2, moe_impl="dropless")
+    model = Transformer(cfg, nnx.Rngs(0))
+    model.set_attributes(Attention, sow_intermediates=True)
+    tokens = jnp.asarray(np.arange(t, dtype=np.int32)[None] % cfg.vocab_size)
+    _, sown = nnx.capture(model, nnx.Intermediate)(tokens)
+    (probs_lbnts,) = [np.asarray(variable.get_value()[0]) for path, variable in nnx.to_flat_state(sown)
+                      if path[-1] == "attention_probs"]  # sown values are tuples of one array
+    assert probs_lbnts.shape == (cfg.num_layers, 1, cfg.num_heads, t, t)
+    idx = np.arange(t)
+    outside_tt = idx[:, None] - idx[None, :] >= window
+    for depth in range(cfg.num_layers):
+        beyond = np.abs(probs_lbnts[depth][..., outside_tt]).max()
+        assert (beyond == 0) == cfg.is_local_layer(depth), depth
+
+
+def _generator(cfg: ModelConfig, mesh_axes: dict[str, int], window: int = 64):
+    mesh = make_mesh(MeshConfig(**mesh_axes))
+    params = nnx.split(Transformer(cfg, nnx.Rngs(0)))[1]
+    sharded = jax.device_put(params, tree_shardings(params, mesh, default_rules()))
+    return Generator(cfg, sharded, mesh, default_rules(), window, GREEDY), params
+
+
+def _full_logits(cfg: ModelConfig, params, tokens: list[int]) -> np.ndarray:
+    graphdef = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))))[0]
+    return np.asarray(nnx.merge(graphdef, params)(np.asarray([tokens], np.int32))[0])
+
+
+WINDOWED = dataclasses.replace(SMALL, max_seq_len=64, init_std=0.3, tie_embeddings=False,
+                               sliding_window=6)
+# Rows shorter and longer than the window; the longest prompt's bucket (16) exceeds it, so the
+# prefill writes each row's own last 6 positions into the rolling cache.
+PROMPTS = [[5, 9, 2, 33, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12], [42], [8, 8, 8, 8, 8, 8, 8, 8, 8]]
+
+
+@pytest.mark.parametrize("pattern", [0, 2], ids=["all-local-rolling", "mixed"])
+def test_cached_decoding_with_a_window_equals_the_full_forward_pass(eight_devices, pattern: int):
+    """Greedy decoding over the cache, well past the window, gives the logits of the full forward
+    pass with the window mask at every step; with every layer local the cache holds only the
+    window's slots (decoding memory bounded by the window)."""
+    cfg = dataclasses.replace(WINDOWED, sliding_window_pattern=pattern)
+    slots = cache_shapes(cfg, 4, 32)["blocks"][0].shape[2]
+    assert slots == (cfg.sliding_window if pattern == 0 else 32)
+    gen, params = _generator(cfg, {"data": -1, "tensor": 2})
+    out = gen.generate(PROMPTS, 14, return_logits=True)
+    for prompt, new, logits in zip(PROMPTS, out.tokens, out.logits, strict=True):
+        full = _full_logits(cfg, params, prompt + new[:-1])[len(prompt) - 1:]
+        assert reference.relative_error(logits, full) < TOL_MODEL
+        assert new == np.argmax(full, axis=-1).tolist()
