@@ -41,6 +41,7 @@ bench: $(TEST_STAMP)
 	$(BIN)/python -m bench.moe
 	$(BIN)/python -m bench.decode
 	$(BIN)/python -m bench.baby
+	$(BIN)/python -m bench.longctx
 	$(BIN)/python -m bench.train dense_medium
 	$(BIN)/python -m bench.train dense_medium_bf16
 	$(BIN)/python -m bench.train dense_medium_mesh

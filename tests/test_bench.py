@@ -4,9 +4,10 @@ temporary directory), so `make bench` cannot rot between the runs that produce r
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from bench import baby, train
+from bench import baby, longctx, train
 
 SHRINK = ["model.num_layers=1", "model.d_model=64", "model.num_heads=2", "model.num_kv_heads=2",
           "model.mlp_dim=128", "model.expert_mlp_dim=64", "model.max_seq_len=64", "train.seq_len=64"]
@@ -43,3 +44,30 @@ def test_baby_trains_on_a_given_text_file(tmp_path: Path) -> None:
 def test_baby_refuses_a_missing_data_file(tmp_path: Path, capsys) -> None:
     assert baby.main(["--data", str(tmp_path / "missing.txt")]) == 2
     assert capsys.readouterr().err.startswith("error: --data")
+
+
+def test_longctx_measures_paths_and_fits_growth_exponents(tmp_path: Path, capsys) -> None:
+    # one one-device path and the 8-device context path (blockwise differs from einsum only by
+    # its attention_impl override); two lengths, one timed step each: about 15 s
+    paths, lengths = ["einsum", "context"], [128, 256]
+    assert longctx.main(["--paths", ",".join(paths), "--lengths", ",".join(map(str, lengths)),
+                         "--steps", "1", "--results", str(tmp_path)]) == 0
+    figures = json.loads((tmp_path / "longctx.json").read_text())["figures"]
+    rows = {(r["path"], r["seq_len"]): r for r in figures["rows"]}
+    assert set(rows) == {(p, t) for p in paths for t in lengths}
+    for (path, _), row in rows.items():
+        assert row["temp_bytes"] > 0 and row["tokens_per_s"] > 0 and row["step_ms"] > 0
+        assert row["devices"] == (longctx.CONTEXT if path == "context" else 1)
+    for path in paths:  # two lengths: both fits are the one slope between them
+        expected = np.log2(rows[path, 256]["temp_bytes"] / rows[path, 128]["temp_bytes"])
+        assert figures["growth_exponent"][path] == pytest.approx(expected, rel=1e-6)
+        assert figures["growth_exponent_last_doubling"][path] == pytest.approx(expected, rel=1e-6)
+    assert figures["fastest_one_device_path"] == {"128": "einsum", "256": "einsum"}
+    assert "growth exponent" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, message", [(["--paths", "einsum,ring"], "error: --paths: unknown ring"),
+                                           (["--lengths", "1k"], "error: --lengths: expected")])
+def test_longctx_refuses_unknown_paths_and_lengths(args: list[str], message: str, capsys) -> None:
+    assert longctx.main(args) == 2
+    assert capsys.readouterr().err.startswith(message)
