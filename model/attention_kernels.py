@@ -60,39 +60,54 @@ def blockwise_causal_attention(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax
                                block: int) -> jax.Array:
     """Causal attention by blocks (see the module docstring); T == S; ``segment_ids_bt`` keep packed
     documents apart (None: one document per row)."""
+    if k_bskh.shape[1] != q_btnh.shape[1]:
+        raise ValueError(f"blockwise attention needs as many keys as queries, got "
+                         f"{q_btnh.shape[1]} queries and {k_bskh.shape[1]} keys")
+    return flash_attention(q_btnh, k_bskh, v_bskh, segment_ids_bt, segment_ids_bt, window, block)
+
+
+def flash_attention(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array,
+                    q_segment_ids_bt: jax.Array | None, k_segment_ids_bs: jax.Array | None,
+                    window: Window, block: int, q_offset: jax.Array | int = 0) -> jax.Array:
+    """T queries at indices ``q_offset`` .. ``q_offset + T - 1`` of a sequence whose S keys are
+    all given (one device's queries under context parallelism; the whole sequence otherwise):
+    causal, within ``window``, in the same segment; [B, T, N, H]."""
     b, t, n, h = q_btnh.shape
-    kv = k_bskh.shape[2]
-    if k_bskh.shape[1] != t:
-        raise ValueError(f"blockwise attention needs as many keys as queries, got {t} queries and "
-                         f"{k_bskh.shape[1]} keys")
-    block = min(block, t)
-    count = -(-t // block)
-    q_ibkgch = _blocks(q_btnh.reshape(b, t, kv, n // kv, h), count, block).transpose(0, 1, 3, 4, 2, 5)
-    k_jbkch, v_jbkch = (_blocks(x, count, block).transpose(0, 1, 3, 2, 4) for x in (k_bskh, v_bskh))
-    seg_bt = jnp.zeros((b, t), jnp.int32) if segment_ids_bt is None else segment_ids_bt
-    seg_jbc = _blocks(seg_bt.astype(jnp.int32), count, block, fill=-1)  # padding: its own segment
-    out_ibkgch = _flash(q_ibkgch, k_jbkch, v_jbkch, seg_jbc, jnp.asarray(window, jnp.int32))
-    out_btnh = out_ibkgch.transpose(1, 0, 4, 2, 3, 5).reshape(b, count * block, n, h)
+    s, kv = k_bskh.shape[1:3]
+    block = min(block, t, s)
+    count_q, count_k = -(-t // block), -(-s // block)
+    q_ibkgch = _blocks(q_btnh.reshape(b, t, kv, n // kv, h), count_q, block).transpose(0, 1, 3, 4, 2, 5)
+    k_jbkch, v_jbkch = (_blocks(x, count_k, block).transpose(0, 1, 3, 2, 4) for x in (k_bskh, v_bskh))
+    segments = []
+    for ids, length, count in ((q_segment_ids_bt, t, count_q), (k_segment_ids_bs, s, count_k)):
+        ids = jnp.zeros((b, length), jnp.int32) if ids is None else ids.astype(jnp.int32)
+        segments.append(_blocks(ids, count, block, fill=-1))  # padding: a segment of its own
+    geometry = (segments[0], segments[1], jnp.asarray(window, jnp.int32),
+                jnp.asarray(q_offset, jnp.int32))
+    out_ibkgch = _flash(q_ibkgch, k_jbkch, v_jbkch, geometry)
+    out_btnh = out_ibkgch.transpose(1, 0, 4, 2, 3, 5).reshape(b, count_q * block, n, h)
     return out_btnh[:, :t]
 
 
 # Flash attention's recurrence in plain JAX with its own backward pass (``jax.custom_vjp``): the
 # forward keeps only each query's output and log-sum-exp, and the backward recomputes each block
 # pair's probabilities, so no [T, T] residual is ever stored -- also inside the scanned layers, where
-# differentiating a checkpointed scan over blocks kept every block's scores (measured).
-# Block tensors: q [I, B, K, G, c, H] (query block i), k and v [J, B, K, c, H], segments [J, B, c].
+# differentiating a checkpointed scan over blocks kept every block's scores (measured). Block
+# tensors: q [I, B, K, G, c, H] (query block i), k and v [J, B, K, c, H]; ``geometry``: the query
+# and key segment ids [I, B, c] and [J, B, c], the window and the first query's index.
 
 
-def _pair_mask(i: jax.Array, j: jax.Array, seg_jbc: jax.Array, window: jax.Array,
-               anchor: jax.Array) -> jax.Array:
+def _pair_mask(i: jax.Array, j: jax.Array, geometry: tuple, anchor: jax.Array) -> jax.Array:
     """[B, c, c]: which keys of block j each query of block i sees. The optimization barrier ties
-    the mask to ``anchor`` (this step's queries): otherwise XLA hoists the masks, which depend only
-    on indices and segments, out of the loops over layers and blocks and keeps all T x T of them."""
+    the mask to ``anchor`` (this step's queries): otherwise XLA may hoist the masks, which depend
+    only on indices and segments, out of the loops over layers and blocks and keep all of them."""
+    seg_q_ibc, seg_k_jbc, window, q_offset = geometry
     seg_q_bc, seg_k_bc, i, j, _ = jax.lax.optimization_barrier(
-        (seg_jbc[i], seg_jbc[j], i, j, anchor))
-    idx_c = jnp.arange(seg_jbc.shape[-1])
-    block = seg_jbc.shape[-1]
-    causal_cp = within_window(i * block + idx_c[:, None], j * block + idx_c[None, :], window)
+        (seg_q_ibc[i], seg_k_jbc[j], i, j, anchor))
+    block = seg_q_bc.shape[-1]
+    idx_c = jnp.arange(block)
+    causal_cp = within_window(q_offset + i * block + idx_c[:, None], j * block + idx_c[None, :],
+                              window)
     return causal_cp[None] & (seg_q_bc[:, :, None] == seg_k_bc[:, None, :])
 
 
@@ -103,32 +118,37 @@ def _pair_logits(q_bkgch: jax.Array, k_bkph: jax.Array, mask_bcp: jax.Array) -> 
     return jnp.where(mask_bcp[:, None, None], logits_bkgcp, jnp.finfo(jnp.float32).min)
 
 
-def _over_visible(i_or_j: jax.Array, other_is_query: bool, window: jax.Array, count: int,
+def _over_visible(index: jax.Array, of_query: bool, geometry: tuple, counts: tuple[int, int],
                   block: int, step, init):
-    """Folds ``step(carry, other)`` over the blocks paired with ``i_or_j`` that can see each
-    other (a ``fori_loop`` with traced bounds: the causal, windowed part of the work only). For
-    query block i: key blocks from the first its window reaches to i; for key block j: query
-    blocks from j to the last whose window reaches it. (A ``lax.cond`` per block pair would do the
-    same work, but differentiating the layers' scan then keeps every pair's scores: measured.)"""
+    """Folds ``step(carry, other)`` over the blocks that can see each other with block ``index``
+    (a ``fori_loop`` with traced bounds: the causal, windowed part of the work only). A query
+    block (``of_query``) i: key blocks from the first its window reaches to the one holding its
+    last query; a key block j: query blocks from the first holding a query at or after its first
+    key to the last whose window reaches it. (A ``lax.cond`` per block pair does the same work, but
+    differentiating the layers' scan then keeps every pair's scores: measured.)"""
+    _, _, window, q_offset = geometry
+    count_q, count_k = counts
     windowed = window > 0
-    if other_is_query:
-        last = jnp.minimum(count - 1, ((i_or_j + 1) * block + window - 2) // block)
-        lo, hi = i_or_j, jnp.where(windowed, last, count - 1) + 1
+    if of_query:
+        first_query = q_offset + index * block
+        first = jnp.where(windowed, jnp.maximum(0, (first_query - window + 1) // block), 0)
+        lo, hi = first, jnp.minimum(count_k - 1, (first_query + block - 1) // block) + 1
     else:
-        first = jnp.maximum(0, (i_or_j * block - window + 1) // block)
-        lo, hi = jnp.where(windowed, first, 0), i_or_j + 1
+        last = (index * block + block + window - 2 - q_offset) // block
+        lo = jnp.maximum(0, (index * block - q_offset) // block)
+        hi = jnp.minimum(count_q - 1, jnp.where(windowed, last, count_q - 1)) + 1
     return jax.lax.fori_loop(lo, hi, lambda other, carry: step(carry, other), init)
 
 
-def _flash_forward(q_ibkgch, k_jbkch, v_jbkch, seg_jbc, window):
-    count, block = q_ibkgch.shape[0], q_ibkgch.shape[-2]
+def _flash_forward(q_ibkgch, k_jbkch, v_jbkch, geometry):
+    counts, block = (q_ibkgch.shape[0], k_jbkch.shape[0]), q_ibkgch.shape[-2]
 
     def query_block(args):
         q_bkgch, i = args
 
         def step(carry, j):
             best, total, acc_bkgch = carry
-            mask_bcp = _pair_mask(i, j, seg_jbc, window, q_bkgch)
+            mask_bcp = _pair_mask(i, j, geometry, q_bkgch)
             logits_bkgcp = _pair_logits(q_bkgch, k_jbkch[j], mask_bcp)
             new_best = jnp.maximum(best, logits_bkgcp.max(axis=-1))
             probs_bkgcp = jnp.where(mask_bcp[:, None, None],
@@ -142,28 +162,29 @@ def _flash_forward(q_ibkgch, k_jbkch, v_jbkch, seg_jbc, window):
         shape = q_bkgch.shape[:-1]
         init = (jnp.full(shape, jnp.finfo(jnp.float32).min), jnp.zeros(shape, jnp.float32),
                 jnp.zeros(q_bkgch.shape, jnp.float32))
-        best, total, acc_bkgch = _over_visible(i, False, window, count, block, step, init)
+        best, total, acc_bkgch = _over_visible(i, True, geometry, counts, block, step, init)
+        total = jnp.where(total > 0, total, 1.0)  # a padding query may see no key: output 0
         return (acc_bkgch / total[..., None]).astype(v_jbkch.dtype), best + jnp.log(total)
 
-    out_ibkgch, lse_ibkgc = jax.lax.map(query_block, (q_ibkgch, jnp.arange(count)))
-    return out_ibkgch, (q_ibkgch, k_jbkch, v_jbkch, seg_jbc, window, out_ibkgch, lse_ibkgc)
+    out_ibkgch, lse_ibkgc = jax.lax.map(query_block, (q_ibkgch, jnp.arange(counts[0])))
+    return out_ibkgch, (q_ibkgch, k_jbkch, v_jbkch, geometry, out_ibkgch, lse_ibkgc)
 
 
 @jax.custom_vjp
-def _flash(q_ibkgch, k_jbkch, v_jbkch, seg_jbc, window):
-    return _flash_forward(q_ibkgch, k_jbkch, v_jbkch, seg_jbc, window)[0]
+def _flash(q_ibkgch, k_jbkch, v_jbkch, geometry):
+    return _flash_forward(q_ibkgch, k_jbkch, v_jbkch, geometry)[0]
 
 
 def _flash_backward(residuals, dout_ibkgch):
-    q_ibkgch, k_jbkch, v_jbkch, seg_jbc, window, out_ibkgch, lse_ibkgc = residuals
-    count, block, h = q_ibkgch.shape[0], q_ibkgch.shape[-2], q_ibkgch.shape[-1]
+    q_ibkgch, k_jbkch, v_jbkch, geometry, out_ibkgch, lse_ibkgc = residuals
+    counts, block, h = (q_ibkgch.shape[0], k_jbkch.shape[0]), q_ibkgch.shape[-2], q_ibkgch.shape[-1]
     scale = h ** -0.5
     dout_ibkgch = dout_ibkgch.astype(jnp.float32)
     delta_ibkgc = jnp.sum(dout_ibkgch * out_ibkgch.astype(jnp.float32), axis=-1)
 
     def grads_of_pair(i, j):
         """(probs, d logits) of block pair (i, j), [B, K, G, c, c] float32."""
-        mask_bcp = _pair_mask(i, j, seg_jbc, window, dout_ibkgch[i])
+        mask_bcp = _pair_mask(i, j, geometry, dout_ibkgch[i])
         logits_bkgcp = _pair_logits(q_ibkgch[i], k_jbkch[j], mask_bcp)
         probs_bkgcp = jnp.where(mask_bcp[:, None, None],
                                 jnp.exp(logits_bkgcp - lse_ibkgc[i][..., None]), 0.0)
@@ -176,7 +197,7 @@ def _flash_backward(residuals, dout_ibkgch):
             _, dlogits_bkgcp = grads_of_pair(i, j)
             return dq_bkgch + scale * jnp.einsum("bkgcp,bkph->bkgch", dlogits_bkgcp, k_jbkch[j],
                                                  preferred_element_type=jnp.float32)
-        return _over_visible(i, False, window, count, block, step,
+        return _over_visible(i, True, geometry, counts, block, step,
                              jnp.zeros(q_ibkgch.shape[1:], jnp.float32))
 
     def dkv_block(j):
@@ -188,12 +209,13 @@ def _flash_backward(residuals, dout_ibkgch):
                                                    q_ibkgch[i].astype(jnp.float32))
             return dk_bkph, dv_bkph
         zeros = jnp.zeros(k_jbkch.shape[1:], jnp.float32)
-        return _over_visible(j, True, window, count, block, step, (zeros, zeros))
+        return _over_visible(j, False, geometry, counts, block, step, (zeros, zeros))
 
-    dq_ibkgch = jax.lax.map(dq_block, jnp.arange(count))
-    dk_jbkch, dv_jbkch = jax.lax.map(dkv_block, jnp.arange(count))
+    dq_ibkgch = jax.lax.map(dq_block, jnp.arange(counts[0]))
+    dk_jbkch, dv_jbkch = jax.lax.map(dkv_block, jnp.arange(counts[1]))
+    no_grads = jax.tree.map(lambda _: None, geometry)
     return (dq_ibkgch.astype(q_ibkgch.dtype), dk_jbkch.astype(k_jbkch.dtype),
-            dv_jbkch.astype(v_jbkch.dtype), None, None)
+            dv_jbkch.astype(v_jbkch.dtype), no_grads)
 
 
 _flash.defvjp(_flash_forward, _flash_backward)
