@@ -1,9 +1,11 @@
 """``python -m train.compile --topology NAME [CONFIG.yaml] [section.key=value ...] [--json]``: compiles
 the real train step ahead of time for a TPU topology on any host (libtpu, no TPU needed) and reports
-HBM per chip, FLOPs per step and a roofline estimate of step time and MFU.
+HBM per chip, FLOPs per step, the bytes each device sends in collectives, the Pallas kernels the
+program calls, and a roofline estimate of step time and MFU with and without overlap of collectives.
 
 Exit 2 with one ``error:`` line for a bad argument or config, an unknown topology, a missing libtpu,
-or a config that does not fit in HBM (the report is still printed on stdout in that last case).
+or a config that does not fit in HBM, naming its largest memory term (the report is still printed on
+stdout when the program compiled).
 """
 
 from __future__ import annotations
@@ -26,8 +28,9 @@ from train.aot import check_fits, compile_report
 def build_parser() -> Parser:
     parser = Parser(prog="python -m train.compile",
                     description="Compiles the train step of CONFIG with overrides for a TPU topology "
-                                "on this host (no TPU needed) and reports HBM per chip, FLOPs per "
-                                "step and a roofline estimate. Needs libtpu: pip install -e \".[tpu]\".",
+                                "on this host (no TPU needed) and reports HBM per chip, FLOPs and "
+                                "collective bytes per step, the Pallas kernels called and a roofline "
+                                "estimate. Needs libtpu: pip install -e \".[tpu]\".",
                     epilog=config_keys_help())
     parser.add_argument("--topology",
                         help="CHIP:TOPOLOGY as jax.experimental.topologies takes it, e.g. v5e:2x2, "
@@ -74,40 +77,101 @@ def seconds(s: float) -> str:
     return f"{s * 1e3:.3g} ms" if s >= 1e-3 else f"{s * 1e6:.3g} us"
 
 
-def format_report(r: dict[str, Any]) -> str:
-    """The report as text for a terminal."""
-    chip, mem, fl, roof, model, b = (r["chip"], r["memory_per_chip"], r["flops"], r["roofline"],
-                                      r["model"], r["batch"])
-    mesh = " ".join(f"{k}={v}" for k, v in r["mesh"].items())
-    moe = (f", MoE {model['moe_impl']} ({count(model['active_params'])} active)"
-           if model["moe_impl"] else "")
+def memory_lines(r: dict[str, Any]) -> list[str]:
+    chip, mem = r["chip"], r["memory_per_chip"]
     share = r["devices"] // r["chips"]
-    per_chip = "" if share == 1 else f" ({share} devices per chip)"
     rows = [("arguments", mem["arguments"], f"train state {size(r['state_bytes_per_device'] * share)}"),
             ("outputs", mem["outputs"], f"{size(mem['aliased'])} of it in donated arguments"),
             ("temporaries", mem["temporaries"], ""),
             ("code", mem["code"], ""),
             ("total", mem["total"], f"{r['hbm_fraction']:.1%} of HBM"
              + ("" if r["fits"] else ": DOES NOT FIT"))]
+    lines = [f"HBM per chip ({chip['name']}: {size(r['hbm_per_chip'])}):",
+             *(f"  {name:<12} {size(value):>12}" + (f"  ({note})" if note else "")
+               for name, value, note in rows)]
+    if r["largest_buffers"]:
+        lines.append("  largest buffers: " + ", ".join(
+            f"{b['largest_array']} ({size(b['bytes'])})" for b in r["largest_buffers"]))
+    return lines
+
+
+def flop_lines(fl: dict[str, Any]) -> list[str]:
+    kernel = (f" + {fl['kernel_estimate_per_step']:.4g} estimated in attention kernels that XLA does "
+              f"not count = {fl['counted_per_step']:.4g}" if fl["kernel_estimate_per_step"] else "")
+    lines = [f"FLOPs per step: compiled {fl['compiled_per_step']:.4g} ({fl['compiled_per_device']:.4g} "
+             f"per device){kernel}; model/flops.py {fl['formula_per_step']:.4g} (ratio "
+             f"{fl['ratio']:.3f}); with remat recompute and capacity padding "
+             f"{fl['executed_per_step']:.4g} (ratio {fl['executed_ratio']:.3f})"]
+    if fl["loops_counted_once"]:
+        lines.append(f"  UNDERCOUNTED: {fl['loops_counted_once']} loop(s) in the cost programs, whose "
+                     "bodies XLA counts once (FLOPs and HBM traffic are too low)")
+    if fl["uncounted_kernels"]:
+        lines.append(f"  FLOPs not counted (kernels without a cost estimate): "
+                     f"{', '.join(fl['uncounted_kernels'])}")
+    return lines
+
+
+def collective_lines(r: dict[str, Any]) -> list[str]:
+    c = r["collectives"]
+    kinds = [f"{kind} {size(b)} ({c['ops_per_step'][kind]:.0f} ops)"
+             for kind, b in c["bytes_per_device"].items() if b]
+    unrolled = sum(c["unrolled_bytes_per_device"].values())
+    lines = [f"collectives, bytes sent per device per step (ring model): "
+             f"{', '.join(kinds) or 'none'}; total {size(c['total_bytes_per_device'])} "
+             f"(unrolled cost programs, microbatches folded: {size(unrolled)})"]
+    if c["unknown_trip_count_loops"]:
+        lines.append(f"  counted once, trip count unknown: {', '.join(c['unknown_trip_count_loops'])}")
+    k = r["kernels"]
+    pallas = ", ".join(f"{name} x{v['calls']:.0f}" + ("" if v["cost_estimate"] else " (no cost estimate)")
+                       for name, v in k["pallas"].items()) or "none"
+    dots = k["attention_xla_dots"]
+    attention = (f"yes, {sum(dots.values()):.0f} matmuls per step ({', '.join(dots)})" if dots
+                 else "no")
+    lines.append(f"kernels (Pallas calls per step): {pallas}; attention as XLA dots: {attention}")
+    return lines
+
+
+def roofline_lines(r: dict[str, Any]) -> list[str]:
+    chip, roof = r["chip"], r["roofline"]
+    ici = (f"{chip['ici_bandwidth'] / 1e9:.0f} GB/s ICI (bidirectional, all links)"
+           if chip["ici_bandwidth"] else f"ICI not modelled: {chip['ici_source']}")
+    head = (f"roofline estimate ({chip['peak_bf16_flops'] / 1e12:.0f} TFLOP/s bf16, "
+            f"{chip['hbm_bandwidth'] / 1e9:.0f} GB/s HBM, {ici} per chip):")
+    terms = f"  compute {seconds(roof['compute_s'])}, HBM {seconds(roof['memory_s'])}"
+    if roof["ici_s"] is not None:
+        terms += f", ICI {seconds(roof['ici_s'])} (a lower bound)"
+
+    def line(label: str, t: dict[str, float]) -> str:
+        return (f"  {label}: step {seconds(t['step_s'])}, {t['tokens_per_s']:,.0f} tokens/s, "
+                f"MFU {t['mfu']:.1%}")
+
+    lines = [head, terms, line(f"overlapped, max of the three ({roof['bound']}-bound)",
+                               roof["overlapped"])]
+    if roof["serial"] is not None:
+        lines.append(line("not overlapped, max(compute, HBM) + ICI", roof["serial"]))
+    return lines
+
+
+def format_report(r: dict[str, Any]) -> str:
+    """The report as text for a terminal."""
+    chip, fl, model, b = r["chip"], r["flops"], r["model"], r["batch"]
+    mesh = " ".join(f"{k}={v}" for k, v in r["mesh"].items())
+    moe = (f", MoE {model['moe_impl']} ({count(model['active_params'])} active)"
+           if model["moe_impl"] else "")
+    share = r["devices"] // r["chips"]
+    per_chip = "" if share == 1 else f" ({share} devices per chip)"
     return "\n".join([
         f"{r['config']} on {r['topology']}: {r['chips']} x {chip['kind']}{per_chip}, mesh {mesh}",
         f"model: {count(model['params'])} parameters{moe}, {model['param_dtype']} params, "
-        f"{model['dtype']} compute, remat {model['remat']}; batch {b['batch_size']} x {b['seq_len']} = "
-        f"{b['tokens_per_step']:,} tokens/step, {b['microbatches']} microbatch(es)",
+        f"{model['dtype']} compute, remat {model['remat']}, attention {model['attention_impl']}; "
+        f"batch {b['batch_size']} x {b['seq_len']} = {b['tokens_per_step']:,} tokens/step, "
+        f"{b['microbatches']} microbatch(es)",
         f"compiled in {r['compile_s']:.1f} s (+ {r['cost_compile_s']:.1f} s for the cost programs)",
-        f"HBM per chip ({chip['name']}: {size(r['hbm_per_chip'])}):",
-        *(f"  {name:<12} {size(value):>12}" + (f"  ({note})" if note else "")
-          for name, value, note in rows),
-        f"FLOPs per step: compiled {fl['compiled_per_step']:.4g} ({fl['compiled_per_device']:.4g} per "
-        f"device); model/flops.py {fl['formula_per_step']:.4g} (ratio {fl['ratio']:.3f}); with "
-        f"remat recompute and capacity padding {fl['executed_per_step']:.4g} (ratio "
-        f"{fl['executed_ratio']:.3f})",
+        *memory_lines(r),
+        *flop_lines(fl),
         f"HBM traffic per device per step: {r['bytes_accessed_per_device']:.4g} bytes",
-        f"roofline ({chip['peak_bf16_flops'] / 1e12:.0f} TFLOP/s bf16, "
-        f"{chip['hbm_bandwidth'] / 1e9:.0f} GB/s HBM per chip; ICI collectives not modelled):",
-        f"  compute {seconds(roof['compute_s'])}, HBM {seconds(roof['memory_s'])} -> step "
-        f"{seconds(roof['step_s'])} ({roof['bound']}-bound), {roof['tokens_per_s']:,.0f} tokens/s, "
-        f"MFU {roof['mfu']:.1%}",
+        *collective_lines(r),
+        *roofline_lines(r),
     ])
 
 

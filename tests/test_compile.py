@@ -1,5 +1,6 @@
 """train.compile: ahead-of-time compiles of the real train step for small TPU topologies (libtpu's
-compile-only devices, no TPU needed), the report's consistency, and its one-line errors.
+compile-only devices, no TPU needed), the report's consistency, the collective bytes and kernel
+names read from a compiled program against a hand count, and its one-line errors.
 
 Each compile runs in a subprocess: the CLI must set libtpu's environment before JAX starts, and this
 test process already runs JAX on 8 emulated CPU devices.
@@ -8,6 +9,7 @@ test process already runs JAX on 8 emulated CPU devices.
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -37,8 +39,10 @@ def assert_one_line_error(result: subprocess.CompletedProcess, fragment: str) ->
 
 # moe_tiny at d_model 256: at its own 64 the routing's gathers, scatters and elementwise work add
 # 12% to the matmuls (compiled / expected = 1.117); at 256 they are within the 10% of the others.
+# The remat case runs 128-token sequences, which attention "auto" gives the splash kernel on TPU.
 CASES = [("configs/tiny.yaml", "v5e:2x2", ()),
-         ("configs/tiny.yaml", "v5e:2x2", ("model.remat=full",)),
+         ("configs/tiny.yaml", "v5e:2x2", ("model.remat=full", "model.max_seq_len=128",
+                                           "train.seq_len=128")),
          ("configs/moe_tiny.yaml", "v5e:2x4", ("model.d_model=256",))]
 
 
@@ -47,7 +51,7 @@ def test_compile_report_is_consistent(preset: str, topology: str, overrides: tup
     r = compile_report("--topology", topology, preset, *overrides)
     chips = {"v5e:2x2": 4, "v5e:2x4": 8}[topology]
     assert r["chip"]["name"] == "v5e" and r["chips"] == r["devices"] == chips
-    assert r["mesh"]["data"] * r["mesh"]["fsdp"] * r["mesh"]["tensor"] * r["mesh"]["expert"] == chips
+    assert math.prod(r["mesh"].values()) == chips
 
     mem = r["memory_per_chip"]
     assert mem["total"] == (mem["arguments"] + mem["outputs"] - mem["aliased"] + mem["temporaries"]
@@ -68,24 +72,103 @@ def test_compile_report_is_consistent(preset: str, topology: str, overrides: tup
     else:
         assert flops["executed_per_step"] > flops["formula_per_step"]
 
+    # collectives: the data-parallel gradients are all-reduced (or reduce-scattered); the real
+    # program (loops times their trip counts) and the unrolled cost programs count alike
+    coll = r["collectives"]
+    assert coll["total_bytes_per_device"] == pytest.approx(sum(coll["bytes_per_device"].values()))
+    assert coll["total_bytes_per_device"] > 0 and not coll["unknown_trip_count_loops"]
+    assert sum(coll["unrolled_bytes_per_device"].values()) == pytest.approx(
+        coll["total_bytes_per_device"], rel=0.25)
+    kernels = r["kernels"]
+    if r["batch"]["seq_len"] % 128:  # einsum: splash takes multiples of 128 tokens
+        assert kernels["attention_xla_dots"] and kernels["pallas"] == {}
+        assert flops["kernel_estimate_per_step"] == 0
+    else:  # splash, whose FLOPs XLA does not count (no cost estimate): the report estimates them
+        assert not kernels["attention_xla_dots"]
+        assert {name.split("_")[2] for name in kernels["pallas"]} == {"fwd", "dq", "dkv"}
+        assert not any(k["cost_estimate"] for k in kernels["pallas"].values())
+        assert flops["kernel_estimate_per_step"] > 0
+    assert not flops["uncounted_kernels"] and flops["loops_counted_once"] == 0
+    assert flops["counted_per_step"] == flops["compiled_per_step"] + flops["kernel_estimate_per_step"]
+    assert r["largest_buffers"] and r["largest_buffers"][0]["array_bytes"] > 0
+
     roof, chip = r["roofline"], r["chip"]
-    assert roof["compute_s"] == pytest.approx(flops["compiled_per_device"] / chip["peak_bf16_flops"])
+    assert chip["ici_bandwidth"] == 400e9 and "v5e" in chip["ici_source"]
+    assert roof["compute_s"] == pytest.approx(
+        flops["counted_per_step"] / chips / chip["peak_bf16_flops"])
     assert roof["memory_s"] == pytest.approx(r["bytes_accessed_per_device"] / chip["hbm_bandwidth"])
-    assert roof["step_s"] == max(roof["compute_s"], roof["memory_s"]) > 0
-    assert roof["mfu"] == pytest.approx(
-        flops["formula_per_step"] / (chips * chip["peak_bf16_flops"] * roof["step_s"]))
-    assert 0 < roof["mfu"] < 1
-    assert roof["tokens_per_s"] == pytest.approx(r["batch"]["tokens_per_step"] / roof["step_s"])
+    assert roof["ici_s"] == pytest.approx(coll["total_bytes_per_device"] / chip["ici_bandwidth"])
+    over, serial = roof["overlapped"], roof["serial"]
+    assert over["step_s"] == max(roof["compute_s"], roof["memory_s"], roof["ici_s"]) > 0
+    assert serial["step_s"] == pytest.approx(max(roof["compute_s"], roof["memory_s"]) + roof["ici_s"])
+    for t in (over, serial):
+        assert t["mfu"] == pytest.approx(
+            flops["formula_per_step"] / (chips * chip["peak_bf16_flops"] * t["step_s"]))
+        assert t["tokens_per_s"] == pytest.approx(r["batch"]["tokens_per_step"] / t["step_s"])
+    assert 0 < serial["mfu"] < over["mfu"] < 1
 
 
 def test_compile_text_report() -> None:
     result = run_compile("--topology", "v5e:2x2", "configs/tiny.yaml", "model.scan_layers=false")
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
-    for fragment in ("4 x TPU v5 lite", "HBM per chip", "temporaries", "FLOPs per step",
-                     "roofline", "MFU"):
+    for fragment in ("4 x TPU v5 lite", "HBM per chip", "temporaries", "largest buffers",
+                     "FLOPs per step", "collectives", "all-reduce", "kernels (Pallas calls per step): "
+                     "none; attention as XLA dots: yes", "400 GB/s ICI", "overlapped",
+                     "not overlapped", "MFU"):
         assert fragment in out, out
     assert "+ 0.0 s for the cost programs" in out  # no loops: the real program's costs are exact
+
+
+# Per-device blocks of a shard_map over the 4 chips of v5e:2x2, one collective of each kind, one
+# all-reduce in a 3-trip loop, and a Pallas kernel: the bytes each device sends by hand (f32):
+# all-gather of an [8, 128] block (4 KiB): 3 x 4 KiB; reduce-scatter of [4096, 128] (2 MiB): 3/4 of
+# it; all-reduce of [8, 128]: 2 x 3/4 x 4 KiB, once and three times in the loop; all-to-all of
+# [32, 128]: 3/4 x 16 KiB; collective-permute of [8, 128]: 4 KiB. (A small reduce-scatter, e.g. of
+# [32, 128], becomes an all-reduce and a slice in libtpu's program, and counts as that all-reduce.)
+HAND_COUNT = {"all-gather": 3 * 4096, "reduce-scatter": 3 / 4 * 2**21, "all-reduce": 4 * 6144,
+              "all-to-all": 12288, "collective-permute": 4096}
+COLLECTIVES_PROGRAM = """
+import json
+from cli.compile import prepare_environment
+prepare_environment()
+import jax, numpy as np
+from jax.experimental import pallas as pl, topologies
+from jax.sharding import Mesh, PartitionSpec as P
+from train import hlo
+
+mesh = Mesh(np.array(topologies.get_topology_desc("v5e:2x2", "tpu").devices), ("x",))
+
+def double(x_ref, o_ref):
+    o_ref[...] = x_ref[...] * 2
+
+def block(a, b, c, d, e):
+    loop = jax.lax.fori_loop(0, 3, lambda i, v: jax.lax.psum(v, "x") * 0.5, c + 1)
+    return (jax.lax.all_gather(a, "x", tiled=True), jax.lax.psum_scatter(b, "x", tiled=True),
+            jax.lax.psum(c, "x"), loop, jax.lax.all_to_all(d, "x", 0, 0, tiled=True),
+            jax.lax.ppermute(e, "x", [(i, (i + 1) % 4) for i in range(4)]),
+            pl.pallas_call(double, out_shape=jax.ShapeDtypeStruct(e.shape, e.dtype),
+                           name="meshlm_double")(e))
+
+step = jax.jit(jax.shard_map(block, mesh=mesh, in_specs=P("x"), out_specs=P("x"), check_vma=False))
+shapes = [(32, 128), (16384, 128), (32, 128), (128, 128), (32, 128)]
+args = [jax.ShapeDtypeStruct(s, np.float32) for s in shapes]
+program = hlo.Program(step.lower(*args).compile().as_text())
+found = hlo.collectives(program)
+print(json.dumps({"bytes": found.bytes_by_kind(), "ops": found.count_by_kind(),
+                  "unknown": found.unknown_loops,
+                  "kernels": {k: [v.calls, v.cost_estimate] for k, v in hlo.kernels(program).items()}}))
+"""
+
+
+def test_collectives_and_kernels_of_a_compiled_program_match_a_hand_count() -> None:
+    result = subprocess.run([sys.executable, "-c", COLLECTIVES_PROGRAM], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = json.loads(result.stdout.strip().splitlines()[-1])
+    assert found["bytes"] == pytest.approx(HAND_COUNT), found
+    assert found["ops"]["all-reduce"] == 4 and not found["unknown"], found
+    assert found["kernels"] == {"meshlm_double": [1, False]}, found
 
 
 def test_compile_errors_are_one_line() -> None:
@@ -98,6 +181,14 @@ def test_compile_errors_are_one_line() -> None:
            "model.num_layers=32")
     assert_one_line_error(run_compile("--topology", "v5e:2x2", "configs/tiny.yaml", *big),
                           "does not fit: the train state alone")
+    # 64 sequences of 8192 on 4 chips, einsum attention: the float32 scores of both layers,
+    # 2 x 16 x 2 x 2 x 8192^2 x 4 bytes = 32 GiB per device, are kept for the backward pass.
+    long = ("model.max_seq_len=8192", "train.seq_len=8192", "train.batch_size=64",
+            "model.attention_impl=einsum")
+    result = run_compile("--topology", "v5e:2x2", "configs/tiny.yaml", *long)
+    assert_one_line_error(result, "does not fit: XLA could not fit the train step in HBM: "
+                                  "temporaries need ")
+    assert "available; largest buffer f32[2,16,2,2,8192,8192] (32.00 GiB" in result.stderr
 
 
 def test_compile_without_libtpu_is_a_clear_error() -> None:
