@@ -44,7 +44,8 @@ from sharding.constrain import constrain, shards, target_platform
 KVCache = tuple[jax.Array, jax.Array]  # (k_lbskh, v_lbskh) of a stack of layers
 CACHE_AXES = ("layers", "batch", "length", "kv_heads", "head_dim")
 # attention_impl=auto on CPU: the einsum path up to this many tokens, blockwise beyond: bench.longctx
-# measured them level at 256 tokens and blockwise faster from 512 (1.4x) to 4096 (3.0x), in linear memory
+# measured einsum 1.3x faster at 256 tokens and blockwise faster from 512 (1.4x) to 4096 (3.0x), in
+# linear memory
 CPU_EINSUM_MAX_LENGTH = 256
 
 
@@ -121,17 +122,19 @@ def dot_product_attention(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Arra
 def resolve_impl(impl: str, length: int, dtype: jnp.dtype) -> str:
     """The kernel ``attention_impl`` means for ``length`` queries per device (a context-parallel
     shard's share): ``auto`` is splash on TPU
-    (lengths the kernel tiles; others, a short prompt's prefill, take einsum), cuDNN on GPU for
+    (lengths the kernel tiles; others, e.g. a short prompt's prefill, take einsum up to
+    CPU_EINSUM_MAX_LENGTH tokens and blockwise beyond, so memory stays linear), cuDNN on GPU for
     bfloat16/float16 (else xla), and on CPU the path bench.longctx measured fastest: einsum up to
     CPU_EINSUM_MAX_LENGTH tokens, blockwise beyond. An explicit ``splash`` on a length the kernel
-    cannot tile also takes einsum (config validation refuses it for training)."""
+    cannot tile falls back the same way (config validation refuses it for training)."""
+    untiled = "einsum" if length <= CPU_EINSUM_MAX_LENGTH else "blockwise"  # linear memory
     if impl == "splash":
-        return "splash" if not splash_problems(length) else "einsum"
+        return "splash" if not splash_problems(length) else untiled
     if impl != "auto":
         return impl
     platform = target_platform()
     if platform == "tpu":
-        return "splash" if not splash_problems(length) else "einsum"
+        return "splash" if not splash_problems(length) else untiled
     if platform == "gpu":
         return "cudnn" if jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) else "xla"
     return "einsum" if length <= CPU_EINSUM_MAX_LENGTH else "blockwise"

@@ -151,8 +151,7 @@ def stack_depths(cfg: ModelConfig) -> dict[str, np.ndarray]:
     return {"blocks": np.arange(first),
             "group_blocks": np.array([first + g * every + j for g in range(groups)
                                       for j in range(every - 1)], dtype=np.int64),
-            "moe_blocks": np.array([first + g * every + every - 1 for g in range(groups)],
-                                   dtype=np.int64)}
+            "moe_blocks": np.array(cfg.moe_layer_indices, dtype=np.int64)}
 
 
 def stack_locals(cfg: ModelConfig) -> dict[str, np.ndarray]:

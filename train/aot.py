@@ -229,7 +229,8 @@ def flop_counts(cfg: Config, devices: int, costs: dict[str, float],
     layers are unrolled and microbatches folded there, and TPU attention runs in splash)."""
     m, t = cfg.model, cfg.train
     tokens = t.batch_size * t.seq_len
-    kernel, uncounted = kernel_attention_flops(m, t.batch_size, t.seq_len, kernels)
+    # a kernel's calls count every microbatch already: each call covers one microbatch's rows
+    kernel, uncounted = kernel_attention_flops(m, t.batch_size // t.microbatches, t.seq_len, kernels)
     compiled = costs["flops"] * devices
     formula = train_flops_per_token(m, t.seq_len) * tokens
     executed = executed_flops_per_step(m, t.batch_size, t.seq_len, kernel if kernel else None)
@@ -265,9 +266,10 @@ def executed_flops_per_step(m: ModelConfig, batch_size: int, seq_len: int,
     return total - einsum_attention + kernel_attention
 
 
-# Forward passes of one layer's attention that one call of a splash kernel computes: the forward
-# kernel QK^T and PV; dq recomputes QK^T and forms dS K; dkv recomputes QK^T and forms dP, dV, dK.
-SPLASH_PASSES = {"fwd": 1, "dq": 1, "dkv": 2}
+# Forward passes of one layer's attention (two matmuls: QK^T and PV) that one call of a splash kernel
+# computes: the forward kernel QK^T and PV; dq recomputes QK^T and forms dP = dO V^T and dS K (three
+# matmuls); dkv recomputes QK^T and forms dP, dV and dK (four).
+SPLASH_PASSES = {"fwd": 1, "dq": 1.5, "dkv": 2}
 
 
 def kernel_attention_flops(m: ModelConfig, batch_size: int, seq_len: int,
@@ -276,9 +278,11 @@ def kernel_attention_flops(m: ModelConfig, batch_size: int, seq_len: int,
     carry no cost estimate, whose FLOPs are counted nowhere). XLA's cost analysis counts no FLOPs in
     a Pallas call without a cost estimate, and splash's have none. Splash computes every key block
     not wholly in the future: with blocks of b keys a query of a global layer meets (T + b)/2 keys on
-    average, one of a local layer with window W at most W + b. A layer's forward pass is 4 x keys x
-    N x H per query, and each call counts as SPLASH_PASSES of them (this assumes one call per layer
-    and pass over the whole sequence, true without context parallelism)."""
+    average, one of a local layer with window W at most b * (ceil((W - 1) / b) + 1). A layer's
+    forward pass is 4 x keys x N x H per query, and each call counts as SPLASH_PASSES of them (one
+    call per layer and pass; under context parallelism each device's call covers its queries, and
+    the count is the mesh's total). Both branches of a mixed local/global stack's lax.cond are
+    counted as run (train/hlo.py), so such a stack's splash FLOPs are overcounted."""
     passes, block, unknown = 0.0, 0, []
     for name, kernel in kernels.items():
         if kernel.cost_estimate:  # XLA counts it
@@ -291,7 +295,8 @@ def kernel_attention_flops(m: ModelConfig, batch_size: int, seq_len: int,
         block = max([block, *(v for k, v in kernel.metadata.items()
                               if k.startswith("block_kv") and isinstance(v, int))])
     causal = (seq_len + block) / 2
-    keys = [min(causal, m.sliding_window + block) if m.is_local_layer(d) else causal
+    local = block * (-(-(m.sliding_window - 1) // block) + 1) if block else m.sliding_window
+    keys = [min(causal, local) if m.is_local_layer(d) else causal
             for d in range(m.num_layers)]
     layer_forward = 4 * sum(keys) / len(keys) * m.num_heads * m.resolved_head_dim
     return layer_forward * batch_size * seq_len * passes, unknown
