@@ -98,16 +98,18 @@ def markdown_row(entry: dict[str, Any]) -> str:
              gib(r["collectives"]["total_bytes_per_device"]),
              " / ".join("-" if roof[k] is None else f"{roof[k]:.2f}"
                         for k in ("compute_s", "memory_s", "ici_s")),
-             f"{roof['overlapped']['step_s']:.2f} s, {roof['overlapped']['mfu']:.1%}",
-             f"{serial['step_s']:.2f} s, {serial['mfu']:.1%}" if serial else "ICI not modelled"]
+             f"{roof['overlapped']['step_s']:.2f} s, {roof['overlapped']['mfu']:.1%} "
+             f"({roof['overlapped']['mfu_full_attention']:.1%})",
+             f"{serial['step_s']:.2f} s, {serial['mfu']:.1%} ({serial['mfu_full_attention']:.1%})"
+             if serial else "ICI not modelled"]
     note = error or f"{roof['bound']}-bound"
     return f"{head} {' | '.join(cells)} | {note} |"
 
 
 def markdown(entries: list[dict[str, Any]]) -> str:
     header = ("| Config | Topology | Mesh | Batch x seq | Kernels | HBM per chip | Collectives per "
-              "device | Compute / HBM / ICI s | Overlapped: step, MFU | Not overlapped: step, MFU "
-              "| Note |")
+              "device | Compute / HBM / ICI s | Overlapped: step, MFU (full-T MFU) | Not overlapped: "
+              "step, MFU (full-T MFU) | Note |")
     rule = "|" + "---|" * (header.count("|") - 1)
     return "\n".join([header, rule, *(markdown_row(e) for e in entries)]) + "\n"
 

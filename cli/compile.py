@@ -143,7 +143,8 @@ def roofline_lines(r: dict[str, Any]) -> list[str]:
 
     def line(label: str, t: dict[str, float]) -> str:
         return (f"  {label}: step {seconds(t['step_s'])}, {t['tokens_per_s']:,.0f} tokens/s, "
-                f"MFU {t['mfu']:.1%}")
+                f"MFU {t['mfu']:.1%} (causal attention; {t['mfu_full_attention']:.1%} counting all "
+                f"T keys, as training logs)")
 
     lines = [head, terms, line(f"overlapped, max of the three ({roof['bound']}-bound)",
                                roof["overlapped"])]

@@ -92,6 +92,23 @@ def _executed_matmul_params(cfg: ModelConfig, seq_len: int, executed: bool) -> f
     return matmul
 
 
+def causal_train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """``train_flops_per_token`` with each query's attention over the keys it may see in a causal
+    row of ``seq_len`` tokens (on average (T + 1) / 2; a local layer's min(t + 1, W)) instead of all
+    T: what a kernel that skips masked blocks (splash, blockwise) must compute, and the count
+    MaxText's MFU uses. At long contexts the full-T count exceeds any causal kernel's work."""
+    t = seq_len
+    keys = 0.0
+    for d in range(cfg.num_layers):
+        w = cfg.sliding_window if cfg.is_local_layer(d) else 0
+        if w and w < t:  # sum over t of min(t + 1, w), averaged
+            keys += (w * (w + 1) / 2 + (t - w) * w) / t
+        else:
+            keys += (t + 1) / 2
+    attention = 3 * 4 * keys * cfg.num_heads * cfg.resolved_head_dim
+    return 6 * _executed_matmul_params(cfg, seq_len, False) + attention
+
+
 def train_flops_per_token(cfg: ModelConfig, seq_len: int, executed: bool = False) -> float:
     """Forward + backward FLOPs per trained token at context length ``seq_len``; ``executed``
     counts the capacity path's padded expert slots too (see ``expert_slots_per_token``)."""

@@ -16,6 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from model.flops import causal_train_flops_per_token
+from train.config import load_config
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -102,8 +105,12 @@ def test_compile_report_is_consistent(preset: str, topology: str, overrides: tup
     assert over["step_s"] == max(roof["compute_s"], roof["memory_s"], roof["ici_s"]) > 0
     assert serial["step_s"] == pytest.approx(max(roof["compute_s"], roof["memory_s"]) + roof["ici_s"])
     for t in (over, serial):
-        assert t["mfu"] == pytest.approx(
+        assert t["mfu_full_attention"] == pytest.approx(
             flops["formula_per_step"] / (chips * chip["peak_bf16_flops"] * t["step_s"]))
+        cfg = load_config(ROOT / preset, list(overrides))
+        causal = causal_train_flops_per_token(cfg.model, cfg.train.seq_len) * r["batch"]["tokens_per_step"]
+        assert t["mfu"] == pytest.approx(causal / (chips * chip["peak_bf16_flops"] * t["step_s"]))
+        assert t["mfu"] < t["mfu_full_attention"]
         assert t["tokens_per_s"] == pytest.approx(r["batch"]["tokens_per_step"] / t["step_s"])
     assert 0 < serial["mfu"] < over["mfu"] < 1
 

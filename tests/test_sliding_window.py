@@ -14,6 +14,7 @@ from inference.generate import Generator
 from inference.sampling import SamplingConfig
 from model.attention import Attention, causal_attention
 from model.config import ModelConfig
+from model.flops import attention_flops_per_token, causal_train_flops_per_token, train_flops_per_token
 from model.transformer import Transformer, cache_shapes
 from sharding.mesh import MeshConfig, make_mesh
 from sharding.rules import default_rules, tree_shardings
@@ -141,3 +142,15 @@ def test_cached_decoding_with_a_window_equals_the_full_forward_pass(eight_device
         full = _full_logits(cfg, params, prompt + new[:-1])[len(prompt) - 1:]
         assert reference.relative_error(logits, full) < TOL_MODEL
         assert new == np.argmax(full, axis=-1).tolist()
+
+
+def test_causal_flops_count_the_keys_each_query_sees() -> None:
+    """model/flops.py's causal count against counting each query's visible keys one by one; the
+    full count (every query over all T keys, as training logs MFU) is what it replaces."""
+    cfg = ModelConfig(num_layers=3, sliding_window=5, sliding_window_pattern=3, d_model=64, num_heads=4)
+    t = 12
+    keys = sum(min(q + 1, cfg.sliding_window) if cfg.is_local_layer(d) else q + 1
+               for d in range(cfg.num_layers) for q in range(t)) / t
+    attention = 3 * 4 * keys * cfg.num_heads * cfg.resolved_head_dim
+    matmuls = train_flops_per_token(cfg, t) - attention_flops_per_token(cfg, t)
+    assert causal_train_flops_per_token(cfg, t) == pytest.approx(matmuls + attention, rel=1e-12)

@@ -29,7 +29,13 @@ from jax.sharding import Mesh
 
 from core.errors import first_line
 from model.config import ModelConfig
-from model.flops import attention_flops_per_token, matmul_params, param_counts, train_flops_per_token
+from model.flops import (
+    attention_flops_per_token,
+    causal_train_flops_per_token,
+    matmul_params,
+    param_counts,
+    train_flops_per_token,
+)
 from sharding.mesh import make_mesh
 from train import hlo
 from train.config import Config
@@ -181,13 +187,17 @@ def step_costs(cfg: Config, mesh: Mesh, compiled: Any) -> tuple[dict[str, float]
 
 
 def roofline(flops_per_device: float, bytes_per_device: float, sent_per_device: float,
-             topo: Topology, model_flops: float, tokens: int) -> dict[str, Any]:
+             topo: Topology, model_flops: float, tokens: int,
+             full_attention_flops: float | None = None) -> dict[str, Any]:
     """Estimates, not measurements. Compute at the chip's bf16 peak, HBM traffic at its HBM
     bandwidth, and the bytes a device sends in collectives at the chip's published ICI bandwidth:
     all links, both directions, which no collective fully uses, so the ICI time is a lower bound.
     ``overlapped``: step = max(compute, HBM, ICI), collectives hidden behind compute; ``serial``:
-    max(compute, HBM) + ICI, nothing hidden. Each with the tokens/s and MFU it gives. Without a
-    published ICI bandwidth (``ici_s`` None) the collectives are not modelled: serial is None."""
+    max(compute, HBM) + ICI, nothing hidden. Each with the tokens/s and MFU it gives: ``mfu`` from
+    ``model_flops`` (causal attention, MaxText's count), ``mfu_full_attention`` from
+    ``full_attention_flops`` (every query over all T keys, PaLM's count and the one training logs,
+    which passes 100% at long contexts). Without a published ICI bandwidth (``ici_s`` None) the
+    collectives are not modelled: serial is None."""
     chip, share = topo.chip, topo.devices_per_chip  # a chip's figures are split among its devices
     compute_s = flops_per_device * share / chip.peak_bf16_flops
     memory_s = bytes_per_device * share / chip.hbm_bandwidth
@@ -195,8 +205,11 @@ def roofline(flops_per_device: float, bytes_per_device: float, sent_per_device: 
     terms = {"compute": compute_s, "memory": memory_s, "ici": ici_s or 0.0}
 
     def at(step_s: float) -> dict[str, float]:
+        peak = topo.chips * chip.peak_bf16_flops * step_s
+        full = model_flops if full_attention_flops is None else full_attention_flops
         return {"step_s": step_s, "tokens_per_s": tokens / step_s if step_s else 0.0,
-                "mfu": model_flops / (topo.chips * chip.peak_bf16_flops * step_s) if step_s else 0.0}
+                "mfu": model_flops / peak if step_s else 0.0,
+                "mfu_full_attention": full / peak if step_s else 0.0}
 
     return {"compute_s": compute_s, "memory_s": memory_s, "ici_s": ici_s,
             "bound": max(terms, key=terms.get),
@@ -363,8 +376,9 @@ def compile_report(cfg: Config, topology_name: str, config_name: str) -> dict[st
                                for name, k in kernels.items()},
                     "attention_xla_dots": attention_dots},
         "roofline": roofline(flops["counted_per_step"] / n, costs["bytes accessed"],
-                             collectives["total_bytes_per_device"], topo, flops["formula_per_step"],
-                             t.batch_size * t.seq_len),
+                             collectives["total_bytes_per_device"], topo,
+                             causal_train_flops_per_token(m, t.seq_len) * t.batch_size * t.seq_len,
+                             t.batch_size * t.seq_len, flops["formula_per_step"]),
         "fits": memory["total"] * topo.devices_per_chip <= topo.chip.hbm_bytes,
     }
 
