@@ -1,10 +1,25 @@
-"""Test setup: 8 emulated CPU devices, configured before JAX initialises its backend."""
+"""Test setup: 8 emulated CPU devices, configured before JAX initialises its backend, and one
+compilation cache for the session.
 
+Many tests compile the same program again: a new Program, or a ``python -m train`` subprocess that
+resumes a run. JAX's persistent compilation cache, in a directory of this session's own (removed at
+exit, so no run sees another's), makes each such program compile once: the subprocesses inherit it
+through the environment. Every program is cached, however fast it compiled.
+"""
+
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _CACHE_DIR = tempfile.mkdtemp(prefix="meshlm-test-xla-cache-")
+    atexit.register(shutil.rmtree, _CACHE_DIR, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE_DIR
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
