@@ -23,6 +23,31 @@ SMALL = ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv
                     mlp_dim=48, max_seq_len=16)
 
 
+def qkv(b: int, t: int, n: int, k: int, h: int, seed: int = 0) -> tuple[jax.Array, ...]:
+    """Random q [B, T, N, H] and k, v [B, T, K, H]."""
+    keys = jax.random.split(jax.random.key(seed), 3)
+    return (jax.random.normal(keys[0], (b, t, n, h)), jax.random.normal(keys[1], (b, t, k, h)),
+            jax.random.normal(keys[2], (b, t, k, h)))
+
+
+def packed_segments(b: int, t: int) -> np.ndarray:
+    """Rows of two or three packed documents."""
+    segments = np.zeros((b, t), np.int32)
+    segments[:, t // 3:] = 1
+    segments[1:, 2 * t // 3:] = 2
+    return segments
+
+
+def with_packing(batch: dict[str, np.ndarray], ids_bt: np.ndarray) -> dict[str, np.ndarray]:
+    """``batch`` packed as documents ``ids_bt``: their segment ids, and positions restarting at
+    each document's first token."""
+    starts = np.concatenate([np.ones((ids_bt.shape[0], 1), bool), ids_bt[:, 1:] != ids_bt[:, :-1]],
+                            axis=1)
+    index = np.broadcast_to(np.arange(ids_bt.shape[1]), ids_bt.shape)
+    first = np.maximum.accumulate(np.where(starts, index, 0), axis=1)
+    return {**batch, "segment_ids": ids_bt, "positions": (index - first).astype(np.int32)}
+
+
 def random_batch(batch_size: int, seq_len: int, vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     tokens = rng.integers(0, vocab, (batch_size, seq_len + 1)).astype(np.int32)

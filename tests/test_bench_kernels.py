@@ -18,21 +18,7 @@ from model.lora import LoRASpec, adapters, add_lora, set_deterministic
 from model.loss import chunked_nll_sum
 from model.transformer import Transformer
 from tests import reference
-from tests.helpers import SMALL, loss_and_grads, random_batch
-
-
-def qkv(b: int, t: int, n: int, k: int, h: int, seed: int = 0) -> tuple[jax.Array, ...]:
-    keys = jax.random.split(jax.random.key(seed), 3)
-    return (jax.random.normal(keys[0], (b, t, n, h)), jax.random.normal(keys[1], (b, t, k, h)),
-            jax.random.normal(keys[2], (b, t, k, h)))
-
-
-def packed_segments(b: int, t: int) -> np.ndarray:
-    """Rows of two or three packed documents."""
-    segments = np.zeros((b, t), np.int32)
-    segments[:, t // 3:] = 1
-    segments[1:, 2 * t // 3:] = 2
-    return segments
+from tests.helpers import SMALL, loss_and_grads, packed_segments, qkv, random_batch
 
 
 @pytest.mark.parametrize("impl", ["xla", "blockwise"])

@@ -18,7 +18,7 @@ from sharding.constrain import activation_sharding, shards, under_activation_sha
 from sharding.mesh import MeshConfig, make_mesh
 from sharding.rules import default_rules, logical_sharding
 from tests import reference
-from tests.helpers import SMALL, loss_and_grads, random_batch
+from tests.helpers import SMALL, loss_and_grads, random_batch, with_packing
 from train.config import build_config
 from train.program import Program, memory_report
 from train.validate import validate
@@ -166,12 +166,8 @@ MODEL_CASES = [
 
 def packed_batch(batch_size: int, seq_len: int, vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
     """``random_batch`` with packed documents: segment ids and positions restarting per document."""
-    batch = random_batch(batch_size, seq_len, vocab, seed)
-    ids = segment_ids(batch_size, seq_len, seed)
-    starts = np.concatenate([np.ones((batch_size, 1), bool), ids[:, 1:] != ids[:, :-1]], axis=1)
-    index = np.broadcast_to(np.arange(seq_len), ids.shape)
-    first = np.maximum.accumulate(np.where(starts, index, 0), axis=1)
-    return {**batch, "segment_ids": ids, "positions": (index - first).astype(np.int32)}
+    return with_packing(random_batch(batch_size, seq_len, vocab, seed),
+                        segment_ids(batch_size, seq_len, seed))
 
 
 @pytest.mark.parametrize("mesh_axes,packed,window,pattern", MODEL_CASES)

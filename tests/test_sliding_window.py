@@ -19,24 +19,15 @@ from model.transformer import Transformer, cache_shapes
 from sharding.mesh import MeshConfig, make_mesh
 from sharding.rules import default_rules, tree_shardings
 from tests import reference
-from tests.helpers import SMALL
+from tests.helpers import SMALL, packed_segments, qkv
 
 TOL = 1e-5  # fp32, simple ops
 TOL_MODEL = 1e-4  # fp32, whole models
 GREEDY = SamplingConfig(temperature=0.0)
 
 
-def qkv(b: int, t: int, n: int, k: int, h: int, seed: int = 0) -> tuple[jax.Array, ...]:
-    keys = jax.random.split(jax.random.key(seed), 3)
-    return (jax.random.normal(keys[0], (b, t, n, h)), jax.random.normal(keys[1], (b, t, k, h)),
-            jax.random.normal(keys[2], (b, t, k, h)))
 
 
-def packed_segments(b: int, t: int) -> np.ndarray:
-    segments = np.zeros((b, t), np.int32)
-    segments[:, t // 3:] = 1
-    segments[1:, 2 * t // 3:] = 2
-    return segments
 
 
 @pytest.mark.parametrize("impl", ["einsum", "xla", "blockwise"])

@@ -20,7 +20,7 @@ from sharding.constrain import activation_sharding
 from sharding.mesh import MeshConfig, make_mesh
 from sharding.rules import default_rules
 from tests import reference
-from tests.helpers import SMALL, loss_and_grads, random_batch
+from tests.helpers import SMALL, loss_and_grads, random_batch, with_packing
 from train.config import build_config
 from train.validate import validate
 
@@ -141,13 +141,7 @@ def test_a_model_trains_with_splash_as_with_einsum(eight_devices):
     tensor) gives the loss and gradients of the einsum path on one device."""
     cfg = dataclasses.replace(SMALL, max_seq_len=256, num_layers=2, sliding_window=48,
                               sliding_window_pattern=2)
-    batch = random_batch(2, 256, cfg.vocab_size)
-    ids = segment_ids(2, 256)
-    starts = np.concatenate([np.ones((2, 1), bool), ids[:, 1:] != ids[:, :-1]], axis=1)
-    index = np.broadcast_to(np.arange(256), ids.shape)
-    batch |= {"segment_ids": ids,
-              "positions": (index - np.maximum.accumulate(np.where(starts, index, 0), axis=1))
-              .astype(np.int32)}
+    batch = with_packing(random_batch(2, 256, cfg.vocab_size), segment_ids(2, 256))
     loss_e, grads_e = loss_and_grads(dataclasses.replace(cfg, attention_impl="einsum"), {"data": 1},
                                      batch, devices=eight_devices[:1])
     loss_s, grads_s = loss_and_grads(dataclasses.replace(cfg, attention_impl="splash"),
