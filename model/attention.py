@@ -1,7 +1,11 @@
 """Causal grouped-query self-attention (1 <= K <= N key/value heads) with RoPE or no positions,
 optionally local (a sliding window, on every layer or on all but each Nth).
 
-Scores, masking and softmax run in float32 whatever the compute dtype. Packed rows are supported:
+Scores, masking and softmax run in float32 whatever the compute dtype. Every kernel scales scores
+by head_dim**-0.5; ``query_pre_attn_scalar`` (Gemma) is applied by scaling the queries before any
+kernel (``ModelConfig.query_scale``). ``attn_logit_softcap`` (Gemma 2) caps the scaled scores,
+cap * tanh(s / cap), before the mask: the einsum, blockwise, context-parallel and splash kernels
+take it; ``xla`` and cuDNN cannot (``resolve_impl`` avoids them then). Packed rows are supported:
 a query attends only to earlier keys of the same segment. Each kernel builds the mask it needs from
 token indices, segment ids and the layer's window (model/masks.py); none is a [B, T, T] input.
 
@@ -31,10 +35,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from model.attention_kernels import blockwise_causal_attention, cudnn_attention, xla_attention
+from model.attention_kernels import (
+    blockwise_causal_attention,
+    cudnn_attention,
+    soft_cap,
+    xla_attention,
+)
 from model.config import ModelConfig
 from model.context_attention import context_attention
-from model.layers import apply_rope
+from model.layers import RMSNorm, Rope, apply_rope
 from model.lora import adapted
 from model.masks import Window, cache_mask, cache_slot_positions, causal_mask
 from model.primitives import dense, param
@@ -81,19 +90,20 @@ def update_cache(cache_lbskh: jax.Array, new_btkh: jax.Array, layer: jax.Array |
     return jax.lax.dynamic_update_slice(cache_lbskh, rows_bs[None], (layer, 0, 0, 0, 0))
 
 
-def attention_probs(q_btnh: jax.Array, k_bskh: jax.Array, mask_bts: jax.Array) -> jax.Array:
-    """softmax(q k^T / sqrt(H) + mask) in float32, [B, N, T, S], with N query heads sharing K
-    key/value heads (query head n = kv head * G + g)."""
+def attention_probs(q_btnh: jax.Array, k_bskh: jax.Array, mask_bts: jax.Array,
+                    softcap: float = 0.0) -> jax.Array:
+    """softmax(soft_cap(q k^T / sqrt(H)) + mask) in float32, [B, N, T, S], with N query heads
+    sharing K key/value heads (query head n = kv head * G + g)."""
     b, t, n, h = q_btnh.shape
     k = k_bskh.shape[2]
     if k == n:  # multi-head: no group axis (its size-1 axis costs XLA:CPU layout copies)
-        logits_bnts = jnp.einsum("btnh,bsnh->bnts", q_btnh, k_bskh,
-                                 preferred_element_type=jnp.float32) * (h ** -0.5)
+        logits_bnts = soft_cap(jnp.einsum("btnh,bsnh->bnts", q_btnh, k_bskh,
+                                          preferred_element_type=jnp.float32) * (h ** -0.5), softcap)
         logits_bnts = jnp.where(mask_bts[:, None], logits_bnts, jnp.finfo(jnp.float32).min)
         return jax.nn.softmax(logits_bnts, axis=-1)
     q_btkgh = q_btnh.reshape(b, t, k, n // k, h)
-    logits_bkgts = jnp.einsum("btkgh,bskh->bkgts", q_btkgh, k_bskh,
-                              preferred_element_type=jnp.float32) * (h ** -0.5)
+    logits_bkgts = soft_cap(jnp.einsum("btkgh,bskh->bkgts", q_btkgh, k_bskh,
+                                       preferred_element_type=jnp.float32) * (h ** -0.5), softcap)
     logits_bkgts = jnp.where(mask_bts[:, None, None], logits_bkgts, jnp.finfo(jnp.float32).min)
     return jax.nn.softmax(logits_bkgts, axis=-1).reshape(b, n, t, -1)
 
@@ -110,32 +120,39 @@ def attend(probs32_bnts: jax.Array, v_bskh: jax.Array) -> jax.Array:
 
 
 def dot_product_attention(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array,
-                          mask_bts: jax.Array, *, impl: str = "einsum") -> jax.Array:
-    """softmax(q k^T / sqrt(H) + mask) v, [B, T, N, H], under a dense mask (a decode step over a
-    cache, or a causal mask built whole): ``impl`` ``xla`` (``jax.nn.dot_product_attention``) or
-    anything else for ``attend(attention_probs(...))``."""
+                          mask_bts: jax.Array, *, impl: str = "einsum",
+                          softcap: float = 0.0) -> jax.Array:
+    """softmax(soft_cap(q k^T / sqrt(H)) + mask) v, [B, T, N, H], under a dense mask (a decode
+    step over a cache, or a causal mask built whole): ``impl`` ``xla``
+    (``jax.nn.dot_product_attention``, no soft cap) or anything else for
+    ``attend(attention_probs(...))``."""
     if impl == "xla":
+        if softcap:
+            raise ValueError("the xla attention kernel cannot soft-cap scores")
         return xla_attention(q_btnh, k_bskh, v_bskh, mask_bts)
-    return attend(attention_probs(q_btnh, k_bskh, mask_bts), v_bskh)
+    return attend(attention_probs(q_btnh, k_bskh, mask_bts, softcap), v_bskh)
 
 
-def resolve_impl(impl: str, length: int, dtype: jnp.dtype) -> str:
+def resolve_impl(impl: str, length: int, dtype: jnp.dtype, softcap: float = 0.0) -> str:
     """The kernel ``attention_impl`` means for ``length`` queries per device (a context-parallel
     shard's share): ``auto`` is splash on TPU
     (lengths the kernel tiles; others, e.g. a short prompt's prefill, take einsum up to
     CPU_EINSUM_MAX_LENGTH tokens and blockwise beyond, so memory stays linear), cuDNN on GPU for
     bfloat16/float16 (else xla), and on CPU the path bench.longctx measured fastest: einsum up to
     CPU_EINSUM_MAX_LENGTH tokens, blockwise beyond. An explicit ``splash`` on a length the kernel
-    cannot tile falls back the same way (config validation refuses it for training)."""
+    cannot tile falls back the same way (config validation refuses it for training). With a
+    ``softcap`` neither xla nor cuDNN is picked (they cannot cap scores): the untiled choice."""
     untiled = "einsum" if length <= CPU_EINSUM_MAX_LENGTH else "blockwise"  # linear memory
     if impl == "splash":
         return "splash" if not splash_problems(length) else untiled
+    if impl == "xla" and softcap:
+        return untiled
     if impl != "auto":
         return impl
     platform = target_platform()
     if platform == "tpu":
         return "splash" if not splash_problems(length) else untiled
-    if platform == "gpu":
+    if platform == "gpu" and not softcap:
         return "cudnn" if jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) else "xla"
     return "einsum" if length <= CPU_EINSUM_MAX_LENGTH else "blockwise"
 
@@ -151,35 +168,39 @@ def layer_window(window: int, local: bool | jax.Array) -> Window:
 
 
 def _static_window_attention(impl: str, q_btnh: jax.Array, k_btkh: jax.Array, v_btkh: jax.Array,
-                             segment_ids_bt: jax.Array | None, window: int) -> jax.Array:
+                             segment_ids_bt: jax.Array | None, window: int,
+                             softcap: float) -> jax.Array:
     if impl == "splash":
-        return splash_attention(q_btnh, k_btkh, v_btkh, segment_ids_bt, window)
+        return splash_attention(q_btnh, k_btkh, v_btkh, segment_ids_bt, window, softcap=softcap)
     return cudnn_attention(q_btnh, k_btkh, v_btkh, segment_ids_bt, window)
 
 
 def causal_attention(q_btnh: jax.Array, k_btkh: jax.Array, v_btkh: jax.Array,
                      segment_ids_bt: jax.Array | None, window: int, local: bool | jax.Array, *,
-                     impl: str, block: int) -> jax.Array:
+                     impl: str, block: int, softcap: float = 0.0) -> jax.Array:
     """Causal self-attention of T queries over their own T keys, [B, T, N, H]: ``local`` says
     whether this layer keeps to ``window`` tokens (a traced bool inside a stack that mixes local and
     global layers). Kernels whose mask is fixed at trace time (splash, cuDNN) run under a
-    ``lax.cond`` over the two windows then; the others take the window as a traced value."""
+    ``lax.cond`` over the two windows then; the others take the window as a traced value.
+    ``softcap``: scores capped at cap * tanh(s / cap) (0 = off)."""
     b, t = q_btnh.shape[:2]
     this_window = layer_window(window, local)
     length_shards = shards("length", t)
-    impl = resolve_impl(impl, t // length_shards, q_btnh.dtype)
+    impl = resolve_impl(impl, t // length_shards, q_btnh.dtype, softcap)
     if length_shards > 1 and impl != "splash":  # splash splits its queries over the mesh itself
-        return context_attention(q_btnh, k_btkh, v_btkh, segment_ids_bt, this_window, block=block)
+        return context_attention(q_btnh, k_btkh, v_btkh, segment_ids_bt, this_window, block=block,
+                                 softcap=softcap)
     args = (q_btnh, k_btkh, v_btkh, segment_ids_bt)
     if impl in ("splash", "cudnn"):
         if isinstance(this_window, int):
-            return _static_window_attention(impl, *args, this_window)
-        return jax.lax.cond(local, lambda *a: _static_window_attention(impl, *a, window),
-                            lambda *a: _static_window_attention(impl, *a, 0), *args)
+            return _static_window_attention(impl, *args, this_window, softcap)
+        return jax.lax.cond(local, lambda *a: _static_window_attention(impl, *a, window, softcap),
+                            lambda *a: _static_window_attention(impl, *a, 0, softcap), *args)
     if impl == "blockwise":
-        return blockwise_causal_attention(*args, this_window, block)
+        return blockwise_causal_attention(*args, this_window, block, softcap=softcap)
     return dot_product_attention(q_btnh, k_btkh, v_btkh,
-                                 causal_mask(segment_ids_bt, b, t, this_window), impl=impl)
+                                 causal_mask(segment_ids_bt, b, t, this_window), impl=impl,
+                                 softcap=softcap)
 
 
 class Attention(nnx.Module):
@@ -187,7 +208,12 @@ class Attention(nnx.Module):
 
     With ``sow_intermediates`` set (``model.set_attributes(Attention, sow_intermediates=True)``)
     it sows its float32 weights [B, N, T, S] as the intermediate ``attention_probs`` (collect them
-    with ``nnx.capture``); that takes the einsum path, the only one that forms the weights."""
+    with ``nnx.capture``); that takes the einsum path, the only one that forms the weights.
+
+    Options (ModelConfig): ``qkv_bias`` (biases ``b_q_nh``, ``b_k_kh``, ``b_v_kh`` added after the
+    projection and its LoRA term), ``qk_norm`` (``q_norm``, ``k_norm``: RMSNorm over each head,
+    before RoPE), RoPE scaling and a separate base for local layers (model/layers.py: Rope),
+    ``query_pre_attn_scalar`` and ``attn_logit_softcap``."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         d, n, k, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
@@ -198,8 +224,18 @@ class Attention(nnx.Module):
         self.w_k_dkh = param(rngs, init, (d, k, h), ("embed", "kv_heads", "head_dim"), pd)
         self.w_v_dkh = param(rngs, init, (d, k, h), ("embed", "kv_heads", "head_dim"), pd)
         self.w_o_nhd = param(rngs, out_init, (n, h, d), ("heads", "head_dim", "embed"), pd)
+        if cfg.qkv_bias:
+            zeros = nnx.initializers.zeros
+            self.b_q_nh = param(None, zeros, (n, h), ("heads", "head_dim"), pd)
+            self.b_k_kh = param(None, zeros, (k, h), ("kv_heads", "head_dim"), pd)
+            self.b_v_kh = param(None, zeros, (k, h), ("kv_heads", "head_dim"), pd)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(h, cfg, rngs, axes=("head_dim",))
+            self.k_norm = RMSNorm(h, cfg, rngs, axes=("head_dim",))
         self.use_rope = cfg.position == "rope"
-        self.rope_theta = cfg.rope_theta
+        self.rope_global, self.rope_local = Rope.of(cfg), Rope.of(cfg, local=True)
+        self.query_scale = cfg.query_scale
+        self.softcap = cfg.attn_logit_softcap
         self.dtype = jnp.dtype(cfg.dtype)
         self.impl, self.block = cfg.attention_impl, cfg.attention_block
         self.window = cfg.sliding_window
@@ -219,7 +255,28 @@ class Attention(nnx.Module):
             outs = [p.reshape(x_btd.shape[:-1] + w.shape[1:]) for p, w in zip(parts, weights, strict=True)]
         else:
             outs = [dense(x_btd, w.astype(dt)) for w in weights]
-        return tuple(adapted(self, name, x_btd, out) for name, out in zip("qkv", outs, strict=True))
+        outs = [adapted(self, name, x_btd, out) for name, out in zip("qkv", outs, strict=True)]
+        if hasattr(self, "b_q_nh"):
+            biases = (self.b_q_nh, self.b_k_kh, self.b_v_kh)
+            outs = [out + b[...].astype(dt) for out, b in zip(outs, biases, strict=True)]
+        return tuple(outs)
+
+    def rope(self, x_btnh: jax.Array, positions_bt: jax.Array,
+             local: bool | jax.Array) -> jax.Array:
+        """``x`` rotated by the RoPE of a global layer or (``local``, traced inside a stack that
+        mixes both) of a local one, when the two differ (``rope_local_theta``)."""
+        rope = self.rope_global
+        if self.rope_local == rope or local is False:
+            return apply_rope(x_btnh, positions_bt, rope.inv_freq(x_btnh.shape[-1]),
+                              rope.attention_factor)
+        if local is True:
+            rope = self.rope_local
+            return apply_rope(x_btnh, positions_bt, rope.inv_freq(x_btnh.shape[-1]),
+                              rope.attention_factor)
+        h, other = x_btnh.shape[-1], self.rope_local
+        inv_freq = jnp.where(local, other.inv_freq(h), rope.inv_freq(h))
+        factor = jnp.where(local, other.attention_factor, rope.attention_factor)
+        return apply_rope(x_btnh, positions_bt, inv_freq, factor)
 
     def __call__(self, x_btd: jax.Array, span: Span, cache: KVCache | None = None,
                  layer: jax.Array | int = 0,
@@ -230,9 +287,13 @@ class Attention(nnx.Module):
         cache's slots."""
         dt = self.dtype
         q_btnh, k_btkh, v_btkh = self.project_qkv(x_btd)
+        if hasattr(self, "q_norm"):
+            q_btnh, k_btkh = self.q_norm(q_btnh), self.k_norm(k_btkh)
         if self.use_rope:
-            q_btnh = apply_rope(q_btnh, span.positions_bt, self.rope_theta)
-            k_btkh = apply_rope(k_btkh, span.positions_bt, self.rope_theta)
+            q_btnh = self.rope(q_btnh, span.positions_bt, local)
+            k_btkh = self.rope(k_btkh, span.positions_bt, local)
+        if self.query_scale != 1.0:  # every kernel then applies head_dim**-0.5 as usual
+            q_btnh = (q_btnh.astype(jnp.float32) * self.query_scale).astype(q_btnh.dtype)
         q_btnh = constrain(q_btnh, ("batch", "length", "heads", "head_dim"))
         k_btkh = constrain(k_btkh, ("batch", "length", "kv_heads", "head_dim"))
         v_btkh = constrain(v_btkh, ("batch", "length", "kv_heads", "head_dim"))
@@ -246,20 +307,22 @@ class Attention(nnx.Module):
             if self.sow_intermediates:
                 out_btnh = self._sown_attention(q_btnh, k_bskh, v_bskh, mask_bts)
             else:
-                out_btnh = dot_product_attention(q_btnh, k_bskh, v_bskh, mask_bts,
-                                                 impl="xla" if self.impl == "xla" else "einsum")
+                impl = "xla" if self.impl == "xla" and not self.softcap else "einsum"
+                out_btnh = dot_product_attention(q_btnh, k_bskh, v_bskh, mask_bts, impl=impl,
+                                                 softcap=self.softcap)
         elif self.sow_intermediates:
             mask_bts = causal_mask(span.segment_ids_bt, *q_btnh.shape[:2], window)
             out_btnh = self._sown_attention(q_btnh, k_btkh, v_btkh, mask_bts)
         else:
             out_btnh = causal_attention(q_btnh, k_btkh, v_btkh, span.segment_ids_bt, self.window,
-                                        local, impl=self.impl, block=self.block)
+                                        local, impl=self.impl, block=self.block,
+                                        softcap=self.softcap)
         out_btd = adapted(self, "o", out_btnh, dense(out_btnh, self.w_o_nhd[...].astype(dt), axes=2))
         return constrain(out_btd, ("batch", "length", "embed")), cache
 
     def _sown_attention(self, q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array,
                         mask_bts: jax.Array) -> jax.Array:
         """The einsum path, sowing its float32 weights [B, N, T, S] as ``attention_probs``."""
-        probs32_bnts = attention_probs(q_btnh, k_bskh, mask_bts)
+        probs32_bnts = attention_probs(q_btnh, k_bskh, mask_bts, self.softcap)
         self.sow(nnx.Intermediate, "attention_probs", probs32_bnts)
         return attend(probs32_bnts, v_bskh)

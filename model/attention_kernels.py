@@ -9,15 +9,24 @@ others (the future, and keys before a sliding window), so its FLOPs are the caus
 backward pass recomputes each block pair's probabilities from the saved log-sum-exp, so its memory
 is linear in T (bench.longctx). It is causal by construction (training and prefill, packed
 segments and windows built per block pair from indices and segment ids, model/masks.py); decoding
-over a cache uses the plain einsum path.
+over a cache uses the plain einsum path. With a soft cap (Gemma 2) the scaled scores s become
+cap * tanh(s / cap) before the mask, and the backward pass multiplies their gradient by
+d/ds = 1 - tanh(s / cap)^2.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
 
 from model.masks import Window, within_window
+
+
+def soft_cap(logits: jax.Array, cap: float) -> jax.Array:
+    """cap * tanh(logits / cap) (Gemma 2's soft-capping); the logits themselves when cap is 0."""
+    return cap * jnp.tanh(logits / cap) if cap else logits
 
 
 def xla_attention(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array,
@@ -57,21 +66,24 @@ def _blocks(x_bt_: jax.Array, count: int, block: int, fill: int | float = 0) -> 
 
 def blockwise_causal_attention(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array,
                                segment_ids_bt: jax.Array | None, window: Window,
-                               block: int) -> jax.Array:
+                               block: int, *, softcap: float = 0.0) -> jax.Array:
     """Causal attention by blocks (see the module docstring); T == S; ``segment_ids_bt`` keep packed
-    documents apart (None: one document per row)."""
+    documents apart (None: one document per row); ``softcap`` > 0 caps the scores."""
     if k_bskh.shape[1] != q_btnh.shape[1]:
         raise ValueError(f"blockwise attention needs as many keys as queries, got "
                          f"{q_btnh.shape[1]} queries and {k_bskh.shape[1]} keys")
-    return flash_attention(q_btnh, k_bskh, v_bskh, segment_ids_bt, segment_ids_bt, window, block)
+    return flash_attention(q_btnh, k_bskh, v_bskh, segment_ids_bt, segment_ids_bt, window, block,
+                           softcap=softcap)
 
 
 def flash_attention(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array,
                     q_segment_ids_bt: jax.Array | None, k_segment_ids_bs: jax.Array | None,
-                    window: Window, block: int, q_offset: jax.Array | int = 0) -> jax.Array:
+                    window: Window, block: int, q_offset: jax.Array | int = 0, *,
+                    softcap: float = 0.0) -> jax.Array:
     """T queries at indices ``q_offset`` .. ``q_offset + T - 1`` of a sequence whose S keys are
     all given (one device's queries under context parallelism; the whole sequence otherwise):
-    causal, within ``window``, in the same segment; [B, T, N, H]."""
+    causal, within ``window``, in the same segment, scores soft-capped at ``softcap`` (0 = off);
+    [B, T, N, H]."""
     b, t, n, h = q_btnh.shape
     s, kv = k_bskh.shape[1:3]
     block = min(block, t, s)
@@ -84,7 +96,7 @@ def flash_attention(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array,
         segments.append(_blocks(ids, count, block, fill=-1))  # padding: a segment of its own
     geometry = (segments[0], segments[1], jnp.asarray(window, jnp.int32),
                 jnp.asarray(q_offset, jnp.int32))
-    out_ibkgch = _flash(q_ibkgch, k_jbkch, v_jbkch, geometry)
+    out_ibkgch = _flash(q_ibkgch, k_jbkch, v_jbkch, geometry, float(softcap))
     out_btnh = out_ibkgch.transpose(1, 0, 4, 2, 3, 5).reshape(b, count_q * block, n, h)
     return out_btnh[:, :t]
 
@@ -94,7 +106,8 @@ def flash_attention(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array,
 # pair's probabilities, so no [T, T] residual is ever stored -- also inside the scanned layers, where
 # differentiating a checkpointed scan over blocks kept every block's scores (measured). Block
 # tensors: q [I, B, K, G, c, H] (query block i), k and v [J, B, K, c, H]; ``geometry``: the query
-# and key segment ids [I, B, c] and [J, B, c], the window and the first query's index.
+# and key segment ids [I, B, c] and [J, B, c], the window and the first query's index; ``softcap``
+# a static float (0 = off).
 
 
 def _pair_mask(i: jax.Array, j: jax.Array, geometry: tuple, anchor: jax.Array) -> jax.Array:
@@ -111,11 +124,15 @@ def _pair_mask(i: jax.Array, j: jax.Array, geometry: tuple, anchor: jax.Array) -
     return causal_cp[None] & (seg_q_bc[:, :, None] == seg_k_bc[:, None, :])
 
 
-def _pair_logits(q_bkgch: jax.Array, k_bkph: jax.Array, mask_bcp: jax.Array) -> jax.Array:
+def _pair_scores(q_bkgch: jax.Array, k_bkph: jax.Array, softcap: float) -> jax.Array:
+    """The scaled, soft-capped scores of a block pair before masking, [B, K, G, c, c] float32."""
     h = q_bkgch.shape[-1]
-    logits_bkgcp = jnp.einsum("bkgch,bkph->bkgcp", q_bkgch, k_bkph,
-                              preferred_element_type=jnp.float32) * (h ** -0.5)
-    return jnp.where(mask_bcp[:, None, None], logits_bkgcp, jnp.finfo(jnp.float32).min)
+    return soft_cap(jnp.einsum("bkgch,bkph->bkgcp", q_bkgch, k_bkph,
+                               preferred_element_type=jnp.float32) * (h ** -0.5), softcap)
+
+
+def _masked(scores_bkgcp: jax.Array, mask_bcp: jax.Array) -> jax.Array:
+    return jnp.where(mask_bcp[:, None, None], scores_bkgcp, jnp.finfo(jnp.float32).min)
 
 
 def _over_visible(index: jax.Array, of_query: bool, geometry: tuple, counts: tuple[int, int],
@@ -140,7 +157,7 @@ def _over_visible(index: jax.Array, of_query: bool, geometry: tuple, counts: tup
     return jax.lax.fori_loop(lo, hi, lambda other, carry: step(carry, other), init)
 
 
-def _flash_forward(q_ibkgch, k_jbkch, v_jbkch, geometry):
+def _flash_forward(q_ibkgch, k_jbkch, v_jbkch, geometry, softcap):
     counts, block = (q_ibkgch.shape[0], k_jbkch.shape[0]), q_ibkgch.shape[-2]
 
     def query_block(args):
@@ -149,7 +166,7 @@ def _flash_forward(q_ibkgch, k_jbkch, v_jbkch, geometry):
         def step(carry, j):
             best, total, acc_bkgch = carry
             mask_bcp = _pair_mask(i, j, geometry, q_bkgch)
-            logits_bkgcp = _pair_logits(q_bkgch, k_jbkch[j], mask_bcp)
+            logits_bkgcp = _masked(_pair_scores(q_bkgch, k_jbkch[j], softcap), mask_bcp)
             new_best = jnp.maximum(best, logits_bkgcp.max(axis=-1))
             probs_bkgcp = jnp.where(mask_bcp[:, None, None],
                                     jnp.exp(logits_bkgcp - new_best[..., None]), 0.0)
@@ -170,12 +187,12 @@ def _flash_forward(q_ibkgch, k_jbkch, v_jbkch, geometry):
     return out_ibkgch, (q_ibkgch, k_jbkch, v_jbkch, geometry, out_ibkgch, lse_ibkgc)
 
 
-@jax.custom_vjp
-def _flash(q_ibkgch, k_jbkch, v_jbkch, geometry):
-    return _flash_forward(q_ibkgch, k_jbkch, v_jbkch, geometry)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _flash(q_ibkgch, k_jbkch, v_jbkch, geometry, softcap):
+    return _flash_forward(q_ibkgch, k_jbkch, v_jbkch, geometry, softcap)[0]
 
 
-def _flash_backward(residuals, dout_ibkgch):
+def _flash_backward(softcap, residuals, dout_ibkgch):
     q_ibkgch, k_jbkch, v_jbkch, geometry, out_ibkgch, lse_ibkgc = residuals
     counts, block, h = (q_ibkgch.shape[0], k_jbkch.shape[0]), q_ibkgch.shape[-2], q_ibkgch.shape[-1]
     scale = h ** -0.5
@@ -183,14 +200,17 @@ def _flash_backward(residuals, dout_ibkgch):
     delta_ibkgc = jnp.sum(dout_ibkgch * out_ibkgch.astype(jnp.float32), axis=-1)
 
     def grads_of_pair(i, j):
-        """(probs, d logits) of block pair (i, j), [B, K, G, c, c] float32."""
+        """(probs, d scaled scores) of block pair (i, j), [B, K, G, c, c] float32."""
         mask_bcp = _pair_mask(i, j, geometry, dout_ibkgch[i])
-        logits_bkgcp = _pair_logits(q_ibkgch[i], k_jbkch[j], mask_bcp)
+        scores_bkgcp = _pair_scores(q_ibkgch[i], k_jbkch[j], softcap)
         probs_bkgcp = jnp.where(mask_bcp[:, None, None],
-                                jnp.exp(logits_bkgcp - lse_ibkgc[i][..., None]), 0.0)
+                                jnp.exp(_masked(scores_bkgcp, mask_bcp) - lse_ibkgc[i][..., None]), 0.0)
         dprobs_bkgcp = jnp.einsum("bkgch,bkph->bkgcp", dout_ibkgch[i], v_jbkch[j],
                                   preferred_element_type=jnp.float32)
-        return probs_bkgcp, probs_bkgcp * (dprobs_bkgcp - delta_ibkgc[i][..., None])
+        dlogits_bkgcp = probs_bkgcp * (dprobs_bkgcp - delta_ibkgc[i][..., None])
+        if softcap:  # through cap * tanh(s / cap): the capped scores give tanh back
+            dlogits_bkgcp = dlogits_bkgcp * (1 - jnp.square(scores_bkgcp / softcap))
+        return probs_bkgcp, dlogits_bkgcp
 
     def dq_block(i):
         def step(dq_bkgch, j):

@@ -9,7 +9,8 @@ from typing import Literal
 from core.options import option
 
 Position = Literal["rope", "learned"]
-Activation = Literal["swiglu", "gelu"]
+Activation = Literal["swiglu", "gelu", "geglu"]
+RopeScaling = Literal["none", "linear", "llama3", "yarn"]
 DType = Literal["float32", "bfloat16"]
 Remat = Literal["none", "full", "dots", "dots_no_batch"]
 MoEImpl = Literal["capacity", "dropless"]
@@ -49,6 +50,12 @@ class ModelConfig:
     parameters and results, fewer and larger matmuls. It pays where matmuls are small and
     unsharded (the baby CPU preset: bench.baby); under tensor parallelism it would concatenate and
     re-split head-sharded tensors, so it is off by default.
+
+    Architecture options of imported families (every default is off; model/attention.py,
+    model/layers.py): ``qkv_bias`` (Qwen2), ``qk_norm`` (Qwen3, Gemma 3), ``norm_plus_one``,
+    ``post_norms``, ``embed_scale``, ``activation=geglu``, ``query_pre_attn_scalar``, the softcaps
+    (Gemma 2), ``rope_scaling`` with its ``rope_*`` parameters (exactly as transformers'
+    ROPE_INIT_FUNCTIONS) and ``rope_local_theta`` (Gemma 3's plain RoPE base of local layers).
     """
 
     vocab_size: int = option(384, "token ids the embedding and head hold (>= the tokenizer's)")
@@ -61,9 +68,34 @@ class ModelConfig:
     max_seq_len: int = option(512, "longest context the model is built for (learned positions, windows)")
     position: Position = option("rope", "rotary position embeddings or a learned table")
     rope_theta: float = option(10000.0, "RoPE base frequency")
+    rope_scaling: RopeScaling = option(
+        "none", "RoPE frequency scaling, as transformers' rope_type: none, linear, llama3 or yarn")
+    rope_scaling_factor: float = option(1.0, "RoPE scaling: the context extension factor")
+    rope_original_max_len: int = option(
+        0, "llama3/yarn: the pretraining context (original_max_position_embeddings); 0 = max_seq_len")
+    rope_low_freq_factor: float = option(1.0, "llama3 RoPE scaling: low_freq_factor")
+    rope_high_freq_factor: float = option(4.0, "llama3 RoPE scaling: high_freq_factor")
+    rope_beta_fast: float = option(32.0, "yarn RoPE scaling: beta_fast")
+    rope_beta_slow: float = option(1.0, "yarn RoPE scaling: beta_slow")
+    rope_attention_factor: float = option(
+        0.0, "yarn: factor on cos and sin; 0 = transformers' default 0.1 ln(factor) + 1")
+    rope_truncate: bool = option(True, "yarn: round the correction range to whole dimensions")
+    rope_local_theta: float = option(
+        0.0, "RoPE base of local (sliding-window) layers, unscaled; 0 = as the global layers")
     norm_eps: float = option(1e-6, "RMSNorm epsilon")
-    activation: Activation = option("swiglu", "MLP activation: SwiGLU (gate and up weights) or GELU")
+    activation: Activation = option(
+        "swiglu", "MLP activation: SwiGLU or GeGLU (gate and up weights: silu or tanh-gelu gate), or GELU")
     tie_embeddings: bool = option(True, "the LM head reuses the token embedding table")
+    qkv_bias: bool = option(False, "the q, k and v projections have biases (Qwen2)")
+    qk_norm: bool = option(False, "RMSNorm of each query and key head before RoPE (Qwen3, Gemma 3)")
+    norm_plus_one: bool = option(False, "every RMSNorm multiplies by 1 + scale, scale from 0 (Gemma)")
+    post_norms: bool = option(False, "RMSNorm of the attention and MLP outputs before the residual add")
+    embed_scale: bool = option(False, "token embeddings multiplied by sqrt(d_model) (Gemma)")
+    query_pre_attn_scalar: float = option(
+        0.0, "attention scores scaled by this**-0.5 instead of head_dim**-0.5; 0 = head_dim")
+    attn_logit_softcap: float = option(
+        0.0, "attention scores -> cap * tanh(scores / cap) before the mask; 0 = off (Gemma 2)")
+    final_logit_softcap: float = option(0.0, "LM logits -> cap * tanh(logits / cap); 0 = off (Gemma 2)")
     param_dtype: DType = option("float32", "dtype parameters are stored (and checkpointed) in")
     dtype: DType = option("float32", "compute dtype; norms, softmax, router and loss stay float32")
     scan_layers: bool = option(True, "run the layers with lax.scan (compile time flat in depth)")
@@ -102,6 +134,19 @@ class ModelConfig:
         if not self.sliding_window:
             return False
         return not self.sliding_window_pattern or (depth + 1) % self.sliding_window_pattern != 0
+
+    @property
+    def gated_mlp(self) -> bool:
+        """Whether the MLP has a gate weight (SwiGLU, GeGLU) besides its up and down weights."""
+        return self.activation in ("swiglu", "geglu")
+
+    @property
+    def query_scale(self) -> float:
+        """The factor the queries are multiplied by before attention so that the kernels' fixed
+        head_dim**-0.5 becomes query_pre_attn_scalar**-0.5 (1 when that is unset)."""
+        if not self.query_pre_attn_scalar:
+            return 1.0
+        return (self.resolved_head_dim / self.query_pre_attn_scalar) ** 0.5
 
     @property
     def is_moe(self) -> bool:
@@ -167,7 +212,40 @@ class ModelConfig:
             out.append(("attention_block", f"must be >= 1, got {self.attention_block}"))
         if self.loss_chunk < 0:
             out.append(("loss_chunk", f"must be >= 0 (0 = no chunking), got {self.loss_chunk}"))
-        return out + self.moe_problems()
+        return out + self.option_problems() + self.rope_problems() + self.moe_problems()
+
+    def option_problems(self) -> list[tuple[str, str]]:
+        """Checks of the softcaps, the attention scale and the activation."""
+        out = []
+        for key in ("query_pre_attn_scalar", "attn_logit_softcap", "final_logit_softcap"):
+            if not getattr(self, key) >= 0:
+                out.append((key, f"must be >= 0 (0 = off), got {getattr(self, key)}"))
+        if self.attn_logit_softcap and self.attention_impl == "xla":
+            out.append(("attention_impl", "xla (jax.nn.dot_product_attention) cannot soft-cap "
+                        "attention scores (attn_logit_softcap > 0): use auto, einsum, blockwise or splash"))
+        if self.activation not in ("swiglu", "gelu", "geglu"):
+            out.append(("activation", f"must be swiglu, gelu or geglu, got {self.activation!r}"))
+        elif self.activation == "geglu" and self.num_experts > 0:
+            out.append(("activation", "geglu is built for dense MLPs only; MoE experts take swiglu or gelu"))
+        return out
+
+    def rope_problems(self) -> list[tuple[str, str]]:
+        """Checks of the RoPE scaling keys (as transformers' rope_config_validation, but errors)."""
+        out = []
+        if self.rope_scaling not in ("none", "linear", "llama3", "yarn"):
+            out.append(("rope_scaling", f"must be none, linear, llama3 or yarn, got {self.rope_scaling!r}"))
+        elif self.rope_scaling != "none" and self.position != "rope":
+            out.append(("rope_scaling", f"{self.rope_scaling} scales RoPE, but position={self.position}"))
+        for key in ("rope_scaling_factor", "rope_beta_fast", "rope_beta_slow", "rope_low_freq_factor"):
+            if not getattr(self, key) > 0:
+                out.append((key, f"must be > 0, got {getattr(self, key)}"))
+        for key in ("rope_original_max_len", "rope_attention_factor", "rope_local_theta"):
+            if not getattr(self, key) >= 0:
+                out.append((key, f"must be >= 0 (0 = the default), got {getattr(self, key)}"))
+        if self.rope_scaling == "llama3" and not self.rope_high_freq_factor > self.rope_low_freq_factor:
+            out.append(("rope_high_freq_factor", f"llama3 RoPE scaling needs it > rope_low_freq_factor="
+                        f"{self.rope_low_freq_factor}, got {self.rope_high_freq_factor}"))
+        return out
 
     def moe_problems(self) -> list[tuple[str, str]]:
         """The Mixture-of-Experts keys' checks (none apply to a dense model but the signs)."""

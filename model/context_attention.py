@@ -31,12 +31,13 @@ Q_NAMES = ("batch", "length", "heads", "head_dim")
 
 
 def context_attention(q_btnh: jax.Array, k_btkh: jax.Array, v_btkh: jax.Array,
-                      segment_ids_bt: jax.Array | None, window: Window, *, block: int) -> jax.Array:
-    """softmax(q k^T / sqrt(H) + mask) v, [B, T, N, H], with T split over the ``length`` mesh axes:
-    causal self-attention (T queries over the same T keys), query head n on key/value head
-    n // (N / K), scores and softmax in float32. ``segment_ids_bt`` keep packed documents apart
-    (None: one per row); ``window`` (an int or a traced int32 scalar; 0 = none): a query at t sees
-    the keys s with t - window < s <= t."""
+                      segment_ids_bt: jax.Array | None, window: Window, *, block: int,
+                      softcap: float = 0.0) -> jax.Array:
+    """softmax(soft_cap(q k^T / sqrt(H)) + mask) v, [B, T, N, H], with T split over the ``length``
+    mesh axes: causal self-attention (T queries over the same T keys), query head n on key/value
+    head n // (N / K), scores and softmax in float32; ``softcap``: cap * tanh(s / cap), 0 = off.
+    ``segment_ids_bt`` keep packed documents apart (None: one per row); ``window`` (an int or a
+    traced int32 scalar; 0 = none): a query at t sees the keys s with t - window < s <= t."""
     b, t, n, h = q_btnh.shape
     k = k_btkh.shape[2]
     kv_names: tuple[str | None, ...] = ("batch", None, "kv_heads", "head_dim")
@@ -53,7 +54,7 @@ def context_attention(q_btnh: jax.Array, k_btkh: jax.Array, v_btkh: jax.Array,
         args.append(jnp.asarray(window, jnp.int32))
         names.append(())
     fn = functools.partial(_local_attention, packed=segment_ids_bt is not None,
-                           window=window if static else None, block=block)
+                           window=window if static else None, block=block, softcap=softcap)
     # The flash kernel's loops start from fresh zeros that then meet this device's queries, which
     # shard_map's varying-axes check refuses; its outputs are per device by construction.
     return manual(fn, args, names, Q_NAMES, check_vma=False)
@@ -61,7 +62,7 @@ def context_attention(q_btnh: jax.Array, k_btkh: jax.Array, v_btkh: jax.Array,
 
 def _local_attention(comm: Collectives, q_bcnh: jax.Array, qpos_c: jax.Array, k_bskh: jax.Array,
                      v_bskh: jax.Array, *rest: jax.Array, packed: bool, window: int | None,
-                     block: int) -> jax.Array:
+                     block: int, softcap: float) -> jax.Array:
     """One device's c queries (global indices ``qpos_c``, contiguous) over all S keys; ``rest``:
     the queries' and keys' segment ids when ``packed``, then the window when it is traced
     (``window`` None)."""
@@ -69,4 +70,4 @@ def _local_attention(comm: Collectives, q_bcnh: jax.Array, qpos_c: jax.Array, k_
     qseg_bc, kseg_bs = rest[:2] if packed else (None, None)
     win = rest[-1] if window is None else window
     return flash_attention(q_bcnh, k_bskh, v_bskh, qseg_bc, kseg_bs, win, block,
-                           q_offset=qpos_c[0])
+                           q_offset=qpos_c[0], softcap=softcap)

@@ -27,9 +27,12 @@ def _layer_params(cfg: ModelConfig) -> dict[str, int]:
     """Weights of one block's parts: attention, norms, dense MLP, one expert, an MoE layer's router
     and shared experts."""
     d, h, n, k = cfg.d_model, cfg.resolved_head_dim, cfg.num_heads, cfg.num_kv_heads
-    per_unit = (3 if cfg.activation == "swiglu" else 2) * d  # one hidden unit of an MLP
+    per_unit = (3 if cfg.gated_mlp else 2) * d  # one hidden unit of an MLP
     expert = per_unit * cfg.resolved_expert_mlp_dim
-    return {"attn": d * n * h + 2 * d * k * h + n * h * d, "norms": 2 * d,
+    # weights outside any matmul: the norms (post norms, per-head q/k norms), q/k/v biases
+    norms = (4 if cfg.post_norms else 2) * d + (2 * h if cfg.qk_norm else 0) + \
+        ((n + 2 * k) * h if cfg.qkv_bias else 0)
+    return {"attn": d * n * h + 2 * d * k * h + n * h * d, "norms": norms,
             "mlp": per_unit * cfg.mlp_dim, "one_expert": expert, "router": d * cfg.num_experts,
             "shared": cfg.num_shared_experts * expert}
 

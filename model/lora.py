@@ -133,7 +133,7 @@ def unmatched_targets(cfg: ModelConfig, spec: LoRASpec) -> list[str]:
     dense_mlp = cfg.num_dense_first > 0 or (cfg.num_moe_layers > 0 and cfg.moe_every > 1) or \
         (cfg.is_moe and cfg.num_shared_experts > 0)
     experts = spec.experts and cfg.is_moe
-    mlp = {"up", "down"} | ({"gate"} if cfg.activation == "swiglu" else set())
+    mlp = {"up", "down"} | ({"gate"} if cfg.gated_mlp else set())
     present = {"q", "k", "v", "o"} | (mlp if dense_mlp or experts else set())
     return [t for t in spec.targets if t not in present]
 

@@ -2,7 +2,8 @@
 scoring and perplexity.
 
 ``lm_logits`` applies the head weight [V, D] to final features (both in the compute dtype),
-accumulating in float32 and giving float32 logits; ``token_nll`` is ``logsumexp(logits) -
+accumulating in float32 and giving float32 logits, soft-capped when the model asks for it
+(``final_logit_softcap``, Gemma 2: cap * tanh(logits / cap)); ``token_nll`` is ``logsumexp(logits) -
 logits[target]`` per position. ``nll_sums`` is what training and evaluation take from a batch:
 with ``ModelConfig.loss_chunk > 0`` the head runs over chunks of positions, so the [B, T, V]
 logits never exist at once: each chunk's [B, c, V] logits are made, reduced to their token losses
@@ -11,6 +12,7 @@ and made again in the backward pass (``jax.checkpoint``); the result is the same
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -21,11 +23,14 @@ from model.primitives import dense
 from sharding.constrain import constrain
 
 
-def lm_logits(x_btd: jax.Array, w_vd: jax.Array) -> jax.Array:
+def lm_logits(x_btd: jax.Array, w_vd: jax.Array, softcap: float = 0.0) -> jax.Array:
     """Logits [B, T, V] of final features ``x_btd`` under the head weight ``w_vd``, accumulated in
     and returned as float32 whatever the compute dtype (bf16 logits would be quantised to steps of
-    about 0.06 at magnitude 10, which cross-entropy and sampling would see)."""
+    about 0.06 at magnitude 10, which cross-entropy and sampling would see); ``softcap`` > 0 (a
+    model's ``final_logit_softcap``): cap * tanh(logits / cap)."""
     logits_btv = dense(x_btd, w_vd.T, out_dtype=jnp.float32)
+    if softcap:
+        logits_btv = softcap * jnp.tanh(logits_btv / softcap)
     return constrain(logits_btv, ("batch", "length", "vocab"))
 
 
@@ -37,16 +42,16 @@ def token_nll(logits_btv: jax.Array, targets_bt: jax.Array) -> jax.Array:
 
 
 def _chunk_sum(x_bcd: jax.Array, w_vd: jax.Array, targets_bc: jax.Array,
-               weights_bc: jax.Array) -> jax.Array:
+               weights_bc: jax.Array, *, softcap: float) -> jax.Array:
     """Weighted sum of one chunk's token losses."""
-    return jnp.sum(token_nll(lm_logits(x_bcd, w_vd), targets_bc) * weights_bc)
+    return jnp.sum(token_nll(lm_logits(x_bcd, w_vd, softcap), targets_bc) * weights_bc)
 
 
 def chunked_nll_sum(features_btd: jax.Array, w_vd: jax.Array, targets_bt: jax.Array,
-                    weights_bt: jax.Array, chunk: int) -> jax.Array:
-    """Sum over positions of ``weights_bt * token_nll(lm_logits(features, w_vd), targets)``,
-    computed over ``chunk`` positions at a time (T is padded with weight-0 positions to a multiple
-    of it)."""
+                    weights_bt: jax.Array, chunk: int, softcap: float = 0.0) -> jax.Array:
+    """Sum over positions of ``weights_bt * token_nll(lm_logits(features, w_vd, softcap),
+    targets)``, computed over ``chunk`` positions at a time (T is padded with weight-0 positions to
+    a multiple of it)."""
     b, t, _ = features_btd.shape
     chunks = -(-t // chunk)
     pad = chunks * chunk - t
@@ -58,7 +63,7 @@ def chunked_nll_sum(features_btd: jax.Array, w_vd: jax.Array, targets_bt: jax.Ar
     def by_chunk(a: jax.Array) -> jax.Array:  # [B, n*c, ...] -> [n, B, c, ...]
         return a.reshape((b, chunks, chunk) + a.shape[2:]).swapaxes(0, 1)
 
-    chunk_sum = jax.checkpoint(_chunk_sum)
+    chunk_sum = jax.checkpoint(functools.partial(_chunk_sum, softcap=softcap))
 
     def body(total: jax.Array, xs: tuple[jax.Array, ...]) -> tuple[jax.Array, None]:
         x_bcd, targets_bc, weights_bc = xs
@@ -79,9 +84,10 @@ def nll_sums(model: Any, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Ar
         set_dropout_rows(model, batch["rows"])
     x_btd, aux = model.hidden(batch["inputs"], batch.get("positions"), batch.get("segment_ids"),
                               routing_mask_bt=weights_bt > 0)
-    w_vd = model.head_weight_vd()
+    w_vd, cap = model.head_weight_vd(), model.cfg.final_logit_softcap
     if model.cfg.loss_chunk:  # the head applied chunk by chunk: no [B, T, V] logits
-        loss_sum = chunked_nll_sum(x_btd, w_vd, batch["targets"], weights_bt, model.cfg.loss_chunk)
+        loss_sum = chunked_nll_sum(x_btd, w_vd, batch["targets"], weights_bt, model.cfg.loss_chunk,
+                                   cap)
     else:
-        loss_sum = jnp.sum(token_nll(lm_logits(x_btd, w_vd), batch["targets"]) * weights_bt)
+        loss_sum = jnp.sum(token_nll(lm_logits(x_btd, w_vd, cap), batch["targets"]) * weights_bt)
     return loss_sum, jnp.sum(weights_bt), aux

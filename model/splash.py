@@ -82,22 +82,24 @@ class _CausalBand(mask_lib.LocalMask):
 
 
 def make_kernel(seq_len: int, window: int, block: int, q_shards: int = 1,
-                interpret: bool = False) -> splash_lib.SplashAttentionKernel:
+                interpret: bool = False, softcap: float = 0.0) -> splash_lib.SplashAttentionKernel:
     """The splash kernel for causal attention over ``seq_len`` tokens (within ``window``, 0 = off),
-    square blocks of ``block``, queries split in ``q_shards`` contiguous parts. One mask serves
-    every head (the kernel broadcasts a one-head mask info), so the kernel fits any head count."""
+    square blocks of ``block``, queries split in ``q_shards`` contiguous parts, scores soft-capped
+    at ``softcap`` (0 = off; the kernel's ``attn_logits_soft_cap``). One mask serves every head
+    (the kernel broadcasts a one-head mask info), so the kernel fits any head count."""
     sizes = splash_lib.BlockSizes(
         block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
         block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
     mask = mask_lib.MultiHeadMask((_CausalBand(seq_len, window),))
     return splash_lib.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=q_shards,
-                                      interpret=interpret)
+                                      interpret=interpret, attn_logits_soft_cap=softcap or None)
 
 
 def splash_attention(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array,
                      segment_ids_bt: jax.Array | None, window: int, *,
-                     interpret: bool | None = None) -> jax.Array:
-    """softmax(q k^T / sqrt(H) + mask) v, [B, T, N, H] in v's dtype: causal self-attention (S == T),
+                     interpret: bool | None = None, softcap: float = 0.0) -> jax.Array:
+    """softmax(soft_cap(q k^T / sqrt(H)) + mask) v, [B, T, N, H] in v's dtype (``softcap``:
+    cap * tanh(s / cap), 0 = off): causal self-attention (S == T),
     query head n on key/value head n // (N / K), scores and softmax in float32 (inside the kernel).
     ``segment_ids_bt`` (None: one segment per row) keep packed documents apart; ``window`` (a
     Python int, 0 = off): a query at t sees the keys t - window < s <= t. ``interpret``: Pallas
@@ -114,7 +116,7 @@ def splash_attention(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array,
         raise ValueError(problems[0] + (f" (T={t} over {q_shards} context shards)" if q_shards > 1 else ""))
     if interpret is None:
         interpret = target_platform() != "tpu"
-    kernel = make_kernel(t, window, block_size(t // q_shards), q_shards, interpret)
+    kernel = make_kernel(t, window, block_size(t // q_shards), q_shards, interpret, softcap)
     kv_names = KV_NAMES
     if not _heads_aligned(q_btnh, k_bskh):  # a device must hold its query heads' kv heads
         k_bskh, v_bskh = (jnp.repeat(x, n // k, axis=2) for x in (k_bskh, v_bskh))

@@ -47,7 +47,9 @@ Sown = dict[str, jax.Array]  # intermediate name -> values stacked over the laye
 
 class Block(nnx.Module):
     """x + attn(norm(x)), then x + ffn(norm(x)): the ffn is a dense MLP (``mlp``) or, with ``moe``,
-    routed experts (``moe``), which also give the layer's metrics."""
+    routed experts (``moe``), which also give the layer's metrics. With ``post_norms`` (Gemma's
+    sandwich norms) each branch's output is normed again (``attn_post_norm``, ``mlp_post_norm``)
+    before the residual add."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, *, moe: bool = False):
         self.attn_norm = RMSNorm(cfg.d_model, cfg, rngs)
@@ -57,6 +59,9 @@ class Block(nnx.Module):
             self.moe = MoE(cfg, rngs)
         else:
             self.mlp = MLP(cfg, rngs)
+        if cfg.post_norms:
+            self.attn_post_norm = RMSNorm(cfg.d_model, cfg, rngs)
+            self.mlp_post_norm = RMSNorm(cfg.d_model, cfg, rngs)
 
     def __call__(self, x_btd: jax.Array, span: Span, routing_mask_bt: jax.Array | None,
                  cache: KVCache | None = None, layer: jax.Array | int = 0,
@@ -64,11 +69,15 @@ class Block(nnx.Module):
         """(x, the stack's cache, this layer's MoE metrics or {} for a dense layer); ``local``: the
         layer attends within the sliding window."""
         y_btd, cache = self.attn(self.attn_norm(x_btd), span, cache, layer, local)
+        if hasattr(self, "attn_post_norm"):
+            y_btd = self.attn_post_norm(y_btd)
         x_btd = x_btd + y_btd
         if hasattr(self, "moe"):
             y_btd, metrics = self.moe(self.mlp_norm(x_btd), routing_mask_bt)
         else:
             y_btd, metrics = self.mlp(self.mlp_norm(x_btd)), {}
+        if hasattr(self, "mlp_post_norm"):
+            y_btd = self.mlp_post_norm(y_btd)
         return constrain(x_btd + y_btd, ("batch", "length", "embed")), cache, metrics
 
 
@@ -185,7 +194,7 @@ class Transformer(nnx.Module):
                  routing_mask_bt: jax.Array | None = None) -> jax.Array:
         """Logits [B, T, V] (float32) of the next token at every position (see ``hidden``)."""
         x_btd, _ = self.hidden(tokens_bt, positions_bt, segment_ids_bt, routing_mask_bt=routing_mask_bt)
-        return lm_logits(x_btd, self.head_weight_vd())
+        return lm_logits(x_btd, self.head_weight_vd(), self.cfg.final_logit_softcap)
 
     def hidden(self, tokens_bt: jax.Array, positions_bt: jax.Array | None = None,
                segment_ids_bt: jax.Array | None = None, *,
@@ -221,7 +230,7 @@ class Transformer(nnx.Module):
         layers = _Layers(self.cfg, Span(positions_bt, lengths_b=lengths_b, decode=decode),
                          routing_mask_bt)
         x_btd, _, cache = self._forward(tokens_bt, layers, cache)
-        return lm_logits(x_btd, self.head_weight_vd()), cache
+        return lm_logits(x_btd, self.head_weight_vd(), self.cfg.final_logit_softcap), cache
 
     # ------------------------------------------------------------------------------ the stacks
 

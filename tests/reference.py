@@ -3,11 +3,12 @@
 import numpy as np
 
 
-def attention(q_btnh, k_bskh, v_bskh, segment_ids_bt=None, window=0):
+def attention(q_btnh, k_bskh, v_bskh, segment_ids_bt=None, window=0, scale=None, softcap=0.0):
     """Causal grouped-query attention, one (batch, head, query) at a time.
 
     Query head n uses key/value head n // (N / K) (each kv head serves a consecutive group). With a
-    ``window`` (0 = none) query t sees only keys s > t - window."""
+    ``window`` (0 = none) query t sees only keys s > t - window. Scores are q.k * ``scale`` (default
+    1 / sqrt(H)), then with a ``softcap`` softcap * tanh(score / softcap)."""
     q, k, v = (np.asarray(a, np.float64) for a in (q_btnh, k_bskh, v_bskh))
     b_size, t_size, n_heads, h = q.shape
     kv_heads = k.shape[2]
@@ -19,7 +20,10 @@ def attention(q_btnh, k_bskh, v_bskh, segment_ids_bt=None, window=0):
             for t in range(t_size):
                 visible = [s for s in range(max(0, t - window + 1) if window else 0, t + 1)
                            if segment_ids_bt is None or segment_ids_bt[b][s] == segment_ids_bt[b][t]]
-                scores = np.array([q[b, t, n] @ k[b, s, kv] / np.sqrt(h) for s in visible])
+                scores = np.array([q[b, t, n] @ k[b, s, kv] for s in visible])
+                scores = scores * (1 / np.sqrt(h) if scale is None else scale)
+                if softcap:
+                    scores = softcap * np.tanh(scores / softcap)
                 weights = np.exp(scores - scores.max())
                 weights /= weights.sum()
                 out[b, t, n] = sum(w * v[b, s, kv] for w, s in zip(weights, visible, strict=True))
