@@ -149,7 +149,7 @@ def run_generate(args: argparse.Namespace, run: LoadedRun) -> None:
         ids.append(row)
     generator = Generator(run.cfg.model, run.params, run.mesh, run.rules, window,
                           SamplingConfig(args.temperature, args.top_k, args.top_p))
-    kwargs = {"seed": args.seed, "stop_id": tok.eos_id if tok.eos_id >= 0 else None}
+    kwargs = {"seed": args.seed, "stop_ids": tok.stop_ids}
     if len(prompts) == 1 and not args.json:  # stream the completion as it is produced
         if not args.chat:  # a chat answer is printed alone
             print(prompts[0], end="", flush=True)

@@ -103,8 +103,10 @@ class HFTokenizer:
     token when the tokenizer adds one by default (``add_bos_token``, or a post-processor that
     prepends it), else -1 -- so ``[bos_id] + encode(text)`` is ``transformers``' ``input_ids``. The
     named special tokens (``bos_token`` even when it is not prepended) are in ``special_tokens``,
-    for chat templates. ``eos_id`` is the EOS token (-1 if none; generation stops there). ``pad_id``
-    is the pad token, else ``eos_id``, else 0 (padding carries weight 0 in the loss). ``decode``
+    for chat templates. ``eos_id`` is the EOS token (-1 if none). ``stop_ids`` are the ids generation
+    stops at: EOS first, then the model's end-of-turn ids (Gemma's ``<end_of_turn>``, Llama 3's
+    ``<|eot_id|>`` and ``<|eom_id|>``...; empty when there is none). ``pad_id`` is the pad token,
+    else ``eos_id``, else 0 (padding carries weight 0 in the loss). ``decode``
     keeps special tokens, like ``transformers``' ``decode(ids, skip_special_tokens=False)``, and
     drops ids outside the vocabulary (a padded model vocabulary).
     """
@@ -113,7 +115,7 @@ class HFTokenizer:
 
     def __init__(self, backend: Tokenizer, *, bos_id: int = -1, eos_id: int = -1, pad_id: int = -1,
                  special_tokens: Mapping[str, str | None] | None = None,
-                 chat_template: str | None = None) -> None:
+                 chat_template: str | None = None, stop_ids: Iterable[int] = ()) -> None:
         backend.no_truncation()
         backend.no_padding()
         self.backend = backend
@@ -124,6 +126,7 @@ class HFTokenizer:
             if not -1 <= value < self.vocab_size:
                 raise ValueError(f"{name} {value} is outside the vocabulary of {self.vocab_size} ids")
         self.bos_id, self.eos_id = bos_id, eos_id
+        self.stop_ids = _stop_ids(eos_id, stop_ids, self.vocab_size)
         _align_post_processor(backend, bos_id)
         self.pad_id = pad_id if pad_id >= 0 else eos_id if eos_id >= 0 else 0
         self.special_tokens = {k: v for k, v in (special_tokens or {}).items() if isinstance(v, str)}
@@ -181,15 +184,17 @@ class HFTokenizer:
     def settings(self) -> dict[str, Any]:
         """Everything besides the tokenizer.json text needed to rebuild this tokenizer."""
         return {"bos_id": self.bos_id, "eos_id": self.eos_id, "pad_id": self.pad_id,
-                "special_tokens": dict(self.special_tokens), "chat_template": self.chat_template}
+                "stop_ids": list(self.stop_ids), "special_tokens": dict(self.special_tokens),
+                "chat_template": self.chat_template}
 
     @classmethod
     def from_saved(cls, tokenizer_json: str, settings: Mapping[str, Any]) -> HFTokenizer:
-        """Inverse of (``backend.to_str()``, `settings`); ValueError for invalid input."""
+        """Inverse of (``backend.to_str()``, `settings`); ValueError for invalid input. Settings
+        saved before ``stop_ids`` existed stop at EOS alone."""
         backend = _parse_tokenizer_json(tokenizer_json, "the saved tokenizer")
         return cls(backend, bos_id=int(settings["bos_id"]), eos_id=int(settings["eos_id"]),
                    pad_id=int(settings["pad_id"]), special_tokens=settings.get("special_tokens"),
-                   chat_template=settings.get("chat_template"))
+                   chat_template=settings.get("chat_template"), stop_ids=settings.get("stop_ids", ()))
 
     def __getstate__(self) -> dict[str, Any]:
         return {"tokenizer_json": self.backend.to_str(), "settings": self.settings()}
@@ -204,7 +209,9 @@ class HFTokenizer:
                    = None, *, chat_template: str | None = None) -> HFTokenizer:
         """A Hugging Face model directory's tokenizer: tokenizer.json, and from tokenizer_config.json
         the special tokens and ``chat_template`` (special_tokens_map.json beside it fills in missing
-        tokens; chat_template.jinja beside it wins over the config's template). Whether BOS is
+        tokens; chat_template.jinja beside it wins over the config's template), and from
+        generation_config.json beside it (beside tokenizer.json without a config) the ids generation
+        stops at, ``eos_token_id`` (an id or a list, as ``transformers``' ``generate``). Whether BOS is
         prepended is the tokenizer.json post-processor's business: ``transformers`` (5.x) ignores the
         config's ``add_bos_token`` when there is a tokenizer.json, and so does this. ValueError for a
         missing or invalid file."""
@@ -213,6 +220,7 @@ class HFTokenizer:
             raise ValueError(f"{path} does not exist")
         backend = _parse_tokenizer_json(read_text(path), str(path))
         config: dict[str, Any] = {}
+        siblings = path.parent
         if tokenizer_config_json is not None:
             config_path = Path(tokenizer_config_json)
             config = read_json_object(config_path)
@@ -230,7 +238,8 @@ class HFTokenizer:
         if chat_template is None:
             chat_template = _template_text(config.get("chat_template"))
         return cls(backend, bos_id=_prepended_id(backend), eos_id=ids["eos_token"], pad_id=ids["pad_token"],
-                   special_tokens=special, chat_template=chat_template)
+                   special_tokens=special, chat_template=chat_template,
+                   stop_ids=_generation_stop_ids(siblings / "generation_config.json", backend))
 
     @classmethod
     def from_path(cls, path: str | os.PathLike) -> HFTokenizer:
@@ -243,6 +252,31 @@ class HFTokenizer:
             raise ValueError(f"{path} does not exist")
         config = path.parent / "tokenizer_config.json"
         return cls.from_files(path, config if config.is_file() else None)
+
+
+def _stop_ids(eos_id: int, ids: Iterable[int], vocab_size: int) -> tuple[int, ...]:
+    """EOS (when there is one) and then ``ids``, each once; ValueError for an id outside the vocabulary."""
+    out = [eos_id] if eos_id >= 0 else []
+    for token in ids:
+        if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < vocab_size:
+            raise ValueError(f"stop id {token!r} is not an id of the vocabulary of {vocab_size} ids")
+        out.append(token)
+    return tuple(dict.fromkeys(out))
+
+
+def _generation_stop_ids(path: Path, backend: Tokenizer) -> tuple[int, ...]:
+    """generation_config.json's ``eos_token_id`` (an id or a list of ids; () without the file);
+    ValueError for anything else or an id the vocabulary does not have."""
+    if not path.is_file():
+        return ()
+    value = read_json_object(path).get("eos_token_id")
+    ids = [] if value is None else value if isinstance(value, list) else [value]
+    if any(isinstance(i, bool) or not isinstance(i, int) for i in ids):
+        raise ValueError(f"{path}: eos_token_id {value!r} is not an id or a list of ids")
+    for token in ids:
+        if token < 0 or backend.id_to_token(token) is None:
+            raise ValueError(f"{path}: eos_token_id {token} is not in the vocabulary")
+    return tuple(ids)
 
 
 def _parse_tokenizer_json(text: str, where: str) -> Tokenizer:
@@ -391,8 +425,10 @@ def tokenizer_from_gguf(path: str | os.PathLike) -> HFTokenizer:
     (SentencePiece-style BPE with byte fallback; its merges from the file, else ranked by the merged
     pieces' scores). Control and unknown tokens become special tokens, user-defined ones plain added
     tokens; special ids, ``add_bos_token`` (default: on for "llama", off for "gpt2", as
-    ``transformers``) and ``tokenizer.chat_template`` come from the metadata. ValueError with one
-    line for a missing file, a file that is not GGUF, or an unsupported model or pre-tokenizer."""
+    ``transformers``) and ``tokenizer.chat_template`` come from the metadata; generation stops at EOS
+    and at the end-of-turn and end-of-message ids (``eot_token_id``, ``eom_token_id``). ValueError
+    with one line for a missing file, a file that is not GGUF, or an unsupported model or
+    pre-tokenizer."""
     path = Path(path)
     fields = _gguf_tokenizer_fields(path)
     model = fields.get("tokenizer.ggml.model")
@@ -411,6 +447,7 @@ def tokenizer_from_gguf(path: str | os.PathLike) -> HFTokenizer:
         ("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
         ("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id"))}
     ids = {name: i if 0 <= i < len(tokens) else -1 for name, i in ids.items()}
+    ends = [int(fields.get(f"tokenizer.ggml.{key}", -1)) for key in ("eot_token_id", "eom_token_id")]
     merges = [tuple(m.split(" ", 1)) for m in fields.get("tokenizer.ggml.merges") or []]
     if model == "gpt2":
         backend = Tokenizer(BPE(vocab=vocab, merges=merges, fuse_unk=False))
@@ -434,4 +471,5 @@ def tokenizer_from_gguf(path: str | os.PathLike) -> HFTokenizer:
     return HFTokenizer(backend, bos_id=ids["bos_token"] if add_bos else -1, eos_id=ids["eos_token"],
                        pad_id=ids["pad_token"],
                        special_tokens={name: tokens[i] for name, i in ids.items() if i >= 0},
-                       chat_template=fields.get("tokenizer.chat_template"))
+                       chat_template=fields.get("tokenizer.chat_template"),
+                       stop_ids=[i for i in ends if 0 <= i < len(tokens)])

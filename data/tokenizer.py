@@ -1,6 +1,7 @@
 """Tokenizers behind one interface (encode, decode, token_bytes, vocab_size, bos_id, eos_id, pad_id,
-kind), their specs (``"byte"``, ``"sentencepiece:PATH.model"``, ``"hf:PATH"``, ``"run:RUN_DIR"``), their
-files in a run directory, and training a SentencePiece model (``python -m data train-tokenizer``).
+stop_ids, kind), their specs (``"byte"``, ``"sentencepiece:PATH.model"``, ``"hf:PATH"``,
+``"run:RUN_DIR"``), their files in a run directory, and training a SentencePiece model
+(``python -m data train-tokenizer``).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ class Tokenizer(Protocol):
     bos_id: int
     eos_id: int
     pad_id: int
+    stop_ids: tuple[int, ...]  # generation stops at these: EOS first, then end-of-turn ids; () if none
 
     def encode(self, text: str) -> list[int]: ...
 
@@ -47,6 +49,7 @@ class ByteTokenizer:
     pad_id = 256
     bos_id = 257
     eos_id = 258
+    stop_ids = (258,)
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
@@ -96,6 +99,7 @@ class SentencePieceTokenizer:
         self.vocab_size = self._sp.get_piece_size()
         self.bos_id = self._sp.bos_id()
         self.eos_id = self._sp.eos_id()
+        self.stop_ids = (self.eos_id,) if self.eos_id >= 0 else ()
         self.pad_id = next(i for i in (self._sp.pad_id(), self.eos_id, self._sp.unk_id()) if i >= 0)
         byte_ids = [self._sp.piece_to_id(f"<0x{b:02X}>") for b in range(256)]
         self._byte_ids = byte_ids if all(self._sp.is_byte(i) for i in byte_ids) else None

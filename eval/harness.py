@@ -247,10 +247,11 @@ class MeshLM(TemplateLM):
         tokens: list[list[int]] = [[] for _ in range(real)]
 
         def on_token(row: int, token: int) -> bool:
-            """True (stop this row) at EOS, at a complete stop string, or for a padding row."""
+            """True (stop this row) at a stop id (EOS, end of turn), at a complete stop string, or
+            for a padding row."""
             if row >= real:
                 return True
-            if token == self.tok.eos_id:
+            if token in self.tok.stop_ids:
                 return True
             tokens[row].append(token)
             return any(s in self.tok.decode(tokens[row]) for s in until)
@@ -258,7 +259,7 @@ class MeshLM(TemplateLM):
         padded = prompts + [prompts[-1]] * (self.batch_size - real)
         self._generate_calls += 1
         self._generator(sampling).generate(padded, max_new, seed=self.seed + self._generate_calls,
-                                           stop_id=None, on_token=on_token)
+                                           on_token=on_token)
         return [postprocess_generated_text(self.tok.decode(t), until, None) for t in tokens]
 
 

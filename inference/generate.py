@@ -10,11 +10,12 @@ heads over ``tensor``, experts over ``expert``, as in training) and the cache do
   advance together) and samples the next one.
 
 The host loop dispatches step i + 1 before it reads token i, so the device never waits on Python.
-Rows stop at the stop id (EOS) or after ``max_new_tokens``. The window is the model's own context
-(``model.max_seq_len``; callers pass it), never the training rows' length. The cache holds
-``min(window, prompt + new tokens)`` slots (rounded up to a power of two); when a row would pass the
-model's window, every row is re-prefilled with the last half of its context (a context shift) and
-generation goes on. A prompt longer than the window keeps its last ``window`` tokens.
+Rows stop at a stop id (the tokenizer's ``stop_ids``: EOS, end of turn; checked on the host) or
+after ``max_new_tokens``. The window is the model's own context (``model.max_seq_len``; callers pass
+it), never the training rows' length. The cache holds ``min(window, prompt + new tokens)`` slots
+(rounded up to a power of two); when a row would pass the model's window, every row is re-prefilled
+with the last half of its context (a context shift) and generation goes on. A prompt longer than
+the window keeps its last ``window`` tokens.
 
 An MoE model generates with enough expert capacity that no token is ever dropped (inference routes
 every token to its k experts, as the dropless path does), so a cached step equals the full forward.
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 import jax
@@ -154,16 +155,18 @@ class Generator:
     # ----------------------------------------------------------------------------- the host loop
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, seed: int = 0,
-                 stop_id: int | None = None, on_token: Callable[[int, int], bool | None] | None = None,
+                 stop_ids: Collection[int] = (), on_token: Callable[[int, int], bool | None] | None = None,
                  return_logits: bool = False) -> Generation:
-        """Up to ``max_new_tokens`` new ids per prompt. ``on_token(row, id)`` is called as each token
-        arrives (stream it); when it returns True the row stops after that token (e.g. a stop string
-        is complete). Tokens are drawn with ``jax.random.fold_in(key(seed), step)``."""
+        """Up to ``max_new_tokens`` new ids per prompt; a row stops at any id of ``stop_ids`` (which
+        is left out of its tokens). ``on_token(row, id)`` is called as each token arrives (stream
+        it); when it returns True the row stops after that token (e.g. a stop string is complete).
+        Tokens are drawn with ``jax.random.fold_in(key(seed), step)``."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt must hold at least one token")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         contexts = [list(p)[-self.window:] for p in prompts]
+        stops = frozenset(int(i) for i in stop_ids)
         batch = len(contexts)
         cache_length = bucket(max(map(len, contexts)) + max_new_tokens, self.window)
         base_key = jax.random.key(seed)
@@ -187,7 +190,7 @@ class Generator:
                     if out.stopped[row]:
                         continue
                     token = int(tokens[row])
-                    if stop_id is not None and token == stop_id:
+                    if token in stops:
                         out.stopped[row] = True
                         continue
                     out.tokens[row].append(token)
@@ -223,7 +226,8 @@ def print_sample(end: RunEnd) -> None:
     ids = ([tokenizer.bos_id] if tokenizer.bos_id >= 0 else []) + tokenizer.encode(t.sample_prompt)
     generator = Generator(end.cfg.model, params, end.program.mesh, end.program.rules,
                           end.cfg.model.max_seq_len, SamplingConfig(temperature=0.8))
-    new = generator.generate([ids], t.sample_tokens, seed=t.seed, stop_id=tokenizer.eos_id).tokens[0]
+    new = generator.generate([ids], t.sample_tokens, seed=t.seed,
+                             stop_ids=tokenizer.stop_ids).tokens[0]
     if jax.process_index() != 0:
         return
     print("--- sample (temperature 0.8) ---")

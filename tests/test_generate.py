@@ -65,11 +65,14 @@ def test_decode_is_compiled_once_and_shards_heads_over_tensor(eight_devices):
     assert spec[1] == "data" and spec[3] == "tensor"  # [L, B, S, K, H]: rows over data, kv heads over tensor
 
 
-def test_stop_id_ends_a_row_and_others_go_on(eight_devices):
+def test_a_stop_id_ends_a_row_and_others_go_on(eight_devices):
+    """Stop ids are EOS and then end-of-turn ids (tokenizer.stop_ids): the row stops at an
+    end-of-turn id the greedy model emits, though EOS (an id it never emits here) is first."""
     gen, _ = _generator(DENSE, {"data": -1})
     free = gen.generate(PROMPTS, 8)
     stop = free.tokens[0][3]
-    out = gen.generate(PROMPTS, 8, stop_id=stop)
+    eos = next(i for i in range(DENSE.vocab_size) if all(i not in row for row in free.tokens))
+    out = gen.generate(PROMPTS, 8, stop_ids=(eos, stop))
     assert out.stopped[0] and out.tokens[0] == free.tokens[0][: free.tokens[0].index(stop)]
     for row in range(1, len(PROMPTS)):
         expected = free.tokens[row][: free.tokens[row].index(stop)] if stop in free.tokens[row] \

@@ -127,7 +127,7 @@ def test_generate_until_cuts_at_the_stop_string(lm):
             ("def f(", {"until": [], "max_gen_toks": 6, "do_sample": False})]
     cut, _, free = lm.generate_until(_requests("generate_until", args))
     prompt = [lm.tok.bos_id, *lm.tok.encode("def f(")]
-    full = lm._generator(SamplingConfig(temperature=0.0)).generate([prompt], 6, stop_id=lm.tok.eos_id)
+    full = lm._generator(SamplingConfig(temperature=0.0)).generate([prompt], 6, stop_ids=lm.tok.stop_ids)
     assert free == lm.tok.decode(full.tokens[0])  # no stop string: the greedy continuation
     assert "\n" not in cut and len(lm.tok.encode(cut)) <= 6
 

@@ -7,6 +7,7 @@ import hashlib
 import importlib.util
 import json
 import pickle
+import re
 from pathlib import Path
 
 import pytest
@@ -79,6 +80,26 @@ def write_model_dir(path: Path, backend: Tokenizer, config: dict) -> Path:
     backend.save(str(path / "tokenizer.json"))
     (path / "tokenizer_config.json").write_text(json.dumps(
         {"tokenizer_class": "PreTrainedTokenizerFast", **config}))
+    return path
+
+
+def tokenizer_only_gguf(path: Path, model: str, tokens: list[str], pre: str | None = None,
+                        types: list[int] | None = None, **ids: int) -> Path:
+    """A GGUF file holding only tokenizer metadata; ``ids`` are special ids by writer method
+    (``eos_token_id=2`` calls ``add_eos_token_id(2)``)."""
+    import gguf
+    writer = gguf.GGUFWriter(path, model)
+    writer.add_tokenizer_model(model)
+    if pre is not None:
+        writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    if types is not None:
+        writer.add_token_types(types)
+    for key, value in ids.items():
+        getattr(writer, f"add_{key}")(value)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
     return path
 
 
@@ -212,6 +233,53 @@ def test_run_directory_round_trip(smollm, tmp_path):
         load_tokenizer(tmp_path)
 
 
+# -------------------------------------------------------------------------------------- stop ids
+
+
+def test_generation_config_end_of_turn_ids_are_stop_ids_and_are_saved(tmp_path):
+    """generation_config.json's eos_token_id list (Llama 3 / Gemma / Qwen instruct models end a turn
+    with a token other than EOS) gives the stop ids, EOS first, as transformers reads that file; they
+    survive the run directory and pickling, and a run saved before stop ids existed stops at EOS."""
+    import transformers
+    model_dir = write_model_dir(tmp_path / "model", trained_backend(), {"eos_token": "<|endoftext|>"})
+    (model_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, 0, 2]}))
+    tok = HFTokenizer.from_path(model_dir)
+    assert tok.eos_id == 0 and tok.stop_ids == (0, 1, 2)
+    theirs = transformers.GenerationConfig.from_pretrained(str(model_dir)).eos_token_id
+    assert set(tok.stop_ids) == set(theirs)
+    (tmp_path / "run").mkdir()
+    save_tokenizer(tok, tmp_path / "run")
+    for loaded in (load_tokenizer(tmp_path / "run"), pickle.loads(pickle.dumps(tok))):
+        assert loaded.stop_ids == (0, 1, 2)
+    meta = json.loads((tmp_path / "run" / TOKENIZER_FILE).read_text())
+    del meta["stop_ids"]
+    (tmp_path / "run" / TOKENIZER_FILE).write_text(json.dumps(meta))
+    assert load_tokenizer(tmp_path / "run").stop_ids == (0,)
+    (model_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": 2}))
+    assert HFTokenizer.from_path(model_dir).stop_ids == (0, 2)  # one id, not a list
+    (model_dir / "generation_config.json").unlink()
+    assert HFTokenizer.from_path(model_dir).stop_ids == (0,)
+    assert HFTokenizer.from_path(write_model_dir(tmp_path / "none", trained_backend(), {})).stop_ids == ()
+    for bad, message in (([0, 300], "eos_token_id 300 is not in the vocabulary"),
+                         ("<|im_end|>", "eos_token_id '<|im_end|>' is not an id or a list of ids")):
+        (model_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": bad}))
+        with pytest.raises(ValueError, match="generation_config.json: " + re.escape(message)) as e:
+            HFTokenizer.from_path(model_dir)
+        assert "\n" not in str(e.value)
+
+
+def test_gguf_end_of_turn_and_message_ids_are_stop_ids(tmp_path):
+    """tokenizer.ggml.eot_token_id and eom_token_id (llama.cpp's end of turn, end of message) are
+    stop ids after EOS; a GGUF without them stops at EOS alone."""
+    tokens = ["<|end_of_text|>", "<|eom_id|>", "<|eot_id|>", "a", "b"]
+    types = [3, 3, 3, 1, 1]  # control tokens, then normal ones
+    ends = tokenizer_only_gguf(tmp_path / "ends.gguf", "gpt2", tokens, types=types, eos_token_id=0,
+                               eot_token_id=2, eom_token_id=1)
+    assert tokenizer_from_gguf(ends).stop_ids == (0, 2, 1)
+    plain = tokenizer_only_gguf(tmp_path / "plain.gguf", "gpt2", tokens, types=types, eos_token_id=0)
+    assert tokenizer_from_gguf(plain).stop_ids == (0,)
+
+
 def test_bad_specs_and_files(tmp_path):
     not_json = tmp_path / "tokenizer.json"
     not_json.write_text("{not json")
@@ -222,23 +290,10 @@ def test_bad_specs_and_files(tmp_path):
     for path in (not_json, tmp_path / "missing.gguf"):
         with pytest.raises(ValueError, match="GGUF|does not exist"):
             tokenizer_from_gguf(path)
-    import gguf
-
-    def tokenizer_only_gguf(name: str, model: str, tokens: list[str], pre: str | None = None) -> Path:
-        writer = gguf.GGUFWriter(tmp_path / name, model)
-        writer.add_tokenizer_model(model)
-        if pre is not None:
-            writer.add_tokenizer_pre(pre)
-        writer.add_token_list(tokens)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.close()
-        return tmp_path / name
-
     with pytest.raises(ValueError, match="tokenizer model 'bert'.*only 'gpt2'"):
-        tokenizer_from_gguf(tokenizer_only_gguf("bert.gguf", "bert", ["[PAD]", "a"]))
+        tokenizer_from_gguf(tokenizer_only_gguf(tmp_path / "bert.gguf", "bert", ["[PAD]", "a"]))
     with pytest.raises(ValueError, match="pre-tokenizer 'no-such-split' is not supported"):
-        tokenizer_from_gguf(tokenizer_only_gguf("odd.gguf", "gpt2", ["a", "b"], "no-such-split"))
+        tokenizer_from_gguf(tokenizer_only_gguf(tmp_path / "odd.gguf", "gpt2", ["a", "b"], "no-such-split"))
     model_dir = write_model_dir(tmp_path / "m", trained_backend(), {})
     no_template = HFTokenizer.from_path(model_dir / "tokenizer.json")
     with pytest.raises(ValueError, match="no chat template"):
