@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import functools
+import json
 from pathlib import Path
 
 import jax
 import numpy as np
+from flax import nnx
 
+from inference.load import load_run
 from model.config import ModelConfig
 from sharding.constrain import activation_sharding
 from sharding.mesh import MeshConfig, make_mesh
@@ -101,3 +104,42 @@ def small_text(directory: Path, files: int = 4) -> str:
                  for _ in range(1200 // files)]
         (directory / f"part{i}.txt").write_text("\n".join(lines) + "\n")
     return str(directory / "*.txt")
+
+
+# ------------------------------------------------------------------------- checkpoint conversion
+
+
+def tiny_tokenizer(directory: Path) -> Path:
+    """A byte-level BPE tokenizer (< 320 ids) with a chat template, saved as Hugging Face files."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["the cat sat on the mat", "a dog bites a man", "hello world"] * 20,
+                            trainer)
+    directory.mkdir(parents=True, exist_ok=True)
+    tok.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "chat_template": "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>"
+                         "{% endfor %}{% if add_generation_prompt %}<s>assistant: {% endif %}"}))
+    return directory
+
+
+def hf_logits(model, tokens: np.ndarray) -> np.ndarray:
+    """A transformers model's logits [B, T, V] (float32) for ``tokens`` [B, T]."""
+    import torch
+
+    with torch.no_grad():
+        return model(torch.tensor(tokens, dtype=torch.long)).logits.float().numpy()
+
+
+def meshlm_logits(run_dir: Path, tokens: np.ndarray) -> np.ndarray:
+    """The logits [B, T, V] of a run directory's model (its latest checkpoint) for ``tokens``."""
+    run = load_run(run_dir)
+    model = nnx.merge(run.graphdef, run.params)
+    return np.asarray(model(tokens))

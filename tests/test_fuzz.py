@@ -161,7 +161,8 @@ FORBIDDEN = re.compile(r"\bimport pickle\b|\bpickle\.|cloudpickle|\bdill\b|\bmar
 LOADERS = ["train/checkpoint.py", "train/config.py", "train/run_dir.py", "train/loop.py",
            "data/tokenizer.py", "data/sources.py", "data/pipeline.py", "inference/load.py",
            "data/hf_tokenizer.py", "data/chat.py", "data/gguf_file.py", "convert/checkpoints.py",
-           "convert/gguf_import.py", "convert/hf_layout.py"]
+           "convert/gguf_import.py", "convert/hf_layout.py", "convert/hf_config.py",
+           "convert/hf_names.py", "convert/safetensors_io.py"]
 
 
 def test_loaders_of_untrusted_files_have_no_code_execution_path():

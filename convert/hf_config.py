@@ -1,0 +1,392 @@
+"""``config.json`` of the supported Hugging Face families to and from ``ModelConfig``: each field as
+transformers 5 reads it (with its defaults where a saved config leaves a field out, its
+``rope_parameters`` and older ``rope_scaling``/``rope_theta``, its ``layer_types``), and one
+ConversionError line naming the field, or the meshlm key, that the other side cannot say.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from convert.hf_names import FAMILIES, ConversionError, family_of
+from model.config import ModelConfig
+
+_LLAMA = dict(rms_norm_eps=1e-6, tie_word_embeddings=False, hidden_act="silu", rope_theta=10000.0)
+_QWEN = dict(_LLAMA, max_position_embeddings=32768, num_key_value_heads=32, use_sliding_window=False,
+             sliding_window=4096, max_window_layers=28)
+_GEMMA = dict(rms_norm_eps=1e-6, tie_word_embeddings=True, hidden_activation="gelu_pytorch_tanh",
+              head_dim=256, num_key_value_heads=4, query_pre_attn_scalar=256, sliding_window=4096)
+# transformers 5.24's defaults of the fields read here, which a saved config.json may leave out
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "llama": dict(_LLAMA, max_position_embeddings=2048),
+    "mistral": dict(_LLAMA, max_position_embeddings=131072, num_key_value_heads=8, sliding_window=4096),
+    "mixtral": dict(_LLAMA, rms_norm_eps=1e-5, rope_theta=1e6, max_position_embeddings=131072,
+                    num_key_value_heads=8, sliding_window=None, num_local_experts=8,
+                    num_experts_per_tok=2, router_aux_loss_coef=0.001),
+    "qwen2": _QWEN,
+    "qwen3": dict(_QWEN, head_dim=128),
+    "gemma2": dict(_GEMMA, max_position_embeddings=8192, rope_theta=10000.0,
+                   final_logit_softcapping=30.0, attn_logit_softcapping=50.0),
+    "gemma3_text": dict(_GEMMA, max_position_embeddings=131072, rope_theta=1e6,
+                        rope_local_base_freq=10000.0, sliding_window_pattern=6),
+}
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+LOCAL, GLOBAL = "sliding_attention", "full_attention"
+
+
+def _refuse(field: str, value: Any, why: str) -> ConversionError:
+    shown = json.dumps(value)
+    shown = shown if len(shown) <= 60 else shown[:57] + "..."
+    return ConversionError(f"config.json {field}={shown} is not supported: {why}")
+
+
+def _field(hf: Mapping[str, Any], family: str, key: str) -> Any:
+    return hf[key] if key in hf else DEFAULTS[family].get(key)
+
+
+# --------------------------------------------------------------------------- config.json -> meshlm
+
+
+def _family(hf: Mapping[str, Any]) -> str:
+    """The family of ``hf``, refusing vision towers, unknown model types and heads other than a
+    causal LM's."""
+    kind = hf.get("model_type")
+    for tower in ("vision_config", "audio_config"):
+        if tower in hf:
+            raise ConversionError(f"config.json {tower}: model_type {kind!r} has a {tower[:5]} tower "
+                                  "(e.g. Gemma3ForConditionalGeneration), which is not supported; only "
+                                  "text models import (Gemma 3's text model: model_type gemma3_text)")
+    if kind not in FAMILIES:
+        raise ConversionError(f"unknown architecture {kind!r} in config.json model_type (supported: "
+                              f"{', '.join(FAMILIES)})")
+    archs = hf.get("architectures") or []
+    for arch in [archs] if isinstance(archs, str) else archs:
+        if not str(arch).endswith("ForCausalLM"):
+            raise _refuse("architectures", arch, f"only a causal LM ({FAMILIES[kind][0]}) imports")
+    return kind
+
+
+def _refuse_unsupported(family: str, get: Any) -> None:
+    """Fields whose values meshlm's blocks cannot compute."""
+    if family in ("llama", "qwen3", "gemma2", "gemma3_text") and get("attention_bias"):
+        raise _refuse("attention_bias", True, "it biases o_proj too, and meshlm's attention output "
+                      "has no bias (only q/k/v biases, as Qwen2's)")
+    if get("mlp_bias"):
+        raise _refuse("mlp_bias", True, "meshlm's MLP projections have no bias")
+    if family.startswith("gemma"):
+        if get("hidden_activation") != "gelu_pytorch_tanh":
+            raise _refuse("hidden_activation", get("hidden_activation"), "Gemma MLPs import as "
+                          "GeGLU with the tanh GELU (gelu_pytorch_tanh) only")
+        if get("use_bidirectional_attention"):
+            raise _refuse("use_bidirectional_attention", True, "meshlm attention is causal")
+    elif get("hidden_act") != "silu":
+        raise _refuse("hidden_act", get("hidden_act"), "only silu (SwiGLU MLPs)")
+    if get("partial_rotary_factor") not in (None, 1, 1.0):
+        raise _refuse("partial_rotary_factor", get("partial_rotary_factor"),
+                      "meshlm rotates whole heads (partial rotary embeddings)")
+
+
+def _dimensions(family: str, get: Any) -> dict[str, Any]:
+    d, n = int(get("hidden_size")), int(get("num_attention_heads"))
+    out = dict(vocab_size=int(get("vocab_size")), d_model=d, num_layers=int(get("num_hidden_layers")),
+               num_heads=n, num_kv_heads=int(get("num_key_value_heads") or n),
+               head_dim=int(get("head_dim") or d // n), mlp_dim=int(get("intermediate_size")),
+               max_seq_len=int(get("max_position_embeddings")), position="rope",
+               norm_eps=float(get("rms_norm_eps")), activation="swiglu",
+               tie_embeddings=bool(get("tie_word_embeddings")))
+    if family == "qwen2":
+        out["qkv_bias"] = True
+    if family in ("qwen3", "gemma3_text"):
+        out["qk_norm"] = True
+    if family.startswith("gemma"):
+        out.update(norm_plus_one=True, post_norms=True, embed_scale=True, activation="geglu",
+                   query_pre_attn_scalar=float(get("query_pre_attn_scalar")),
+                   attn_logit_softcap=float(get("attn_logit_softcapping") or 0.0),
+                   final_logit_softcap=float(get("final_logit_softcapping") or 0.0))
+    if family == "mixtral":
+        out.update(num_experts=int(get("num_local_experts")),
+                   experts_per_token=int(get("num_experts_per_tok")), moe_every=1,
+                   first_dense_layers=0, moe_impl="dropless", router_mode="topk_softmax",
+                   aux_loss_coef=float(get("router_aux_loss_coef")), z_loss_coef=0.0)
+    return out
+
+
+def _pattern(types: Any, layers: int, field: str) -> int | None:
+    """``sliding_window_pattern`` of a ``layer_types`` list (0: every layer local), None when no
+    layer is local; refused, naming ``field``, when no every-Nth-layer-global pattern gives it."""
+    if (not isinstance(types, list) or len(types) != layers
+            or any(t not in (LOCAL, GLOBAL) for t in types)):
+        raise _refuse(field, types, f"it must give {GLOBAL} or {LOCAL} for each of {layers} layers")
+    if LOCAL not in types:
+        return None
+    every = types.index(GLOBAL) + 1 if GLOBAL in types else 0  # the first global layer says N
+    if any((t == LOCAL) != (not every or (i + 1) % every != 0) for i, t in enumerate(types)):
+        raise _refuse(field, types, "meshlm's local layers are all, or all but every Nth "
+                      "(sliding_window_pattern), and these follow no such pattern")
+    return every
+
+
+def _default_pattern(family: str, get: Any, layers: int) -> int | None:
+    """sliding_window_pattern (None: no local layer) of the local layers transformers derives
+    when ``layer_types`` is absent (computed, not listed: the layer count comes from the file)."""
+    if family in ("mistral", "mixtral"):
+        return 0  # a window on every layer
+    if family in ("qwen2", "qwen3"):  # the layers from max_window_layers on are local
+        first = int(get("max_window_layers"))
+        if 0 < first < layers:
+            raise _refuse("max_window_layers", first, f"its {first} global layers before {layers - first} "
+                          "local ones follow no every-Nth-layer-global pattern (sliding_window_pattern)")
+        return 0 if first <= 0 else None
+    every = 2 if family == "gemma2" else int(get("sliding_window_pattern"))  # every Nth is global
+    if every < 1:
+        raise _refuse("sliding_window_pattern", every, "it must be >= 1")
+    return None if every == 1 else 0 if every > layers else every
+
+
+def _window(hf: Mapping[str, Any], family: str, get: Any, layers: int) -> dict[str, Any]:
+    """sliding_window and sliding_window_pattern (absent: no local layer)."""
+    window = get("sliding_window")
+    if family == "llama" or not window or (family in ("qwen2", "qwen3") and not get("use_sliding_window")):
+        return {}
+    if hf.get("layer_types") and family not in ("mistral", "mixtral"):  # which they ignore
+        pattern = _pattern(hf["layer_types"], layers, "layer_types")
+    else:
+        pattern = _default_pattern(family, get, layers)
+    return {} if pattern is None else {"sliding_window": int(window), "sliding_window_pattern": pattern}
+
+
+def _rope_dicts(hf: Mapping[str, Any], family: str, get: Any) -> tuple[str, dict, dict | None]:
+    """(the field errors name, the global layers' RoPE parameters, Gemma 3's local layers'), each
+    with its rope_theta, as transformers standardises them."""
+    if family == "gemma3_text":
+        nested = hf.get("rope_parameters") or {}
+        full = dict(nested.get(GLOBAL) or {"rope_type": "default"}, **(hf.get("rope_scaling") or {}))
+        full.setdefault("rope_theta", get("rope_theta"))
+        local = dict(nested.get(LOCAL) or {"rope_type": "default"})
+        local.setdefault("rope_theta", get("rope_local_base_freq"))
+        return f"rope_parameters.{GLOBAL}", full, local
+    field = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
+    rope = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
+    if GLOBAL in rope or LOCAL in rope:
+        raise _refuse(field, sorted(rope), "RoPE per layer type is Gemma 3's only")
+    rope.setdefault("rope_theta", get("rope_theta"))
+    return field, rope, None
+
+
+def _yarn_attention_factor(rope: Mapping[str, Any], factor: float) -> float:
+    """yarn's factor on cos and sin; 0 = meshlm's default, transformers' 0.1 ln(factor) + 1."""
+    if rope.get("attention_factor") is not None:
+        return float(rope["attention_factor"])
+    mscale, mscale_all_dim = rope.get("mscale"), rope.get("mscale_all_dim")
+    if not (mscale and mscale_all_dim) or factor <= 1:
+        return 0.0
+    return (0.1 * mscale * math.log(factor) + 1) / (0.1 * mscale_all_dim * math.log(factor) + 1)
+
+
+def _rope(field: str, rope: Mapping[str, Any], max_len: int, original: Any = None) -> dict[str, Any]:
+    """The rope_* keys of one RoPE parameter dict (``original``: a top-level
+    original_max_position_embeddings, which transformers prefers to the dict's)."""
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind not in ROPE_TYPES:
+        raise _refuse(f"{field}.rope_type", kind, f"unknown RoPE type (supported: {', '.join(ROPE_TYPES)})")
+    if rope.get("partial_rotary_factor") not in (None, 1, 1.0):
+        raise _refuse(f"{field}.partial_rotary_factor", rope["partial_rotary_factor"],
+                      "meshlm rotates whole heads (partial rotary embeddings)")
+    out: dict[str, Any] = {"rope_theta": float(rope["rope_theta"]),
+                           "rope_scaling": "none" if kind == "default" else kind}
+    if kind == "default":
+        return out
+    original = int(original or rope.get("original_max_position_embeddings") or max_len)
+    factor = float(rope["factor"] if rope.get("factor") is not None or kind != "yarn"
+                   else max_len / original)
+    out["rope_scaling_factor"] = factor
+    if kind == "llama3":
+        out.update(rope_original_max_len=original, rope_low_freq_factor=float(rope["low_freq_factor"]),
+                   rope_high_freq_factor=float(rope["high_freq_factor"]))
+    elif kind == "yarn":
+        out.update(rope_original_max_len=original, rope_beta_fast=float(rope.get("beta_fast") or 32),
+                   rope_beta_slow=float(rope.get("beta_slow") or 1),
+                   rope_truncate=bool(rope.get("truncate", True)),
+                   rope_attention_factor=_yarn_attention_factor(rope, factor))
+    return out
+
+
+def _rope_keys(hf: Mapping[str, Any], family: str, get: Any, max_len: int,
+               has_local: bool) -> dict[str, Any]:
+    """The rope_* keys: the global layers' RoPE, and Gemma 3's local layers' base when it differs
+    (meshlm's local layers take plain RoPE at rope_local_theta, or the global layers' RoPE)."""
+    field, full, local = _rope_dicts(hf, family, get)
+    out = _rope(field, full, max_len, hf.get("original_max_position_embeddings"))
+    if local is None or not has_local:
+        return out
+    local_field = f"rope_parameters.{LOCAL}"
+    if local.get("rope_type", local.get("type", "default")) == "default":
+        _rope(local_field, local, max_len)  # refuses a partial rotary factor
+        if out["rope_scaling"] != "none" or float(local["rope_theta"]) != out["rope_theta"]:
+            out["rope_local_theta"] = float(local["rope_theta"])
+        return out
+    if _rope(local_field, local, max_len) != out:
+        raise _refuse(local_field, local.get("rope_type", local.get("type")), "scaled RoPE on the "
+                      "local layers unlike the global layers' (meshlm's local layers take plain RoPE "
+                      "at rope_local_theta, or the global layers' RoPE)")
+    return out
+
+
+def model_config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
+    """The meshlm architecture of a Hugging Face ``config.json`` (Llama 3.x, Mistral, Mixtral,
+    Qwen2/2.5, Qwen3, Gemma 2, Gemma 3 text); ConversionError naming the first field it has that
+    meshlm cannot compute (vision towers, unknown RoPE types, an o_proj bias, partial rotary,
+    local layers in no every-Nth-global pattern, ...)."""
+    family = _family(hf)
+    get = functools.partial(_field, hf, family)
+    _refuse_unsupported(family, get)
+    try:
+        keys = _dimensions(family, get)
+        keys.update(_window(hf, family, get, keys["num_layers"]))
+        keys.update(_rope_keys(hf, family, get, keys["max_seq_len"], "sliding_window" in keys))
+    except ConversionError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, ArithmeticError) as e:
+        raise ConversionError(f"config.json lacks or garbles {e}") from None
+    cfg = ModelConfig(**keys)
+    if problems := cfg.problems():
+        raise ConversionError("; ".join(f"{k}: {m}" for k, m in problems))
+    return cfg
+
+
+# --------------------------------------------------------------------------- meshlm -> config.json
+
+_PLAIN = dict(norm_plus_one=False, post_norms=False, embed_scale=False, activation="swiglu",
+              query_pre_attn_scalar=0.0, attn_logit_softcap=0.0, final_logit_softcap=0.0)
+_GEMMA_KEYS = dict(norm_plus_one=True, post_norms=True, embed_scale=True, activation="geglu",
+                   qkv_bias=False)
+# What each family's blocks compute, as meshlm keys (the others are free: its config.json says them)
+FIXED: dict[str, dict[str, Any]] = {
+    "llama": dict(_PLAIN, qkv_bias=False, qk_norm=False),
+    "mistral": dict(_PLAIN, qkv_bias=False, qk_norm=False),
+    "mixtral": dict(_PLAIN, qkv_bias=False, qk_norm=False),
+    "qwen2": dict(_PLAIN, qkv_bias=True, qk_norm=False),
+    "qwen3": dict(_PLAIN, qkv_bias=False, qk_norm=True),
+    "gemma2": dict(_GEMMA_KEYS, qk_norm=False),
+    "gemma3_text": dict(_GEMMA_KEYS, qk_norm=True),
+}
+RULE = {"mixtral": "num_experts > 0", "gemma3_text": "norm_plus_one with qk_norm",
+        "gemma2": "norm_plus_one without qk_norm", "qwen3": "qk_norm", "qwen2": "qkv_bias",
+        "mistral": "a sliding window on every layer", "llama": "none of the other families' keys"}
+
+
+def _moe_inexpressible(cfg: ModelConfig) -> tuple[str, str] | None:
+    """softmax_topk and topk_softmax are one function up to rounding; the capacity path is a
+    training device: meshlm's own inference, like Mixtral, drops no token."""
+    if cfg.router_mode == "softmax_topk_unnormalized":
+        return "router_mode", "Mixtral renormalises the top-k gates to sum 1"
+    for key, why in (("num_shared_experts", "Mixtral has no always-on experts"),
+                     ("first_dense_layers", "every Mixtral layer is MoE"),
+                     ("moe_every", "every Mixtral layer is MoE")):
+        if getattr(cfg, key) != (1 if key == "moe_every" else 0):
+            return key, why
+    return None
+
+
+def _inexpressible(cfg: ModelConfig, family: str) -> tuple[str, str] | None:
+    """(key, why) of the first option of ``cfg`` that ``family``'s config.json cannot say, so that
+    a model in that layout would compute something else; None when there is none."""
+    name = FAMILIES[family][1]
+    if cfg.position != "rope":
+        return "position", f"{name} has rotary positions only, no learned table"
+    if cfg.is_moe and (found := _moe_inexpressible(cfg)):
+        return found
+    for key, want in FIXED[family].items():
+        have = getattr(cfg, key)
+        if key == "query_pre_attn_scalar" and have == cfg.resolved_head_dim:
+            have = 0.0  # the default scale, said otherwise
+        if have != want:
+            return key, f"the config is exported as {name} ({RULE[family]}), which has {key}={want}"
+    local = [cfg.is_local_layer(i) for i in range(cfg.num_layers)]
+    if any(local) and not all(local) and family in ("llama", "mistral", "mixtral"):
+        return "sliding_window_pattern", (f"{name} has a window on every layer or none; only Qwen2/3 "
+                                          "and Gemma configs say which layers are local")
+    if any(local) and cfg.rope_local_theta and family != "gemma3_text":
+        return "rope_local_theta", (f"{name} gives local layers the global layers' RoPE (only "
+                                    "Gemma 3 has its own)")
+    return None
+
+
+def _rope_parameters(cfg: ModelConfig) -> dict[str, Any]:
+    """transformers 5's rope_parameters of the global layers."""
+    if cfg.rope_scaling == "none":
+        return {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    out = {"rope_type": cfg.rope_scaling, "rope_theta": cfg.rope_theta, "factor": cfg.rope_scaling_factor}
+    original = cfg.rope_original_max_len or cfg.max_seq_len
+    if cfg.rope_scaling == "llama3":
+        out.update(original_max_position_embeddings=original, low_freq_factor=cfg.rope_low_freq_factor,
+                   high_freq_factor=cfg.rope_high_freq_factor)
+    elif cfg.rope_scaling == "yarn":
+        out.update(original_max_position_embeddings=original, beta_fast=cfg.rope_beta_fast,
+                   beta_slow=cfg.rope_beta_slow, truncate=cfg.rope_truncate)
+        if cfg.rope_attention_factor:
+            out["attention_factor"] = cfg.rope_attention_factor
+    return out
+
+
+def _number(x: float) -> float | int:
+    return int(x) if float(x).is_integer() else x
+
+
+def _family_fields(cfg: ModelConfig, family: str) -> dict[str, Any]:
+    """The fields of ``family``'s config.json beyond the dimensions every family has."""
+    layers = range(cfg.num_layers)
+    types = [LOCAL if cfg.is_local_layer(i) else GLOBAL for i in layers]
+    window = cfg.sliding_window if LOCAL in types else None
+    if family == "llama":
+        return dict(hidden_act="silu", attention_bias=False, mlp_bias=False)
+    if family == "mistral":
+        return dict(hidden_act="silu", sliding_window=window)
+    if family == "mixtral":
+        return dict(hidden_act="silu", sliding_window=window, num_local_experts=cfg.num_experts,
+                    intermediate_size=cfg.resolved_expert_mlp_dim,
+                    num_experts_per_tok=cfg.experts_per_token, router_aux_loss_coef=cfg.aux_loss_coef)
+    if family in ("qwen2", "qwen3"):
+        first_local = types.index(LOCAL) if window else cfg.num_layers
+        out = dict(hidden_act="silu", use_sliding_window=window is not None, sliding_window=window,
+                   max_window_layers=first_local, layer_types=types)
+        return out if family == "qwen2" else dict(out, attention_bias=False)
+    out = dict(hidden_activation="gelu_pytorch_tanh", attention_bias=False,
+               query_pre_attn_scalar=_number(cfg.query_pre_attn_scalar or cfg.resolved_head_dim),
+               attn_logit_softcapping=float(cfg.attn_logit_softcap) or None,
+               final_logit_softcapping=float(cfg.final_logit_softcap) or None,
+               sliding_window=window, layer_types=types)
+    if family == "gemma3_text":
+        full = _rope_parameters(cfg)
+        local = ({"rope_type": "default", "rope_theta": cfg.rope_local_theta}
+                 if cfg.rope_local_theta else dict(full))
+        out.update(rope_parameters={GLOBAL: full, LOCAL: local}, use_bidirectional_attention=False)
+    return out
+
+
+def hf_config_from_model(cfg: ModelConfig, bos_id: int | None = None,
+                         eos_id: int | None = None) -> dict[str, Any]:
+    """A Hugging Face ``config.json`` for a meshlm architecture, in the family ``family_of``
+    picks (MoE -> mixtral; norm_plus_one -> gemma3_text with qk_norm, else gemma2; qk_norm ->
+    qwen3; qkv_bias -> qwen2; a window on every layer -> mistral; else llama); ConversionError
+    naming the first key that family cannot express (nothing is exported rather than a model that
+    computes something else)."""
+    family = family_of(cfg)
+    if found := _inexpressible(cfg, family):
+        key, why = found
+        raise ConversionError(f"model.{key}={getattr(cfg, key)} has no Hugging Face form ({why}); "
+                              "nothing was written")
+    out: dict[str, Any] = dict(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.mlp_dim,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.resolved_head_dim,
+        max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
+        rope_parameters=_rope_parameters(cfg), rope_theta=cfg.rope_theta,
+        tie_word_embeddings=cfg.tie_embeddings, attention_dropout=0.0, dtype=cfg.param_dtype,
+        bos_token_id=bos_id, eos_token_id=eos_id)
+    out.update(_family_fields(cfg, family))
+    return {"architectures": [FAMILIES[family][0]], "model_type": family, **out}
