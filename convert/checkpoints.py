@@ -1,18 +1,53 @@
 """Converting checkpoints between meshlm and the formats users arrive and leave with (the commands
 ``python -m convert import|export`` are ``cli/convert.py``).
 
-``import`` reads a Hugging Face model directory (``config.json``, ``*.safetensors``, ``tokenizer.json``
-[+ ``tokenizer_config.json``]) of the Llama or Mixtral family, or a Llama-family GGUF file (its
-embedded tokenizer and chat template converted), and writes a meshlm run directory:
-``config.yaml``, the tokenizer and an Orbax checkpoint at step 0 holding the parameters, usable by
-``python -m eval``, ``python -m train.finetune`` and ``export``. Nothing is written to RUN_DIR
-unless the whole import succeeds (it is assembled beside it and renamed). Tensors are read one
-parameter at a time, each converted into the run's dtype as it is read and placed on the device,
-so the host never holds the model more than once (before: two or three float32 copies).
+``import`` reads a Hugging Face model directory (``config.json``, ``*.safetensors`` — sharded ones
+through ``model.safetensors.index.json``, which alone decides which file holds each tensor, so a
+stray ``consolidated.safetensors`` beside the shards is never read — ``tokenizer.json`` [+
+``tokenizer_config.json``]) or a GGUF file (its embedded tokenizer and chat template converted), and
+writes a meshlm run directory: ``config.yaml``, the tokenizer and an Orbax checkpoint at step 0
+holding the parameters, usable by ``python -m eval``, ``python -m train.finetune`` and ``export``.
+Nothing is written to RUN_DIR unless the whole import succeeds (it is assembled beside it and
+renamed). The parameters keep the checkpoint's stored dtype (``config.json``'s ``dtype`` or
+``torch_dtype``: bfloat16 stays bfloat16; float16 widens to float32, which holds it exactly) unless
+``dtype`` says otherwise.
+
+Streaming: the run's mesh is built first (by default ``mesh.fsdp=-1``: every parameter split over
+all devices; ``section.key=value`` overrides choose another) and each parameter is created on it as
+an empty sharded array; the Hugging Face tensors are then read one at a time, straight from the file
+into host memory in their stored dtype (``safetensors_io.read_tensor``), put on the devices already
+split as that parameter's layer slot is split, and written into their slot by a jitted
+``dynamic_update_slice`` that donates the parameter (updated in place, never copied). The host never
+holds a whole [layers, ...] stack, nor the model in float32. Bound on the peak resident memory of
+the import (VmHWM), measured by tests/test_convert_scale.py and ``bench.convert``:
+
+    VmHWM <= before + params + 2 x largest tensor + HOST_SLACK
+
+``before`` is the process before the import reads a tensor (Python, JAX, the libraries), ``params``
+the device arrays' bytes in the run's dtype (on a CPU host the devices' memory is host memory; on
+accelerators this term moves off the host), the largest tensor counted in the wider of its stored
+and the run's dtype (its host copy as read, and its device copy, cast on the device), and
+HOST_SLACK = 64 MiB for the allocator and the compiled update programs. (Measured: 1.0 GB
+checkpoint, VmHWM 111 MiB above before + params against 192 MiB allowed; 2.5 GB, 657 against
+1066.) Saving the Orbax checkpoint afterwards costs more: Orbax (TensorStore) keeps the chunks it
+writes in host memory until they are on disk, on this CPU host up to the parameters once more
+(measured +0.65 GiB for 0.92 GiB of parameters, +1.9 GiB for 2.3 GiB), so while saving
+VmHWM <= before + 2 x params + HOST_SLACK: twice the parameters in the run's dtype. (Orbax's
+``save_concurrent_gb`` bounds that buffer: 0.05 GB cut it to 104 MiB in a measurement;
+train/checkpoint.py's Checkpointer, which the import saves through, leaves it at Orbax's
+default.)
 
 ``export`` writes a run's latest checkpoint (merge LoRA adapters first) in the Hugging Face layout:
-``config.json``, ``generation_config.json``, ``model.safetensors`` and, for Hugging Face
-tokenizers, ``tokenizer.json`` and ``tokenizer_config.json`` — loadable by ``transformers``.
+``config.json``, ``generation_config.json``, sharded safetensors (at most ``shard_size`` bytes each,
+split and named as ``transformers`` does: ``model.safetensors`` alone, or
+``model-00001-of-00003.safetensors``... with ``model.safetensors.index.json``) and, for Hugging Face
+tokenizers, ``tokenizer.json`` and ``tokenizer_config.json`` — loadable by ``transformers``. The
+parameters are restored sharded over the devices, and each Hugging Face tensor is gathered alone
+(one layer's slot of one parameter) and written straight into its file
+(``safetensors_io.SafetensorsWriter``), in the run's ``param_dtype`` unless ``dtype`` says
+otherwise: the host holds one tensor twice (gathered, and in the Hugging Face layout) beside what
+Orbax's restore holds (measured: VmHWM 0.8 GiB above before + params for 2.3 GiB of parameters).
+Nothing is written to OUT_DIR unless the whole export succeeds.
 
 Bad input (unknown architecture, missing or misshapen tensors, an unsupported GGUF quantisation,
 an existing RUN_DIR) is a ConversionError (a ValueError) with a one-line message.
@@ -20,48 +55,87 @@ an existing RUN_DIR) is a ConversionError (a ValueError) with a one-line message
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import functools
 import json
 import os
+import re
 import shutil
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 from flax import nnx
-from safetensors import SafetensorError, safe_open
-from safetensors.numpy import save_file
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from convert.gguf_import import hf_config, hf_tensors, open_gguf
 from convert.hf_layout import (
     ConversionError,
     HFTensors,
+    Layout,
     LazyTensors,
+    check_names,
     hf_config_from_model,
-    hf_from_params,
+    hf_shape,
     model_config_from_hf,
-    params_from_hf,
+    parameter_sources,
 )
-from core.errors import first_line
+from convert.safetensors_io import (
+    DTYPES,
+    Entry,
+    SafetensorsWriter,
+    plan_shards,
+    read_header,
+    read_tensor,
+)
+from core.errors import ConfigError
 from data.hf_tokenizer import HFTokenizer, read_json_object, tokenizer_from_gguf
 from inference.load import load_run, read_run_config
-from model.config import ModelConfig
+from model.config import RUNTIME_KEYS, ModelConfig
 from model.transformer import Transformer
+from sharding.mesh import MeshConfig, make_mesh
+from sharding.rules import Rules, default_rules, tree_shardings
 from train.checkpoint import Checkpointer
-from train.config import CheckpointConfig, Config, DataConfig, RunConfig, TrainConfig
+from train.config import (
+    CheckpointConfig,
+    Config,
+    DataConfig,
+    RunConfig,
+    TrainConfig,
+    build_config,
+    parse_override,
+)
 from train.run_dir import RunDir
 from train.state import TrainState
+from train.validate import check_sharding
 
 INDEX_FILE = "model.safetensors.index.json"
 MAX_WINDOW = 2048  # the imported run's train.seq_len (generation window) at most; --seq-len overrides
-
+PARAMETERS_SPLIT = MeshConfig(data=1, fsdp=-1)  # import and export: each device holds 1/n of each
+DEFAULT_SHARD_SIZE = 5 * 10**9  # bytes, as Hugging Face counts a "5GB" shard
+HOST_SLACK = 64 << 20  # the constant of the import's memory bound (module docstring)
+RUN_DTYPES = ("float32", "bfloat16")
+STORED_AS = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float32", "float64": "float32"}
+NOT_OVERRIDDEN = {"run.dir": "it is RUN_DIR", "data.tokenizer": "it is the checkpoint's tokenizer",
+                  "model.param_dtype": "use --dtype"}
 
 # ------------------------------------------------------------------------------------------ sources
+
+
+@dataclasses.dataclass
+class Source:
+    """What an import reads: the architecture, the tensors (each read when looked up), the
+    tokenizer, and the dtype the tensors are stored in (the run's default)."""
+
+    cfg: ModelConfig
+    tensors: HFTensors
+    tokenizer: Any
+    dtype: str
 
 
 def _shard(src: Path, name: Any) -> Path:
@@ -72,83 +146,88 @@ def _shard(src: Path, name: Any) -> Path:
     return src / name
 
 
-def _tensor_names(path: Path) -> list[str]:
-    try:
-        with safe_open(str(path), framework="numpy") as f:
-            return list(f.keys())
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ConversionError(f"{path} is not a readable safetensors file ({first_line(e)})") from None
-
-
-def _tensor_reader(path: Path, name: str) -> Callable[[], np.ndarray]:
-    def read() -> np.ndarray:
-        try:
-            with safe_open(str(path), framework="numpy") as f:
-                return f.get_tensor(name)
-        except (SafetensorError, OSError, ValueError, TypeError) as e:
-            raise ConversionError(f"tensor {name} of {path} is not readable ({first_line(e)})") from None
-
-    return read
-
-
-def _files_by_index(src: Path) -> dict[str, Path]:
-    """Tensor name -> the shard ``model.safetensors.index.json`` names for it (each checked to
-    hold it)."""
+def _entries_by_index(src: Path) -> dict[str, tuple[Path, Entry]]:
+    """Tensor name -> (the shard ``model.safetensors.index.json`` names for it, its header entry);
+    each shard is checked to hold the tensors the index puts in it."""
     weight_map = read_json_object(src / INDEX_FILE).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise ConversionError(f"{src / INDEX_FILE} has no weight_map of tensor names to files")
     files = {name: _shard(src, file) for name, file in weight_map.items()}
-    for path in set(files.values()):
-        held = set(_tensor_names(path))
-        if missing := sorted(n for n, p in files.items() if p == path and n not in held):
-            raise ConversionError(f"{src / INDEX_FILE} puts tensor {missing[0]} in {path}, which "
-                                  "does not hold it")
-    return files
+    headers = {path: read_header(path) for path in set(files.values())}
+    if missing := sorted(n for n, p in files.items() if n not in headers[p]):
+        raise ConversionError(f"{src / INDEX_FILE} puts tensor {missing[0]} in {files[missing[0]]}, "
+                              "which does not hold it")
+    return {name: (path, headers[path][name]) for name, path in files.items()}
 
 
-def read_safetensors(src: Path) -> HFTensors:
-    """The tensors of ``src``'s safetensors, each read when looked up. With
+def safetensors_entries(src: Path) -> dict[str, tuple[Path, Entry]]:
+    """Tensor name -> (its file, its header entry) for ``src``'s safetensors. With
     ``model.safetensors.index.json`` its ``weight_map`` says which file holds each tensor (other
     files, such as Mistral's consolidated.safetensors beside the shards, are not read); without it
     every ``*.safetensors`` file is read, and a tensor in two of them is refused."""
     if (src / INDEX_FILE).is_file():
-        files = _files_by_index(src)
-    else:
-        files = {}
-        for path in sorted(src.glob("*.safetensors")):
-            for name in _tensor_names(path):
-                if name in files:
-                    raise ConversionError(f"tensor {name} is in both {files[name]} and {path}, and "
-                                          f"no {INDEX_FILE} says which to read")
-                files[name] = path
-        if not files and not any(src.glob("*.safetensors")):
-            raise ConversionError(f"{src} holds no *.safetensors weights (only safetensors are "
-                                  "read, never pickled .bin files)")
-    return LazyTensors({name: _tensor_reader(path, name) for name, path in files.items()})
+        return _entries_by_index(src)
+    entries: dict[str, tuple[Path, Entry]] = {}
+    for path in sorted(src.glob("*.safetensors")):
+        for name, entry in read_header(path).items():
+            if name in entries:
+                raise ConversionError(f"tensor {name} is in both {entries[name][0]} and {path}, and "
+                                      f"no {INDEX_FILE} says which to read")
+            entries[name] = (path, entry)
+    if not entries and not any(src.glob("*.safetensors")):
+        raise ConversionError(f"{src} holds no *.safetensors weights (only safetensors are read, "
+                              "never pickled .bin files)")
+    return entries
 
 
-def read_hf_dir(src: Path) -> tuple[ModelConfig, HFTensors, Any]:
-    """(architecture, tensors, tokenizer) of a Hugging Face model directory."""
+def lazy_tensors(entries: Mapping[str, tuple[Path, Entry]]) -> HFTensors:
+    """The tensors ``entries`` locate, each read when looked up, in its stored dtype."""
+    return LazyTensors({name: functools.partial(read_tensor, path, name, entry)
+                        for name, (path, entry) in entries.items()})
+
+
+def read_safetensors(src: Path) -> HFTensors:
+    """The tensors of ``src``'s safetensors (see ``safetensors_entries``), each read when looked
+    up, in its stored dtype."""
+    return lazy_tensors(safetensors_entries(src))
+
+
+def stored_dtype(hf: Mapping[str, Any], stored: Sequence[np.dtype] = ()) -> str:
+    """The run dtype that keeps a checkpoint's stored dtype: ``config.json``'s ``dtype`` (or
+    ``torch_dtype``), else the dtype most of the ``stored`` tensors have; float16 widens to float32
+    (meshlm keeps parameters in float32 or bfloat16); float32 when nothing says."""
+    name = hf.get("dtype") or hf.get("torch_dtype")
+    if not isinstance(name, str) and stored:
+        name = collections.Counter(np.dtype(d).name for d in stored).most_common(1)[0][0]
+    return STORED_AS.get(str(name).removeprefix("torch."), "float32")
+
+
+def read_hf_dir(src: Path) -> Source:
+    """A Hugging Face model directory: its architecture, tensors, tokenizer and stored dtype."""
     config_file = src / "config.json"
     if not config_file.is_file():
         raise ConversionError(f"{src} has no config.json: not a Hugging Face model directory")
-    cfg = model_config_from_hf(read_json_object(config_file))
+    hf = read_json_object(config_file)
+    cfg = model_config_from_hf(hf)
     if not (src / "tokenizer.json").is_file():
         raise ConversionError(f"{src} has no tokenizer.json (a Hugging Face fast tokenizer is needed)")
     extra = src / "tokenizer_config.json"
     tokenizer = HFTokenizer.from_files(src / "tokenizer.json", extra if extra.is_file() else None)
-    return cfg, read_safetensors(src), tokenizer
+    entries = safetensors_entries(src)
+    return Source(cfg, lazy_tensors(entries), tokenizer,
+                  stored_dtype(hf, [e.dtype for _, e in entries.values()]))
 
 
-def read_gguf(src: Path) -> tuple[ModelConfig, HFTensors, Any]:
-    """(architecture, dequantised tensors in the Hugging Face layout, tokenizer) of a GGUF file."""
+def read_gguf(src: Path) -> Source:
+    """A GGUF file: architecture, dequantised tensors in the Hugging Face layout, tokenizer; float32
+    unless its Hugging Face-style config names a dtype."""
     reader = open_gguf(src)
     hf = hf_config(reader)
-    cfg = model_config_from_hf(hf)
-    return cfg, hf_tensors(reader, hf), tokenizer_from_gguf(src)
+    return Source(model_config_from_hf(hf), hf_tensors(reader, hf), tokenizer_from_gguf(src),
+                  stored_dtype(hf))
 
 
-def read_source(src: Path) -> tuple[ModelConfig, HFTensors, Any]:
+def read_source(src: Path) -> Source:
     if src.is_dir():
         return read_hf_dir(src)
     if src.is_file():
@@ -159,59 +238,175 @@ def read_source(src: Path) -> tuple[ModelConfig, HFTensors, Any]:
 # ------------------------------------------------------------------------------------------- import
 
 
+def _slot(tensors: HFTensors, name: str, layout: Layout, cfg: ModelConfig,
+          slot_shape: tuple[int, ...]) -> np.ndarray:
+    """Tensor ``name`` read now, in its stored dtype, as a view in the meshlm slot's layout;
+    ConversionError if its shape is not the one the config implies."""
+    want, w = hf_shape(layout, cfg, slot_shape), tensors[name]
+    if tuple(w.shape) != want:
+        raise ConversionError(f"tensor {name} has shape {tuple(w.shape)}, the config implies {want} "
+                              "(shape mismatch)")
+    return layout.to_meshlm(np.asarray(w), cfg)
+
+
 def abstract_params(cfg: ModelConfig) -> Any:
     """The parameter State of the model ``cfg`` describes, as shapes (nothing allocated)."""
     return nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))))[1]
 
 
-def param_shapes(abstract: Any) -> dict[tuple[str, ...], tuple[int, ...]]:
-    """The shape of every parameter of ``abstract``, by path."""
-    return {tuple(str(p) for p in path): tuple(var.shape) for path, var in nnx.to_flat_state(abstract)}
+def _slot_sharding(sharding: NamedSharding, stacked: int) -> NamedSharding:
+    """How one slot (the trailing axes after ``stacked`` leading ones) of an array split by
+    ``sharding`` is split: as the array's own trailing axes, so writing it moves no data."""
+    return NamedSharding(sharding.mesh, PartitionSpec(*tuple(sharding.spec)[stacked:]))
 
 
-def params_state(abstract: Any, makers: Mapping[tuple[str, ...], Callable[[], np.ndarray]]) -> Any:
-    """``abstract``'s State on one device, each parameter made (read and converted,
-    ``params_from_hf``) and placed in turn: the host holds one parameter at a time."""
-    return nnx.from_flat_state([(path, var.replace(jnp.asarray(makers[tuple(str(p) for p in path)]())))
-                                for path, var in nnx.to_flat_state(abstract)])
+def _write_slot(buf: jax.Array, slot: jax.Array, index: jax.Array) -> jax.Array:
+    """``buf`` with ``slot`` (cast to its dtype) at leading ``index``."""
+    k = index.shape[0]
+    update = slot.astype(buf.dtype).reshape((1,) * k + slot.shape)
+    return jax.lax.dynamic_update_slice(buf, update, [index[i] for i in range(k)] + [0] * slot.ndim)
 
 
-def run_config(cfg: ModelConfig, run_dir: Path, seq_len: int) -> Config:
-    """The imported run's Config: the architecture, its tokenizer, a generation window."""
-    return Config(model=cfg, data=DataConfig(tokenizer=f"run:{run_dir}"),
+@functools.cache
+def _slot_writer(sharding: NamedSharding) -> Callable[..., jax.Array]:
+    # Donating ``buf`` makes the update in place: the device holds the parameter once, plus one slot.
+    return jax.jit(_write_slot, donate_argnums=0, out_shardings=sharding)
+
+
+@functools.cache
+def _caster(dtype: str, sharding: NamedSharding) -> Callable[[jax.Array], jax.Array]:
+    return jax.jit(lambda x: x.astype(dtype), donate_argnums=0, out_shardings=sharding)
+
+
+def place_parameter(tensors: HFTensors, cfg: ModelConfig, source: tuple[Layout, list[str], int],
+                    shape: tuple[int, ...], dtype: str, sharding: NamedSharding) -> jax.Array:
+    """One parameter, created empty on the devices as ``sharding`` splits it, then filled slot by
+    slot: each HF tensor is read alone, put on the devices split like its slot, cast there and
+    written into the donated parameter. (Rather than ``jax.make_array_from_callback``, whose
+    callback would run once per device: each device of a [layers, ...] stack split on an inner axis
+    needs a part of every layer's tensor, so every tensor would be read once per device, or the
+    whole stack kept on the host between callbacks.)"""
+    layout, names, stacked = source
+    if not stacked:
+        part = jax.device_put(_slot(tensors, names[0], layout, cfg, shape), sharding)
+        return part if part.dtype == dtype else _caster(dtype, sharding)(part)
+    buf = jnp.zeros(shape, dtype, device=sharding)
+    inner, write = _slot_sharding(sharding, stacked), _slot_writer(sharding)
+    for index, name in zip(np.ndindex(*shape[:stacked]), names, strict=True):
+        part = jax.device_put(_slot(tensors, name, layout, cfg, shape[stacked:]), inner)
+        buf = write(buf, part, jnp.asarray(index, jnp.int32))
+        del part  # the host copy went with the slot's read; its device copy goes here
+    return buf
+
+
+def device_params(cfg: ModelConfig, tensors: HFTensors, mesh: Mesh, rules: Rules) -> Any:
+    """The model's parameter State, each parameter on ``mesh`` with its logical sharding, read
+    tensor by tensor from ``tensors`` (see ``place_parameter``)."""
+    abstract = abstract_params(cfg)
+    check_names(list(tensors), cfg)
+    sources = parameter_sources(cfg)
+    shardings = dict(nnx.to_flat_state(tree_shardings(abstract, mesh, rules)))
+    out = []
+    for path, var in nnx.to_flat_state(abstract):
+        placed = place_parameter(tensors, cfg, sources[tuple(str(p) for p in path)], tuple(var.shape),
+                                 str(var.dtype), shardings[path].get_value())
+        out.append((path, var.replace(placed)))
+    return nnx.from_flat_state(out)
+
+
+def _check_overrides(overrides: Sequence[str]) -> None:
+    """ConfigError for an override an import cannot take: the architecture comes from the
+    checkpoint (only ``model``'s runtime keys may change), RUN_DIR and the tokenizer too."""
+    for text in overrides:
+        section, key, _ = parse_override(text)
+        if f"{section}.{key}" in NOT_OVERRIDDEN:
+            raise ConfigError(f"{section}.{key}", f"is not set by an override here: "
+                              f"{NOT_OVERRIDDEN[f'{section}.{key}']}")
+        if section == "model" and key not in RUNTIME_KEYS:
+            raise ConfigError(f"model.{key}", "comes from the checkpoint (only the model's runtime "
+                              f"keys may be overridden: {', '.join(sorted(RUNTIME_KEYS))})")
+
+
+def run_config(cfg: ModelConfig, run_dir: Path, seq_len: int, overrides: Sequence[str] = ()) -> Config:
+    """The imported run's Config: the architecture, its tokenizer, a generation window, parameters
+    split over every device (``PARAMETERS_SPLIT``), then ``overrides``."""
+    _check_overrides(overrides)
+    base = Config(model=cfg, mesh=PARAMETERS_SPLIT, data=DataConfig(tokenizer=f"run:{run_dir}"),
                   train=TrainConfig(seq_len=seq_len, batch_size=8), run=RunConfig(dir=str(run_dir)))
+    out = build_config(base.to_dict(), list(overrides))
+    for key, message in out.model.problems():
+        raise ConfigError(f"model.{key}", message)
+    return out
 
 
-def import_checkpoint(src: str | Path, run_dir: str | Path, *, seq_len: int = 0,
-                      dtype: str = "float32") -> Path:
-    """Converts a Hugging Face directory or GGUF file into a new meshlm run directory; returns it."""
+@dataclasses.dataclass
+class ImportPlan:
+    """An import checked before any device work: what is read, and the run's Config (whose
+    ``run.cpu_devices`` a command emulates before JAX starts)."""
+
+    src: Path
+    run_dir: Path
+    source: Source
+    cfg: Config
+
+
+def plan_import(src: str | Path, run_dir: str | Path, *, seq_len: int = 0, dtype: str = "",
+                overrides: Sequence[str] = ()) -> ImportPlan:
+    """Reads the source's config and headers and checks everything that needs no device; ``dtype``
+    "" keeps the stored dtype."""
     src, run_dir = Path(src), Path(run_dir).resolve()
     if run_dir.exists() and any(run_dir.iterdir()):
         raise ConversionError(f"{run_dir} already exists and is not empty (nothing was overwritten)")
-    cfg, tensors, tokenizer = read_source(src)
-    cfg = dataclasses.replace(cfg, param_dtype=dtype, dtype=dtype)
-    if tokenizer.vocab_size > cfg.vocab_size:
-        raise ConversionError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only "
-                              f"{cfg.vocab_size}")
+    source = read_source(src)
+    dtype = dtype or source.dtype
+    cfg = dataclasses.replace(source.cfg, param_dtype=dtype, dtype=dtype)
+    if source.tokenizer.vocab_size > cfg.vocab_size:
+        raise ConversionError(f"the tokenizer has {source.tokenizer.vocab_size} ids but the model "
+                              f"only {cfg.vocab_size}")
     seq_len = seq_len or min(cfg.max_seq_len, MAX_WINDOW)
     if not 1 <= seq_len <= cfg.max_seq_len:
         raise ConversionError(f"--seq-len must be in [1, {cfg.max_seq_len}], got {seq_len}")
-    abstract = abstract_params(cfg)
-    makers = params_from_hf(tensors, cfg, param_shapes(abstract), jnp.dtype(cfg.param_dtype))
-    state = TrainState(jnp.zeros((), jnp.int32), params_state(abstract, makers), {})
-    del makers, tensors
+    return ImportPlan(src, run_dir, source, run_config(cfg, run_dir, seq_len, overrides))
+
+
+def mesh_sizes(mesh: MeshConfig) -> dict[str, int]:
+    """The mesh's axis sizes on this host's devices; ConfigError naming the key that does not fit."""
+    try:
+        return mesh.sizes(jax.device_count())
+    except ValueError as e:
+        key, _, message = str(e).partition(": ")
+        raise ConfigError(key, message) from None
+
+
+def run_mesh(cfg: Config) -> Mesh:
+    """The run's mesh on this host's devices; ConfigError naming the key that does not fit."""
+    check_sharding(cfg, mesh_sizes(cfg.mesh))
+    return make_mesh(cfg.mesh)
+
+
+def save_params(run_dir: Path, cfg: Config, params: Any, tokenizer: Any, meta: dict[str, Any]) -> None:
+    """A run directory holding ``params`` as its step-0 checkpoint."""
+    RunDir(run_dir).write_config(cfg)
+    RunDir(run_dir).save_tokenizer(tokenizer)
+    checkpointer = Checkpointer(run_dir, CheckpointConfig(every=0, keep=1, async_save=False))
+    try:
+        checkpointer.save(0, TrainState(jnp.zeros((), jnp.int32), params, {}), meta, {})
+        checkpointer.wait()
+    finally:
+        checkpointer.close()
+
+
+def write_import(plan: ImportPlan) -> Path:
+    """Places the parameters on the run's mesh and writes the run directory (atomically)."""
+    mesh = run_mesh(plan.cfg)
+    params = device_params(plan.cfg.model, plan.source.tensors, mesh, default_rules())
+    run_dir = plan.run_dir
     scratch = run_dir.with_name(f".{run_dir.name}.importing-{os.getpid()}")
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
     try:
-        RunDir(scratch).write_config(run_config(cfg, run_dir, seq_len))
-        RunDir(scratch).save_tokenizer(tokenizer)
-        checkpointer = Checkpointer(scratch, CheckpointConfig(every=0, keep=1, async_save=False))
-        try:
-            checkpointer.save(0, state, {"step": 0, "imported_from": str(src.resolve())}, {})
-            checkpointer.wait()
-        finally:
-            checkpointer.close()
+        save_params(scratch, plan.cfg, params, plan.source.tokenizer,
+                    {"step": 0, "imported_from": str(plan.src.resolve())})
         if run_dir.exists():
             run_dir.rmdir()  # empty (checked above)
         scratch.rename(run_dir)
@@ -219,6 +414,14 @@ def import_checkpoint(src: str | Path, run_dir: str | Path, *, seq_len: int = 0,
         shutil.rmtree(scratch, ignore_errors=True)
         raise
     return run_dir
+
+
+def import_checkpoint(src: str | Path, run_dir: str | Path, *, seq_len: int = 0, dtype: str = "",
+                      overrides: Sequence[str] = ()) -> Path:
+    """Converts a Hugging Face directory or GGUF file into a new meshlm run directory; returns it.
+    ``dtype`` "" keeps the stored dtype; ``overrides`` are ``section.key=value`` of the run's
+    config (e.g. ``mesh.fsdp=4``)."""
+    return write_import(plan_import(src, run_dir, seq_len=seq_len, dtype=dtype, overrides=overrides))
 
 
 # ------------------------------------------------------------------------------------------- export
@@ -245,30 +448,122 @@ def save_hf_tokenizer(tokenizer: Any, out_dir: Path) -> None:
     (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
-def export_checkpoint(run_dir: str | Path, out_dir: str | Path, *, dtype: str = "float32") -> Path:
-    """Writes the run's latest (or given step's) parameters in the Hugging Face layout."""
-    out_dir = Path(out_dir)
+@dataclasses.dataclass(frozen=True)
+class OutTensor:
+    """One Hugging Face tensor of an export: slot ``index`` of parameter ``path``."""
+
+    name: str
+    path: tuple[str, ...]
+    index: tuple[int, ...]
+    layout: Layout
+    shape: tuple[int, ...]
+
+
+def _file_order(t: OutTensor) -> tuple[int, int]:
+    """Files hold the embeddings first, then layer by layer, then the rest (as transformers
+    orders a state dict), so that a layer's tensors share a file."""
+    layer = re.search(r"\.layers\.(\d+)\.", t.name)
+    return (1, int(layer.group(1))) if layer else (0 if t.path[0] == "embed" else 2, 0)
+
+
+def out_tensors(cfg: ModelConfig, shapes: Mapping[tuple[str, ...], tuple[int, ...]]) -> list[OutTensor]:
+    """Every Hugging Face tensor of the model, in file order, with its shape (nothing is read)."""
+    out = []
+    for path, (layout, names, stacked) in parameter_sources(cfg).items():
+        shape = shapes[path]
+        for index, name in zip(np.ndindex(*shape[:stacked]), names, strict=True):
+            out.append(OutTensor(name, path, index, layout, hf_shape(layout, cfg, shape[stacked:])))
+    return sorted(out, key=_file_order)
+
+
+def _read_slot(param: jax.Array, index: jax.Array) -> jax.Array:
+    k = index.shape[0]
+    sizes = (1,) * k + param.shape[k:]
+    starts = [index[i] for i in range(k)] + [0] * (param.ndim - k)
+    return jax.lax.dynamic_slice(param, starts, sizes).reshape(param.shape[k:])
+
+
+@functools.cache
+def _slot_reader(sharding: NamedSharding) -> Callable[..., jax.Array]:
+    return jax.jit(_read_slot, out_shardings=sharding)
+
+
+def gather_slot(param: jax.Array, index: tuple[int, ...]) -> np.ndarray:
+    """Slot ``index`` (leading axes) of a sharded parameter, on the host: one slot is gathered,
+    never the parameter."""
+    if not index:
+        return np.asarray(jax.device_get(param))
+    reader = _slot_reader(_slot_sharding(param.sharding, len(index)))
+    return np.asarray(jax.device_get(reader(param, jnp.asarray(index, jnp.int32))))
+
+
+def write_safetensors(params: Mapping[tuple[str, ...], jax.Array], cfg: ModelConfig, out_dir: Path,
+                      dtype: str, shard_size: int) -> None:
+    """The parameters as Hugging Face safetensors files in ``out_dir`` (and their index when there
+    are several), one tensor gathered, converted and written at a time."""
+    tensors = out_tensors(cfg, {path: tuple(p.shape) for path, p in params.items()})
+    np_dtype = DTYPES["BF16" if dtype == "bfloat16" else "F32"]
+    by_name = {t.name: t for t in tensors}
+    files = plan_shards(((t.name, int(np.prod(t.shape)) * np_dtype.itemsize) for t in tensors),
+                        shard_size)
+    for file, names in files.items():
+        specs = {name: (np_dtype, by_name[name].shape) for name in names}
+        with SafetensorsWriter(out_dir / file, specs, {"format": "pt"}) as writer:
+            for name in names:
+                t = by_name[name]
+                slot = gather_slot(params[t.path], t.index)
+                writer.write(name, np.ascontiguousarray(t.layout.to_hf(slot, cfg), np_dtype))
+                del slot
+    if len(files) > 1:
+        total = sum(int(np.prod(t.shape)) for t in tensors)
+        index = {"metadata": {"total_parameters": total, "total_size": total * np_dtype.itemsize},
+                 "weight_map": {name: file for file, names in files.items() for name in names}}
+        (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def _flat_params(params: Any) -> Iterator[tuple[tuple[str, ...], jax.Array]]:
+    for path, var in nnx.to_flat_state(params):
+        yield tuple(str(p) for p in path), var.get_value()
+
+
+def export_checkpoint(run_dir: str | Path, out_dir: str | Path, *, dtype: str = "",
+                      shard_size: int = DEFAULT_SHARD_SIZE, mesh: MeshConfig = PARAMETERS_SPLIT) -> Path:
+    """Writes the run's latest (or given step's) parameters in the Hugging Face layout, restored
+    onto ``mesh`` (default: every parameter split over all devices), in files of at most
+    ``shard_size`` bytes (a larger tensor alone in its file); ``dtype`` "" keeps the run's
+    ``param_dtype``."""
+    out_dir = Path(out_dir).resolve()
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ConversionError(f"{out_dir} already exists and is not empty (nothing was overwritten)")
+    if shard_size < 1:
+        raise ConversionError(f"the shard size must be at least 1 byte, got {shard_size}")
     hf_config_from_model(read_run_config(run_dir).model)  # refused before the weights are read
-    run = load_run(run_dir)
+    mesh_sizes(mesh)
+    run = load_run(run_dir, mesh)
     cfg, tokenizer = run.cfg.model, run.tokenizer
+    dtype = dtype or cfg.param_dtype
     bos, eos = special_ids(tokenizer)
-    hf_cfg = hf_config_from_model(cfg, bos, eos)
-    params = {tuple(str(p) for p in path): np.asarray(jax.device_get(var[...]), np.float32)
-              for path, var in nnx.to_flat_state(run.params)}
-    tensors = hf_from_params(params, cfg)
-    if dtype == "bfloat16":
-        tensors = {k: v.astype(ml_dtypes.bfloat16) for k, v in tensors.items()}
-    hf_cfg["dtype"] = dtype  # of the written tensors
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-    (out_dir / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
-    generation = {"bos_token_id": hf_cfg["bos_token_id"], "eos_token_id": eos}
-    (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-    if tokenizer.kind == "hf":
-        save_hf_tokenizer(tokenizer, out_dir)
-    else:
-        print(f"warning: the run's {tokenizer.kind!r} tokenizer has no Hugging Face form; only the "
-              "weights and config were written", file=sys.stderr)
+    hf_cfg = {**hf_config_from_model(cfg, bos, eos), "dtype": dtype}  # of the written tensors
+    scratch = out_dir.with_name(f".{out_dir.name}.exporting-{os.getpid()}")
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    try:
+        write_safetensors(dict(_flat_params(run.params)), cfg, scratch, dtype, shard_size)
+        (scratch / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
+        stops = list(tokenizer.stop_ids)  # EOS first, then end-of-turn ids
+        generation = {"bos_token_id": hf_cfg["bos_token_id"],
+                      "eos_token_id": stops if len(stops) > 1 else eos}
+        (scratch / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        if tokenizer.kind == "hf":
+            save_hf_tokenizer(tokenizer, scratch)
+        else:
+            print(f"warning: the run's {tokenizer.kind!r} tokenizer has no Hugging Face form; only "
+                  "the weights and config were written", file=sys.stderr)
+        if out_dir.exists():
+            out_dir.rmdir()  # empty (checked above)
+        scratch.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
     return out_dir
+

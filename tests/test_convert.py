@@ -15,29 +15,10 @@ import pytest
 import torch
 import transformers
 
+from tests.helpers import hf_logits, meshlm_logits, tiny_tokenizer
+
 ATOL = 1e-4  # whole model, float32
 VOCAB = 320
-
-
-def tiny_tokenizer(directory: Path) -> Path:
-    """A byte-level BPE tokenizer (< VOCAB ids) with a chat template, saved as HF files."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(["the cat sat on the mat", "a dog bites a man", "hello world"] * 20,
-                            trainer)
-    directory.mkdir(parents=True, exist_ok=True)
-    tok.save(str(directory / "tokenizer.json"))
-    (directory / "tokenizer_config.json").write_text(json.dumps({
-        "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "chat_template": "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>"
-                         "{% endfor %}{% if add_generation_prompt %}<s>assistant: {% endif %}"}))
-    return directory
 
 
 def hf_model(kind: str, **overrides):
@@ -59,21 +40,6 @@ def hf_model(kind: str, **overrides):
             if name.endswith("norm.weight"):
                 p.uniform_(0.5, 1.5)
     return model.eval()
-
-
-def hf_logits(model, tokens: np.ndarray) -> np.ndarray:
-    with torch.no_grad():
-        return model(torch.tensor(tokens, dtype=torch.long)).logits.float().numpy()
-
-
-def meshlm_logits(run_dir: Path, tokens: np.ndarray) -> np.ndarray:
-    from flax import nnx
-
-    from inference.load import load_run
-
-    run = load_run(run_dir)
-    model = nnx.merge(run.graphdef, run.params)
-    return np.asarray(model(tokens))
 
 
 TOKENS = np.random.default_rng(0).integers(0, VOCAB, (2, 12)).astype(np.int32)
@@ -419,7 +385,7 @@ def test_gguf_import_holds_the_model_once(eight_devices, tmp_path):
                      tie_word_embeddings=False)
     path = write_gguf(tmp_path / "f16.gguf", model, tiny_tokenizer(tmp_path / "tok"), f16=True)
     float32_bytes = 4 * sum(p.numel() for p in model.parameters())
-    import_checkpoint(path, tmp_path / "warm")  # compiles and imports what the import needs once
+    import_checkpoint(path, tmp_path / "warm", dtype="bfloat16")  # compiles what the import needs
     gc.collect()  # the import's own cyclic garbage is then collected when it makes it, not by chance
     tracemalloc.start()
     try:
