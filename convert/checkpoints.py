@@ -29,13 +29,13 @@ accelerators this term moves off the host), the largest tensor counted in the wi
 and the run's dtype (its host copy as read, and its device copy, cast on the device), and
 HOST_SLACK = 64 MiB for the allocator and the compiled update programs. (Measured: 1.0 GB
 checkpoint, VmHWM 111 MiB above before + params against 192 MiB allowed; 2.5 GB, 657 against
-1066.) Saving the Orbax checkpoint afterwards costs more: Orbax (TensorStore) keeps the chunks it
-writes in host memory until they are on disk, on this CPU host up to the parameters once more
-(measured +0.65 GiB for 0.92 GiB of parameters, +1.9 GiB for 2.3 GiB), so while saving
-VmHWM <= before + 2 x params + HOST_SLACK: twice the parameters in the run's dtype. (Orbax's
-``save_concurrent_gb`` bounds that buffer: 0.05 GB cut it to 104 MiB in a measurement;
-train/checkpoint.py's Checkpointer, which the import saves through, leaves it at Orbax's
-default.)
+1066.) Saving the Orbax checkpoint afterwards adds at most the largest parameter: Orbax
+(TensorStore) keeps the chunks it writes in host memory until they are on disk, by default up to the
+whole state once more (measured +0.65 GiB for 0.92 GiB of parameters), so the import's save lets
+one parameter at a time be in flight (``save_concurrent_gb`` = the largest parameter's size; Orbax
+refuses less) and while saving VmHWM <= before + params + 2 x largest tensor + largest parameter +
+HOST_SLACK (measured: +0.34 GiB above before + params for 0.92 GiB). On accelerators Orbax's copy
+from device to host is not bounded by that setting.
 
 ``export`` writes a run's latest checkpoint (merge LoRA adapters first) in the Hugging Face layout:
 ``config.json``, ``generation_config.json``, sharded safetensors (at most ``shard_size`` bytes each,
@@ -119,6 +119,7 @@ MAX_WINDOW = 2048  # the imported run's train.seq_len (generation window) at mos
 PARAMETERS_SPLIT = MeshConfig(data=1, fsdp=-1)  # import and export: each device holds 1/n of each
 DEFAULT_SHARD_SIZE = 5 * 10**9  # bytes, as Hugging Face counts a "5GB" shard
 HOST_SLACK = 64 << 20  # the constant of the import's memory bound (module docstring)
+
 RUN_DTYPES = ("float32", "bfloat16")
 STORED_AS = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float32", "float64": "float32"}
 NOT_OVERRIDDEN = {"run.dir": "it is RUN_DIR", "data.tokenizer": "it is the checkpoint's tokenizer",
@@ -388,7 +389,11 @@ def save_params(run_dir: Path, cfg: Config, params: Any, tokenizer: Any, meta: d
     """A run directory holding ``params`` as its step-0 checkpoint."""
     RunDir(run_dir).write_config(cfg)
     RunDir(run_dir).save_tokenizer(tokenizer)
-    checkpointer = Checkpointer(run_dir, CheckpointConfig(every=0, keep=1, async_save=False))
+    # Orbax writes the state with at most its largest array in flight (it refuses a smaller
+    # buffer), so the save adds that array, not the whole state once more, to host memory
+    largest = max(leaf.nbytes for leaf in jax.tree.leaves(params))
+    checkpointer = Checkpointer(run_dir, CheckpointConfig(every=0, keep=1, async_save=False),
+                                save_buffer_gb=(largest + 4096) / 1e9)
     try:
         checkpointer.save(0, TrainState(jnp.zeros((), jnp.int32), params, {}), meta, {})
         checkpointer.wait()

@@ -7,6 +7,7 @@ the same logits, keeping bfloat16; bad sizes and overrides are one ``error:`` li
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -191,24 +192,30 @@ ONE_GB_LLAMA = dict(vocab_size=32768, hidden_size=1024, intermediate_size=4096, 
                     tie_word_embeddings=False)  # 493M parameters: 0.99 GB in bfloat16
 
 
-def test_importing_a_one_gigabyte_checkpoint_stays_under_the_memory_bound(tmp_path):
+def test_importing_a_one_gigabyte_checkpoint_stays_under_the_memory_bound(tmp_path, monkeypatch):
     """A synthetic bfloat16 Llama of about 1 GB in 200 MB shards, imported onto 8 CPU devices in a
     fresh process (VmHWM from /proc/self/status). The bound of convert/checkpoints.py while the
     parameters are placed: before + params + 2 x largest tensor + 64 MiB. Orbax then holds the
-    chunks it writes in host memory until they reach disk, up to the model once more: the save is
-    bounded by before + 2 x params + 64 MiB. Neither is near the model in float32 beside them."""
+    chunks it writes in host memory until they reach disk, at most one parameter at a time (its
+    save_concurrent_gb, set to the largest): the save adds the largest parameter to that bound.
+    Neither is near the model in float32 beside them."""
     from bench.convert import measured, synthetic_checkpoint
 
+    # measured as users run it: the suite's unoptimised code generation (tests/conftest.py) does
+    # not update the layer slots in place
+    monkeypatch.setenv("XLA_FLAGS", os.environ["XLA_FLAGS"].replace(
+        "--xla_backend_optimization_level=0", ""))
     total = synthetic_checkpoint(tmp_path / "hf", ONE_GB_LLAMA, 200 * 10**6)
     m = measured("import", str(tmp_path / "hf"), str(tmp_path / "run"))
     before, placed, saved = (m[k] * 1024 for k in ("before_kib", "placed_kib", "saved_kib"))
     params, largest, slack = m["params_bytes"], m["largest_tensor_bytes"], m["slack_bytes"]
+    largest_param = m["largest_param_bytes"]
     print(f"checkpoint {total / MiB:.0f} MiB, params {params / MiB:.0f} MiB, largest tensor "
           f"{largest / MiB:.0f} MiB; VmHWM before {before / MiB:.0f} MiB, placed +"
           f"{(placed - before) / MiB:.0f} MiB, saved +{(saved - before) / MiB:.0f} MiB")
     assert params == total and m["devices"] == 8
     assert placed <= before + params + 2 * largest + slack
-    assert saved <= before + 2 * params + slack
+    assert saved <= before + params + 2 * largest + largest_param + slack
     assert (tmp_path / "run" / "checkpoints" / "0").is_dir()
 
 

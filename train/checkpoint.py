@@ -148,7 +148,12 @@ class Checkpointer:
     Saves always run through orbax's asynchronous checkpointer (so the manifest is written inside
     the temporary directory before its commit); ``async_save=False`` waits for each save."""
 
-    def __init__(self, run_dir: str | Path, cfg: CheckpointConfig, read_only: bool = False):
+    def __init__(self, run_dir: str | Path, cfg: CheckpointConfig, read_only: bool = False, *,
+                 save_buffer_gb: float | None = None):
+        """``save_buffer_gb``: at most this many GB of the state in flight to disk at once (Orbax's
+        ``save_concurrent_gb``; an array larger than it goes alone), where the host must not hold
+        the state twice (a checkpoint import on a CPU host, whose device arrays are host memory);
+        None keeps Orbax's default (96 GB) for training's saves."""
         self.run_dir = Path(run_dir).resolve()
         self.directory = RunDir(self.run_dir).checkpoints
         self.damaged = RunDir(self.run_dir).damaged_checkpoints
@@ -166,8 +171,15 @@ class Checkpointer:
             options = ocp.CheckpointManagerOptions(
                 max_to_keep=cfg.keep, enable_async_checkpointing=True, create=not read_only,
                 read_only=read_only, cleanup_tmp_directories=not read_only, async_options=async_options)
-            self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                                 item_names=("state", "meta", "data"))
+            if save_buffer_gb is None:
+                self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                                     item_names=("state", "meta", "data"))
+            else:
+                handlers = {"state": ocp.StandardCheckpointHandler(save_concurrent_gb=save_buffer_gb),
+                            "meta": ocp.JsonCheckpointHandler(),
+                            "data": grain.checkpoint.CheckpointHandler()}
+                self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                                     item_handlers=handlers)
         finally:
             absl_logger.setLevel(level)
 
