@@ -4,8 +4,6 @@ auxiliary losses, expert parallelism equal to one device, layouts, training, con
 import dataclasses
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
@@ -14,6 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from cli import train as train_cli
 from model.config import ModelConfig
 from model.flops import param_counts
 from model.loss import lm_logits
@@ -371,11 +370,9 @@ def test_moe_tiny_loss_falls_and_every_expert_gets_tokens(eight_devices, tmp_pat
     ("model.experts_per_token=9", "model.experts_per_token"),  # k > 8 experts
     ("model.capacity_factor=0", "model.capacity_factor"),
 ])
-def test_config_errors_exit_2_with_one_line(tmp_path, override, key):
-    result = subprocess.run([sys.executable, "-m", "train", "configs/moe_tiny.yaml", override,
-                             f"run.dir={tmp_path / 'run'}"], cwd=ROOT, capture_output=True, text=True,
-                            timeout=120)
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"error: {key}: "), result.stderr
+def test_config_errors_exit_2_with_one_line(eight_devices, tmp_path, capsys, override, key):
+    code = train_cli.main([str(ROOT / "configs/moe_tiny.yaml"), override,
+                           f"run.dir={tmp_path / 'run'}"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith(f"error: {key}: "), lines
     assert not (tmp_path / "run").exists()

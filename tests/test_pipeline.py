@@ -2,8 +2,6 @@
 per-process shards, exact resume from the iterator state, and data errors at the CLI."""
 
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -11,6 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from cli import train as train_cli
 from data.pipeline import Shard, eval_batches, regroup_state, train_dataset
 from data.tokenizer import ByteTokenizer
 from model.transformer import Transformer
@@ -176,13 +175,10 @@ ROOT = Path(__file__).resolve().parent.parent
     ("data.source=bogus", "data.source"),
     ("data.eval_fraction=1.5", "data.eval_fraction"),
 ])
-def test_data_errors_exit_2(tmp_path, override, message):
-    result = subprocess.run([sys.executable, "-m", "train", "configs/tiny.yaml", override,
-                             f"run.dir={tmp_path / 'run'}"], cwd=ROOT, capture_output=True,
-                            text=True, timeout=120)
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"error: {message}"), result.stderr
+def test_data_errors_exit_2(eight_devices, tmp_path, capsys, override, message):
+    code = train_cli.main([str(ROOT / "configs/tiny.yaml"), override, f"run.dir={tmp_path / 'run'}"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith(f"error: {message}"), lines
 
 
 def test_a_batch_mixes_many_documents():
