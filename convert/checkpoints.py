@@ -56,6 +56,7 @@ an existing RUN_DIR) is a ConversionError (a ValueError) with a one-line message
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import functools
 import json
@@ -401,24 +402,32 @@ def save_params(run_dir: Path, cfg: Config, params: Any, tokenizer: Any, meta: d
         checkpointer.close()
 
 
+@contextlib.contextmanager
+def assembled_beside(target: Path, doing: str) -> Iterator[Path]:
+    """A scratch directory beside ``target`` (an absent or empty directory) that becomes ``target``
+    when the block succeeds and is removed when it fails: nothing is written to ``target`` unless
+    the whole import or export succeeds."""
+    scratch = target.with_name(f".{target.name}.{doing}-{os.getpid()}")
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    try:
+        yield scratch
+        if target.exists():
+            target.rmdir()  # empty (checked by the caller)
+        scratch.rename(target)
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+
+
 def write_import(plan: ImportPlan) -> Path:
     """Places the parameters on the run's mesh and writes the run directory (atomically)."""
     mesh = run_mesh(plan.cfg)
     params = device_params(plan.cfg.model, plan.source.tensors, mesh, default_rules())
-    run_dir = plan.run_dir
-    scratch = run_dir.with_name(f".{run_dir.name}.importing-{os.getpid()}")
-    shutil.rmtree(scratch, ignore_errors=True)
-    scratch.mkdir(parents=True)
-    try:
+    with assembled_beside(plan.run_dir, "importing") as scratch:
         save_params(scratch, plan.cfg, params, plan.source.tokenizer,
                     {"step": 0, "imported_from": str(plan.src.resolve())})
-        if run_dir.exists():
-            run_dir.rmdir()  # empty (checked above)
-        scratch.rename(run_dir)
-    except BaseException:
-        shutil.rmtree(scratch, ignore_errors=True)
-        raise
-    return run_dir
+    return plan.run_dir
 
 
 def import_checkpoint(src: str | Path, run_dir: str | Path, *, seq_len: int = 0, dtype: str = "",
@@ -549,10 +558,7 @@ def export_checkpoint(run_dir: str | Path, out_dir: str | Path, *, dtype: str = 
     dtype = dtype or cfg.param_dtype
     bos, eos = special_ids(tokenizer)
     hf_cfg = {**hf_config_from_model(cfg, bos, eos), "dtype": dtype}  # of the written tensors
-    scratch = out_dir.with_name(f".{out_dir.name}.exporting-{os.getpid()}")
-    shutil.rmtree(scratch, ignore_errors=True)
-    scratch.mkdir(parents=True)
-    try:
+    with assembled_beside(out_dir, "exporting") as scratch:
         write_safetensors(dict(_flat_params(run.params)), cfg, scratch, dtype, shard_size)
         (scratch / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
         stops = list(tokenizer.stop_ids)  # EOS first, then end-of-turn ids
@@ -564,11 +570,5 @@ def export_checkpoint(run_dir: str | Path, out_dir: str | Path, *, dtype: str = 
         else:
             print(f"warning: the run's {tokenizer.kind!r} tokenizer has no Hugging Face form; only "
                   "the weights and config were written", file=sys.stderr)
-        if out_dir.exists():
-            out_dir.rmdir()  # empty (checked above)
-        scratch.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(scratch, ignore_errors=True)
-        raise
     return out_dir
 

@@ -31,7 +31,7 @@ from sharding.mesh import MeshConfig, make_mesh
 from sharding.rules import default_rules, logical_sharding
 from tests import reference
 from tests.helpers import SMALL, packed_segments, qkv
-from tests.test_generate import PROMPTS, _full_logits, _generator
+from tests.test_generate import PROMPTS, assert_decoding_equals_the_full_pass
 
 TOL = 1e-5  # fp32, simple ops
 TOL_MODEL = 1e-4  # fp32, whole models
@@ -328,9 +328,4 @@ def test_the_option_configs_have_no_problems() -> None:
 
 @pytest.mark.parametrize("cfg", [GEMMA2, QWEN_YARN], ids=["gemma2", "qwen-yarn-local-rope"])
 def test_cached_decoding_with_the_options_equals_the_full_forward_pass(eight_devices, cfg) -> None:
-    gen, params = _generator(cfg, {"data": -1, "tensor": 2})
-    out = gen.generate(PROMPTS, 9, return_logits=True)
-    for prompt, new, logits in zip(PROMPTS, out.tokens, out.logits, strict=True):
-        full = _full_logits(cfg, params, prompt + new[:-1])[len(prompt) - 1:]
-        assert reference.relative_error(logits, full) < TOL_MODEL
-        assert new == np.argmax(full, axis=-1).tolist()
+    assert_decoding_equals_the_full_pass(cfg, {"data": -1, "tensor": 2}, PROMPTS, 9)

@@ -15,6 +15,7 @@ import pytest
 import transformers
 
 from tests.helpers import hf_logits, meshlm_logits, tiny_tokenizer
+from tests.test_convert import INEXPRESSIBLE
 
 ATOL = 1e-4  # whole model, float32
 VOCAB, WINDOW = 320, 8
@@ -173,12 +174,14 @@ UNSAYABLE = {  # a meshlm config no Hugging Face family says -> the key the erro
 }
 
 
-@pytest.mark.parametrize("key", list(UNSAYABLE))
-def test_export_refuses_what_no_family_says(key):
+@pytest.mark.parametrize("key, fields", [(k, f) for k, f in INEXPRESSIBLE.items()] +
+                         [(k, f) for k, f in UNSAYABLE.items()],
+                         ids=[f"mixtral-{k}" for k in INEXPRESSIBLE] + list(UNSAYABLE))
+def test_export_refuses_what_no_family_says(key, fields):
     from convert.hf_layout import ConversionError, hf_config_from_model
     from model.config import ModelConfig
 
-    cfg = ModelConfig(**UNSAYABLE[key])
+    cfg = ModelConfig(**fields)
     assert not cfg.problems()
     with pytest.raises(ConversionError, match=rf"^model\.{key}=") as info:
         hf_config_from_model(cfg)

@@ -45,13 +45,22 @@ def _full_logits(cfg, params, tokens):
     pytest.param(MOE, {"data": 2, "expert": 4}, marks=pytest.mark.slow),  # 19 s: make test-all
 ], ids=["dense", "moe"])
 def test_cached_decoding_equals_the_full_forward_pass(eight_devices, cfg, mesh_axes):
+    out = assert_decoding_equals_the_full_pass(cfg, mesh_axes, PROMPTS, 9)
+    assert all(len(new) == 9 for new in out.tokens)
+    assert all(logits.shape == (9, cfg.vocab_size) for logits in out.logits)
+
+
+def assert_decoding_equals_the_full_pass(cfg, mesh_axes, prompts, steps):
+    """Greedy cached decoding of ``prompts`` for ``steps`` tokens on the mesh: each step's logits
+    equal the plain forward pass over prompt + the tokens so far, and each token is their argmax.
+    Returns the generator's output."""
     gen, params = _generator(cfg, mesh_axes)
-    out = gen.generate(PROMPTS, 9, return_logits=True)
-    for prompt, new, logits in zip(PROMPTS, out.tokens, out.logits, strict=True):
-        assert len(new) == 9 and logits.shape == (9, cfg.vocab_size)
+    out = gen.generate(prompts, steps, return_logits=True)
+    for prompt, new, logits in zip(prompts, out.tokens, out.logits, strict=True):
         full = _full_logits(cfg, params, prompt + new[:-1])[len(prompt) - 1:]
         assert reference.relative_error(logits, full) < TOL_MODEL
         assert new == np.argmax(full, axis=-1).tolist()  # greedy = argmax of the full pass, each step
+    return out
 
 
 def test_decode_is_compiled_once_and_shards_heads_over_tensor(eight_devices):

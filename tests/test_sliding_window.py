@@ -10,20 +10,16 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from inference.generate import Generator
-from inference.sampling import SamplingConfig
 from model.attention import Attention, causal_attention
 from model.config import ModelConfig
 from model.flops import attention_flops_per_token, causal_train_flops_per_token, train_flops_per_token
 from model.transformer import Transformer, cache_shapes
-from sharding.mesh import MeshConfig, make_mesh
-from sharding.rules import default_rules, tree_shardings
 from tests import reference
 from tests.helpers import SMALL, packed_segments, qkv
+from tests.test_generate import assert_decoding_equals_the_full_pass
 
 TOL = 1e-5  # fp32, simple ops
 TOL_MODEL = 1e-4  # fp32, whole models
-GREEDY = SamplingConfig(temperature=0.0)
 
 
 
@@ -100,18 +96,6 @@ def test_local_layers_follow_the_pattern_through_the_stacks(moe: bool) -> None:
         assert (beyond == 0) == cfg.is_local_layer(depth), depth
 
 
-def _generator(cfg: ModelConfig, mesh_axes: dict[str, int], window: int = 64):
-    mesh = make_mesh(MeshConfig(**mesh_axes))
-    params = nnx.split(Transformer(cfg, nnx.Rngs(0)))[1]
-    sharded = jax.device_put(params, tree_shardings(params, mesh, default_rules()))
-    return Generator(cfg, sharded, mesh, default_rules(), window, GREEDY), params
-
-
-def _full_logits(cfg: ModelConfig, params, tokens: list[int]) -> np.ndarray:
-    graphdef = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))))[0]
-    return np.asarray(nnx.merge(graphdef, params)(np.asarray([tokens], np.int32))[0])
-
-
 WINDOWED = dataclasses.replace(SMALL, max_seq_len=64, init_std=0.3, tie_embeddings=False,
                                sliding_window=6)
 # Rows shorter and longer than the window; the longest prompt's bucket (16) exceeds it, so the
@@ -127,12 +111,7 @@ def test_cached_decoding_with_a_window_equals_the_full_forward_pass(eight_device
     cfg = dataclasses.replace(WINDOWED, sliding_window_pattern=pattern)
     slots = cache_shapes(cfg, 4, 32)["blocks"][0].shape[2]
     assert slots == (cfg.sliding_window if pattern == 0 else 32)
-    gen, params = _generator(cfg, {"data": -1, "tensor": 2})
-    out = gen.generate(PROMPTS, 14, return_logits=True)
-    for prompt, new, logits in zip(PROMPTS, out.tokens, out.logits, strict=True):
-        full = _full_logits(cfg, params, prompt + new[:-1])[len(prompt) - 1:]
-        assert reference.relative_error(logits, full) < TOL_MODEL
-        assert new == np.argmax(full, axis=-1).tolist()
+    assert_decoding_equals_the_full_pass(cfg, {"data": -1, "tensor": 2}, PROMPTS, 14)
 
 
 def test_causal_flops_count_the_keys_each_query_sees() -> None:
