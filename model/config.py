@@ -16,7 +16,9 @@ Remat = Literal["none", "full", "dots", "dots_no_batch"]
 MoEImpl = Literal["capacity", "dropless"]
 AttentionImpl = Literal["auto", "einsum", "xla", "blockwise", "splash"]
 MoEMatmul = Literal["auto", "ragged_dot", "megablox"]
-RouterMode = Literal["softmax_topk", "topk_softmax", "softmax_topk_unnormalized"]
+RouterMode = Literal["softmax_topk", "topk_softmax", "softmax_topk_unnormalized", "sigmoid_topk",
+                     "sigmoid_topk_unnormalized"]
+AttentionType = Literal["gqa", "mla"]
 
 # Keys that change how the model is computed, not its parameters or the function it computes (up to
 # rounding: ``dtype`` is the compute dtype; parameters stay in ``param_dtype``). A resumed run may
@@ -123,6 +125,24 @@ class ModelConfig:
     router_mode: RouterMode = option("softmax_topk", "how top-k gates come from the router logits")
     aux_loss_coef: float = option(0.01, "weight of the Switch load-balancing loss")
     z_loss_coef: float = option(0.001, "weight of the router z-loss")
+    seq_aux_loss_coef: float = option(
+        0.0, "weight of the sequence-wise balance loss (DeepSeek-V3: balance within each row)")
+    router_bias_rate: float = option(
+        0.0, "aux-loss-free balancing: a per-expert selection bias moved by this (gamma) times "
+        "sign(mean load - load) after each step; 0 = off")
+    routed_scaling_factor: float = option(1.0, "the routed experts' combined output is multiplied by this")
+    router_groups: int = option(1, "group-limited routing: experts form this many groups (n_group)")
+    router_topk_groups: int = option(
+        0, "group-limited routing: a token picks its experts within this many best groups; 0 = all")
+    attention_type: AttentionType = option(
+        "gqa", "gqa (grouped-query) or mla (DeepSeek's multi-head latent attention)")
+    q_lora_rank: int = option(0, "mla: rank of the compressed query; 0 = a full-rank query projection")
+    kv_lora_rank: int = option(0, "mla: width of the compressed key/value latent (what the cache keeps)")
+    qk_rope_head_dim: int = option(0, "mla: width of each head's rotary part of the query and key")
+    qk_nope_head_dim: int = option(0, "mla: width of each head's non-rotary part of the query and key")
+    v_head_dim: int = option(0, "mla: width of each value head; 0 = qk_nope_head_dim")
+    mtp_depth: int = option(0, "multi-token prediction modules (DeepSeek-V3); 0 = off")
+    mtp_loss_weight: float = option(0.3, "weight of the mean multi-token-prediction loss")
 
     @property
     def resolved_head_dim(self) -> int:
@@ -212,7 +232,8 @@ class ModelConfig:
             out.append(("attention_block", f"must be >= 1, got {self.attention_block}"))
         if self.loss_chunk < 0:
             out.append(("loss_chunk", f"must be >= 0 (0 = no chunking), got {self.loss_chunk}"))
-        return out + self.option_problems() + self.rope_problems() + self.moe_problems()
+        return (out + self.option_problems() + self.rope_problems() + self.moe_problems() +
+                self.router_problems() + self.mla_problems())
 
     def option_problems(self) -> list[tuple[str, str]]:
         """Checks of the softcaps, the attention scale and the activation."""
@@ -275,3 +296,56 @@ class ModelConfig:
                         f"{self.first_dense_layers} must form whole groups of moe_every="
                         f"{self.moe_every} (each ends with an MoE layer)"))
         return out
+
+    def router_problems(self) -> list[tuple[str, str]]:
+        """Checks of the router keys: balancing, scaling and group-limited routing."""
+        out = []
+        modes = ("softmax_topk", "topk_softmax", "softmax_topk_unnormalized", "sigmoid_topk",
+                 "sigmoid_topk_unnormalized")
+        if self.router_mode not in modes:
+            out.append(("router_mode", f"must be one of {', '.join(modes)}, got {self.router_mode!r}"))
+        for key in ("seq_aux_loss_coef", "router_bias_rate", "mtp_loss_weight"):
+            if not getattr(self, key) >= 0:
+                out.append((key, f"must be >= 0, got {getattr(self, key)}"))
+        if not self.routed_scaling_factor > 0:
+            out.append(("routed_scaling_factor", f"must be > 0, got {self.routed_scaling_factor}"))
+        if self.router_groups < 1:
+            out.append(("router_groups", f"must be >= 1, got {self.router_groups}"))
+        elif not 0 <= self.router_topk_groups <= self.router_groups:
+            out.append(("router_topk_groups", f"must be in [0, router_groups={self.router_groups}], "
+                        f"got {self.router_topk_groups}"))
+        elif self.is_moe and self.num_experts % self.router_groups:
+            out.append(("router_groups", f"num_experts={self.num_experts} is not divisible by "
+                        f"router_groups={self.router_groups}"))
+        elif self.is_moe and self.router_topk_groups and (
+                self.router_topk_groups * self.num_experts // self.router_groups < self.experts_per_token):
+            out.append(("router_topk_groups", f"{self.router_topk_groups} groups of "
+                        f"{self.num_experts // self.router_groups} experts hold fewer than "
+                        f"experts_per_token={self.experts_per_token}"))
+        if self.mtp_depth < 0:
+            out.append(("mtp_depth", f"must be >= 0 (0 = off), got {self.mtp_depth}"))
+        return out
+
+    def mla_problems(self) -> list[tuple[str, str]]:
+        """Checks of multi-head latent attention's dimensions."""
+        out = []
+        if self.attention_type not in ("gqa", "mla"):
+            return [("attention_type", f"must be gqa or mla, got {self.attention_type!r}")]
+        for key in ("q_lora_rank", "kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim"):
+            if getattr(self, key) < 0:
+                out.append((key, f"must be >= 0, got {getattr(self, key)}"))
+        if out or self.attention_type != "mla":
+            return out
+        for key in ("kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim"):
+            if getattr(self, key) < 1:
+                out.append((key, f"attention_type=mla needs it >= 1, got {getattr(self, key)}"))
+        if self.qk_rope_head_dim % 2:
+            out.append(("qk_rope_head_dim", f"RoPE needs it even, got {self.qk_rope_head_dim}"))
+        if self.position != "rope":
+            out.append(("position", "attention_type=mla needs position=rope (its decoupled RoPE key)"))
+        return out
+
+    @property
+    def resolved_v_head_dim(self) -> int:
+        """mla: the value heads' width (``v_head_dim``, 0 = ``qk_nope_head_dim``)."""
+        return self.v_head_dim or self.qk_nope_head_dim
