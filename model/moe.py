@@ -4,6 +4,12 @@ all-to-all) and a dropless path (assignments sorted by expert, three grouped mat
 ``ragged_dot`` or, on TPU, the Pallas megablox kernel; see ``model/grouped_matmul.py``), and optional
 shared experts. Logical axis names only: ``sharding/manual.py`` maps them onto the mesh.
 
+Routers (``Router``, ``route``): softmax or sigmoid scores (DeepSeek-V3), optionally group-limited
+(the best ``topk_groups`` of ``groups`` expert groups), a per-expert selection bias for aux-loss-free
+balancing (``RouterBias``, moved by ``updated_router_bias`` outside the gradient), combine weights
+times a routed scaling factor; balance auxiliaries: the Switch loss, the z-loss and DeepSeek-V3's
+sequence-wise loss (``layer_metrics``).
+
 Routing groups are batch rows: capacity, drops and priorities depend only on a row's own tokens, so
 the result is the same on every mesh and for every microbatching.
 """
@@ -34,20 +40,77 @@ STAT_NAMES = {"expert_tokens_be": ("batch", None), "prob_sum_be": ("batch", None
 ROUTING_NAMES = {"experts_btr": ("batch", None, None), "weights_btr": ("batch", None, None)}
 
 
-def route(x_btd: jax.Array, w_router_de: jax.Array, k: int,
-          mode: str) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """(logits_bte, probs_bte, experts_btr, gates_btr): float32 router logits and softmax, each
-    token's k best experts (best first) and their combine weights under ``mode``."""
+class RouterBias(nnx.Variable):
+    """Aux-loss-free balancing's per-expert selection bias [E] (DeepSeek-V3's
+    ``e_score_correction_bias``): added to the router scores only to choose experts, moved after each
+    step by ``updated_router_bias``. Not an ``nnx.Param``: it takes no gradient and no optimizer."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Router:
+    """How a token picks its experts: ``k`` of them under ``mode`` (``router_mode``), among the
+    experts of its ``topk_groups`` best of ``groups`` equal groups (0 = all), the combine weights
+    times ``scale`` (``routed_scaling_factor``)."""
+
+    k: int
+    mode: str
+    groups: int = 1
+    topk_groups: int = 0
+    scale: float = 1.0
+
+    @classmethod
+    def of(cls, cfg: ModelConfig) -> Router:
+        return cls(cfg.experts_per_token, cfg.router_mode, cfg.router_groups,
+                   cfg.router_topk_groups, cfg.routed_scaling_factor)
+
+
+def limit_to_groups(choice_bte: jax.Array, groups: int, topk_groups: int) -> jax.Array:
+    """Group-limited routing (DeepSeek-V3): a group's score is the sum of its best two (one for
+    groups of one) selection scores; experts outside a token's ``topk_groups`` best groups get
+    -inf. The scores unchanged when every group is kept."""
+    if groups == 1 or topk_groups in (0, groups):
+        return choice_bte
+    b, t, e = choice_bte.shape
+    choice_btgn = choice_bte.reshape(b, t, groups, e // groups)
+    group_score_btg = jnp.sum(jax.lax.top_k(choice_btgn, min(2, e // groups))[0], axis=-1)
+    _, best_btq = jax.lax.top_k(group_score_btg, topk_groups)
+    keep_btg = jnp.any(best_btq[..., None] == jnp.arange(groups), axis=-2)
+    return jnp.where(keep_btg[..., None], choice_btgn, -jnp.inf).reshape(b, t, e)
+
+
+def route(x_btd: jax.Array, w_router_de: jax.Array, bias_e: jax.Array,
+          router: Router) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """(logits_bte, probs_bte, experts_btr, gates_btr): float32 router logits, the scores
+    normalised over all experts, each token's k experts (best first) and their combine weights.
+
+    Scores: sigmoid(logits) in the sigmoid modes, else softmax(logits). The experts are the top k
+    of scores + ``bias_e`` (no gradient) within the kept groups (``limit_to_groups``); the weights
+    come from the unbiased scores: the chosen ones normalised to sum 1 (``softmax_topk``,
+    ``sigmoid_topk``) or as they are (``*_unnormalized``), or a softmax over the chosen logits
+    (``topk_softmax``); times ``router.scale``."""
     logits_bte = jnp.einsum("btd,de->bte", x_btd.astype(jnp.float32), w_router_de.astype(jnp.float32))
-    probs_bte = jax.nn.softmax(logits_bte, axis=-1)
-    top_logits_btr, experts_btr = jax.lax.top_k(logits_bte, k)
-    if mode == "topk_softmax":
-        gates_btr = jax.nn.softmax(top_logits_btr, axis=-1)
+    sigmoid = router.mode.startswith("sigmoid")
+    scores_bte = jax.nn.sigmoid(logits_bte) if sigmoid else jax.nn.softmax(logits_bte, axis=-1)
+    choice_bte = jax.lax.stop_gradient(scores_bte + bias_e.astype(jnp.float32))
+    _, experts_btr = jax.lax.top_k(limit_to_groups(choice_bte, router.groups, router.topk_groups),
+                                   router.k)
+    if router.mode == "topk_softmax":
+        gates_btr = jax.nn.softmax(jnp.take_along_axis(logits_bte, experts_btr, axis=-1), axis=-1)
     else:
-        gates_btr = jnp.take_along_axis(probs_bte, experts_btr, axis=-1)
-        if mode == "softmax_topk":
-            gates_btr = gates_btr / jnp.sum(gates_btr, axis=-1, keepdims=True)
-    return logits_bte, probs_bte, experts_btr, gates_btr
+        gates_btr = jnp.take_along_axis(scores_bte, experts_btr, axis=-1)
+        if router.mode in ("softmax_topk", "sigmoid_topk"):  # + 1e-20 as DeepSeek-V3 (sigmoid)
+            gates_btr = gates_btr / (jnp.sum(gates_btr, axis=-1, keepdims=True) + 1e-20)
+    probs_bte = scores_bte / jnp.sum(scores_bte, axis=-1, keepdims=True) if sigmoid else scores_bte
+    return logits_bte, probs_bte, experts_btr, gates_btr * router.scale
+
+
+def updated_router_bias(bias_le: jax.Array, load_le: jax.Array, rate: float) -> jax.Array:
+    """Aux-loss-free balancing's step (DeepSeek-V3): each layer's bias moves by ``rate`` towards
+    balance, bias + rate * sign(mean_e(load) - load), with ``load_le`` [L, E] the fraction of each
+    layer's assignments each expert got (``expert_load``)."""
+    load_le = load_le.astype(jnp.float32)
+    error_le = jnp.mean(load_le, axis=-1, keepdims=True) - load_le
+    return (bias_le + rate * jnp.sign(error_le)).astype(bias_le.dtype)
 
 
 def capacity_positions(experts_btr: jax.Array, mask_bt: jax.Array, num_experts: int,
@@ -108,8 +171,9 @@ def expert_ffn(comm: Collectives, x_becd: jax.Array, w_up_edf: jax.Array, w_down
 
 def router_stats(logits_bte: jax.Array, probs_bte: jax.Array, experts_btr: jax.Array,
                  kept_btr: jax.Array, mask_bt: jax.Array) -> dict[str, jax.Array]:
-    """Per-row sums over routed (unmasked) tokens: assignments per expert, router probabilities per
-    expert, squared logsumexp of the logits, tokens, dropped assignments."""
+    """Per-row sums over routed (unmasked) tokens: assignments per expert, router probabilities
+    (``route``'s normalised scores) per expert, squared logsumexp of the logits, tokens, dropped
+    assignments."""
     valid_bt = mask_bt.astype(jnp.float32)
     num_experts = logits_bte.shape[-1]
     onehot_btre = jax.nn.one_hot(experts_btr, num_experts, dtype=jnp.float32)
@@ -123,12 +187,13 @@ def router_stats(logits_bte: jax.Array, probs_bte: jax.Array, experts_btr: jax.A
 
 
 def capacity_moe(comm: Collectives, x_btd: jax.Array, mask_bt: jax.Array, w_router_de: jax.Array,
-                 w_up_edf: jax.Array, w_down_efd: jax.Array, *w_gate_edf: jax.Array, k: int,
-                 mode: str, capacity: int, routing: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
+                 bias_e: jax.Array, w_up_edf: jax.Array, w_down_efd: jax.Array,
+                 *w_gate_edf: jax.Array, router: Router, capacity: int,
+                 routing: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The capacity path on one device's rows. With experts sharded, buffers travel to the devices
     holding their experts and back by all-to-all ([B, E, C, D] -> [B * shards, E / shards, C, D])."""
     num_experts = w_router_de.shape[-1]
-    logits_bte, probs_bte, experts_btr, gates_btr = route(x_btd, w_router_de, k, mode)
+    logits_bte, probs_bte, experts_btr, gates_btr = route(x_btd, w_router_de, bias_e, router)
     position_btr, kept_btr = capacity_positions(experts_btr, mask_bt, num_experts, capacity)
     x_becd = dispatch(x_btd, experts_btr, position_btr, kept_btr, num_experts, capacity)
     x_becd = comm.all_to_all(x_becd, "experts", split_axis=1, concat_axis=0)
@@ -142,16 +207,16 @@ def capacity_moe(comm: Collectives, x_btd: jax.Array, mask_bt: jax.Array, w_rout
 
 
 def dropless_moe(comm: Collectives, x_btd: jax.Array, mask_bt: jax.Array, w_router_de: jax.Array,
-                 w_up_edf: jax.Array, w_down_efd: jax.Array, *w_gate_edf: jax.Array, k: int,
-                 mode: str, matmul: str = "ragged_dot",
+                 bias_e: jax.Array, w_up_edf: jax.Array, w_down_efd: jax.Array,
+                 *w_gate_edf: jax.Array, router: Router, matmul: str = "ragged_dot",
                  routing: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The dropless path on one device's rows with every expert's weights: the A = B*T*k
     assignments sorted by expert, grouped matmuls (``matmul``: ragged_dot or megablox, see
     ``grouped_matmul``), unsorted and combined. With ``expert_mlp`` sharded each device holds a
     slice of every expert's hidden units, and the down projection's partial sums are added up."""
     b, t, d = x_btd.shape
-    num_experts = w_router_de.shape[-1]
-    logits_bte, probs_bte, experts_btr, gates_btr = route(x_btd, w_router_de, k, mode)
+    k, num_experts = router.k, w_router_de.shape[-1]
+    logits_bte, probs_bte, experts_btr, gates_btr = route(x_btd, w_router_de, bias_e, router)
     routed_btr = jnp.broadcast_to(mask_bt[..., None], experts_btr.shape)
     expert_a = jnp.where(routed_btr, experts_btr, num_experts).reshape(-1)  # unrouted sort last
     order_a = jnp.argsort(expert_a, stable=True)
@@ -174,24 +239,42 @@ def dropless_moe(comm: Collectives, x_btd: jax.Array, mask_bt: jax.Array, w_rout
     return y_btd, stats
 
 
+def batch_sums(stats: dict[str, jax.Array], k: int) -> dict[str, jax.Array]:
+    """The per-row statistics (``STAT_NAMES``) summed over the rows, and ``seq_aux_sum``: the sum
+    over rows b of T_b times row b's sequence-wise balance loss (see ``layer_metrics``), which is
+    E / (k T_b) * sum_e assignments_be * prob_sum_be."""
+    tokens_be, prob_sum_be = stats["expert_tokens_be"], stats["prob_sum_be"]
+    row_scale_b = tokens_be.shape[-1] / (k * jnp.maximum(stats["tokens_b"], 1.0))
+    return {"expert_tokens_e": jnp.sum(tokens_be, axis=0), "prob_sum_e": jnp.sum(prob_sum_be, axis=0),
+            "seq_aux_sum": jnp.sum(row_scale_b * jnp.sum(tokens_be * prob_sum_be, axis=-1)),
+            **{name[:-2]: jnp.sum(stats[name]) for name in ("z_sum_b", "tokens_b", "dropped_b")}}
+
+
 def layer_metrics(stats: dict[str, jax.Array], k: int) -> dict[str, jax.Array]:
-    """One MoE layer's auxiliaries from its router statistics summed over the batch.
+    """One MoE layer's auxiliaries from its router statistics summed over the batch (``batch_sums``).
 
     aux_loss = E * sum_e load_e * mean_prob_e (Switch; 1 when balanced), with load_e the fraction of
     the k * tokens assignments routed to expert e (before capacity) and mean_prob_e its mean router
-    probability; z_loss = mean logsumexp(logits)^2; dropped_frac = dropped / assignments."""
+    probability; seq_aux_loss = the same within each row (DeepSeek-V3's sequence-wise balance loss:
+    sum_e f_be P_be, f_be = E / (k T_b) * assignments of row b to e, P_be = row b's mean
+    probability of e), averaged over rows weighted by their tokens; z_loss = mean
+    logsumexp(logits)^2; dropped_frac = dropped / assignments; load_max_over_mean = max_e load_e /
+    mean_e load_e (1 when balanced)."""
     tokens = jnp.maximum(stats["tokens"], 1.0)
     load_e = stats["expert_tokens_e"] / (k * tokens)
     mean_prob_e = stats["prob_sum_e"] / tokens
     return {"aux_loss": load_e.shape[0] * jnp.sum(load_e * mean_prob_e),
+            "seq_aux_loss": stats["seq_aux_sum"] / tokens,
             "z_loss": stats["z_sum"] / tokens,
             "dropped_frac": stats["dropped"] / (k * tokens),
-            "expert_load": load_e}
+            "expert_load": load_e,
+            "load_max_over_mean": jnp.max(load_e) / jnp.maximum(jnp.mean(load_e), 1e-30)}
 
 
 class MoE(nnx.Module):
     """Routed experts (plus shared ones): x [B, T, D] -> (y [B, T, D], this layer's metrics).
 
+    With ``router_bias_rate`` > 0 it holds ``router_bias_e`` [E] (a ``RouterBias``, zeros at first).
     With ``sow_intermediates`` set it sows the intermediates ``routing_experts`` [B, T, R] (each
     token's top-k experts, best first) and ``routing_weights`` [B, T, R] (the combine weights
     applied); collect them with ``nnx.capture``."""
@@ -209,6 +292,9 @@ class MoE(nnx.Module):
         self.w_down_efd = param(rngs, out_init, (e, f, d), ("experts", "expert_mlp", "embed"), pd)
         if cfg.num_shared_experts:
             self.shared = MLP(dataclasses.replace(cfg, mlp_dim=cfg.num_shared_experts * f), rngs)
+        if cfg.router_bias_rate > 0:
+            self.router_bias_e = RouterBias(jnp.zeros((e,), jnp.float32), out_sharding=("experts",),
+                                            eager_sharding=False)
         self.sow_intermediates = False
 
     def __call__(self, x_btd: jax.Array,
@@ -222,33 +308,32 @@ class MoE(nnx.Module):
         mask_bt = jnp.ones((b, t), bool) if mask_bt is None else mask_bt.astype(bool)
         # Capacity: experts stay sharded and tokens travel; dropless: every device holds all experts.
         experts = "experts" if cfg.moe_impl == "capacity" else None
-        args = [x_btd, mask_bt, self.w_router_de[...],
+        bias_e = (self.router_bias_e[...] if hasattr(self, "router_bias_e")
+                  else jnp.zeros((cfg.num_experts,), jnp.float32))
+        args = [x_btd, mask_bt, self.w_router_de[...], bias_e,
                 adapted_weight(self, "up", self.w_up_edf[...]).astype(dt),
                 adapted_weight(self, "down", self.w_down_efd[...]).astype(dt)]
-        in_names = [("batch", None, None), ("batch", None), (None, None),
+        in_names = [("batch", None, None), ("batch", None), (None, None), (None,),
                     (experts, None, "expert_mlp"), (experts, "expert_mlp", None)]
         if cfg.activation == "swiglu":
             args.append(adapted_weight(self, "gate", self.w_gate_edf[...]).astype(dt))
             in_names.append((experts, None, "expert_mlp"))
-        pallas = False
+        pallas, router = False, Router.of(cfg)
         if cfg.moe_impl == "capacity":
-            kernel = functools.partial(capacity_moe, k=cfg.experts_per_token, mode=cfg.router_mode,
-                                       capacity=cfg.expert_capacity(t), routing=routing)
+            kernel = functools.partial(capacity_moe, router=router, capacity=cfg.expert_capacity(t),
+                                       routing=routing)
         else:
             matmul = resolve_matmul(cfg.moe_matmul)
             pallas = matmul == "megablox"
-            kernel = functools.partial(dropless_moe, k=cfg.experts_per_token, mode=cfg.router_mode,
-                                       matmul=matmul, routing=routing)
+            kernel = functools.partial(dropless_moe, router=router, matmul=matmul, routing=routing)
         stat_names = STAT_NAMES | ROUTING_NAMES if routing else STAT_NAMES
         y_btd, stats = manual(kernel, args, in_names, (("batch", None, None), stat_names),
                               within={"experts": "batch"}, check_vma=not pallas)
         y_btd = constrain(y_btd, ("batch", "length", "embed"))
         if cfg.num_shared_experts:
             y_btd = y_btd + self.shared(x_btd)
-        sums = {"expert_tokens_e": jnp.sum(stats["expert_tokens_be"], axis=0),
-                "prob_sum_e": jnp.sum(stats["prob_sum_be"], axis=0),
-                **{name[:-2]: jnp.sum(stats[name]) for name in ("z_sum_b", "tokens_b", "dropped_b")}}
         if routing:
             self.sow(nnx.Intermediate, "routing_experts", stats["experts_btr"])
             self.sow(nnx.Intermediate, "routing_weights", stats["weights_btr"])
-        return y_btd, layer_metrics(sums, cfg.experts_per_token)
+        k = cfg.experts_per_token
+        return y_btd, layer_metrics(batch_sums(stats, k), k)
