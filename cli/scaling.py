@@ -27,12 +27,14 @@ from cli.host import use_cpu_devices
 from core.errors import ConfigError, UsageError
 from eval import scaling_fit, scaling_runs
 from eval.scaling_plan import TOKENS_PER_PARAM, format_count, format_plan, plan
+from model.config import ModelConfig
 from model.flops import (
     DTYPE_BYTES,
     accounting,
     context_table,
     kv_cache_bytes_per_token,
     matmul_params,
+    mha_twin,
     param_counts,
 )
 from train.config import Config, load_config, preset_path
@@ -204,6 +206,8 @@ def run_account(args: argparse.Namespace) -> None:
     result = {"config": str(path), **accounting(m, seq_len)}
     if args.kv_dtype:
         result["kv_cache_bytes_per_token"] = kv_cache_bytes_per_token(m, args.kv_dtype)
+        if m.attention_type == "mla":
+            result["kv_cache_bytes_per_token_gqa"] = kv_cache_bytes_per_token(mha_twin(m), args.kv_dtype)
     if args.check:
         if seq_len > m.max_seq_len:
             raise UsageError(f"--seq-len {seq_len} is longer than model.max_seq_len={m.max_seq_len}")
@@ -223,12 +227,15 @@ def run_account(args: argparse.Namespace) -> None:
     print(f"parameters: total {r['params_total']:,}  embedding {r['params_embedding']:,}  "
           f"non-embedding {r['params_non_embedding']:,}  active {r['params_active']:,}")
     print(f"matmul weights per token N_matmul: {r['matmul_params']:,}")
-    print(f"training FLOPs/token: 6 N_matmul + 12 L T N H = {r['train_flops_per_token']:.4g} "
+    mla = m.attention_type == "mla"  # heads of two widths: P + R (query/key) and V (value)
+    print(f"training FLOPs/token: 6 N_matmul + {'6 L T N (P + R + V)' if mla else '12 L T N H'} = "
+          f"{r['train_flops_per_token']:.4g} "
           f"(attention {r['train_attention_share']:.1%})"
           + (f"; with capacity padding {r['train_flops_per_token_executed']:.4g}" if m.is_moe else ""))
-    print(f"inference FLOPs/token at context {seq_len}: 2 N_matmul + 4 L S N H = "
+    print(f"inference FLOPs/token at context {seq_len}: 2 N_matmul + "
+          f"{'2 L S N (P + R + V)' if mla else '4 L S N H'} = "
           f"{r['inference_flops_per_token']:.4g}")
-    print(f"KV cache: {r['kv_cache_bytes_per_token']:,} bytes/token")
+    print(f"KV cache: {r['kv_cache_bytes_per_token']:,} bytes/token" + _mla_cache_note(m, r))
     if "xla_check" in r:
         c = r["xla_check"]
         print(f"XLA cost_analysis, 1 device, batch {c['batch_size']} x {c['seq_len']}, layers unrolled:")
@@ -238,6 +245,16 @@ def run_account(args: argparse.Namespace) -> None:
         print(f"  eval step:  XLA {c['xla_eval_flops']:.4g}  formula {c['formula_eval_flops']:.4g}  "
               f"formula/XLA {c['eval_ratio']:.3f}"
               + (f" (with capacity padding {c['eval_ratio_executed']:.3f})" if m.is_moe else ""))
+
+
+def _mla_cache_note(m: ModelConfig, r: dict) -> str:
+    """For an MLA config: what its cache holds, and the GQA cache it replaces."""
+    if m.attention_type != "mla":
+        return ""
+    gqa, qk = r["kv_cache_bytes_per_token_gqa"], m.qk_nope_head_dim + m.qk_rope_head_dim
+    return (f" (MLA: latent {m.kv_lora_rank} + rope key {m.qk_rope_head_dim} per layer); the GQA "
+            f"cache it replaces (K = N = {m.num_heads} heads of {qk}): {gqa:,} bytes/token, "
+            f"{gqa / r['kv_cache_bytes_per_token']:.1f}x as large")
 
 
 # ---------------------------------------------------------------------------- sweep, fit

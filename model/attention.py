@@ -167,6 +167,24 @@ def layer_window(window: int, local: bool | jax.Array) -> Window:
     return jnp.where(local, window, 0).astype(jnp.int32)
 
 
+def layer_rope(x_btnh: jax.Array, positions_bt: jax.Array, local: bool | jax.Array,
+               rope_global: Rope, rope_local: Rope) -> jax.Array:
+    """``x`` rotated by the RoPE of a global layer or (``local``, traced inside a stack that
+    mixes both) of a local one, when the two differ (``rope_local_theta``)."""
+    rope = rope_global
+    if rope_local == rope or local is False:
+        return apply_rope(x_btnh, positions_bt, rope.inv_freq(x_btnh.shape[-1]),
+                          rope.attention_factor)
+    if local is True:
+        rope = rope_local
+        return apply_rope(x_btnh, positions_bt, rope.inv_freq(x_btnh.shape[-1]),
+                          rope.attention_factor)
+    h, other = x_btnh.shape[-1], rope_local
+    inv_freq = jnp.where(local, other.inv_freq(h), rope.inv_freq(h))
+    factor = jnp.where(local, other.attention_factor, rope.attention_factor)
+    return apply_rope(x_btnh, positions_bt, inv_freq, factor)
+
+
 def _static_window_attention(impl: str, q_btnh: jax.Array, k_btkh: jax.Array, v_btkh: jax.Array,
                              segment_ids_bt: jax.Array | None, window: int,
                              softcap: float) -> jax.Array:
@@ -263,20 +281,8 @@ class Attention(nnx.Module):
 
     def rope(self, x_btnh: jax.Array, positions_bt: jax.Array,
              local: bool | jax.Array) -> jax.Array:
-        """``x`` rotated by the RoPE of a global layer or (``local``, traced inside a stack that
-        mixes both) of a local one, when the two differ (``rope_local_theta``)."""
-        rope = self.rope_global
-        if self.rope_local == rope or local is False:
-            return apply_rope(x_btnh, positions_bt, rope.inv_freq(x_btnh.shape[-1]),
-                              rope.attention_factor)
-        if local is True:
-            rope = self.rope_local
-            return apply_rope(x_btnh, positions_bt, rope.inv_freq(x_btnh.shape[-1]),
-                              rope.attention_factor)
-        h, other = x_btnh.shape[-1], self.rope_local
-        inv_freq = jnp.where(local, other.inv_freq(h), rope.inv_freq(h))
-        factor = jnp.where(local, other.attention_factor, rope.attention_factor)
-        return apply_rope(x_btnh, positions_bt, inv_freq, factor)
+        """``x`` rotated by this layer's RoPE (``layer_rope``)."""
+        return layer_rope(x_btnh, positions_bt, local, self.rope_global, self.rope_local)
 
     def __call__(self, x_btd: jax.Array, span: Span, cache: KVCache | None = None,
                  layer: jax.Array | int = 0,

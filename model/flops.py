@@ -4,7 +4,10 @@ matmul peak. Pure arithmetic on a ModelConfig; only the peak-FLOP/s helpers at t
 Training FLOPs per token = 6 * N_matmul + 12 * L * T * N * H, where N_matmul counts every weight used
 in a matmul by one token (attention, MLP or the router plus the k chosen and the shared experts, and
 the LM head; not the embedding lookup) and the second term is the attention scores and weighted
-values (QK^T and PV) over a context of T tokens, forward and backward (PaLM, appendix B). The causal
+values (QK^T and PV) over a context of T tokens, forward and backward (PaLM, appendix B). With MLA
+(model/mla.py) a query/key head is P + R wide and a value head V, so 4 N H becomes 2 N (P + R + V),
+and N_matmul counts its latent projections once per token (the expansion of each token's latent
+into keys and values in training, or the weight absorption of a decode step, uses each once). The causal
 mask is not subtracted (the einsum and xla kernels compute the full T x T scores; blockwise attention
 skips key blocks wholly in the future, a few percent of these FLOPs). Capacity padding is not counted
 unless asked for (``executed=True``: what the capacity path's expert matmuls really compute).
@@ -15,6 +18,7 @@ is a few per cent of what XLA's ``cost_analysis()`` reports for the compiled ste
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import jax
@@ -32,9 +36,32 @@ def _layer_params(cfg: ModelConfig) -> dict[str, int]:
     # weights outside any matmul: the norms (post norms, per-head q/k norms), q/k/v biases
     norms = (4 if cfg.post_norms else 2) * d + (2 * h if cfg.qk_norm else 0) + \
         ((n + 2 * k) * h if cfg.qkv_bias else 0)
-    return {"attn": d * n * h + 2 * d * k * h + n * h * d, "norms": norms,
+    attn = d * n * h + 2 * d * k * h + n * h * d
+    if cfg.attention_type == "mla":
+        attn, latent_norms = _mla_params(cfg)
+        norms += latent_norms
+    return {"attn": attn, "norms": norms,
             "mlp": per_unit * cfg.mlp_dim, "one_expert": expert, "router": d * cfg.num_experts,
             "shared": cfg.num_shared_experts * expert}
+
+
+def _mla_params(cfg: ModelConfig) -> tuple[int, int]:
+    """(matmul weights, latent norm scales) of one MLA layer: the query (full rank, or down,
+    up), the latent's down projection and the shared rope key, the latent's key and value up
+    projections, the output."""
+    d, n, c, r = cfg.d_model, cfg.num_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
+    p, v, rq = cfg.qk_nope_head_dim, cfg.resolved_v_head_dim, cfg.q_lora_rank
+    query = (d * rq + rq * n * (p + r)) if rq else d * n * (p + r)
+    return query + d * (c + r) + c * n * (p + v) + n * v * d, c + rq
+
+
+def pair_flops(cfg: ModelConfig) -> int:
+    """Forward FLOPs of one query and one key in one layer: QK^T and PV, 2 N (H_qk + H_v)
+    (4 N H with one head width; MLA's heads: P + R and V)."""
+    if cfg.attention_type == "mla":
+        qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+        return 2 * cfg.num_heads * (qk + cfg.resolved_v_head_dim)
+    return 4 * cfg.num_heads * cfg.resolved_head_dim
 
 
 def param_counts(cfg: ModelConfig) -> dict[str, int]:
@@ -77,12 +104,12 @@ def expert_slots_per_token(cfg: ModelConfig, seq_len: int) -> float:
 
 def attention_flops_per_token(cfg: ModelConfig, context: int, backward: bool = True) -> float:
     """QK^T and PV FLOPs of one token attending to ``context`` keys in every layer (a local layer:
-    at most ``sliding_window`` keys): 4 * S * N * H per layer forward, three times that with the
-    backward pass. Linear in the context per token, so O(n^2) per sequence of n tokens (O(n * W)
-    for local layers)."""
+    at most ``sliding_window`` keys): 4 * S * N * H per layer forward (``pair_flops``), three
+    times that with the backward pass. Linear in the context per token, so O(n^2) per sequence of
+    n tokens (O(n * W) for local layers)."""
     keys = sum(min(context, cfg.sliding_window) if cfg.is_local_layer(d) else context
                for d in range(cfg.num_layers))
-    forward = 4 * keys * cfg.num_heads * cfg.resolved_head_dim
+    forward = keys * pair_flops(cfg)
     return 3 * forward if backward else forward
 
 
@@ -108,7 +135,7 @@ def causal_train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
             keys += (w * (w + 1) / 2 + (t - w) * w) / t
         else:
             keys += (t + 1) / 2
-    attention = 3 * 4 * keys * cfg.num_heads * cfg.resolved_head_dim
+    attention = 3 * keys * pair_flops(cfg)
     return 6 * _executed_matmul_params(cfg, seq_len, False) + attention
 
 
@@ -138,10 +165,20 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1, "float8": 1
 
 
 def kv_cache_bytes_per_token(cfg: ModelConfig, dtype: str = "") -> int:
-    """Bytes one cached token takes: keys and values of K heads of H in every layer, in ``dtype``
-    (default: the compute dtype, which the decoder's cache uses)."""
+    """Bytes one cached token takes: keys and values of K heads of H in every layer (MLA: the
+    latent C and the rope key R), in ``dtype`` (default: the compute dtype, which the decoder's
+    cache uses)."""
     width = DTYPE_BYTES[dtype or cfg.dtype]
+    if cfg.attention_type == "mla":
+        return cfg.num_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * width
     return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.resolved_head_dim * width
+
+
+def mha_twin(cfg: ModelConfig) -> ModelConfig:
+    """An MLA model's twin with the attention it replaces: K = N key/value heads of the query/key
+    width P + R (what an uncompressed cache of its keys would hold per head); others unchanged."""
+    return dataclasses.replace(cfg, attention_type="gqa", num_kv_heads=cfg.num_heads,
+                               head_dim=cfg.qk_nope_head_dim + cfg.qk_rope_head_dim)
 
 
 def accounting(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
@@ -155,7 +192,9 @@ def accounting(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
             "train_attention_share": attention / train,
             "train_flops_per_token_executed": train_flops_per_token(cfg, seq_len, executed=True),
             "inference_flops_per_token": inference_flops_per_token(cfg, seq_len),
-            "kv_cache_bytes_per_token": kv_cache_bytes_per_token(cfg)}
+            "kv_cache_bytes_per_token": kv_cache_bytes_per_token(cfg),
+            **({"kv_cache_bytes_per_token_gqa": kv_cache_bytes_per_token(mha_twin(cfg))}
+               if cfg.attention_type == "mla" else {})}
 
 
 def context_table(cfg: ModelConfig, lengths: list[int], batch: int = 1,

@@ -129,12 +129,16 @@ class LoRA(nnx.Module):
 
 def unmatched_targets(cfg: ModelConfig, spec: LoRASpec) -> list[str]:
     """The targets of ``spec`` that no weight of a model built from ``cfg`` has (no dense MLP in
-    an all-MoE model without shared experts, no gate in a GELU model), from the config alone."""
+    an all-MoE model without shared experts, no gate in a GELU model, no k or v with MLA), from the
+    config alone."""
     dense_mlp = cfg.num_dense_first > 0 or (cfg.num_moe_layers > 0 and cfg.moe_every > 1) or \
         (cfg.is_moe and cfg.num_shared_experts > 0)
     experts = spec.experts and cfg.is_moe
     mlp = {"up", "down"} | ({"gate"} if cfg.gated_mlp else set())
-    present = {"q", "k", "v", "o"} | (mlp if dense_mlp or experts else set())
+    attention = {"q", "k", "v", "o"}
+    if cfg.attention_type == "mla":  # keys and values come from a latent; a low-rank query has no w_q
+        attention = {"o"} | (set() if cfg.q_lora_rank else {"q"})
+    present = attention | (mlp if dense_mlp or experts else set())
     return [t for t in spec.targets if t not in present]
 
 

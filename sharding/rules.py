@@ -35,6 +35,8 @@ def default_rules() -> Rules:
         ("heads", ("tensor",)),
         ("kv_heads", ("tensor",)),
         ("head_dim", ()),
+        ("q_lora", ()),
+        ("kv_lora", ()),
         ("mlp", ("tensor",)),
         ("vocab", ("tensor",)),
         ("experts", ("expert",)),

@@ -13,7 +13,7 @@ def attention(q_btnh, k_bskh, v_bskh, segment_ids_bt=None, window=0, scale=None,
     b_size, t_size, n_heads, h = q.shape
     kv_heads = k.shape[2]
     group = n_heads // kv_heads
-    out = np.zeros_like(q)
+    out = np.zeros(q.shape[:3] + v.shape[3:])  # value heads may be narrower or wider (MLA)
     for b in range(b_size):
         for n in range(n_heads):
             kv = n // group
@@ -105,15 +105,18 @@ def moe_routing(x_btd, w_router_de, *, k, capacity=None, mask_bt=None):
     return chosen, kept
 
 
-def moe(x_btd, w_router_de, w_up_edf, w_down_efd, w_gate_edf=None, *, mode, chosen, kept):
+def moe(x_btd, w_router_de, w_up_edf, w_down_efd, w_gate_edf=None, *, mode, chosen, kept,
+        scale=1.0):
     """Mixture of experts one token at a time, for the routing of ``moe_routing``: each token's
     output is the sum over its kept choices of gate * expert(x) (0 for an unrouted token).
 
     Gates from the router logits: ``softmax_topk`` = softmax over all experts, the chosen ones
     renormalised; ``topk_softmax`` = softmax over the chosen logits; ``softmax_topk_unnormalized`` =
-    the chosen probabilities. Expert e: SwiGLU (silu(x Wg) * x Wu) Wd, or without ``w_gate_edf``
-    GELU (tanh form) gelu(x Wu) Wd. Written with jax.numpy so that jax.grad differentiates it (under
-    jax.enable_x64 with float64 inputs it is a float64 oracle)."""
+    the chosen probabilities; ``sigmoid_topk`` = the chosen sigmoid(logits) renormalised,
+    ``sigmoid_topk_unnormalized`` = as they are; all times ``scale``. Expert e: SwiGLU
+    (silu(x Wg) * x Wu) Wd, or without ``w_gate_edf`` GELU (tanh form) gelu(x Wu) Wd. Written with
+    jax.numpy so that jax.grad differentiates it (under jax.enable_x64 with float64 inputs it is a
+    float64 oracle)."""
     import jax.numpy as jnp
 
     def expert(x_d, e):
@@ -137,6 +140,10 @@ def moe(x_btd, w_router_de, w_up_edf, w_down_efd, w_gate_edf=None, *, mode, chos
                 if mode == "topk_softmax":
                     top = jnp.stack([logits_e[e] for e in best])
                     gates = jnp.exp(top - jnp.max(top)) / jnp.sum(jnp.exp(top - jnp.max(top)))
+                elif mode.startswith("sigmoid"):
+                    gates = jnp.stack([1 / (1 + jnp.exp(-logits_e[e])) for e in best])
+                    if mode == "sigmoid_topk":
+                        gates = gates / jnp.sum(gates)
                 else:
                     probs_e = jnp.exp(logits_e - jnp.max(logits_e))
                     probs_e = probs_e / jnp.sum(probs_e)
@@ -145,7 +152,7 @@ def moe(x_btd, w_router_de, w_up_edf, w_down_efd, w_gate_edf=None, *, mode, chos
                         gates = gates / jnp.sum(gates)
                 for i, e in enumerate(best):
                     if kept[b][t][i]:
-                        out_d = out_d + gates[i] * expert(x_d, e)
+                        out_d = out_d + scale * gates[i] * expert(x_d, e)
             outs.append(out_d)
         rows.append(jnp.stack(outs))
     return jnp.stack(rows)
