@@ -74,20 +74,32 @@ def chunked_nll_sum(features_btd: jax.Array, w_vd: jax.Array, targets_bt: jax.Ar
     return total
 
 
+def head_nll_sum(x_btd: jax.Array, w_vd: jax.Array, targets_bt: jax.Array, weights_bt: jax.Array,
+                 chunk: int = 0, softcap: float = 0.0) -> jax.Array:
+    """Sum over positions of ``weights_bt * token_nll(lm_logits(x_btd, w_vd, softcap), targets)``;
+    with ``chunk`` > 0 (``loss_chunk``) the head runs chunk by chunk: no [B, T, V] logits."""
+    if chunk:
+        return chunked_nll_sum(x_btd, w_vd, targets_bt, weights_bt, chunk, softcap)
+    return jnp.sum(token_nll(lm_logits(x_btd, w_vd, softcap), targets_bt) * weights_bt)
+
+
 def nll_sums(model: Any, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array, dict]:
-    """(sum of weighted token losses, sum of weights, MoE auxiliaries) of a ``Transformer`` on a
-    batch (``inputs``, ``targets``, ``weights`` [B, T], optional ``positions`` and ``segment_ids``,
+    """(sum of weighted token losses, sum of weights, auxiliaries) of a ``Transformer`` on a batch
+    (``inputs``, ``targets``, ``weights`` [B, T], optional ``positions`` and ``segment_ids``,
     optional ``rows`` [B]: each row's index in the training step's whole batch, which keys its LoRA
-    dropout masks); tokens of weight 0 (padding) are not routed to experts."""
+    dropout masks); tokens of weight 0 (padding) are not routed to experts. The auxiliaries: an MoE
+    model's (``Transformer.hidden``) and, with ``mtp_depth``, multi-token prediction's
+    (``Transformer.mtp_losses``); their ``loss`` is what to add per token to the training
+    objective (empty for a dense model without MTP)."""
     weights_bt = batch["weights"].astype(jnp.float32)
     if "rows" in batch:
         set_dropout_rows(model, batch["rows"])
     x_btd, aux = model.hidden(batch["inputs"], batch.get("positions"), batch.get("segment_ids"),
                               routing_mask_bt=weights_bt > 0)
-    w_vd, cap = model.head_weight_vd(), model.cfg.final_logit_softcap
-    if model.cfg.loss_chunk:  # the head applied chunk by chunk: no [B, T, V] logits
-        loss_sum = chunked_nll_sum(x_btd, w_vd, batch["targets"], weights_bt, model.cfg.loss_chunk,
-                                   cap)
-    else:
-        loss_sum = jnp.sum(token_nll(lm_logits(x_btd, w_vd, cap), batch["targets"]) * weights_bt)
+    cfg = model.cfg
+    loss_sum = head_nll_sum(x_btd, model.head_weight_vd(), batch["targets"], weights_bt,
+                            cfg.loss_chunk, cfg.final_logit_softcap)
+    if cfg.mtp_depth:
+        mtp = model.mtp_losses(x_btd, batch)
+        aux = {**aux, **mtp, "loss": aux.get("loss", 0.0) + mtp["loss"]}
     return loss_sum, jnp.sum(weights_bt), aux

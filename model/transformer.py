@@ -7,7 +7,8 @@ with one [B, S, K, H] slab per layer of that stack (see ``cache_shapes``).
 
 Stacks: ``blocks`` holds the first dense layers (all layers of a dense model); an MoE model then
 scans over groups of ``moe_every`` layers: ``group_blocks`` (moe_every - 1 dense blocks per group,
-stored flat) followed by one of ``moe_blocks``.
+stored flat) followed by one of ``moe_blocks``. With ``mtp_depth``, ``mtp`` stacks the multi-token
+prediction modules (model/mtp.py), which only training runs (``mtp_losses``).
 
 Inspection: what any layer sows as an ``nnx.Intermediate`` (attention weights, MoE routing; see
 ``Attention`` and ``MoE``, switched on with ``set_attributes(sow_intermediates=True)``) is collected
@@ -30,8 +31,10 @@ from flax import nnx
 from model.attention import Attention, KVCache, Span
 from model.config import ModelConfig
 from model.layers import MLP, Embed, LearnedPositions, RMSNorm
-from model.loss import lm_logits
+from model.loss import head_nll_sum, lm_logits
+from model.mla import MLAttention
 from model.moe import MoE
+from model.mtp import MTPModule, depth_batch
 from model.primitives import param
 from sharding.constrain import constrain
 
@@ -53,7 +56,7 @@ class Block(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, *, moe: bool = False):
         self.attn_norm = RMSNorm(cfg.d_model, cfg, rngs)
-        self.attn = Attention(cfg, rngs)
+        self.attn = MLAttention(cfg, rngs) if cfg.attention_type == "mla" else Attention(cfg, rngs)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg, rngs)
         if moe:
             self.moe = MoE(cfg, rngs)
@@ -188,6 +191,9 @@ class Transformer(nnx.Module):
         if not cfg.tie_embeddings:
             self.head_dv = param(rngs, nnx.initializers.normal(cfg.init_std),
                                  (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.param_dtype)
+        if cfg.mtp_depth:  # made last: the main model's parameters do not depend on it
+            self.mtp = stack(lambda r: MTPModule(cfg, r, Block(cfg, r, moe=cfg.is_moe)),
+                             cfg.mtp_depth, rngs)
 
     def __call__(self, tokens_bt: jax.Array, positions_bt: jax.Array | None = None,
                  segment_ids_bt: jax.Array | None = None, *,
@@ -217,6 +223,43 @@ class Transformer(nnx.Module):
         if self.cfg.tie_embeddings:
             return self.embed.table_vd[...].astype(dt)
         return self.head_dv[...].astype(dt).T
+
+    def mtp_losses(self, h_btd: jax.Array, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        """Multi-token prediction (model/mtp.py) on a training batch (as ``nll_sums`` takes it),
+        from the main model's final-norm features ``h_btd``: ``mtp_loss_per_depth`` [D] (each
+        depth's mean cross-entropy over the positions whose target exists), ``mtp_loss`` (their
+        mean), ``loss`` (mtp_loss_weight * mtp_loss, plus the MTP MoE blocks' router losses) and,
+        for MoE blocks, their metrics prefixed ``mtp_`` ([D] or [D, E]), apart from the main
+        layers'. Depths run in turn (scanned with ``scan_layers``), each remat like a layer."""
+        cfg = self.cfg
+        b, t = batch["inputs"].shape
+        positions_bt = batch.get("positions")
+        if positions_bt is None:
+            positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        span, w_vd = Span(positions_bt, batch.get("segment_ids")), self.head_weight_vd()
+        graphdef, stacked = nnx.split(self.mtp)
+        depths = [depth_batch(batch, k) for k in range(1, cfg.mtp_depth + 1)]
+
+        def depth(h_btd: jax.Array, state_and_batch: tuple) -> tuple[jax.Array, tuple]:
+            state, (tokens_bt, targets_bt, weights_bt) = state_and_batch
+            h_btd, x_btd, metrics = nnx.merge(graphdef, state)(h_btd, self.embed(tokens_bt), span,
+                                                              weights_bt > 0)
+            nll_sum = head_nll_sum(x_btd, w_vd, targets_bt, weights_bt, cfg.loss_chunk,
+                                   cfg.final_logit_softcap)
+            return h_btd, (nll_sum, jnp.sum(weights_bt), metrics)
+
+        if cfg.remat != "none":
+            depth = jax.checkpoint(depth, policy=REMAT_POLICIES[cfg.remat])
+        _, (nll_k, weight_k, metrics) = run_stack(
+            depth, h_btd, (stacked, jax.tree.map(lambda *a: jnp.stack(a), *depths)), cfg.mtp_depth,
+            cfg.scan_layers)
+        loss_k = nll_k / jnp.maximum(weight_k, 1.0)
+        out = {"mtp_loss": jnp.mean(loss_k), "mtp_loss_per_depth": loss_k}
+        loss = cfg.mtp_loss_weight * out["mtp_loss"]
+        if metrics:
+            loss = loss + router_loss(cfg, metrics)
+            out |= {f"mtp_{name}": value for name, value in metrics.items()}
+        return out | {"loss": loss}
 
     def with_cache(self, tokens_bt: jax.Array, positions_bt: jax.Array, cache: Cache, *,
                    decode: bool, routing_mask_bt: jax.Array | None = None,
@@ -295,10 +338,17 @@ class Transformer(nnx.Module):
             ((group_stacked, group_layers),
              (moe_stacked, (_layer_indices(groups), jnp.asarray(locals_["moe_blocks"])))), groups,
             cfg.scan_layers)
-        aux["loss"] = (cfg.aux_loss_coef * jnp.mean(aux["aux_loss"]) +
-                       cfg.z_loss_coef * jnp.mean(aux["z_loss"]))
+        aux["loss"] = router_loss(cfg, aux)
         sown = {name: value.reshape((-1,) + value.shape[2:]) for name, value in sown.items()}
         return x_btd, group_cache, moe_cache, aux, sown
+
+
+def router_loss(cfg: ModelConfig, metrics: dict[str, jax.Array]) -> jax.Array:
+    """The weighted router losses to add to the training loss, each averaged over the MoE layers
+    whose ``metrics`` (stacked per layer) are given."""
+    return (cfg.aux_loss_coef * jnp.mean(metrics["aux_loss"]) +
+            cfg.z_loss_coef * jnp.mean(metrics["z_loss"]) +
+            cfg.seq_aux_loss_coef * jnp.mean(metrics["seq_aux_loss"]))
 
 
 # ------------------------------------------------------------------------------------ the KV cache
@@ -325,10 +375,14 @@ def cache_slots(cfg: ModelConfig, length: int) -> int:
 
 def cache_shapes(cfg: ModelConfig, batch: int, length: int) -> Cache:
     """Abstract cache (``jax.ShapeDtypeStruct`` leaves) for a context of ``length`` tokens
-    (``cache_slots`` slots) for ``batch`` rows, in the compute dtype."""
+    (``cache_slots`` slots) for ``batch`` rows, in the compute dtype: keys and values [L, B, S, K,
+    H]; with MLA the latent [L, B, S, 1, kv_lora_rank] and the roped key [L, B, S, 1, qk_rope]."""
     dt = jnp.dtype(cfg.dtype)
     slots = cache_slots(cfg, length)
-    return {name: tuple(jax.ShapeDtypeStruct((n, batch, slots, cfg.num_kv_heads,
-                                              cfg.resolved_head_dim), dt) for _ in range(2))
+    if cfg.attention_type == "mla":
+        widths = ((1, cfg.kv_lora_rank), (1, cfg.qk_rope_head_dim))
+    else:
+        widths = ((cfg.num_kv_heads, cfg.resolved_head_dim),) * 2
+    return {name: tuple(jax.ShapeDtypeStruct((n, batch, slots, *w), dt) for w in widths)
             for name, n in cache_layers(cfg).items()}
 

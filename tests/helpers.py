@@ -62,6 +62,14 @@ def loss_and_grads(cfg: ModelConfig, mesh_axes: dict[str, int], batch: dict[str,
                    microbatches: int = 1, devices: list | None = None, params=None):
     """(loss, grads as host arrays) on the given mesh, of ``params`` (host or device arrays) or
     else of freshly initialised params (seed 0), created sharded."""
+    loss, grads, _ = loss_grads_and_metrics(cfg, mesh_axes, batch, microbatches, devices, params)
+    return loss, grads
+
+
+def loss_grads_and_metrics(cfg: ModelConfig, mesh_axes: dict[str, int],
+                           batch: dict[str, np.ndarray], microbatches: int = 1,
+                           devices: list | None = None, params=None):
+    """``loss_and_grads`` and the step's metrics (MoE, MTP), as host arrays."""
     mesh = make_mesh(MeshConfig(**mesh_axes), devices)
     rules = default_rules()
     tx, _ = make_optimizer(OptimConfig(), 10)
@@ -75,8 +83,8 @@ def loss_and_grads(cfg: ModelConfig, mesh_axes: dict[str, int], batch: dict[str,
         fn = jax.jit(functools.partial(grads_loss_and_metrics, graphdef=graphdef,
                                        microbatches=microbatches),
                      in_shardings=(shardings.params, batch_sh))
-        grads, loss, _ = fn(params, {k: jax.device_put(v, batch_sh) for k, v in batch.items()})
-        return float(loss), jax.device_get(grads)
+        grads, loss, metrics = fn(params, {k: jax.device_put(v, batch_sh) for k, v in batch.items()})
+        return float(loss), jax.device_get(grads), jax.device_get(metrics)
 
 
 def losses_of(run_dir: str | Path) -> dict[int, float]:
