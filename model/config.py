@@ -343,6 +343,11 @@ class ModelConfig:
             out.append(("qk_rope_head_dim", f"RoPE needs it even, got {self.qk_rope_head_dim}"))
         if self.position != "rope":
             out.append(("position", "attention_type=mla needs position=rope (its decoupled RoPE key)"))
+        for key, what in (("qkv_bias", "q/k/v biases"), ("qk_norm", "per-head q/k norms"),
+                          ("fused_projections", "a fused q/k/v matmul")):
+            if getattr(self, key):
+                out.append((key, f"attention_type=mla has no {what} (its keys and values come "
+                            "from a normed latent): set it false"))
         return out
 
     @property
