@@ -22,6 +22,7 @@ from core.errors import UsageError
 from inference.generate import inference_graphdef
 from inference.load import LoadedRun
 from model.attention import Attention
+from model.mla import MLAttention
 from model.moe import MoE
 from model.transformer import sown_arrays
 from sharding.constrain import activation_sharding
@@ -142,7 +143,7 @@ def forward(run: LoadedRun, ids: list[int], *, attention: bool = False,
     """(logits [T, V] float32, intermediates without their batch dimension) of one row through the
     sharded model: ``attention_probs`` [L, N, T, T], ``routing_experts``/``routing_weights``
     [L_moe, T, R] when asked for (the layers sow them; ``nnx.capture`` collects them)."""
-    _, graphdef = inference_graphdef(run.cfg.model, (Attention,) * attention + (MoE,) * routing)
+    _, graphdef = inference_graphdef(run.cfg.model, (Attention, MLAttention) * attention + (MoE,) * routing)
 
     def fn(params: nnx.State, tokens_bt: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
         logits_btv, sown = nnx.capture(nnx.merge(graphdef, params), nnx.Intermediate)(tokens_bt)
@@ -215,6 +216,15 @@ def inspect_attention(run: Any, prompt: str, layer: int, head: int | None,
             "weights": matrix_tt[position, :position + 1].tolist(), "matrix": matrix_tt.tolist()}
 
 
+def router_biases(run: Any) -> np.ndarray:
+    """[L_moe, E]: the aux-loss-free selection bias of each MoE layer's experts (``router_bias_e``);
+    empty when the model has none (router_bias_rate = 0)."""
+    moe = run.params.get("moe_blocks", {}).get("moe", {})
+    if "router_bias_e" not in moe:
+        return np.zeros((0, 0), np.float32)
+    return np.asarray(jax.device_get(moe["router_bias_e"][...]))
+
+
 def inspect_routing(run: Any, prompt: str) -> dict[str, Any]:
     tok = run.tokenizer
     cfg = run.cfg.model
@@ -227,6 +237,9 @@ def inspect_routing(run: Any, prompt: str) -> dict[str, Any]:
         load_e = np.bincount(experts_tr.reshape(-1), minlength=cfg.num_experts) / experts_tr.size
         layers.append({"layer": depth, "experts": experts_tr.tolist(), "weights": weights_tr.tolist(),
                        "load": load_e.tolist()})
+    biases = router_biases(run)
+    for layer, bias_e in zip(layers, biases, strict=False):
+        layer["router_bias"] = bias_e.tolist()
     return {"prompt": prompt, "step": run.step, "num_experts": cfg.num_experts,
             "experts_per_token": cfg.experts_per_token,
             "tokens": [{"id": i, "piece": piece(tok, i)} for i in ids], "moe_layers": layers}
@@ -315,6 +328,11 @@ def _routing_table(report: dict[str, Any]) -> list[str]:
     for layer in report["moe_layers"]:
         lines.append(f"  layer {layer['layer']}: " + "  ".join(
             f"e{e} {x:.2f}" for e, x in enumerate(layer["load"])))
+    if any("router_bias" in layer for layer in report["moe_layers"]):
+        lines.append("aux-loss-free selection bias (added to the router scores to choose experts):")
+        for layer in report["moe_layers"]:
+            lines.append(f"  layer {layer['layer']}: " + "  ".join(
+                f"e{e} {b:+.3f}" for e, b in enumerate(layer["router_bias"])))
     return lines
 
 

@@ -90,6 +90,7 @@ class StepLog:
         self.clock: tuple[float | None, int] = (None, start)  # (time, step) of the last log
         self.load_sum: np.ndarray | float = 0.0  # [MoE layers, experts], summed over fetched steps
         self.load_steps = 0
+        self.interval_load: list[np.ndarray] = []  # expert_load of each step since the last log line
         self.skipped_total = self.skipped_in_a_row = 0
         self.bar = progress_bar(cfg.train.steps, start, cfg.run.progress)
 
@@ -121,6 +122,7 @@ class StepLog:
             if "expert_load" in values:
                 self.load_sum = self.load_sum + np.asarray(values["expert_load"])
                 self.load_steps += 1
+                self.interval_load.append(np.asarray(values["expert_load"]))
             self.bar.update(1)
             self.last.update(step=step, **values)
             self._log(step, values, self.completed_at.pop(step, time.perf_counter()))
@@ -139,10 +141,28 @@ class StepLog:
         tps = (step - since_step) * t.batch_size * t.seq_len / elapsed if elapsed > 0 else 0.0
         mfu = tps * self.flops_per_token / self.peak_flops if self.peak_flops else 0.0
         self.last.update(tokens_per_s=tps, mfu=mfu)
-        self.writer.write({"step": step, **values, "tokens_per_s": tps, "mfu": mfu,
+        routing = self._interval_routing()
+        self.writer.write({"step": step, **values, **routing, "tokens_per_s": tps, "mfu": mfu,
                            "skipped_steps": self.skipped_total})
-        self.bar.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{tps:,.0f}", mfu=f"{mfu:.1%}")
+        postfix = {"loss": f"{values['loss']:.3f}"}
+        if routing:  # what the routing does, next to the loss: balance and drops
+            postfix |= {"load": f"{routing['moe_interval_load_max_over_mean']:.2f}",
+                        "dropped": f"{values['moe_dropped_frac']:.1%}"}
+        self.bar.set_postfix(**postfix, tok_s=f"{tps:,.0f}", mfu=f"{mfu:.1%}")
         self.clock = (now, step)
+
+    def _interval_routing(self) -> dict[str, Any]:
+        """An MoE run's expert balance over the steps since the previous log line: the max/mean of
+        each layer's mean expert load (``moe_interval_load_max_over_mean_per_layer``, and its worst
+        layer). One batch's load (``moe_load_max_over_mean``) also follows what that batch's text
+        is about -- experts specialise -- while this is the load the balancing controls."""
+        if not self.interval_load:
+            return {}
+        load_le = np.mean(self.interval_load, axis=0)
+        self.interval_load = []
+        per_layer = load_le.max(axis=-1) / np.maximum(load_le.mean(axis=-1), 1e-9)
+        return {"moe_interval_load_max_over_mean": float(per_layer.max()),
+                "moe_interval_load_max_over_mean_per_layer": per_layer.tolist()}
 
     def _count_skip(self, step: int, values: dict[str, Any]) -> None:
         """Counts skipped (non-finite) steps; too many in a row end the run."""

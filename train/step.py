@@ -3,9 +3,11 @@ shardings.
 
 Loss: next-token cross-entropy (``model/loss.py``) summed over weighted target positions and divided
 by the weight sum, in float32. An MoE model adds its weighted load-balancing and z-losses to the
-differentiated objective (``loss`` stays the pure cross-entropy) and reports its router metrics.
+differentiated objective (``loss`` stays the pure cross-entropy) and reports its router metrics;
+multi-token prediction (``mtp_depth``) adds mtp_loss_weight times its loss (``mtp_loss``, the mean
+over depths of ``mtp_loss_per_depth``).
 Gradient accumulation scans over microbatches inside the step, so the update equals the full-batch update
-(MoE auxiliaries: averaged over microbatches, weighted by their tokens).
+(MoE and MTP auxiliaries: averaged over microbatches, weighted by their tokens).
 """
 
 from __future__ import annotations
@@ -18,11 +20,15 @@ import optax
 from flax import nnx
 
 from model.loss import nll_sums
+from model.moe import updated_router_bias
 from sharding.constrain import constrain
 from train.state import TrainState
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
+# Multi-token prediction's metrics, when the model has it: its mean loss, the loss of each depth and
+# (MoE blocks) their expert load [D, E], kept apart from the main layers' ``expert_load``.
+MTP_METRICS = ("mtp_loss", "mtp_loss_per_depth", "mtp_expert_load")
 
 
 def _model(params: nnx.State, graphdef: nnx.GraphDef, frozen: nnx.State | None) -> nnx.Module:
@@ -33,17 +39,23 @@ def _model(params: nnx.State, graphdef: nnx.GraphDef, frozen: nnx.State | None) 
 def objective_sums(params: nnx.State, graphdef: nnx.GraphDef, batch: Batch,
                    frozen: nnx.State | None = None
                    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array, Metrics]]:
-    """(what training differentiates, (loss sum, weight sum, MoE metrics times the weight sum)).
+    """(what training differentiates, (loss sum, weight sum, MoE and MTP metrics times the weight
+    sum)).
 
     Everything is a sum over tokens, so microbatches add up: the objective is the loss sum plus the
-    weighted MoE auxiliaries times this batch's weight sum."""
+    weighted auxiliaries (MoE router losses, mtp_loss_weight * mtp_loss) times this batch's weight
+    sum."""
     loss_sum, weight_sum, aux = nll_sums(_model(params, graphdef, frozen), batch)
     if not aux:
         return loss_sum, (loss_sum, weight_sum, {})
-    metrics = {"moe_aux_loss": jnp.mean(aux["aux_loss"]), "moe_z_loss": jnp.mean(aux["z_loss"]),
-               "moe_dropped_frac": jnp.mean(aux["dropped_frac"]), "expert_load": aux["expert_load"],
-               "moe_aux_loss_per_layer": aux["aux_loss"], "moe_z_loss_per_layer": aux["z_loss"],
-               "moe_dropped_frac_per_layer": aux["dropped_frac"]}
+    metrics = {name: aux[name] for name in MTP_METRICS if name in aux}
+    if "aux_loss" in aux:  # an MoE model
+        metrics |= {
+            "moe_aux_loss": jnp.mean(aux["aux_loss"]), "moe_z_loss": jnp.mean(aux["z_loss"]),
+            "moe_dropped_frac": jnp.mean(aux["dropped_frac"]), "expert_load": aux["expert_load"],
+            "moe_aux_loss_per_layer": aux["aux_loss"], "moe_z_loss_per_layer": aux["z_loss"],
+            "moe_dropped_frac_per_layer": aux["dropped_frac"],
+            "moe_seq_aux_loss": jnp.mean(aux["seq_aux_loss"])}
     scaled = {k: v * weight_sum for k, v in metrics.items()}
     return loss_sum + aux["loss"] * weight_sum, (loss_sum, weight_sum, scaled)
 
@@ -89,17 +101,48 @@ def grads_loss_and_metrics(params: nnx.State, batch: Batch, frozen: nnx.State | 
     return grads, loss_sum / denom, metrics
 
 
+def load_balance(metrics: Metrics) -> Metrics:
+    """What the routing did in this batch, from ``expert_load`` [L_moe, E] (the fraction of
+    assignments each expert got): ``moe_load_max_over_mean_per_layer`` (1 = balanced, E / k = every
+    token on the same k experts) and its worst layer, ``moe_load_max_over_mean``."""
+    if "expert_load" not in metrics:
+        return {}
+    load_le = metrics["expert_load"]
+    per_layer = jnp.max(load_le, axis=-1) / jnp.maximum(jnp.mean(load_le, axis=-1), 1e-9)
+    return {"moe_load_max_over_mean": jnp.max(per_layer),
+            "moe_load_max_over_mean_per_layer": per_layer}
+
+
+def with_router_biases_updated(new: nnx.State, old: nnx.State, metrics: Metrics, rate: float,
+                               applied: jax.Array) -> nnx.State:
+    """``new`` with every aux-loss-free router bias (``router_bias_e`` [L, E]) set from its value in
+    ``old`` by ``updated_router_bias`` on the load its layers had in this batch (``expert_load``;
+    multi-token prediction's blocks: ``mtp_expert_load``), if the update was ``applied``. The
+    bias is outside the gradient (its gradient is 0) and whatever the optimizer made of it is
+    replaced here, so weight decay never touches it."""
+    def update(path, new_value: jax.Array, old_value: jax.Array) -> jax.Array:
+        names = [str(getattr(k, "key", "")) for k in path]
+        if "router_bias_e" not in names:
+            return new_value
+        load_le = metrics["mtp_expert_load" if names[0] == "mtp" else "expert_load"]
+        return jnp.where(applied, updated_router_bias(old_value, load_le, rate), old_value)
+
+    return jax.tree_util.tree_map_with_path(update, new, old)
+
+
 def train_step(state: TrainState, batch: Batch, frozen: nnx.State | None = None, *,
                graphdef: nnx.GraphDef,
                tx: optax.GradientTransformation, schedule: optax.Schedule,
-               microbatches: int) -> tuple[TrainState, Metrics]:
+               microbatches: int, router_bias_rate: float = 0.0) -> tuple[TrainState, Metrics]:
     """One optimizer step: ``tx`` gives the update direction, scaled by ``-schedule(state.step)``,
     the learning rate logged as ``lr``. Non-finite guard: if the loss or the gradient norm is not
     finite, the update is skipped -- params and optimizer state stay as they were, so Adam's moments
     and their count (its bias correction) cover the applied updates only; ``skipped`` is 1 -- while
     ``state.step`` still advances (the batch is consumed, and the learning rate, applied and
     logged, follows the step), so step numbers keep matching batches. ``frozen``: model state
-    merged in but never trained (a fine-tune's base weights)."""
+    merged in but never trained (a fine-tune's base weights). ``router_bias_rate`` > 0:
+    aux-loss-free balancing moves each router bias by the load this batch gave its experts
+    (``with_router_biases_updated``), logged as ``moe_router_bias``."""
     grads, loss, moe_metrics = grads_loss_and_metrics(state.params, batch, frozen, graphdef=graphdef,
                                                       microbatches=microbatches)
     grad_norm = optax.tree.norm(grads)
@@ -115,8 +158,14 @@ def train_step(state: TrainState, batch: Batch, frozen: nnx.State | None = None,
     # (bench.baby about 5% faster on XLA:CPU).
     params, opt_state = jax.lax.cond(finite, update, lambda params, opt_state: (params, opt_state),
                                      state.params, state.opt_state)
+    if router_bias_rate:
+        params = with_router_biases_updated(params, state.params, moe_metrics, router_bias_rate,
+                                            finite)
+        moe_blocks = params.get("moe_blocks", {})
+        if "router_bias_e" in moe_blocks.get("moe", {}):  # not in a LoRA fine-tune's trained state
+            moe_metrics["moe_router_bias"] = moe_blocks["moe"]["router_bias_e"][...]
     metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr,
-               "skipped": 1 - finite.astype(jnp.int32), **moe_metrics}
+               "skipped": 1 - finite.astype(jnp.int32), **moe_metrics, **load_balance(moe_metrics)}
     return TrainState(state.step + 1, params, opt_state), metrics
 
 

@@ -69,7 +69,8 @@ class Trainee:
     def train_fn(self, schedule: optax.Schedule) -> StepFn:
         """The pure train step (state, batch, frozen) -> (state, metrics)."""
         return functools.partial(train_step, graphdef=self.graphdef, tx=self.tx, schedule=schedule,
-                                 microbatches=self.cfg.train.microbatches)
+                                 microbatches=self.cfg.train.microbatches,
+                                 router_bias_rate=self.cfg.model.router_bias_rate)
 
     def eval_fn(self) -> EvalFn:
         """The pure eval step (params, batch, frozen) -> {"loss_sum", "weight_sum"}."""
