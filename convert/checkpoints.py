@@ -49,6 +49,12 @@ otherwise: the host holds one tensor twice (gathered, and in the Hugging Face la
 Orbax's restore holds (measured: VmHWM 0.8 GiB above before + params for 2.3 GiB of parameters).
 Nothing is written to OUT_DIR unless the whole export succeeds.
 
+DeepSeek-V3's multi-token-prediction layers (``model.layers.{num_hidden_layers + k}``, which
+transformers' model does not run) are left out of an import unless the override
+``model.mtp_depth=N`` asks for the first N of them (meshlm's MTP modules, model/mtp.py, hold the
+same weights); a run with ``mtp_depth`` > 0 exports them in that layout (``num_nextn_predict_layers``
+= N, each layer with its copies of the embedding and head, as DeepSeek's checkpoints hold them).
+
 Bad input (unknown architecture, missing or misshapen tensors, an unsupported GGUF quantisation,
 an existing RUN_DIR) is a ConversionError (a ValueError) with a one-line message.
 """
@@ -76,15 +82,21 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from convert.gguf_import import hf_config, hf_tensors, open_gguf
 from convert.hf_layout import (
+    EMBED_NAME,
+    FLOAT32_TENSORS,
     ConversionError,
     HFTensors,
     Layout,
     LazyTensors,
     check_names,
+    copied_tensors,
+    from_hf,
     hf_config_from_model,
     hf_shape,
+    hf_tensor_view,
     model_config_from_hf,
     parameter_sources,
+    zero_tensors,
 )
 from convert.safetensors_io import (
     DTYPES,
@@ -123,6 +135,7 @@ HOST_SLACK = 64 << 20  # the constant of the import's memory bound (module docst
 
 RUN_DTYPES = ("float32", "bfloat16")
 STORED_AS = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float32", "float64": "float32"}
+IMPORT_MODEL_KEYS = RUNTIME_KEYS | {"mtp_depth"}  # the model keys an import's overrides may set
 NOT_OVERRIDDEN = {"run.dir": "it is RUN_DIR", "data.tokenizer": "it is the checkpoint's tokenizer",
                   "model.param_dtype": "use --dtype"}
 
@@ -216,7 +229,7 @@ def read_hf_dir(src: Path) -> Source:
     extra = src / "tokenizer_config.json"
     tokenizer = HFTokenizer.from_files(src / "tokenizer.json", extra if extra.is_file() else None)
     entries = safetensors_entries(src)
-    return Source(cfg, lazy_tensors(entries), tokenizer,
+    return Source(cfg, hf_tensor_view(hf, cfg, lazy_tensors(entries)), tokenizer,
                   stored_dtype(hf, [e.dtype for _, e in entries.values()]))
 
 
@@ -248,7 +261,7 @@ def _slot(tensors: HFTensors, name: str, layout: Layout, cfg: ModelConfig,
     if tuple(w.shape) != want:
         raise ConversionError(f"tensor {name} has shape {tuple(w.shape)}, the config implies {want} "
                               "(shape mismatch)")
-    return layout.to_meshlm(np.asarray(w), cfg)
+    return from_hf(layout, np.asarray(w), cfg)
 
 
 def abstract_params(cfg: ModelConfig) -> Any:
@@ -318,15 +331,17 @@ def device_params(cfg: ModelConfig, tensors: HFTensors, mesh: Mesh, rules: Rules
 
 def _check_overrides(overrides: Sequence[str]) -> None:
     """ConfigError for an override an import cannot take: the architecture comes from the
-    checkpoint (only ``model``'s runtime keys may change), RUN_DIR and the tokenizer too."""
+    checkpoint (only ``model``'s runtime keys may change, and ``mtp_depth``: how many of
+    DeepSeek-V3's multi-token-prediction layers to import, none by default), RUN_DIR and the
+    tokenizer too."""
     for text in overrides:
         section, key, _ = parse_override(text)
         if f"{section}.{key}" in NOT_OVERRIDDEN:
             raise ConfigError(f"{section}.{key}", f"is not set by an override here: "
                               f"{NOT_OVERRIDDEN[f'{section}.{key}']}")
-        if section == "model" and key not in RUNTIME_KEYS:
+        if section == "model" and key not in IMPORT_MODEL_KEYS:
             raise ConfigError(f"model.{key}", "comes from the checkpoint (only the model's runtime "
-                              f"keys may be overridden: {', '.join(sorted(RUNTIME_KEYS))})")
+                              f"keys may be overridden: {', '.join(sorted(IMPORT_MODEL_KEYS))})")
 
 
 def run_config(cfg: ModelConfig, run_dir: Path, seq_len: int, overrides: Sequence[str] = ()) -> Config:
@@ -464,12 +479,12 @@ def save_hf_tokenizer(tokenizer: Any, out_dir: Path) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class OutTensor:
-    """One Hugging Face tensor of an export: slot ``index`` of parameter ``path``."""
+    """One Hugging Face tensor of an export: made of slot ``index`` of parameter ``path`` under
+    ``layout``, for each of its ``parts`` (several: rows of one tensor that make several meshlm
+    parameters, as DeepSeek's kv_a_proj_with_mqa; none: a tensor of zeros)."""
 
     name: str
-    path: tuple[str, ...]
-    index: tuple[int, ...]
-    layout: Layout
+    parts: tuple[tuple[tuple[str, ...], tuple[int, ...], Layout], ...]
     shape: tuple[int, ...]
 
 
@@ -477,17 +492,36 @@ def _file_order(t: OutTensor) -> tuple[int, int]:
     """Files hold the embeddings first, then layer by layer, then the rest (as transformers
     orders a state dict), so that a layer's tensors share a file."""
     layer = re.search(r"\.layers\.(\d+)\.", t.name)
-    return (1, int(layer.group(1))) if layer else (0 if t.path[0] == "embed" else 2, 0)
+    return (1, int(layer.group(1))) if layer else (0 if t.name == EMBED_NAME else 2, 0)
 
 
 def out_tensors(cfg: ModelConfig, shapes: Mapping[tuple[str, ...], tuple[int, ...]]) -> list[OutTensor]:
     """Every Hugging Face tensor of the model, in file order, with its shape (nothing is read)."""
-    out = []
+    parts: dict[str, list] = collections.defaultdict(list)
+    shape_of = dict(zero_tensors(cfg))
     for path, (layout, names, stacked) in parameter_sources(cfg).items():
         shape = shapes[path]
         for index, name in zip(np.ndindex(*shape[:stacked]), names, strict=True):
-            out.append(OutTensor(name, path, index, layout, hf_shape(layout, cfg, shape[stacked:])))
+            parts[name].append((path, index, layout))
+            shape_of[name] = hf_shape(layout, cfg, shape[stacked:])
+    for name, (path, layout) in copied_tensors(cfg).items():
+        parts[name].append((path, (), layout))
+        shape_of[name] = hf_shape(layout, cfg, shapes[path])
+    out = [OutTensor(name, tuple(parts[name]), shape) for name, shape in shape_of.items()]
     return sorted(out, key=_file_order)
+
+
+def hf_tensor(t: OutTensor, params: Mapping[tuple[str, ...], jax.Array], cfg: ModelConfig,
+              dtype: np.dtype) -> np.ndarray:
+    """Tensor ``t`` in the Hugging Face layout, each of its parts gathered alone."""
+    if len(t.parts) == 1 and t.parts[0][2].rows is None:
+        path, index, layout = t.parts[0]
+        return np.ascontiguousarray(layout.to_hf(gather_slot(params[path], index), cfg), dtype)
+    out = np.zeros(t.shape, dtype)
+    for path, index, layout in t.parts:  # each part's rows (rows=None: all of them)
+        rows = layout.rows(cfg)[0] if layout.rows else slice(None)
+        out[rows] = layout.to_hf(gather_slot(params[path], index), cfg)
+    return out
 
 
 def _read_slot(param: jax.Array, index: jax.Array) -> jax.Array:
@@ -516,21 +550,20 @@ def write_safetensors(params: Mapping[tuple[str, ...], jax.Array], cfg: ModelCon
     """The parameters as Hugging Face safetensors files in ``out_dir`` (and their index when there
     are several), one tensor gathered, converted and written at a time."""
     tensors = out_tensors(cfg, {path: tuple(p.shape) for path, p in params.items()})
-    np_dtype = DTYPES["BF16" if dtype == "bfloat16" else "F32"]
+    run_dtype = DTYPES["BF16" if dtype == "bfloat16" else "F32"]
+    dtypes = {t.name: DTYPES["F32"] if t.name.endswith(FLOAT32_TENSORS) else run_dtype
+              for t in tensors}
+    nbytes = {t.name: int(np.prod(t.shape)) * dtypes[t.name].itemsize for t in tensors}
     by_name = {t.name: t for t in tensors}
-    files = plan_shards(((t.name, int(np.prod(t.shape)) * np_dtype.itemsize) for t in tensors),
-                        shard_size)
+    files = plan_shards(((t.name, nbytes[t.name]) for t in tensors), shard_size)
     for file, names in files.items():
-        specs = {name: (np_dtype, by_name[name].shape) for name in names}
+        specs = {name: (dtypes[name], by_name[name].shape) for name in names}
         with SafetensorsWriter(out_dir / file, specs, {"format": "pt"}) as writer:
             for name in names:
-                t = by_name[name]
-                slot = gather_slot(params[t.path], t.index)
-                writer.write(name, np.ascontiguousarray(t.layout.to_hf(slot, cfg), np_dtype))
-                del slot
+                writer.write(name, hf_tensor(by_name[name], params, cfg, dtypes[name]))
     if len(files) > 1:
         total = sum(int(np.prod(t.shape)) for t in tensors)
-        index = {"metadata": {"total_parameters": total, "total_size": total * np_dtype.itemsize},
+        index = {"metadata": {"total_parameters": total, "total_size": sum(nbytes.values())},
                  "weight_map": {name: file for file, names in files.items() for name in names}}
         (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 

@@ -33,8 +33,19 @@ DEFAULTS: dict[str, dict[str, Any]] = {
                    final_logit_softcapping=30.0, attn_logit_softcapping=50.0),
     "gemma3_text": dict(_GEMMA, max_position_embeddings=131072, rope_theta=1e6,
                         rope_local_base_freq=10000.0, sliding_window_pattern=6),
+    "qwen3_moe": dict(_LLAMA, max_position_embeddings=32768, num_key_value_heads=4,
+                      use_sliding_window=False, sliding_window=4096, decoder_sparse_step=1,
+                      mlp_only_layers=[], moe_intermediate_size=768, num_experts_per_tok=8,
+                      num_experts=128, norm_topk_prob=False, router_aux_loss_coef=0.001),
+    "deepseek_v3": dict(_LLAMA, max_position_embeddings=4096, intermediate_size=18432,
+                        moe_intermediate_size=2048, n_shared_experts=1, n_routed_experts=256,
+                        routed_scaling_factor=2.5, kv_lora_rank=512, q_lora_rank=1536,
+                        qk_rope_head_dim=64, v_head_dim=128, qk_nope_head_dim=128, n_group=8,
+                        topk_group=4, num_experts_per_tok=8, first_k_dense_replace=3,
+                        norm_topk_prob=True, rope_interleave=True),
 }
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+LATENT_NORM_EPS = 1e-6  # transformers' DeepSeek-V3 q_a_layernorm and kv_a_layernorm, fixed
 LOCAL, GLOBAL = "sliding_attention", "full_attention"
 
 
@@ -72,7 +83,11 @@ def _family(hf: Mapping[str, Any]) -> str:
 
 def _refuse_unsupported(family: str, get: Any) -> None:
     """Fields whose values meshlm's blocks cannot compute."""
-    if family in ("llama", "qwen3", "gemma2", "gemma3_text") and get("attention_bias"):
+    if quantized := get("quantization_config"):
+        method = quantized.get("quant_method", "?") if isinstance(quantized, dict) else quantized
+        raise _refuse("quantization_config", method, "quantized weights (and their scale tensors) "
+                      "are not read: import a checkpoint in bfloat16, float16 or float32")
+    if family in ("llama", "qwen3", "gemma2", "gemma3_text", "qwen3_moe") and get("attention_bias"):
         raise _refuse("attention_bias", True, "it biases o_proj too, and meshlm's attention output "
                       "has no bias (only q/k/v biases, as Qwen2's)")
     if get("mlp_bias"):
@@ -88,6 +103,24 @@ def _refuse_unsupported(family: str, get: Any) -> None:
     if get("partial_rotary_factor") not in (None, 1, 1.0):
         raise _refuse("partial_rotary_factor", get("partial_rotary_factor"),
                       "meshlm rotates whole heads (partial rotary embeddings)")
+    if family == "deepseek_v3":
+        _refuse_deepseek(get)
+
+
+def _refuse_deepseek(get: Any) -> None:
+    """DeepSeek's own config.json fields that transformers' DeepSeek-V3 ignores: values other than
+    V3's would make the two compute different models, so neither is imported."""
+    if get("attention_bias"):
+        raise _refuse("attention_bias", True, "it biases q_a_proj, kv_a_proj_with_mqa and o_proj, "
+                      "and meshlm's latent attention has no bias")
+    if get("rms_norm_eps") != LATENT_NORM_EPS:
+        raise _refuse("rms_norm_eps", get("rms_norm_eps"), "transformers' DeepSeek-V3 norms the "
+                      f"latents (q_a_layernorm, kv_a_layernorm) with eps {LATENT_NORM_EPS} whatever "
+                      "it says, meshlm with this eps: only 1e-6 imports")
+    for field, want in (("scoring_func", "sigmoid"), ("topk_method", "noaux_tc"), ("moe_layer_freq", 1)):
+        if get(field) not in (None, want):
+            raise _refuse(field, get(field), f"DeepSeek-V3 in transformers computes {field}={want} "
+                          "whatever the field says")
 
 
 def _dimensions(family: str, get: Any) -> dict[str, Any]:
@@ -98,9 +131,11 @@ def _dimensions(family: str, get: Any) -> dict[str, Any]:
                max_seq_len=int(get("max_position_embeddings")), position="rope",
                norm_eps=float(get("rms_norm_eps")), activation="swiglu",
                tie_embeddings=bool(get("tie_word_embeddings")))
+    if family == "deepseek_v3":
+        out.update(_mla_keys(get))
     if family == "qwen2":
         out["qkv_bias"] = True
-    if family in ("qwen3", "gemma3_text"):
+    if family in ("qwen3", "qwen3_moe", "gemma3_text"):
         out["qk_norm"] = True
     if family.startswith("gemma"):
         out.update(norm_plus_one=True, post_norms=True, embed_scale=True, activation="geglu",
@@ -112,7 +147,74 @@ def _dimensions(family: str, get: Any) -> dict[str, Any]:
                    experts_per_token=int(get("num_experts_per_tok")), moe_every=1,
                    first_dense_layers=0, moe_impl="dropless", router_mode="topk_softmax",
                    aux_loss_coef=float(get("router_aux_loss_coef")), z_loss_coef=0.0)
+    elif family == "qwen3_moe":
+        out.update(_qwen3_moe_keys(get, out["num_layers"]))
+    elif family == "deepseek_v3":
+        out.update(_deepseek_moe_keys(get, out["num_layers"]))
     return out
+
+
+def _mla_keys(get: Any) -> dict[str, Any]:
+    """DeepSeek's latent attention: q_lora_rank null = a full-rank query; num_key_value_heads and
+    head_dim (transformers sets it to qk_rope_head_dim) say nothing of it. meshlm's head_dim is
+    the query/key head width, whose inverse square root scales the scores by default."""
+    nope, rope = int(get("qk_nope_head_dim")), int(get("qk_rope_head_dim"))
+    return dict(attention_type="mla", q_lora_rank=int(get("q_lora_rank") or 0),
+                kv_lora_rank=int(get("kv_lora_rank")), qk_rope_head_dim=rope, qk_nope_head_dim=nope,
+                v_head_dim=int(get("v_head_dim")), head_dim=nope + rope,
+                num_kv_heads=int(get("num_attention_heads")))
+
+
+def _moe_layers(moe: list[bool], field: str, value: Any) -> dict[str, int]:
+    """first_dense_layers and moe_every of the layers ``moe`` marks, the first (fewest layers per
+    group) that gives them; refused, naming ``field``, when none does."""
+    layers = len(moe)
+    for every in range(1, layers + 1):
+        for first in range(layers):
+            groups, rest = divmod(layers - first, every)
+            if not rest and groups and moe == [i >= first and (i - first + 1) % every == 0
+                                               for i in range(layers)]:
+                return dict(first_dense_layers=first, moe_every=every)
+    raise _refuse(field, value, "meshlm's MoE layers are the last of each group of moe_every layers "
+                  "after first_dense_layers dense ones (the last layer is MoE), and these are not")
+
+
+def _qwen3_moe_keys(get: Any, layers: int) -> dict[str, Any]:
+    """Layer i is MoE unless listed in mlp_only_layers, when (i + 1) % decoder_sparse_step == 0;
+    the router's softmax top-k gates are renormalised when norm_topk_prob. No MoE layer (no
+    experts, or all listed): a dense model."""
+    experts = int(get("num_local_experts") or get("num_experts") or 0)
+    dense, step = list(get("mlp_only_layers") or []), int(get("decoder_sparse_step"))
+    moe = [experts > 0 and i not in dense and (i + 1) % step == 0 for i in range(layers)]
+    if not any(moe):
+        return {}
+    field = "mlp_only_layers" if dense else "decoder_sparse_step"
+    return dict(_moe_layers(moe, field, dense or step), num_experts=experts,
+                experts_per_token=int(get("num_experts_per_tok")),
+                expert_mlp_dim=int(get("moe_intermediate_size")), moe_impl="dropless",
+                router_mode="softmax_topk" if get("norm_topk_prob") else "softmax_topk_unnormalized",
+                aux_loss_coef=float(get("router_aux_loss_coef")), z_loss_coef=0.0)
+
+
+def _deepseek_moe_keys(get: Any, layers: int) -> dict[str, Any]:
+    """The layers from first_k_dense_replace on are MoE (none: a dense model): sigmoid scores, a
+    selection bias (e_score_correction_bias: the aux-loss-free balancing variable, so
+    router_bias_rate > 0; 0.001 is DeepSeek-V3's rate), group-limited top-k, the chosen scores
+    renormalised when norm_topk_prob and scaled by routed_scaling_factor, plus n_shared_experts
+    always-on experts in one MLP. The sequence-wise balance loss when DeepSeek's config says
+    seq_aux (aux_loss_alpha)."""
+    first = int(get("first_k_dense_replace") or 0)
+    if first >= layers:
+        return {}
+    groups = int(get("n_group") or 1)
+    return dict(num_experts=int(get("n_routed_experts")), experts_per_token=int(get("num_experts_per_tok")),
+                expert_mlp_dim=int(get("moe_intermediate_size")), first_dense_layers=first,
+                moe_every=1, num_shared_experts=int(get("n_shared_experts")), moe_impl="dropless",
+                router_mode="sigmoid_topk" if get("norm_topk_prob") else "sigmoid_topk_unnormalized",
+                routed_scaling_factor=float(get("routed_scaling_factor")), router_groups=groups,
+                router_topk_groups=int(get("topk_group") or groups), router_bias_rate=0.001,
+                aux_loss_coef=0.0, z_loss_coef=0.0,
+                seq_aux_loss_coef=float(get("aux_loss_alpha") or 0.0) if get("seq_aux") else 0.0)
 
 
 def _pattern(types: Any, layers: int, field: str) -> int | None:
@@ -133,7 +235,7 @@ def _pattern(types: Any, layers: int, field: str) -> int | None:
 def _default_pattern(family: str, get: Any, layers: int) -> int | None:
     """sliding_window_pattern (None: no local layer) of the local layers transformers derives
     when ``layer_types`` is absent (computed, not listed: the layer count comes from the file)."""
-    if family in ("mistral", "mixtral"):
+    if family in ("mistral", "mixtral", "qwen3_moe"):
         return 0  # a window on every layer
     if family in ("qwen2", "qwen3"):  # the layers from max_window_layers on are local
         first = int(get("max_window_layers"))
@@ -150,9 +252,10 @@ def _default_pattern(family: str, get: Any, layers: int) -> int | None:
 def _window(hf: Mapping[str, Any], family: str, get: Any, layers: int) -> dict[str, Any]:
     """sliding_window and sliding_window_pattern (absent: no local layer)."""
     window = get("sliding_window")
-    if family == "llama" or not window or (family in ("qwen2", "qwen3") and not get("use_sliding_window")):
+    if family in ("llama", "deepseek_v3") or not window or (
+            family in ("qwen2", "qwen3", "qwen3_moe") and not get("use_sliding_window")):
         return {}
-    if hf.get("layer_types") and family not in ("mistral", "mixtral"):  # which they ignore
+    if hf.get("layer_types") and family not in ("mistral", "mixtral", "qwen3_moe"):  # which they ignore
         pattern = _pattern(hf["layer_types"], layers, "layer_types")
     else:
         pattern = _default_pattern(family, get, layers)
@@ -177,6 +280,10 @@ def _rope_dicts(hf: Mapping[str, Any], family: str, get: Any) -> tuple[str, dict
     return field, rope, None
 
 
+def _yarn_mscale(factor: float, mscale: float) -> float:
+    return 0.1 * mscale * math.log(factor) + 1.0 if factor > 1 else 1.0
+
+
 def _yarn_attention_factor(rope: Mapping[str, Any], factor: float) -> float:
     """yarn's factor on cos and sin; 0 = meshlm's default, transformers' 0.1 ln(factor) + 1."""
     if rope.get("attention_factor") is not None:
@@ -184,7 +291,7 @@ def _yarn_attention_factor(rope: Mapping[str, Any], factor: float) -> float:
     mscale, mscale_all_dim = rope.get("mscale"), rope.get("mscale_all_dim")
     if not (mscale and mscale_all_dim) or factor <= 1:
         return 0.0
-    return (0.1 * mscale * math.log(factor) + 1) / (0.1 * mscale_all_dim * math.log(factor) + 1)
+    return _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim)
 
 
 def _rope(field: str, rope: Mapping[str, Any], max_len: int, original: Any = None) -> dict[str, Any]:
@@ -236,11 +343,22 @@ def _rope_keys(hf: Mapping[str, Any], family: str, get: Any, max_len: int,
     return out
 
 
+def _mla_scale(hf: Mapping[str, Any], family: str, get: Any, qk_head_dim: int) -> dict[str, Any]:
+    """DeepSeek's scaled RoPE (with ``mscale_all_dim``) multiplies the softmax scale
+    qk_head_dim**-0.5 by mscale**2 (transformers' yarn_apply_mscale): query_pre_attn_scalar =
+    qk_head_dim / mscale**4 says the same."""
+    _, rope, _ = _rope_dicts(hf, family, get)
+    if rope.get("rope_type", rope.get("type", "default")) == "default" or not rope.get("mscale_all_dim"):
+        return {}
+    mscale = _yarn_mscale(float(rope["factor"]), float(rope["mscale_all_dim"]))
+    return {} if mscale == 1 else {"query_pre_attn_scalar": qk_head_dim / mscale**4}
+
+
 def model_config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
     """The meshlm architecture of a Hugging Face ``config.json`` (Llama 3.x, Mistral, Mixtral,
-    Qwen2/2.5, Qwen3, Gemma 2, Gemma 3 text); ConversionError naming the first field it has that
-    meshlm cannot compute (vision towers, unknown RoPE types, an o_proj bias, partial rotary,
-    local layers in no every-Nth-global pattern, ...)."""
+    Qwen2/2.5, Qwen3, Qwen3-MoE, DeepSeek-V3, Gemma 2, Gemma 3 text); ConversionError naming the
+    first field it has that meshlm cannot compute (vision towers, unknown RoPE types, an o_proj
+    bias, partial rotary, local layers in no every-Nth-global pattern, quantized weights, ...)."""
     family = _family(hf)
     get = functools.partial(_field, hf, family)
     _refuse_unsupported(family, get)
@@ -248,6 +366,8 @@ def model_config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
         keys = _dimensions(family, get)
         keys.update(_window(hf, family, get, keys["num_layers"]))
         keys.update(_rope_keys(hf, family, get, keys["max_seq_len"], "sliding_window" in keys))
+        if family == "deepseek_v3":
+            keys.update(_mla_scale(hf, family, get, keys["head_dim"]))
     except ConversionError:
         raise
     except (KeyError, TypeError, ValueError, AttributeError, ArithmeticError) as e:
@@ -273,22 +393,58 @@ FIXED: dict[str, dict[str, Any]] = {
     "qwen3": dict(_PLAIN, qkv_bias=False, qk_norm=True),
     "gemma2": dict(_GEMMA_KEYS, qk_norm=False),
     "gemma3_text": dict(_GEMMA_KEYS, qk_norm=True),
+    "qwen3_moe": dict(_PLAIN, qkv_bias=False, qk_norm=True),
+    "deepseek_v3": {k: v for k, v in dict(_PLAIN, qkv_bias=False, qk_norm=False).items()
+                    if k != "query_pre_attn_scalar"},  # said by yarn's mscale_all_dim
 }
-RULE = {"mixtral": "num_experts > 0", "gemma3_text": "norm_plus_one with qk_norm",
+RULE = {"mixtral": "num_experts > 0 without qk_norm", "gemma3_text": "norm_plus_one with qk_norm",
         "gemma2": "norm_plus_one without qk_norm", "qwen3": "qk_norm", "qwen2": "qkv_bias",
-        "mistral": "a sliding window on every layer", "llama": "none of the other families' keys"}
+        "mistral": "a sliding window on every layer", "llama": "none of the other families' keys",
+        "qwen3_moe": "num_experts > 0 with qk_norm", "deepseek_v3": "attention_type mla"}
+# The router modes each MoE family computes (softmax_topk and topk_softmax are one function up to
+# rounding), and the MoE keys it fixes, with why
+ROUTER_MODES = {"mixtral": ("softmax_topk", "topk_softmax"),
+                "qwen3_moe": ("softmax_topk", "topk_softmax", "softmax_topk_unnormalized"),
+                "deepseek_v3": ("sigmoid_topk", "sigmoid_topk_unnormalized")}
+_NO_DEEPSEEK_ROUTING = dict(routed_scaling_factor=(1.0, "gates are not scaled"),
+                            router_groups=(1, "there is no group-limited routing"),
+                            router_bias_rate=(0.0, "there is no selection bias"))
+MOE_FIXED: dict[str, dict[str, tuple[Any, str]]] = {
+    "mixtral": dict(num_shared_experts=(0, "there are no always-on experts"),
+                    first_dense_layers=(0, "every layer is MoE"), moe_every=(1, "every layer is MoE"),
+                    **_NO_DEEPSEEK_ROUTING),
+    "qwen3_moe": dict(num_shared_experts=(0, "there are no always-on experts"), **_NO_DEEPSEEK_ROUTING),
+    "deepseek_v3": dict(moe_every=(1, "every layer after first_k_dense_replace is MoE")),
+}
 
 
-def _moe_inexpressible(cfg: ModelConfig) -> tuple[str, str] | None:
-    """softmax_topk and topk_softmax are one function up to rounding; the capacity path is a
-    training device: meshlm's own inference, like Mixtral, drops no token."""
-    if cfg.router_mode == "softmax_topk_unnormalized":
-        return "router_mode", "Mixtral renormalises the top-k gates to sum 1"
-    for key, why in (("num_shared_experts", "Mixtral has no always-on experts"),
-                     ("first_dense_layers", "every Mixtral layer is MoE"),
-                     ("moe_every", "every Mixtral layer is MoE")):
-        if getattr(cfg, key) != (1 if key == "moe_every" else 0):
-            return key, why
+def _moe_inexpressible(cfg: ModelConfig, family: str) -> tuple[str, str] | None:
+    """The MoE keys ``family`` cannot say. The capacity path is a training device: meshlm's own
+    inference, like the Hugging Face families', drops no token."""
+    name = FAMILIES[family][1]
+    if cfg.router_mode not in ROUTER_MODES[family]:
+        return "router_mode", f"{name} routes with {' or '.join(ROUTER_MODES[family])}" + (
+            ": the top-k gates renormalised to sum 1" if family == "mixtral" else "")
+    for key, (want, why) in MOE_FIXED[family].items():
+        if getattr(cfg, key) != want:
+            return key, f"in {name}, {why}"
+    if family == "deepseek_v3" and not cfg.num_shared_experts:
+        return "num_shared_experts", "DeepSeek-V3's MoE layers always add shared experts"
+    return None
+
+
+def _mla_inexpressible(cfg: ModelConfig) -> tuple[str, str] | None:
+    """DeepSeek-V3's attention: scores scaled by qk_head_dim**-0.5, or that times yarn's
+    mscale**2 (query_pre_attn_scalar = qk_head_dim / mscale**4); no window."""
+    scale, qk = cfg.query_pre_attn_scalar, cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+    if scale and scale != qk and not (cfg.rope_scaling == "yarn" and cfg.rope_scaling_factor > 1):
+        return "query_pre_attn_scalar", ("DeepSeek-V3 scales attention scores otherwise than by "
+                                         "qk_head_dim**-0.5 only through yarn RoPE's mscale_all_dim")
+    if cfg.sliding_window:
+        return "sliding_window", "DeepSeek-V3 has no sliding-window attention"
+    if cfg.norm_eps != LATENT_NORM_EPS:
+        return "norm_eps", (f"DeepSeek-V3 norms the latents with eps {LATENT_NORM_EPS} whatever "
+                            "rms_norm_eps says")
     return None
 
 
@@ -298,8 +454,12 @@ def _inexpressible(cfg: ModelConfig, family: str) -> tuple[str, str] | None:
     name = FAMILIES[family][1]
     if cfg.position != "rope":
         return "position", f"{name} has rotary positions only, no learned table"
-    if cfg.is_moe and (found := _moe_inexpressible(cfg)):
+    if cfg.is_moe and (found := _moe_inexpressible(cfg, family)):
         return found
+    if family == "deepseek_v3" and (found := _mla_inexpressible(cfg)):
+        return found
+    if cfg.mtp_depth and family != "deepseek_v3":
+        return "mtp_depth", f"{name} has no multi-token-prediction modules (only DeepSeek-V3 has)"
     for key, want in FIXED[family].items():
         have = getattr(cfg, key)
         if key == "query_pre_attn_scalar" and have == cfg.resolved_head_dim:
@@ -307,7 +467,7 @@ def _inexpressible(cfg: ModelConfig, family: str) -> tuple[str, str] | None:
         if have != want:
             return key, f"the config is exported as {name} ({RULE[family]}), which has {key}={want}"
     local = [cfg.is_local_layer(i) for i in range(cfg.num_layers)]
-    if any(local) and not all(local) and family in ("llama", "mistral", "mixtral"):
+    if any(local) and not all(local) and family in ("llama", "mistral", "mixtral", "qwen3_moe"):
         return "sliding_window_pattern", (f"{name} has a window on every layer or none; only Qwen2/3 "
                                           "and Gemma configs say which layers are local")
     if any(local) and cfg.rope_local_theta and family != "gemma3_text":
@@ -330,7 +490,18 @@ def _rope_parameters(cfg: ModelConfig) -> dict[str, Any]:
                    beta_slow=cfg.rope_beta_slow, truncate=cfg.rope_truncate)
         if cfg.rope_attention_factor:
             out["attention_factor"] = cfg.rope_attention_factor
+        if mscale := _mla_mscale(cfg):
+            out["mscale_all_dim"] = mscale
     return out
+
+
+def _mla_mscale(cfg: ModelConfig) -> float:
+    """DeepSeek's yarn mscale_all_dim that multiplies the softmax scale qk_head_dim**-0.5 by
+    (0.1 mscale_all_dim ln(factor) + 1)**2 = (qk_head_dim / query_pre_attn_scalar)**0.5; 0 = none."""
+    qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+    if cfg.attention_type != "mla" or not cfg.query_pre_attn_scalar or cfg.query_pre_attn_scalar == qk:
+        return 0.0
+    return ((qk / cfg.query_pre_attn_scalar) ** 0.25 - 1) / (0.1 * math.log(cfg.rope_scaling_factor))
 
 
 def _number(x: float) -> float | int:
@@ -350,6 +521,10 @@ def _family_fields(cfg: ModelConfig, family: str) -> dict[str, Any]:
         return dict(hidden_act="silu", sliding_window=window, num_local_experts=cfg.num_experts,
                     intermediate_size=cfg.resolved_expert_mlp_dim,
                     num_experts_per_tok=cfg.experts_per_token, router_aux_loss_coef=cfg.aux_loss_coef)
+    if family == "qwen3_moe":
+        return _qwen3_moe_fields(cfg, window)
+    if family == "deepseek_v3":
+        return _deepseek_fields(cfg)
     if family in ("qwen2", "qwen3"):
         first_local = types.index(LOCAL) if window else cfg.num_layers
         out = dict(hidden_act="silu", use_sliding_window=window is not None, sliding_window=window,
@@ -368,11 +543,50 @@ def _family_fields(cfg: ModelConfig, family: str) -> dict[str, Any]:
     return out
 
 
+def _qwen3_moe_fields(cfg: ModelConfig, window: int | None) -> dict[str, Any]:
+    """Qwen3-MoE: the layers that are not MoE listed in mlp_only_layers (with
+    decoder_sparse_step 1, which says every other layer is); the experts under ``num_experts``,
+    the name Qwen's configs and transformers 4 read (transformers 5 reads it too)."""
+    moe = set(cfg.moe_layer_indices)
+    return dict(hidden_act="silu", attention_bias=False, use_sliding_window=window is not None,
+                sliding_window=window, decoder_sparse_step=1,
+                mlp_only_layers=[i for i in range(cfg.num_layers) if i not in moe],
+                num_experts=cfg.num_experts, num_experts_per_tok=cfg.experts_per_token,
+                moe_intermediate_size=cfg.resolved_expert_mlp_dim,
+                norm_topk_prob=cfg.router_mode != "softmax_topk_unnormalized",
+                router_aux_loss_coef=cfg.aux_loss_coef)
+
+
+def _deepseek_fields(cfg: ModelConfig) -> dict[str, Any]:
+    """DeepSeek-V3: latent attention (rope dimensions interleaved, as DeepSeek's checkpoints and
+    the tensors written beside), MoE layers from first_k_dense_replace on (none: every layer
+    dense), the multi-token-prediction layers' count."""
+    out: dict[str, Any] = dict(
+        hidden_act="silu", attention_bias=False, num_key_value_heads=cfg.num_heads,
+        head_dim=cfg.qk_rope_head_dim, q_lora_rank=cfg.q_lora_rank or None,
+        kv_lora_rank=cfg.kv_lora_rank, qk_rope_head_dim=cfg.qk_rope_head_dim,
+        qk_nope_head_dim=cfg.qk_nope_head_dim, v_head_dim=cfg.resolved_v_head_dim,
+        rope_interleave=True, first_k_dense_replace=cfg.num_dense_first,
+        num_nextn_predict_layers=cfg.mtp_depth)
+    if not cfg.is_moe:
+        return out
+    out.update(n_routed_experts=cfg.num_experts, num_experts_per_tok=cfg.experts_per_token,
+               moe_intermediate_size=cfg.resolved_expert_mlp_dim,
+               n_shared_experts=cfg.num_shared_experts,
+               routed_scaling_factor=cfg.routed_scaling_factor, n_group=cfg.router_groups,
+               topk_group=cfg.router_topk_groups or cfg.router_groups,
+               norm_topk_prob=cfg.router_mode == "sigmoid_topk")
+    if cfg.seq_aux_loss_coef:  # DeepSeek's own fields (transformers ignores them)
+        out.update(seq_aux=True, aux_loss_alpha=cfg.seq_aux_loss_coef)
+    return out
+
+
 def hf_config_from_model(cfg: ModelConfig, bos_id: int | None = None,
                          eos_id: int | None = None) -> dict[str, Any]:
     """A Hugging Face ``config.json`` for a meshlm architecture, in the family ``family_of``
-    picks (MoE -> mixtral; norm_plus_one -> gemma3_text with qk_norm, else gemma2; qk_norm ->
-    qwen3; qkv_bias -> qwen2; a window on every layer -> mistral; else llama); ConversionError
+    picks (mla -> deepseek_v3; MoE -> qwen3_moe with qk_norm, else mixtral; norm_plus_one ->
+    gemma3_text with qk_norm, else gemma2; qk_norm -> qwen3; qkv_bias -> qwen2; a window on every
+    layer -> mistral; else llama); ConversionError
     naming the first key that family cannot express (nothing is exported rather than a model that
     computes something else)."""
     family = family_of(cfg)
