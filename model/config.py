@@ -15,7 +15,7 @@ DType = Literal["float32", "bfloat16"]
 Remat = Literal["none", "full", "dots", "dots_no_batch"]
 MoEImpl = Literal["capacity", "dropless"]
 AttentionImpl = Literal["auto", "einsum", "xla", "blockwise", "splash"]
-MoEMatmul = Literal["auto", "ragged_dot", "megablox"]
+MoEMatmul = Literal["auto", "ragged_dot", "megablox", "tiled"]
 RouterMode = Literal["softmax_topk", "topk_softmax", "softmax_topk_unnormalized", "sigmoid_topk",
                      "sigmoid_topk_unnormalized"]
 AttentionType = Literal["gqa", "mla"]
@@ -43,8 +43,9 @@ class ModelConfig:
     to the router when k = 1). ``moe_impl``: ``capacity`` = each expert takes at most
     ceil(capacity_factor * T * k / num_experts) assignments of a row of T tokens, in token order, the
     rest are dropped (the residual carries them); ``dropless`` = grouped matmuls, nothing dropped
-    (``moe_matmul``: ``ragged_dot``, or ``megablox``, the Pallas TPU kernel; ``auto`` = megablox
-    when compiling for TPU). ``aux_loss_coef`` scales the Switch load-balancing loss,
+    (``moe_matmul``: ``ragged_dot``, ``megablox``, the Pallas TPU kernel, or ``tiled``, groups padded
+    to whole tiles of rows; ``auto`` = megablox for TPU, ragged_dot for GPU, tiled for CPU:
+    model/grouped_matmul.py). ``aux_loss_coef`` scales the Switch load-balancing loss,
     ``z_loss_coef`` the router z-loss (both averaged over MoE layers).
 
     ``fused_projections``: the q, k and v weights (and a SwiGLU MLP's gate and up weights) are
@@ -121,7 +122,7 @@ class ModelConfig:
     capacity_factor: float = option(1.25, "capacity path: an expert takes this times its even share")
     moe_impl: MoEImpl = option("capacity", "capacity (fixed buffers, overflow dropped) or dropless")
     moe_matmul: MoEMatmul = option(
-        "auto", "dropless grouped matmul: auto = megablox gmm on TPU, ragged_dot elsewhere")
+        "auto", "dropless grouped matmul: auto = megablox gmm on TPU, ragged_dot on GPU, tiled on CPU")
     router_mode: RouterMode = option("softmax_topk", "how top-k gates come from the router logits")
     aux_loss_coef: float = option(0.01, "weight of the Switch load-balancing loss")
     z_loss_coef: float = option(0.001, "weight of the router z-loss")
@@ -278,8 +279,9 @@ class ModelConfig:
         for key in ("aux_loss_coef", "z_loss_coef"):
             if not getattr(self, key) >= 0:
                 out.append((key, f"must be >= 0, got {getattr(self, key)}"))
-        if self.moe_matmul not in ("auto", "ragged_dot", "megablox"):
-            out.append(("moe_matmul", f"must be auto, ragged_dot or megablox, got {self.moe_matmul!r}"))
+        if self.moe_matmul not in ("auto", "ragged_dot", "megablox", "tiled"):
+            out.append(("moe_matmul",
+                        f"must be auto, ragged_dot, megablox or tiled, got {self.moe_matmul!r}"))
         for key in ("first_dense_layers", "num_shared_experts", "expert_mlp_dim"):
             if getattr(self, key) < 0:
                 out.append((key, f"must be >= 0, got {getattr(self, key)}"))

@@ -1,6 +1,7 @@
 """Grouped matmuls of the dropless MoE path: the megablox Pallas kernel (interpreted on this CPU
-host) against ``ragged_dot`` and a per-row oracle, and ``moe_matmul=auto`` choosing the kernel when
-the program is lowered for a TPU topology (libtpu's compile-only devices)."""
+host) and the tiled one against ``ragged_dot`` and a per-row oracle, and ``moe_matmul=auto``
+choosing the kernel when the program is lowered for a TPU topology (libtpu's compile-only
+devices)."""
 
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ def _oracle(x_ad, w_edf, group_sizes_e, probe_af):
     (20, [5, 0, 9, 3]),  # an empty group, 3 rows past all groups, one row tile
     (600, [0, 300, 250, 0, 40]),  # two row tiles of 512 with a group across their boundary
 ])
-def test_megablox_gmm_equals_ragged_dot_and_the_per_row_oracle(rows, group_sizes):
+def test_megablox_and_tiled_gmm_equal_ragged_dot_and_the_per_row_oracle(rows, group_sizes):
     rng = np.random.default_rng(0)
     d, f = 8, 12
     x_ad = jnp.asarray(rng.normal(size=(rows, d)), jnp.float32)
@@ -61,11 +62,12 @@ def test_megablox_gmm_equals_ragged_dot_and_the_per_row_oracle(rows, group_sizes
             x_ad, w_edf)
         return y_af, *grads
 
-    ragged, megablox = run("ragged_dot"), run("megablox")
-    for name, r, m, e in zip(("y", "dx", "dw"), ragged, megablox, expected, strict=True):
-        assert np.all(np.isfinite(m)), name  # the kernel leaves rows past the groups unwritten
-        assert reference.relative_error(m, e) < TOL_OP, name
-        assert reference.relative_error(m, r) < TOL_OP, name
+    ragged = run("ragged_dot")
+    for impl in ("megablox", "tiled"):  # tiled: 8 rows a tile, then 32 (row_tile)
+        for name, r, m, e in zip(("y", "dx", "dw"), ragged, run(impl), expected, strict=True):
+            assert np.all(np.isfinite(m)), name  # the kernel leaves rows past the groups unwritten
+            assert reference.relative_error(m, e) < TOL_OP, (impl, name)
+            assert reference.relative_error(m, r) < TOL_OP, (impl, name)
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +91,7 @@ def test_auto_lowers_the_megablox_kernel_for_a_tpu_target(tpu_devices, moe_matmu
         y_btd, _ = nnx.merge(graphdef, state)(x_btd)
         return jnp.sum(y_btd)
 
-    assert resolve_matmul("auto") == "ragged_dot"  # this CPU host
+    assert resolve_matmul("auto") == "tiled"  # this CPU host
     with activation_sharding(make_mesh(MeshConfig(data=2, tensor=2), tpu_devices), default_rules()):
         assert resolve_matmul("auto") == "megablox"
         text = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(

@@ -271,7 +271,7 @@ def test_megablox_layer_equals_ragged_dot(eight_devices, activation, mesh_axes):
     ragged_dot without a mesh: output and gradients, with padding tokens (unrouted rows after the
     groups). On the mesh each device holds a slice of every expert's hidden units (tensor) and the
     down projections' partial sums are added."""
-    cfg = dataclasses.replace(LAYER, moe_impl="dropless", activation=activation)
+    cfg = dataclasses.replace(LAYER, moe_impl="dropless", activation=activation, moe_matmul="ragged_dot")
     rng = np.random.default_rng(6)
     x = jnp.asarray(rng.normal(size=(4, 8, cfg.d_model)), jnp.float32)
     mask = jnp.asarray(rng.random((4, 8)) > 0.25)
