@@ -45,6 +45,7 @@ from bench.timing import random_batch, step_seconds
 from cli.args import Parser, run
 from cli.host import quiet_tpu_probe, use_cpu_devices
 from model.flops import param_counts
+from model.moe import load_max_over_mean
 from train.config import CONFIG_DIR, Config, load_config
 from train.loop import train
 from train.program import Program
@@ -117,7 +118,7 @@ def balance_run(overrides: list[str], steps: int, run_dir: Path) -> dict[str, An
     tail_le = np.mean([r["expert_load"] for r in tail], axis=0)
 
     def max_over_mean(load_le: np.ndarray) -> list[float]:
-        return (load_le.max(axis=-1) / load_le.mean(axis=-1)).round(3).tolist()
+        return np.asarray(load_max_over_mean(load_le)).round(3).tolist()
 
     return {"last_load_max_over_mean_per_layer": max_over_mean(last_le),
             "tail_load_max_over_mean_per_layer": max_over_mean(tail_le),

@@ -280,6 +280,12 @@ def batch_sums(stats: dict[str, jax.Array], k: int) -> dict[str, jax.Array]:
             **{name[:-2]: jnp.sum(stats[name]) for name in ("z_sum_b", "tokens_b", "dropped_b")}}
 
 
+def load_max_over_mean(load_xe: jax.Array) -> jax.Array:
+    """[...]: the largest expert load over the mean load along the last (experts) axis: 1 when
+    balanced, E / k when every token takes the same k experts."""
+    return jnp.max(load_xe, axis=-1) / jnp.maximum(jnp.mean(load_xe, axis=-1), 1e-30)
+
+
 def layer_metrics(stats: dict[str, jax.Array], k: int) -> dict[str, jax.Array]:
     """One MoE layer's auxiliaries from its router statistics summed over the batch (``batch_sums``).
 
@@ -298,7 +304,7 @@ def layer_metrics(stats: dict[str, jax.Array], k: int) -> dict[str, jax.Array]:
             "z_loss": stats["z_sum"] / tokens,
             "dropped_frac": stats["dropped"] / (k * tokens),
             "expert_load": load_e,
-            "load_max_over_mean": jnp.max(load_e) / jnp.maximum(jnp.mean(load_e), 1e-30)}
+            "load_max_over_mean": load_max_over_mean(load_e)}
 
 
 class MoE(nnx.Module):

@@ -17,6 +17,7 @@ import numpy as np
 from tqdm import tqdm
 
 from core.errors import RunError
+from model.moe import load_max_over_mean
 from train.checkpoint import warn
 from train.config import Config
 from train.run_dir import RunDir
@@ -158,9 +159,8 @@ class StepLog:
         is about -- experts specialise -- while this is the load the balancing controls."""
         if not self.interval_load:
             return {}
-        load_le = np.mean(self.interval_load, axis=0)
+        per_layer = np.asarray(load_max_over_mean(np.mean(self.interval_load, axis=0)))
         self.interval_load = []
-        per_layer = load_le.max(axis=-1) / np.maximum(load_le.mean(axis=-1), 1e-9)
         return {"moe_interval_load_max_over_mean": float(per_layer.max()),
                 "moe_interval_load_max_over_mean_per_layer": per_layer.tolist()}
 

@@ -20,7 +20,7 @@ import optax
 from flax import nnx
 
 from model.loss import nll_sums
-from model.moe import updated_router_bias
+from model.moe import load_max_over_mean, updated_router_bias
 from sharding.constrain import constrain
 from train.state import TrainState
 
@@ -107,8 +107,7 @@ def load_balance(metrics: Metrics) -> Metrics:
     token on the same k experts) and its worst layer, ``moe_load_max_over_mean``."""
     if "expert_load" not in metrics:
         return {}
-    load_le = metrics["expert_load"]
-    per_layer = jnp.max(load_le, axis=-1) / jnp.maximum(jnp.mean(load_le, axis=-1), 1e-9)
+    per_layer = load_max_over_mean(metrics["expert_load"])
     return {"moe_load_max_over_mean": jnp.max(per_layer),
             "moe_load_max_over_mean_per_layer": per_layer}
 
