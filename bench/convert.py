@@ -35,12 +35,12 @@ from convert.checkpoints import (
     HOST_SLACK,
     INDEX_FILE,
     device_params,
-    export_checkpoint,
     plan_import,
     run_mesh,
     safetensors_entries,
     save_params,
 )
+from convert.export import export_checkpoint
 from convert.safetensors_io import DTYPES, SafetensorsWriter, parse_size, plan_shards
 from sharding.rules import default_rules
 

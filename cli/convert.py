@@ -30,10 +30,10 @@ from convert.checkpoints import (
     MAX_WINDOW,
     PARAMETERS_SPLIT,
     RUN_DTYPES,
-    export_checkpoint,
     plan_import,
     write_import,
 )
+from convert.export import export_checkpoint
 from convert.safetensors_io import parse_size
 from core.errors import ConfigError
 from inference.load import read_run_config

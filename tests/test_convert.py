@@ -52,7 +52,8 @@ CASES = {
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_import_matches_transformers_and_export_round_trips(eight_devices, tmp_path, case):
-    from convert.checkpoints import export_checkpoint, import_checkpoint
+    from convert.checkpoints import import_checkpoint
+    from convert.export import export_checkpoint
 
     kind, overrides = CASES[case]
     model = hf_model(kind, **overrides)

@@ -66,7 +66,8 @@ def family_model(case: str):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_family_imports_with_transformers_logits_and_exports_back(eight_devices, tmp_path, case):
-    from convert.checkpoints import export_checkpoint, import_checkpoint
+    from convert.checkpoints import import_checkpoint
+    from convert.export import export_checkpoint
 
     model = family_model(case)
     src = tmp_path / "hf"

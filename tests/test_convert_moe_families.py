@@ -101,7 +101,8 @@ def _params(run_dir) -> dict:
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_moe_family_imports_with_transformers_logits_and_round_trips(eight_devices, tmp_path, case):
-    from convert.checkpoints import export_checkpoint, import_checkpoint
+    from convert.checkpoints import import_checkpoint
+    from convert.export import export_checkpoint
 
     model = moe_model(case)
     src = tmp_path / "hf"
@@ -310,7 +311,8 @@ def test_deepseek_export_of_a_model_without_selection_bias_writes_zeros():
     exports DeepSeek-V3's e_score_correction_bias as zeros, which select as no bias does."""
     from flax import nnx
 
-    from convert.checkpoints import abstract_params, hf_tensor, out_tensors
+    from convert.checkpoints import abstract_params
+    from convert.export import hf_tensor, out_tensors
     from model.config import ModelConfig
 
     cfg = ModelConfig(**dict(MLA, num_layers=2, first_dense_layers=1))
