@@ -6,7 +6,8 @@ tensor names (convert/hf_names.py), which convert/checkpoints.py streams tensor 
 
 from __future__ import annotations
 
-from convert.hf_config import hf_config_from_model, model_config_from_hf
+from convert.hf_config import model_config_from_hf
+from convert.hf_config_export import hf_config_from_model
 from convert.hf_names import (
     EMBED_NAME,
     FLOAT32_TENSORS,
