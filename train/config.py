@@ -79,6 +79,9 @@ class TrainConfig:
                                     "(0: none)")
     sample_tokens: int = option(200, "tokens sampled at the end of the run (0: no sample)")
     sample_prompt: str = option("def ", "the prompt of that sample")
+    profile: str = option("", "START:END: a jax.profiler trace of steps START to END (inclusive) in "
+                          "run.dir/tensorboard/plugins/profile, for TensorBoard's profile plugin; "
+                          "empty = none")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +111,10 @@ class RunConfig:
     peak_flops: float = option(0.0, "FLOP/s of the whole job for MFU; 0 = measured (CPU) or published "
                                "(TPU)")
     tensorboard: bool = option(True, "also write TensorBoard events")
+    wandb: str = option("", "also log to this Weights & Biases project (WANDB_MODE=offline keeps "
+                        "it on disk); empty = none")
+    step_timeout: float = option(0.0, "seconds a step may take before every process ends with an "
+                                 "error; 0 = 10x the median step after warm-up; -1 = never")
     progress: bool = option(True, "show a progress bar")
 
 
@@ -193,7 +200,8 @@ RESUMABLE: dict[str, frozenset[str]] = {
     "data": frozenset({"data_dir", "cache_dir", "prefetch"}),
     "optim": frozenset(),
     "train": frozenset({"steps", "microbatches", "log_every", "eval_every", "eval_batches",
-                        "steps_in_flight", "max_skipped_steps", "sample_tokens", "sample_prompt"}),
+                        "steps_in_flight", "max_skipped_steps", "sample_tokens", "sample_prompt",
+                        "profile"}),
     "checkpoint": _every_key(CheckpointConfig),
     "run": _every_key(RunConfig),
     "finetune": frozenset(),
