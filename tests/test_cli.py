@@ -26,6 +26,7 @@ def run_train(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
     ("train.steps=many", "train.steps"),  # wrong type
     ("model.position=alibi", "model.position"),  # not a choice
     ("nosuch.key=1", "nosuch.key"),  # unknown section
+    ("run.step_timeout=-2", "run.step_timeout"),  # only -1 (never) may be negative
 ])
 def test_config_errors_exit_2_with_one_line(eight_devices, tmp_path, capsys, override, key):
     code = train_cli.main([str(ROOT / "configs/tiny.yaml"), override, f"run.dir={tmp_path / 'run'}"])

@@ -59,18 +59,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start_pair(run_dir: Path, *extra: str) -> list[subprocess.Popen]:
-    """Two processes of one job, started directly (as on two hosts), output in files."""
+def _start_pair(run_dir: Path, *extra: str, entry: tuple[tuple[str, ...], ...] = (("-m", "train"),) * 2,
+                own: tuple[tuple[str, ...], ...] = ((), ())) -> list[subprocess.Popen]:
+    """Two processes of one job, started directly (as on two hosts), output in files; process i
+    runs python ``entry[i]`` and adds its ``own[i]`` overrides."""
     coordinator = f"127.0.0.1:{_free_port()}"
     run_dir.mkdir(parents=True)
     procs = []
     for i in range(2):
         log = (run_dir.parent / f"process_{i}.log").open("w")
         procs.append(subprocess.Popen(
-            [sys.executable, "-m", "train", "configs/tiny.yaml", f"run.dir={run_dir}",
+            [sys.executable, *entry[i], "configs/tiny.yaml", f"run.dir={run_dir}",
              "run.distributed=true", f"run.coordinator={coordinator}", "run.num_processes=2",
              f"run.process_id={i}", "run.cpu_devices=4", "train.log_every=1",
-             "run.tensorboard=false", "run.peak_flops=1e12", *extra],
+             "run.tensorboard=false", "run.peak_flops=1e12", *extra, *own[i]],
             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True))
     return procs
 
@@ -158,3 +160,38 @@ def test_sigterm_to_the_launcher_reaches_every_process(tmp_path):
     assert proc.returncode == 0, out[-3000:]
     stopped = int(out.split("stopped by SIGTERM after step ")[1].split()[0])
     assert _committed(run_dir) == [stopped]
+
+
+# python -m train whose batch hook never returns at step 9: a host that stops dispatching (stuck
+# input, a hung driver call) while its peer goes on into step 9's collectives.
+STALLED_AT_9 = ("-c", "import functools, sys, time\n"
+                "import cli.train, train.loop\n"
+                "def stall(step, batch):\n"
+                "    if step == 9:\n"
+                "        time.sleep(600)\n"
+                "    return batch\n"
+                "cli.train.train = functools.partial(train.loop.train, batch_hook=stall)\n"
+                "sys.exit(cli.train.main(sys.argv[1:]))\n")
+
+
+def test_a_hung_process_ends_every_process_with_one_line_naming_the_step(tmp_path):
+    run_dir = tmp_path / "run"
+    # Process 1 waits in step 9's collectives and its watchdog (2 s) ends it first; process 0, the
+    # stalled one, is ended by its own (4 s). (Equal limits would race: the first to go makes the
+    # other's collective fail, which it reports as a lost peer instead.)
+    procs = _start_pair(run_dir, "train.steps=5000", "checkpoint.every=4",
+                        entry=(STALLED_AT_9, ("-m", "train")),
+                        own=(("run.step_timeout=4",), ("run.step_timeout=2",)))
+    try:
+        codes = [p.wait(timeout=90) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for i, limit in enumerate((4, 2)):
+        log = (tmp_path / f"process_{i}.log").read_text()
+        errors = [line for line in log.splitlines() if line.startswith("error:")]
+        assert codes[i] == 1 and len(errors) == 1, (codes, log[-3000:])
+        assert errors[0].startswith(f"error: process {i} of 2: step 9 did not finish within {limit} s "
+                                    f"(run.step_timeout={limit}; -1 = never)"), errors
+        assert "Traceback" not in log
+    assert _committed(run_dir) == [4, 8]  # the checkpoints before the hang are intact

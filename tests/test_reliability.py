@@ -32,6 +32,7 @@ from train.optimizer import make_optimizer
 from train.run_dir import DAMAGED_DIR
 from train.state import abstract_state, init_state
 from train.step import train_step
+from train.watchdog import FLOOR_S, MIN_SAMPLES, WARMUP_STEPS, StepLimit
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 24
@@ -395,3 +396,29 @@ def test_a_coordinator_that_never_answers_ends_with_one_line_in_bounded_time(tmp
     assert result.stderr.strip().splitlines()[-1] == (
         "error: could not join the coordinator at 127.0.0.1:9 within run.init_timeout=3 s (is "
         "process 0 running and reachable, and did every process start?)")
+
+
+def test_the_automatic_step_limit_is_ten_median_steps_after_warm_up_and_at_least_the_floor():
+    limit = StepLimit(0.0)
+    for _ in range(WARMUP_STEPS):
+        limit.observe(1000.0, 1)  # warm-up steps are not counted
+    for seconds in [10.0, 12.0, 11.0, 30.0, 9.0][:MIN_SAMPLES - 1]:
+        limit.observe(seconds, 1)
+        assert limit.seconds() is None  # too few steps timed yet
+    limit.observe(9.0, 1)
+    assert limit.seconds() == 110.0  # 10 x the median of 10, 12, 11, 30, 9
+    limit.observe(6.0, 3)  # three steps came back together: 2 s each
+    assert limit.seconds() == 95.0  # median of 2, 2, 2, 9, 10, 11, 12, 30
+    assert "10x the median step of 9.5 s, at least 60 s" in limit.describe()
+
+    tiny = StepLimit(0.0)
+    tiny.observe(0.01 * (WARMUP_STEPS + MIN_SAMPLES), WARMUP_STEPS + MIN_SAMPLES)
+    assert tiny.seconds() == FLOOR_S  # millisecond steps: jitter must not trip it
+
+    explicit, never = StepLimit(2.5), StepLimit(-1.0)
+    assert explicit.seconds() == 2.5 and never.seconds() is None  # explicit: from the first step
+    for _ in range(20):
+        explicit.observe(100.0, 1)
+        never.observe(100.0, 1)
+    assert explicit.seconds() == 2.5 and never.seconds() is None
+    assert explicit.describe() == "run.step_timeout=2.5"

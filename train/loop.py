@@ -9,7 +9,8 @@ commit and returns (exit 0); the next start resumes from the newest checkpoint t
 (damaged ones are moved aside; when none does, the run refuses to start again unless
 ``checkpoint.restart_if_damaged``). Steps with a non-finite loss or gradient norm are skipped
 inside the jitted step and counted; more than ``train.max_skipped_steps`` in a row stop the run
-(RunError). A checkpoint is never written from a non-finite state.
+(RunError). A checkpoint is never written from a non-finite state. A step that takes longer than
+``run.step_timeout`` ends the process with one line (``train.watchdog``; every process has one).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from train.preemption import Preemption
 from train.program import Program
 from train.run_dir import RunDir
 from train.state import TrainState
+from train.watchdog import Watchdog
 
 # (step, this process's batch) -> batch: a test hook, e.g. to feed a NaN batch.
 BatchHook = Callable[[int, dict[str, np.ndarray]], dict[str, np.ndarray]]
@@ -102,7 +104,8 @@ def _train(cfg: Config, preemption: Preemption, batch_hook: BatchHook | None) ->
         log = StepLog(cfg, writer, start, program.trainee.flops_per_token(),
                       _announce(cfg, program, run, writer, start), checkpointer.latest_step)
         cleanup.callback(log.close)
-        steps = _Steps(cfg, program, checkpointer, batches, eval_data, writer, log)
+        watchdog = cleanup.enter_context(Watchdog(cfg.run.step_timeout, log))
+        steps = _Steps(cfg, program, checkpointer, batches, eval_data, writer, log, watchdog)
         state, stopped = steps.run(state, start, preemption, batch_hook)
         summary = {**log.last, "skipped_steps": log.skipped_total}
         if stopped is not None:
@@ -130,6 +133,7 @@ class _Steps:
     eval_data: list
     writer: MetricsWriter
     log: StepLog
+    watchdog: Watchdog  # armed while stepping: paused around saves and evaluations
 
     def run(self, state: TrainState, start: int, preemption: Preemption,
             batch_hook: BatchHook | None) -> tuple[TrainState, int | None]:
@@ -144,16 +148,20 @@ class _Steps:
                 local = batch_hook(step, local)
             state, metrics = program.train_step(state, program.global_batch(local))
             self.log.push(step, metrics)
+            self.watchdog.progress()
             if preemption.requested(step):
                 stopped = step
                 break
             if every and step % every == 0 and step != t.steps:
-                self.save(state, step)
+                with self.watchdog.paused():
+                    self.save(state, step)
             if t.eval_every and step % t.eval_every == 0 and step != t.steps and self.eval_data:
-                self.log.drain()
-                self.writer.write({"step": step,
-                                   "eval_loss": program.evaluate(state.params, self.eval_data)})
+                with self.watchdog.paused():
+                    self.log.drain()
+                    self.writer.write({"step": step,
+                                       "eval_loss": program.evaluate(state.params, self.eval_data)})
         self.log.drain()
+        self.watchdog.stop()  # the final save, its commit and the end-of-run work are not steps
         final_step = stopped or max(start, t.steps)  # a resumed run past train.steps stops
         if self.checkpointer.latest_step() != final_step:
             self.save(state, final_step)

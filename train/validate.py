@@ -155,6 +155,9 @@ def validate_run(run: RunConfig) -> None:
     for key in ("init_timeout", "heartbeat_timeout"):
         if getattr(run, key) < 1:
             raise ConfigError(f"run.{key}", f"must be >= 1 second, got {getattr(run, key)}")
+    if not (run.step_timeout >= 0 or run.step_timeout == -1):  # NaN too
+        raise ConfigError("run.step_timeout", "must be seconds > 0, 0 (automatic: 10x the median "
+                          f"step after warm-up) or -1 (never), got {run.step_timeout}")
     if run.cpu_devices < 1:
         raise ConfigError("run.cpu_devices", f"must be >= 1, got {run.cpu_devices}")
     if not run.dir:
