@@ -36,9 +36,15 @@ setup(
     extras_require={
         # torch 2.13.0 is the CPU build (a newer or unpinned torch pulls several GB of CUDA wheels);
         # transformers is the reference the conversion tests compare logits with (accelerate: its
-        # GGUF loader); import-linter checks that imports flow one way (make lint, a test).
+        # GGUF loader); import-linter checks that imports flow one way (make lint, a test); xprof
+        # (TensorBoard's profile plugin) reads back a train.profile trace, wandb logs a run offline.
         "test": ["pytest==9.2.0", "ruff==0.17.6", "import-linter==2.17", "hypothesis==6.170.17",
-                 "lm-eval==0.4.13", "torch==2.13.0", "transformers==5.24.0", "accelerate==1.15.0"],
+                 "lm-eval==0.4.13", "torch==2.13.0", "transformers==5.24.0", "accelerate==1.15.0",
+                 "xprof==2.24.2", "wandb==0.31.0"],
+        # run.wandb=PROJECT: Weights & Biases (imported only when a run asks for it).
+        "wandb": ["wandb==0.31.0"],
+        # viewing train.profile traces: `xprof --logdir RUN/tensorboard` (or TensorBoard with it).
+        "profile": ["xprof==2.24.2"],
         # python -m eval harness: EleutherAI's lm-evaluation-harness (no torch needed).
         "harness": ["lm-eval==0.4.13"],
         # TPU runtime: ahead-of-time compiles for TPU topologies on any host (train.compile), and

@@ -40,6 +40,10 @@ def under_activation_sharding(fn: Callable, mesh: Mesh, rules: Rules) -> Callabl
         with activation_sharding(mesh, rules):
             return fn(*args, **kwargs)
 
+    # jit names its program after this: train_step, not "wrapped" (wraps copies no name from a
+    # partial), in profiles (jit_train_step), HLO dumps and compile logs
+    inner = fn.func if isinstance(fn, functools.partial) else fn
+    wrapped.__name__ = wrapped.__qualname__ = getattr(inner, "__name__", "step")
     return wrapped
 
 

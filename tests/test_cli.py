@@ -27,6 +27,8 @@ def run_train(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
     ("model.position=alibi", "model.position"),  # not a choice
     ("nosuch.key=1", "nosuch.key"),  # unknown section
     ("run.step_timeout=-2", "run.step_timeout"),  # only -1 (never) may be negative
+    ("train.profile=5:3", "train.profile"),  # START after END
+    ("run.wandb=team/project", "run.wandb"),  # W&B refuses / in a project name
 ])
 def test_config_errors_exit_2_with_one_line(eight_devices, tmp_path, capsys, override, key):
     code = train_cli.main([str(ROOT / "configs/tiny.yaml"), override, f"run.dir={tmp_path / 'run'}"])

@@ -94,8 +94,8 @@ def test_the_last_logged_interval_is_timed_by_completed_steps(tmp_path):
     # host-bound run): every interval must read the same rate, the last one included, although its
     # steps in flight are all fetched at once by the final drain.
     cfg = tiny_config(tmp_path, "train.steps=12", "train.log_every=4", "train.steps_in_flight=4",
-                      "run.progress=false")
-    with MetricsWriter(RunDir(tmp_path), tensorboard=False) as writer:
+                      "run.progress=false", "run.tensorboard=false")
+    with MetricsWriter(RunDir(tmp_path), cfg) as writer:
         log = StepLog(cfg, writer, 0, 1.0, 0.0, lambda: None)
         for step in range(1, 13):
             time.sleep(0.02)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -82,6 +83,16 @@ class TrainConfig:
     profile: str = option("", "START:END: a jax.profiler trace of steps START to END (inclusive) in "
                           "run.dir/tensorboard/plugins/profile, for TensorBoard's profile plugin; "
                           "empty = none")
+
+    def profile_steps(self) -> tuple[int, int] | None:
+        """(START, END) of ``profile``, or None when it is empty; ValueError when it is not two
+        whole numbers ``START:END`` (their range is checked by ``train/validate.py``)."""
+        if not self.profile:
+            return None
+        match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", self.profile, re.ASCII)
+        if match is None:
+            raise ValueError(f"expected START:END (steps, e.g. 10:12), got {self.profile!r}")
+        return int(match[1]), int(match[2])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -270,6 +281,20 @@ def _build_section(name: str, values: dict[str, Any]) -> Any:
     return cls(**kwargs)
 
 
+class _ConfigLoader(yaml.SafeLoader):
+    """YAML without YAML 1.1's base-60 numbers: ``train.profile=2:3`` is the text 2:3, not 123."""
+
+    def resolve(self, kind: Any, value: Any, implicit: Any) -> str:
+        tag = super().resolve(kind, value, implicit)
+        if tag in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float") and ":" in str(value):
+            return "tag:yaml.org,2002:str"
+        return tag
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_ConfigLoader)
+
+
 def parse_override(text: str) -> tuple[str, str, Any]:
     """``section.key=value`` -> (section, key, value parsed as YAML scalar)."""
     if "=" not in text:
@@ -281,7 +306,7 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     if section not in SECTIONS:
         raise ConfigError(dotted, f"unknown section {section!r} (known: {', '.join(SECTIONS)})")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _yaml(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     if value is None:
@@ -294,7 +319,7 @@ def load_yaml(path: str | Path) -> dict[str, dict[str, Any]]:
     if not path.is_file():
         raise ConfigError("config", f"no such file: {path}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = _yaml(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError("config", f"{path} is not valid YAML ({first_line(e)})") from None
     if not isinstance(raw, dict):

@@ -37,6 +37,7 @@ from train.config import Config
 from train.inputs import open_inputs, resume_position
 from train.metrics import MetricsWriter, StepLog, write_expert_load_png
 from train.preemption import Preemption
+from train.profiler import StepProfiler
 from train.program import Program
 from train.run_dir import RunDir
 from train.state import TrainState
@@ -98,14 +99,17 @@ def _train(cfg: Config, preemption: Preemption, batch_hook: BatchHook | None) ->
         tokenizer, batches, eval_data = open_inputs(cfg, run)
         cleanup.callback(batches.close)
         program = Program(cfg)
-        writer = cleanup.enter_context(MetricsWriter(run, cfg.run.tensorboard))
+        writer = cleanup.enter_context(MetricsWriter(run, cfg))
         checkpointer = cleanup.enter_context(_committing(Checkpointer(run.path, cfg.checkpoint)))
         state, start = _resume_or_init(program, checkpointer, run, batches)
         log = StepLog(cfg, writer, start, program.trainee.flops_per_token(),
                       _announce(cfg, program, run, writer, start), checkpointer.latest_step)
         cleanup.callback(log.close)
         watchdog = cleanup.enter_context(Watchdog(cfg.run.step_timeout, log))
-        steps = _Steps(cfg, program, checkpointer, batches, eval_data, writer, log, watchdog)
+        trace_dir = run.profile_log_dir(jax.process_index(), jax.process_count())
+        profiler = cleanup.enter_context(StepProfiler(cfg.train.profile_steps(), trace_dir))
+        steps = _Steps(cfg, program, checkpointer, batches, eval_data, writer, log, watchdog,
+                       profiler)
         state, stopped = steps.run(state, start, preemption, batch_hook)
         summary = {**log.last, "skipped_steps": log.skipped_total}
         if stopped is not None:
@@ -134,6 +138,7 @@ class _Steps:
     writer: MetricsWriter
     log: StepLog
     watchdog: Watchdog  # armed while stepping: paused around saves and evaluations
+    profiler: StepProfiler  # train.profile: a trace of some steps
 
     def run(self, state: TrainState, start: int, preemption: Preemption,
             batch_hook: BatchHook | None) -> tuple[TrainState, int | None]:
@@ -143,10 +148,12 @@ class _Steps:
         t, every, program = self.cfg.train, self.cfg.checkpoint.every, self.program
         stopped = None
         for step in range(start + 1, t.steps + 1):
+            self.profiler.before(step, state)
             local = next(self.batches)
             if batch_hook is not None:
                 local = batch_hook(step, local)
             state, metrics = program.train_step(state, program.global_batch(local))
+            self.profiler.after(step, (state, metrics))
             self.log.push(step, metrics)
             self.watchdog.progress()
             if preemption.requested(step):

@@ -1,12 +1,12 @@
-"""Where a run's metrics go: ``metrics.jsonl`` and TensorBoard (``MetricsWriter``), the console
-progress bar, the bookkeeping of the steps in flight (``StepLog``: tokens/s, MFU, skipped
-non-finite steps, the mean expert load) and the MoE expert-load picture. Only process 0 writes.
+"""Where a run's metrics go: ``metrics.jsonl``, TensorBoard and Weights & Biases (``MetricsWriter``
+over ``train/tracking.py``'s loggers), the console progress bar, the bookkeeping of the steps in
+flight (``StepLog``: tokens/s, MFU, skipped non-finite steps, the mean expert load) and the MoE
+expert-load picture. Only process 0 writes.
 """
 
 from __future__ import annotations
 
 import collections
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,20 +21,24 @@ from model.moe import load_max_over_mean
 from train.checkpoint import warn
 from train.config import Config
 from train.run_dir import RunDir
+from train.tracking import JsonlLogger, Logger, TensorBoardLogger, WandbLogger
 
 
 class MetricsWriter:
-    """Appends one JSON object per call to ``metrics.jsonl`` and mirrors scalars to TensorBoard."""
+    """Hands each record to the loggers the config asks for (``train/tracking.py``):
+    ``metrics.jsonl`` always, TensorBoard with ``run.tensorboard``, Weights & Biases with
+    ``run.wandb``. Only process 0 writes."""
 
-    def __init__(self, run: RunDir, tensorboard: bool):
+    def __init__(self, run: RunDir, cfg: Config):
         self.enabled = jax.process_index() == 0
-        self.path = run.metrics_file
-        self.tb = None
-        if self.enabled and tensorboard:
-            # tensorboardX imports torch when it is installed (over a second): only when asked for
-            from tensorboardX import SummaryWriter
-
-            self.tb = SummaryWriter(str(run.tensorboard))
+        self.loggers: list[Logger] = []
+        if not self.enabled:
+            return
+        self.loggers.append(JsonlLogger(run.metrics_file))
+        if cfg.run.wandb:  # first: the one that may refuse to start (then nothing is left open)
+            self.loggers.append(WandbLogger(cfg.run.wandb, run, cfg.to_dict()))
+        if cfg.run.tensorboard:
+            self.loggers.append(TensorBoardLogger(run.tensorboard))
 
     def __enter__(self) -> MetricsWriter:
         return self
@@ -47,23 +51,12 @@ class MetricsWriter:
             return
         clean = {k: (float(v) if not isinstance(v, (int, str, list, dict)) else v)
                  for k, v in record.items()}
-        with self.path.open("a") as f:
-            f.write(json.dumps(clean) + "\n")
-        if self.tb is not None:
-            step = int(clean["step"])
-            for k, v in clean.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self.tb.add_scalar(k, v, step)
-                elif isinstance(v, list) and np.ndim(v) == 1:  # per MoE layer
-                    for i, x in enumerate(v):
-                        self.tb.add_scalar(f"{k}/layer{i}", x, step)
-                elif isinstance(v, list) and np.ndim(v) == 2:  # per MoE layer and expert
-                    for i, row in enumerate(v):
-                        self.tb.add_histogram(f"{k}/layer{i}", np.asarray(row), step)
+        for logger in self.loggers:
+            logger.write(clean)
 
     def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
+        for logger in self.loggers:
+            logger.close()
 
 
 def progress_bar(total: int, initial: int, enabled: bool) -> tqdm:

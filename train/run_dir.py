@@ -1,10 +1,11 @@
 """The run directory, and the only code that knows its layout: ``config.yaml`` (the fully resolved
 config, written atomically) and ``config_history/`` (each config the run started with), the
 tokenizer files (``data/tokenizer.py`` names them), ``metrics.jsonl`` and the records cut from it on
-resume (``metrics.superseded.N.jsonl``), ``tensorboard/``, ``logs/``,
-``expert_load.png``, ``run.lock``, and ``checkpoints/<step>/`` and ``damaged_checkpoints/`` (whose
-contents ``train/checkpoint.py`` writes). Training, fine-tuning, evaluation and conversion all go
-through ``RunDir``.
+resume (``metrics.superseded.N.jsonl``), ``tensorboard/`` (with ``train.profile``'s traces in
+``tensorboard/plugins/profile/``), ``wandb/`` (Weights & Biases' own files) and ``wandb_run_id``,
+``logs/``, ``expert_load.png``, ``run.lock``, and ``checkpoints/<step>/`` and
+``damaged_checkpoints/`` (whose contents ``train/checkpoint.py`` writes). Training, fine-tuning,
+evaluation and conversion all go through ``RunDir``.
 
 One writer at a time: a trainer (or merge) holds an OS advisory lock (``flock``) on ``run.lock`` for
 its whole life, taken before anything in the directory is touched; the kernel drops it when the
@@ -82,6 +83,16 @@ class RunDir:
     expert_load_picture = property(lambda self: self.path / "expert_load.png")
     lock_file = property(lambda self: self.path / LOCK_FILE)
     config_history = property(lambda self: self.path / HISTORY_DIR)
+    wandb = property(lambda self: self.path / "wandb")  # W&B writes it (wandb.init(dir=the run))
+    wandb_run_id = property(lambda self: self.path / "wandb_run_id")  # one W&B run per directory
+
+    def profile_log_dir(self, process: int, processes: int) -> Path:
+        """Where process ``process`` of ``processes`` writes its ``jax.profiler`` trace: a
+        TensorBoard log directory, under which JAX writes ``plugins/profile/<time>/<host>.xplane.pb``
+        (where TensorBoard's profile plugin, xprof, looks). With several processes each has its
+        own (``tensorboard/process<i>``): processes on one host would otherwise write the same
+        file."""
+        return self.tensorboard if processes == 1 else self.tensorboard / f"process{process}"
 
     def superseded_metrics(self, n: int) -> Path:
         """The ``n``th archive of metrics records cut on resume (1, 2, ...)."""

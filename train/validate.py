@@ -25,6 +25,7 @@ from train.config import (
 )
 
 SOURCE_KINDS = ("text:", "jsonl:", "tfds:")
+WANDB_FORBIDDEN = "/\\#?%:"  # W&B refuses project names with these (wandb/sdk/wandb_settings.py)
 
 
 def validate(cfg: Config, num_devices: int) -> None:
@@ -76,6 +77,18 @@ def check_train(t: TrainConfig, max_seq_len: int) -> None:
     if t.seq_len > max_seq_len:
         raise ConfigError("train.seq_len", f"seq_len={t.seq_len} is larger than the model's "
                           f"max_seq_len={max_seq_len}")
+    check_profile(t)
+
+
+def check_profile(t: TrainConfig) -> None:
+    """``train.profile`` names steps of the run: 1 <= START <= END <= train.steps."""
+    try:
+        steps = t.profile_steps()
+    except ValueError as e:
+        raise ConfigError("train.profile", str(e)) from None
+    if steps is not None and not 1 <= steps[0] <= steps[1] <= t.steps:
+        raise ConfigError("train.profile", f"{t.profile!r} must name steps START <= END within "
+                          f"1..train.steps={t.steps}")
 
 
 def check_batch_split(t: TrainConfig, sizes: dict[str, int]) -> None:
@@ -162,6 +175,9 @@ def validate_run(run: RunConfig) -> None:
         raise ConfigError("run.cpu_devices", f"must be >= 1, got {run.cpu_devices}")
     if not run.dir:
         raise ConfigError("run.dir", "must not be empty")
+    if len(run.wandb) > 128 or set(run.wandb) & set(WANDB_FORBIDDEN):
+        raise ConfigError("run.wandb", f"{run.wandb!r} is not a Weights & Biases project name (at "
+                          f"most 128 characters, none of {WANDB_FORBIDDEN})")
     if "://" in run.dir:
         raise ConfigError("run.dir", f"{run.dir!r}: only local or mounted paths are supported "
                           "(put the run on a shared filesystem mounted on every host)")
