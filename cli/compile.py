@@ -1,7 +1,9 @@
-"""``python -m train.compile --topology NAME [CONFIG.yaml] [section.key=value ...] [--json]``: compiles
-the real train step ahead of time for a TPU topology on any host (libtpu, no TPU needed) and reports
-HBM per chip, FLOPs per step, the bytes each device sends in collectives, the Pallas kernels the
-program calls, and a roofline estimate of step time and MFU with and without overlap of collectives.
+"""``python -m train.compile --topology NAME [--slices N] [CONFIG.yaml] [section.key=value ...]
+[--json]``: compiles the real train step ahead of time for a TPU topology (or N slices of it joined
+by the data-center network) on any host (libtpu, no TPU needed) and reports HBM per chip, FLOPs per
+step, the bytes each device sends in collectives (and those that cross slices), the Pallas kernels
+the program calls, and a roofline estimate of step time and MFU with and without overlap of
+collectives.
 
 Exit 2 with one ``error:`` line for a bad argument or config, an unknown topology, a missing libtpu,
 or a config that does not fit in HBM, naming its largest memory term (the report is still printed on
@@ -35,6 +37,11 @@ def build_parser() -> Parser:
     parser.add_argument("--topology",
                         help="CHIP:TOPOLOGY as jax.experimental.topologies takes it, e.g. v5e:2x2, "
                              "v5e:4x4, v5p:4x4x4, v6e:8x8")
+    parser.add_argument("--slices", type=int, default=1,
+                        help="compile for this many slices of the topology, joined by the "
+                             "data-center network (multislice; split data or fsdp across them with "
+                             "mesh.dcn_data / mesh.dcn_fsdp); the report adds the bytes that cross "
+                             "it (default 1)")
     add_config_arguments(parser)
     add_json_argument(parser, "the report as one JSON object")
     return parser
@@ -119,6 +126,15 @@ def collective_lines(r: dict[str, Any]) -> list[str]:
     lines = [f"collectives, bytes sent per device per step (ring model): "
              f"{', '.join(kinds) or 'none'}; total {size(c['total_bytes_per_device'])} "
              f"(unrolled cost programs, microbatches folded: {size(unrolled)})"]
+    if "dcn" in c:
+        dcn = c["dcn"]
+        crossing = [f"{kind} {size(b)} ({dcn['ops_per_step'][kind]:.0f} ops)"
+                    for kind, b in dcn["bytes_per_device"].items() if b]
+        unread = (f"; {dcn['groups_not_read']} collective(s) whose groups were not read counted "
+                  "as crossing" if dcn["groups_not_read"] else "")
+        lines.append(f"  across slices (data-center network), collectives whose groups span "
+                     f"slices: {', '.join(crossing) or 'none'}; total "
+                     f"{size(dcn['total_bytes_per_device'])} per device per step{unread}")
     if c["unknown_trip_count_loops"]:
         lines.append(f"  counted once, trip count unknown: {', '.join(c['unknown_trip_count_loops'])}")
     k = r["kernels"]
@@ -184,7 +200,8 @@ def compile_command(argv: Sequence[str]) -> int:
         raise UsageError('libtpu is not installed; install the TPU extra: pip install -e ".[tpu]"')
     prepare_environment()
     cfg = config_of(args)
-    report = compile_report(cfg, args.topology, config_arguments(args)[0] or "configs/default.yaml")
+    report = compile_report(cfg, args.topology, config_arguments(args)[0] or "configs/default.yaml",
+                            args.slices)
     print(json.dumps(report, indent=2) if args.json else format_report(report), flush=True)
     check_fits(report)
     return 0

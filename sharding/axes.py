@@ -6,3 +6,9 @@
 # MaxText's: context after fsdp and before tensor, so the axes that exchange the most per layer
 # (tensor, then context's key/value all-gathers) are the innermost, nearest neighbours on the devices.
 MESH_AXES: tuple[str, ...] = ("data", "fsdp", "context", "tensor", "expert")
+
+# The mesh axes that may also span TPU slices over the data-center network (``mesh.dcn_<axis>``):
+# data parallelism reduces the gradients across them once per step (per microbatch), fsdp gathers
+# weights and reduce-scatters gradients in every layer. The others (context, tensor, expert)
+# exchange activations within every layer and stay within a slice.
+DCN_AXES: tuple[str, ...] = ("data", "fsdp")

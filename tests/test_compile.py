@@ -127,6 +127,26 @@ def test_compile_text_report() -> None:
     assert "+ 0.0 s for the cost programs" in out  # no loops: the real program's costs are exact
 
 
+def test_compile_for_two_slices_reports_what_crosses_the_network() -> None:
+    # Two v5e:2x2 slices: data parallelism across them (dcn_data=2), fsdp 4 within each. Only the
+    # data-parallel reduction of the gradients crosses the network: an all-reduce over the two
+    # slices (p = 2) of each device's fsdp quarter of the float32 gradients, which sends
+    # 2 (p - 1)/p x 4 bytes x params / 4 = 1 byte per parameter (the step's scalars, loss and
+    # weight sums, add a few bytes). libtpu compiles one program per slice and sends the DCN
+    # all-reduces to its megascale runtime as host transfers of (8, 128)-tiled buffers: 100,352
+    # bytes for tiny's 98,624 parameters (1.8% of padding). fsdp's weight all-gathers and
+    # reduce-scatters stay within a slice.
+    r = compile_report("--topology", "v5e:2x2", "--slices", "2", "configs/tiny.yaml",
+                       "model.scan_layers=false", "mesh.dcn_data=2", "mesh.data=1", "mesh.fsdp=4")
+    assert r["topology"] == "2 x v5e:2x2" and r["slices"] == 2 and r["chips"] == r["devices"] == 8
+    assert r["mesh"]["data"] == 2 and r["mesh"]["fsdp"] == 4
+    coll, dcn = r["collectives"], r["collectives"]["dcn"]
+    assert dcn["groups_not_read"] == 0
+    assert dcn["bytes_per_device"]["all-reduce"] == pytest.approx(r["model"]["params"], rel=0.03), dcn
+    assert dcn["total_bytes_per_device"] == pytest.approx(dcn["bytes_per_device"]["all-reduce"])
+    assert dcn["bytes_per_device"]["all-gather"] == 0 < coll["bytes_per_device"]["all-gather"]
+
+
 # Per-device blocks of a shard_map over the 4 chips of v5e:2x2, one collective of each kind, one
 # all-reduce in a 3-trip loop, and a Pallas kernel: the bytes each device sends by hand (f32):
 # all-gather of an [8, 128] block (4 KiB): 3 x 4 KiB; reduce-scatter of [4096, 128] (2 MiB): 3/4 of

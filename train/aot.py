@@ -59,16 +59,20 @@ class Topology:
     chip: Chip
     devices: list
     chips: int
+    slices: int = 1
 
     @property
     def devices_per_chip(self) -> int:
         return len(self.devices) // self.chips
 
 
-def topology(name: str) -> Topology:
-    """The compile-only devices of a TPU topology such as ``v5e:2x2`` or ``v5p:4x4x4``."""
+def topology(name: str, slices: int = 1) -> Topology:
+    """The compile-only devices of a TPU topology such as ``v5e:2x2`` or ``v5p:4x4x4``, or of
+    ``slices`` such slices joined by the data-center network (libtpu's ``num_slices``)."""
+    if slices < 1:
+        raise CompileError(f"--slices: must be >= 1, got {slices}")
     try:
-        devices = topologies.get_topology_desc(name, "tpu").devices
+        devices = topologies.get_topology_desc(name, "tpu", num_slices=slices).devices
     except (jax.errors.JaxRuntimeError, RuntimeError, ValueError) as e:
         raise CompileError(f"--topology: unknown TPU topology {name!r} (expected e.g. v5e:2x2, "
                            f"v5p:4x4x4, v6e:8x8): {first_line(e)}") from None
@@ -76,13 +80,18 @@ def topology(name: str) -> Topology:
     if chip is None:
         raise CompileError(f"--topology: no published figures for {devices[0].device_kind!r} "
                            f"({name}); known chips: v3, v4, v5e, v5p, v6e (train/tpu_chips.py)")
-    chips = len({tuple(d.coords) for d in devices})
-    return Topology(name, chip, list(devices), chips)
+    chips = len({(getattr(d, "slice_index", 0), *d.coords) for d in devices})
+    return Topology(name if slices == 1 else f"{slices} x {name}", chip, list(devices), chips,
+                    slices)
 
 
 def topology_mesh(cfg: Config, topo: Topology) -> Mesh:
-    """The config's mesh over the topology's devices, laid out along the physical torus."""
-    return make_mesh(cfg.mesh, devices=topo.devices, physical=True)
+    """The config's mesh over the topology's devices, laid out along the physical torus (and, with
+    several slices, the hybrid mesh of ``mesh.dcn_*``)."""
+    try:
+        return make_mesh(cfg.mesh, devices=topo.devices, physical=True)
+    except ValueError as e:
+        raise CompileError(f"{e}; --slices {cfg.mesh.slices} compiles for that many") from None
 
 
 def lower_train_step(cfg: Config, mesh: Mesh) -> tuple[Any, int]:
@@ -217,15 +226,25 @@ def roofline(flops_per_device: float, bytes_per_device: float, sent_per_device: 
             "serial": at(max(compute_s, memory_s) + ici_s) if ici_s is not None else None}
 
 
-def program_contents(compiled: Any) -> tuple[dict[str, Any], dict[str, hlo.Kernel], dict[str, float]]:
+def program_contents(compiled: Any, mesh: Mesh, slices: int = 1
+                     ) -> tuple[dict[str, Any], dict[str, hlo.Kernel], dict[str, float]]:
     """(the collectives of the compiled step: bytes and ops per device per step by kind, loops of
-    unknown trip count; its custom kernels by name; attention's XLA matmuls per step by function)."""
+    unknown trip count, and with several ``slices`` those that cross the data-center network
+    (``dcn``); its custom kernels by name; attention's XLA matmuls per step by function)."""
     program = hlo.Program(compiled.as_text())
-    found = hlo.collectives(program)
+    slice_of = [d.slice_index for d in mesh.devices.flat] if slices > 1 else None
+    found = hlo.collectives(program, slice_of)
     sent = found.bytes_by_kind()
     collectives = {"bytes_per_device": sent, "total_bytes_per_device": sum(sent.values()),
                    "ops_per_step": found.count_by_kind(),
                    "unknown_trip_count_loops": list(found.unknown_loops)}
+    if slices > 1:
+        dcn = found.cross_slice()
+        dcn_sent = dcn.bytes_by_kind()
+        collectives["dcn"] = {"bytes_per_device": dcn_sent,
+                              "total_bytes_per_device": sum(dcn_sent.values()),
+                              "ops_per_step": dcn.count_by_kind(),
+                              "groups_not_read": sum(c.cross_slice is None for c in dcn.ops)}
     dots: dict[str, float] = {}
     for name in {file for file, _ in program.frames.values() if ATTENTION_SOURCES.search(file)}:
         for function, runs in hlo.dots_from(program, name).items():
@@ -331,17 +350,19 @@ def compile_step(cfg: Config, topo: Topology, mesh: Mesh) -> tuple[Any, int, flo
     return compiled, state_bytes, time.perf_counter() - start, buffers
 
 
-def compile_report(cfg: Config, topology_name: str, config_name: str) -> dict[str, Any]:
-    """Compiles the train step of ``cfg`` for ``topology_name`` and returns the report (a JSON-able
-    dict). Raises CompileError (or ConfigError) for what the user must change, including a state or
-    program that does not fit in HBM."""
-    topo = topology(topology_name)
+def compile_report(cfg: Config, topology_name: str, config_name: str,
+                   slices: int = 1) -> dict[str, Any]:
+    """Compiles the train step of ``cfg`` for ``topology_name`` (``slices`` of it joined by the
+    data-center network) and returns the report (a JSON-able dict). Raises CompileError (or
+    ConfigError) for what the user must change, including a state or program that does not fit in
+    HBM."""
+    topo = topology(topology_name, slices)
     validate(cfg, len(topo.devices))
     mesh = topology_mesh(cfg, topo)
     m, t = cfg.model, cfg.train
     compiled, state_bytes, compile_s, buffers = compile_step(cfg, topo, mesh)
     memory = memory_report(compiled)
-    collectives, kernels, attention_dots = program_contents(compiled)
+    collectives, kernels, attention_dots = program_contents(compiled, mesh, topo.slices)
     costs, cost_compile_s = step_costs(cfg, mesh, compiled)
     collectives["unrolled_bytes_per_device"] = {k: costs[f"collective {k}"] for k in hlo.KINDS}
     n = len(topo.devices)
@@ -352,6 +373,7 @@ def compile_report(cfg: Config, topology_name: str, config_name: str) -> dict[st
         "topology": topo.name,
         "chip": dataclasses.asdict(topo.chip),
         "chips": topo.chips,
+        "slices": topo.slices,
         "devices": n,
         "mesh": {axis: int(size) for axis, size in mesh.shape.items()},
         "model": {"params": counts["total"], "active_params": counts["active"], "dtype": m.dtype,

@@ -32,6 +32,8 @@ import math
 import re
 from pathlib import Path
 
+import numpy as np
+
 KINDS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
 _OPCODE_KIND = {"all-gather": "all-gather", "all-gather-start": "all-gather",
                 "reduce-scatter": "reduce-scatter", "all-reduce": "all-reduce",
@@ -205,12 +207,14 @@ def _source_frames(text: str) -> dict[int, tuple[str, str]]:
 @dataclasses.dataclass(frozen=True)
 class Collective:
     """One collective of a program: its kind (one of KINDS), group size p, the operand bytes B one
-    device holds, and how many times it runs per run of the program."""
+    device holds, how many times it runs per run of the program, and whether its groups hold
+    devices of several slices (over the data-center network)."""
 
     kind: str
     group: int
     operand_bytes: float
     runs: float
+    cross_slice: bool | None = False  # a group spans slices (None: groups not read)
 
     @property
     def sent_bytes(self) -> float:
@@ -238,6 +242,11 @@ class Collectives:
     def count_by_kind(self) -> dict[str, float]:
         return {k: sum(c.runs for c in self.ops if c.kind == k) for k in KINDS}
 
+    def cross_slice(self) -> Collectives:
+        """The collectives whose groups span slices (and those whose groups were not read)."""
+        return Collectives(tuple(c for c in self.ops if c.cross_slice is not False),
+                           self.unknown_loops)
+
 
 def group_size(attrs: str, num_partitions: int) -> int:
     """Devices per replica group of a collective's ``replica_groups`` (mesh-axis, iota or explicit
@@ -255,6 +264,49 @@ def group_size(attrs: str, num_partitions: int) -> int:
     return num_partitions
 
 
+def replica_groups(attrs: str, num_partitions: int) -> list[list[int]] | None:
+    """The device (partition) ids of each group of a collective: its ``replica_groups`` in the
+    explicit, iota (``[G,S]<=[dims]T(perm)``) or mesh-axis form, or a permute's
+    ``source_target_pairs`` (each pair a group); every device when empty or absent; None for a
+    form not read."""
+    pairs = re.search(r"source_target_pairs=\{((?:\{[\d,\s]*\},?)*)\}", attrs)
+    if pairs:
+        return [[int(d) for d in g.split(",") if d.strip()]
+                for g in re.findall(r"\{([\d,\s]*)\}", pairs.group(1))]
+    iota = re.search(r"replica_groups=\[(\d+),(\d+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?", attrs)
+    if iota:
+        dims = [int(d) for d in iota.group(3).split(",")]
+        ids = np.arange(math.prod(dims)).reshape(dims)
+        if iota.group(4):
+            ids = ids.transpose([int(p) for p in iota.group(4).split(",")])
+        return ids.reshape(int(iota.group(1)), int(iota.group(2))).tolist()
+    mesh = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", attrs)
+    if mesh:
+        sizes = [(a, int(n)) for a, n in re.findall(r"'(\w+)'=(\d+)", mesh.group(1))]
+        if math.prod(n for _, n in sizes) != num_partitions:
+            return None
+        grouped = [[a for a, _ in sizes].index(a) for a in re.findall(r"'(\w+)'", mesh.group(2))]
+        ids = np.arange(num_partitions).reshape([n for _, n in sizes])
+        rest = [i for i in range(len(sizes)) if i not in grouped]
+        size = math.prod(sizes[i][1] for i in grouped)
+        return ids.transpose(rest + grouped).reshape(-1, size).tolist()
+    explicit = re.search(r"replica_groups=\{((?:\{[\d,\s]*\},?)*)\}", attrs)
+    if explicit and explicit.group(1):
+        return [[int(d) for d in g.split(",") if d.strip()]
+                for g in re.findall(r"\{([\d,\s]*)\}", explicit.group(1))]
+    if explicit or "replica_groups" not in attrs:
+        return [list(range(num_partitions))]
+    return None
+
+
+def spans_slices(groups: list[list[int]] | None, slice_of: list[int]) -> bool | None:
+    """Whether some group holds devices of more than one slice (``slice_of``: the slice of each
+    device id); None when the groups were not read."""
+    if groups is None:
+        return None
+    return any(len({slice_of[d] for d in group}) > 1 for group in groups)
+
+
 def _operand_bytes(program: Program, op: Instruction, kind: str, group: int) -> float:
     """B of the module docstring: the bytes of the operands (the first only for a permute, whose
     other operands are buffers and offsets); from the result when an operand is not in the text."""
@@ -266,13 +318,22 @@ def _operand_bytes(program: Program, op: Instruction, kind: str, group: int) -> 
     return {"all-gather": result / group, "reduce-scatter": result * group}.get(kind, result)
 
 
-def collectives(program: Program) -> Collectives:
+def collectives(program: Program, slice_of: list[int] | None = None) -> Collectives:
     """Every collective of ``program`` with its runs per program run: an instruction each, except
     the copies of one asynchronous collective (same kind, ``channel_id`` and ``chain_id``), which
     count once with the most runs among them. (``channel_id`` alone does not tell collectives apart:
-    libtpu gives unrelated ones the same id.)"""
+    libtpu gives unrelated ones the same id.) ``slice_of``: the slice of each device id (partition,
+    the mesh's devices in order), to mark the collectives whose groups span slices."""
     found: dict[tuple[str, str], Collective] = {}
     for op in program.instructions:
+        megascale = re.search(r'_xla_megascale_transfer_type="(\w+)"', op.attrs)
+        if op.opcode == "send" and megascale:  # libtpu multislice: one program per slice, the
+            kind = megascale.group(1).lower().replace("_", "-")  # DCN collectives as host sends
+            if kind in KINDS:
+                group = len(set(slice_of)) if slice_of else 2
+                found[("dcn", op.name)] = Collective(kind, group, _operand_bytes(program, op, kind, group),
+                                                     program.runs.get(op.computation, 0.0), True)
+            continue
         kind = _OPCODE_KIND.get(op.opcode)
         if kind is None:
             continue
@@ -282,8 +343,10 @@ def collectives(program: Program) -> Collectives:
         channel = re.search(r"channel_id=(\d+)", op.attrs)
         chain = re.search(r'chain_id="(\d+)"', op.attrs)
         key = (kind, channel.group(1) if channel else "", chain.group(1)) if chain else (kind, op.name)
+        cross = (spans_slices(replica_groups(op.attrs, program.num_partitions), slice_of)
+                 if slice_of else False)
         c = Collective(kind, group, _operand_bytes(program, op, kind, group),
-                       program.runs.get(op.computation, 0.0))
+                       program.runs.get(op.computation, 0.0), cross)
         if key not in found or c.runs > found[key].runs:
             found[key] = c
     return Collectives(tuple(found.values()), program.unknown_loops)

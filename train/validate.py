@@ -13,6 +13,7 @@ from core.errors import ConfigError
 from data.tokenizer import vocab_size_of
 from model.config import ModelConfig
 from model.splash import splash_problems
+from sharding.mesh import check_slices
 from sharding.rules import default_rules, mesh_axes_of, shards_of
 from train.config import (
     FIXED_BECAUSE,
@@ -34,6 +35,8 @@ def validate(cfg: Config, num_devices: int) -> None:
         raise ConfigError(f"model.{key}", message)
     try:
         sizes = cfg.mesh.sizes(num_devices)
+        if cfg.mesh.slices > 1 and jax.device_count() == num_devices:  # a job on these devices
+            check_slices(cfg.mesh, jax.devices())
     except ValueError as e:
         key, _, message = str(e).partition(": ")
         raise ConfigError(key, message) from None
