@@ -292,7 +292,12 @@ class _ConfigLoader(yaml.SafeLoader):
 
 
 def _yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_ConfigLoader)
+    """The one YAML document of ``text`` through ``_ConfigLoader`` (a SafeLoader: no Python objects)."""
+    loader = _ConfigLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 def parse_override(text: str) -> tuple[str, str, Any]:
