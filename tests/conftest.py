@@ -40,3 +40,13 @@ def eight_devices() -> list:
     devices = jax.devices()
     assert len(devices) == 8, f"tests need 8 emulated CPU devices, found {len(devices)}"
     return devices
+
+
+@pytest.fixture(scope="session")
+def tiny_run(eight_devices, tmp_path_factory) -> tuple:
+    """(run directory, training summary with what it printed) of configs/tiny.yaml trained 20 steps
+    on data=2, tensor=4, checkpoints at 10 and 20, ending with an 8-token sample: one run for the
+    eval and harness tests, which only read it (a test that changes a run copies it first)."""
+    from tests.helpers import trained_tiny_run
+
+    return trained_tiny_run(tmp_path_factory.mktemp("tiny") / "run", sample_tokens=8)

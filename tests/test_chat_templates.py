@@ -8,15 +8,14 @@ decoding does on a tiny qwen2 GGUF that carries Qwen2.5's template."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import transformers
 
-from tests.helpers import tiny_tokenizer
+from cli import eval as eval_cli
+from tests.helpers import run_in_process, tiny_tokenizer
 
 TEMPLATES = Path(__file__).parent / "data" / "chat_templates"
 SYSTEM = {"role": "system", "content": "You are terse.  "}
@@ -118,10 +117,9 @@ def test_generate_chat_on_an_imported_gguf_answers_as_transformers(eight_devices
     ids = prompt_ids(tok, "hi cat", True, "be brief")
     assert ids == tok.encode(text) and ids.count(tok.token_id("<|im_start|>")) == 3
 
-    result = subprocess.run([sys.executable, "-m", "eval", "generate", "--checkpoint", str(run_dir),
-                             "--chat", "--system", "be brief", "--prompt", "hi cat",
-                             "--temperature", "0", "--max-new-tokens", "6", "--json"],
-                            capture_output=True, text=True, timeout=300)
+    result = run_in_process(eval_cli.main, "generate", "--checkpoint", str(run_dir), "--chat",
+                            "--system", "be brief", "--prompt", "hi cat", "--temperature", "0",
+                            "--max-new-tokens", "6", "--json")
     assert result.returncode == 0, result.stderr
     ours = json.loads(result.stdout.strip().splitlines()[-1])["completion"]
     with torch.no_grad():

@@ -27,8 +27,46 @@ def run_compile(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
-def compile_report(*args: str) -> dict:
-    result = run_compile(*args, "--json")
+# One process runs every command of this file's tests, one after another (`python -m train.compile`
+# is cli.compile.main; its stdout and stderr are captured per command): each process start costs
+# about 3.5 s of JAX and libtpu set-up. A real subprocess still checks one error's stderr whole.
+BATCH_PROGRAM = """
+import contextlib, io, json, sys
+from cli.compile import main
+results = []
+for argv in json.loads(sys.argv[1]):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(argv)
+    results.append([code, out.getvalue(), err.getvalue()])
+print(json.dumps(results))
+"""
+
+
+def report_args(*args: str) -> tuple[str, ...]:
+    return (*args, "--json")
+
+
+def batch_commands() -> list[tuple[str, ...]]:
+    return ([report_args("--topology", topology, preset, *overrides)
+             for preset, topology, overrides in CASES]
+            + [TEXT_REPORT, report_args(*SLICES_REPORT), *ERROR_CASES])
+
+
+@pytest.fixture(scope="module")
+def compiled() -> dict[tuple[str, ...], subprocess.CompletedProcess]:
+    """Every command of this file run once in one process: argv -> (returncode, stdout, stderr)."""
+    commands = batch_commands()
+    result = subprocess.run([sys.executable, "-c", BATCH_PROGRAM, json.dumps(commands)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    outputs = json.loads(result.stdout.strip().splitlines()[-1])
+    return {tuple(argv): subprocess.CompletedProcess(argv, code, out, err)
+            for argv, (code, out, err) in zip(commands, outputs, strict=True)}
+
+
+def compile_report(compiled: dict, *args: str) -> dict:
+    result = compiled[report_args(*args)]
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout)
 
@@ -50,8 +88,9 @@ CASES = [("configs/tiny.yaml", "v5e:2x2", ()),
 
 
 @pytest.mark.parametrize("preset, topology, overrides", CASES)
-def test_compile_report_is_consistent(preset: str, topology: str, overrides: tuple[str, ...]) -> None:
-    r = compile_report("--topology", topology, preset, *overrides)
+def test_compile_report_is_consistent(compiled: dict, preset: str, topology: str,
+                                      overrides: tuple[str, ...]) -> None:
+    r = compile_report(compiled, "--topology", topology, preset, *overrides)
     chips = {"v5e:2x2": 4, "v5e:2x4": 8}[topology]
     assert r["chip"]["name"] == "v5e" and r["chips"] == r["devices"] == chips
     assert math.prod(r["mesh"].values()) == chips
@@ -115,8 +154,11 @@ def test_compile_report_is_consistent(preset: str, topology: str, overrides: tup
     assert 0 < serial["mfu"] < over["mfu"] < 1
 
 
-def test_compile_text_report() -> None:
-    result = run_compile("--topology", "v5e:2x2", "configs/tiny.yaml", "model.scan_layers=false")
+TEXT_REPORT = ("--topology", "v5e:2x2", "configs/tiny.yaml", "model.scan_layers=false")
+
+
+def test_compile_text_report(compiled: dict) -> None:
+    result = compiled[TEXT_REPORT]
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
     for fragment in ("4 x TPU v5 lite", "HBM per chip", "temporaries", "largest buffers",
@@ -127,7 +169,11 @@ def test_compile_text_report() -> None:
     assert "+ 0.0 s for the cost programs" in out  # no loops: the real program's costs are exact
 
 
-def test_compile_for_two_slices_reports_what_crosses_the_network() -> None:
+SLICES_REPORT = ("--topology", "v5e:2x2", "--slices", "2", "configs/tiny.yaml",
+                 "model.scan_layers=false", "mesh.dcn_data=2", "mesh.data=1", "mesh.fsdp=4")
+
+
+def test_compile_for_two_slices_reports_what_crosses_the_network(compiled: dict) -> None:
     # Two v5e:2x2 slices: data parallelism across them (dcn_data=2), fsdp 4 within each. Only the
     # data-parallel reduction of the gradients crosses the network: an all-reduce over the two
     # slices (p = 2) of each device's fsdp quarter of the float32 gradients, which sends
@@ -136,8 +182,7 @@ def test_compile_for_two_slices_reports_what_crosses_the_network() -> None:
     # all-reduces to its megascale runtime as host transfers of (8, 128)-tiled buffers: 100,352
     # bytes for tiny's 98,624 parameters (1.8% of padding). fsdp's weight all-gathers and
     # reduce-scatters stay within a slice.
-    r = compile_report("--topology", "v5e:2x2", "--slices", "2", "configs/tiny.yaml",
-                       "model.scan_layers=false", "mesh.dcn_data=2", "mesh.data=1", "mesh.fsdp=4")
+    r = compile_report(compiled, *SLICES_REPORT)
     assert r["topology"] == "2 x v5e:2x2" and r["slices"] == 2 and r["chips"] == r["devices"] == 8
     assert r["mesh"]["data"] == 2 and r["mesh"]["fsdp"] == 4
     coll, dcn = r["collectives"], r["collectives"]["dcn"]
@@ -198,24 +243,29 @@ def test_collectives_and_kernels_of_a_compiled_program_match_a_hand_count() -> N
     assert found["kernels"] == {"meshlm_double": [1, False]}, found
 
 
-def test_compile_errors_are_one_line() -> None:
+# 34B parameters on 4 v5e chips: the state alone does not fit; found before compiling.
+BIG = ("model.d_model=8192", "model.num_heads=64", "model.num_kv_heads=8", "model.mlp_dim=32768",
+       "model.num_layers=32")
+# 64 sequences of 8192 on 4 chips, einsum attention: the float32 scores of both layers,
+# 2 x 16 x 2 x 2 x 8192^2 x 4 bytes = 32 GiB per device, are kept for the backward pass.
+LONG = ("model.max_seq_len=8192", "train.seq_len=8192", "train.batch_size=64",
+        "model.attention_impl=einsum")
+ERRORS = {("configs/tiny.yaml",): "--topology is required",
+          ("--topology", "v5e:2x2", "configs/moe_tiny.yaml"): "mesh",
+          ("--topology", "v5e:2x2", "configs/tiny.yaml", *BIG): "does not fit: the train state alone",
+          ("--topology", "v5e:2x2", "configs/tiny.yaml", *LONG):
+              "does not fit: XLA could not fit the train step in HBM: temporaries need "}
+ERROR_CASES = list(ERRORS)
+
+
+def test_compile_errors_are_one_line(compiled: dict) -> None:
+    # a process of its own: nothing else (libtpu's or absl's logging) reaches stderr either
     assert_one_line_error(run_compile("--topology", "v9z:2x2", "configs/tiny.yaml"),
                           "unknown TPU topology 'v9z:2x2'")
-    assert_one_line_error(run_compile("configs/tiny.yaml"), "--topology is required")
-    assert_one_line_error(run_compile("--topology", "v5e:2x2", "configs/moe_tiny.yaml"), "mesh")
-    # 34B parameters on 4 v5e chips: the state alone does not fit; found before compiling.
-    big = ("model.d_model=8192", "model.num_heads=64", "model.num_kv_heads=8", "model.mlp_dim=32768",
-           "model.num_layers=32")
-    assert_one_line_error(run_compile("--topology", "v5e:2x2", "configs/tiny.yaml", *big),
-                          "does not fit: the train state alone")
-    # 64 sequences of 8192 on 4 chips, einsum attention: the float32 scores of both layers,
-    # 2 x 16 x 2 x 2 x 8192^2 x 4 bytes = 32 GiB per device, are kept for the backward pass.
-    long = ("model.max_seq_len=8192", "train.seq_len=8192", "train.batch_size=64",
-            "model.attention_impl=einsum")
-    result = run_compile("--topology", "v5e:2x2", "configs/tiny.yaml", *long)
-    assert_one_line_error(result, "does not fit: XLA could not fit the train step in HBM: "
-                                  "temporaries need ")
-    assert "available; largest buffer f32[2,16,2,2,8192,8192] (32.00 GiB" in result.stderr
+    for argv, fragment in ERRORS.items():
+        assert_one_line_error(compiled[argv], fragment)
+    assert ("available; largest buffer f32[2,16,2,2,8192,8192] (32.00 GiB"
+            in compiled[ERROR_CASES[-1]].stderr)
 
 
 def test_compile_without_libtpu_is_a_clear_error() -> None:

@@ -15,7 +15,8 @@ import pytest
 import torch
 import transformers
 
-from tests.helpers import hf_logits, meshlm_logits, tiny_tokenizer
+from cli import convert as cli_convert
+from tests.helpers import hf_logits, meshlm_logits, run_in_process, tiny_tokenizer
 
 ATOL = 1e-4  # whole model, float32
 VOCAB = 320
@@ -196,6 +197,10 @@ def test_gguf_import_undoes_llama_cpp_permutation(eight_devices, tmp_path):
 # ------------------------------------------------------------------------------------- bad input
 
 
+def convert_in_process(*args: str) -> subprocess.CompletedProcess:
+    return run_in_process(cli_convert.main, *map(str, args))
+
+
 def convert_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "convert", *map(str, args)],
                           capture_output=True, text=True, timeout=300)
@@ -264,7 +269,7 @@ def test_bad_checkpoints_are_one_error_line(llama_dir, tmp_path):
     assert len(result.stderr.strip().splitlines()) == 1 and "shape mismatch" in result.stderr
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "keep.txt").write_text("mine")
-    result = convert_cli("import", llama_dir, tmp_path / "taken")
+    result = convert_in_process("import", llama_dir, tmp_path / "taken")
     assert result.returncode == 2 and "not empty" in result.stderr
     assert (tmp_path / "taken" / "keep.txt").read_text() == "mine"
 
@@ -304,7 +309,7 @@ def test_export_of_an_unnormalised_router_is_one_error_line_and_writes_nothing(e
     config = run_dir / "config.yaml"
     config.write_text(config.read_text().replace("router_mode: topk_softmax",
                                                  "router_mode: softmax_topk_unnormalized"))
-    result = convert_cli("export", run_dir, tmp_path / "out")
+    result = convert_in_process("export", run_dir, tmp_path / "out")
     assert result.returncode == 2 and result.stderr.startswith("error: model.router_mode="), result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()

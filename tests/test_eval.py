@@ -1,8 +1,6 @@
 """The eval CLI on a real (tiny) trained run: perplexity agrees with training's evaluation."""
 
-import contextlib
 import functools
-import io
 import json
 import math
 import subprocess
@@ -18,14 +16,12 @@ from cli import eval as eval_cli
 from data.pipeline import empty_batch, eval_batches
 from data.tokenizer import ByteTokenizer
 from eval.perplexity import perplexity, trimmed
-from inference.generate import print_sample
 from inference.load import LoadedRun, load_run
 from inference.score import Scorer
 from model.transformer import Transformer
 from sharding.mesh import make_mesh
 from sharding.rules import default_rules, tree_shardings
-from tests.helpers import tiny_config
-from train.loop import train
+from tests.helpers import run_in_process, tiny_config
 from train.program import Program
 from train.step import eval_step
 
@@ -36,15 +32,9 @@ SAMPLE = 8  # tokens of the end-of-run sample
 
 
 @pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("eval") / "run"
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        summary = train(tiny_config(run_dir, "train.steps=20", "mesh.data=2", "mesh.tensor=4",
-                                    "checkpoint.every=10", f"train.sample_tokens={SAMPLE}"),
-                        hooks=(print_sample,))
-    summary["printed"] = printed.getvalue()
-    return run_dir, summary
+def trained_run(tiny_run):
+    assert tiny_run[1]["printed"].count("--- sample") == 1 and SAMPLE == 8
+    return tiny_run
 
 
 def test_the_end_of_run_sample_is_what_generate_gives_from_the_last_checkpoint(trained_run):
@@ -58,8 +48,7 @@ def test_the_end_of_run_sample_is_what_generate_gives_from_the_last_checkpoint(t
 
 
 def run_eval(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "eval", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
+    return run_in_process(eval_cli.main, *args)
 
 
 def test_perplexity_matches_training_eval_on_another_mesh(eight_devices, trained_run):
@@ -217,7 +206,9 @@ def test_eval_errors_exit_2(trained_run, tmp_path, capsys, args, message):
 
 def test_eval_error_through_python_m_eval_has_no_traceback(trained_run):
     run_dir, _ = trained_run
-    result = run_eval("generate", "--checkpoint", str(run_dir), "--prompt", "x", "--top-p", "0")
+    result = subprocess.run([sys.executable, "-m", "eval", "generate", "--checkpoint", str(run_dir),
+                             "--prompt", "x", "--top-p", "0"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: --top-p must be in")
 

@@ -26,18 +26,15 @@ from model.transformer import Transformer
 from sharding.mesh import MeshConfig, make_mesh
 from sharding.rules import default_rules, tree_shardings
 from tests import reference
-from tests.helpers import SMALL, tiny_config
-from train.loop import train
+from tests.helpers import SMALL, run_in_process
 
 ROOT = Path(__file__).resolve().parent.parent
 TOL = 1e-5  # fp32, relative
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("harness") / "run"
-    train(tiny_config(run_dir, "train.steps=20", "mesh.data=2", "mesh.tensor=4", "checkpoint.every=10"))
-    return run_dir
+def run_dir(tiny_run):
+    return tiny_run[0]
 
 
 @pytest.fixture(scope="module")
@@ -171,10 +168,9 @@ def test_scorer_equals_the_full_forward_pass_for_moe_with_padded_rows(eight_devi
 
 def test_cli_runs_local_tasks(eight_devices, run_dir, tmp_path):
     out = tmp_path / "results.json"
-    result = subprocess.run([sys.executable, "-m", "eval", "harness", "--checkpoint",
-                             str(run_dir / "checkpoints" / "10"), "--tasks", "meshlm_tiny_mc,meshlm_tiny_gen",
-                             "--limit", "3", "--batch-size", "2", "--num-fewshot", "1", "--output", str(out)],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = run_in_process(harness_cli.main, "--checkpoint", str(run_dir / "checkpoints" / "10"),
+                            "--tasks", "meshlm_tiny_mc,meshlm_tiny_gen", "--limit", "3",
+                            "--batch-size", "2", "--num-fewshot", "1", "--output", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "meshlm_tiny_mc" in result.stdout and "|" in result.stdout  # the results table
     report = json.loads(result.stdout.strip().splitlines()[-1])
