@@ -193,7 +193,7 @@ def test_compile_for_two_slices_reports_what_crosses_the_network(compiled: dict)
 
 
 # Per-device blocks of a shard_map over the 4 chips of v5e:2x2, one collective of each kind, one
-# all-reduce in a 3-trip loop, and a Pallas kernel: the bytes each device sends by hand (f32):
+# all-reduce in a 3-trip loop counting from 1, and a Pallas kernel: the bytes each device sends by hand (f32):
 # all-gather of an [8, 128] block (4 KiB): 3 x 4 KiB; reduce-scatter of [4096, 128] (2 MiB): 3/4 of
 # it; all-reduce of [8, 128]: 2 x 3/4 x 4 KiB, once and three times in the loop; all-to-all of
 # [32, 128]: 3/4 x 16 KiB; collective-permute of [8, 128]: 4 KiB. (A small reduce-scatter, e.g. of
@@ -215,7 +215,9 @@ def double(x_ref, o_ref):
     o_ref[...] = x_ref[...] * 2
 
 def block(a, b, c, d, e):
-    loop = jax.lax.fori_loop(0, 3, lambda i, v: jax.lax.psum(v, "x") * 0.5, c + 1)
+    # a counter from 1 to 4 (as XLA leaves a loop it peeled an iteration out of): 3 trips
+    loop = jax.lax.while_loop(lambda iv: iv[0] < 4,
+                              lambda iv: (iv[0] + 1, jax.lax.psum(iv[1], "x") * 0.5), (1, c + 1))[1]
     return (jax.lax.all_gather(a, "x", tiled=True), jax.lax.psum_scatter(b, "x", tiled=True),
             jax.lax.psum(c, "x"), loop, jax.lax.all_to_all(d, "x", 0, 0, tiled=True),
             jax.lax.ppermute(e, "x", [(i, (i + 1) % 4) for i in range(4)]),

@@ -20,8 +20,9 @@ one collective; a reduce-scatter may be a custom fusion named ``all-reduce-scatt
 became: a small reduce-scatter turned into an all-reduce and a slice, or an all-gather over many
 devices (64 on v5p:4x4x4) into an all-reduce of a zero-padded buffer, count as all-reduces, as
 the chips run them. Collectives inside a ``while`` body count once per iteration when the loop's
-condition is ``counter < constant`` (the form ``lax.scan`` and ``fori_loop`` take); otherwise once,
-and the loop is listed in ``Collectives.unknown_loops``.
+condition is ``counter < constant`` and the counter starts at a constant (the form ``lax.scan`` and
+``fori_loop`` take, also after XLA peels an iteration out); otherwise once, and the loop is listed in
+``Collectives.unknown_loops``.
 """
 
 from __future__ import annotations
@@ -161,7 +162,9 @@ class Program:
         return counts, tuple(sorted(set(unknown)))
 
     def trip_count(self, loop: Instruction) -> float | None:
-        """Iterations of a ``while`` whose condition is ``counter < constant`` (counter from 0)."""
+        """Iterations of a ``while`` whose condition is ``counter < constant`` and whose counter
+        starts at a constant: 0 as ``lax.scan`` and ``fori_loop`` write it, or 1 after XLA peels an
+        iteration out of the loop (its collective pipeliner does, on TPU)."""
         condition = re.search(r"condition=%?([\w.\-]+)", loop.attrs)
         if condition is None:
             return None
@@ -169,10 +172,29 @@ class Program:
         root = next((i for i in body if i.opcode == "compare" and "direction=LT" in i.attrs), None)
         if root is None or len(root.operands) != 2:
             return None
-        bound = self.by_name.get(root.operands[1])
-        if bound is None or bound.opcode != "constant" or not re.fullmatch(r"\d+", bound.args):
+        bound, start = self.constant(root.operands[1]), self.loop_start(loop, root.operands[0])
+        return None if bound is None or start is None else float(max(bound - start, 0))
+
+    def constant(self, name: str) -> int | None:
+        """The value of an integer scalar ``constant`` (through copies), else None."""
+        op = self.by_name.get(name)
+        while op is not None and op.opcode == "copy" and len(op.operands) == 1:
+            op = self.by_name.get(op.operands[0])
+        if op is None or op.opcode != "constant" or not re.fullmatch(r"-?\d+", op.args):
             return None
-        return float(bound.args)
+        return int(op.args)
+
+    def loop_start(self, loop: Instruction, counter: str) -> int | None:
+        """The initial value of the loop's ``counter`` (an element of the condition's parameter),
+        read from the tuple the ``while`` starts with."""
+        element = self.by_name.get(counter)
+        index = re.search(r"index=(\d+)", element.attrs) if element is not None else None
+        if element is None or element.opcode != "get-tuple-element" or index is None:
+            return None
+        init = self.by_name.get(loop.operands[0]) if loop.operands else None
+        if init is None or init.opcode != "tuple" or int(index[1]) >= len(init.operands):
+            return None
+        return self.constant(init.operands[int(index[1])])
 
 
 def _source_frames(text: str) -> dict[int, tuple[str, str]]:
