@@ -11,6 +11,9 @@ INSTALL_REQUIRES = [
     "tensorflow-datasets==4.9.10",
     "importlib_resources>=6.0",  # imported by tensorflow-datasets without being declared
     "grain==0.2.18",
+    "array_record==0.8.6",  # the token cache's files (data/token_cache.py)
+    "pyarrow==26.0.1",  # parquet: sources (data/hf_sources.py)
+    "datasets==5.2.0",  # hf: and hf-stream: sources (Hugging Face datasets; imported only by them)
     "sentencepiece==0.2.3",
     "tokenizers==0.23.3",  # Hugging Face tokenizers (data/hf_tokenizer.py)
     "jinja2==3.1.6",  # chat templates, rendered in its sandbox (data/chat.py)

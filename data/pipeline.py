@@ -5,10 +5,13 @@ stream. Iterator state is a small dict that resumes exactly (saved in every chec
 Each document becomes ``[bos] + tokens + [eos]`` (either omitted if the tokenizer has none), shifted
 into (inputs, targets) pairs, cut into chunks of at most ``seq_len`` pairs, and the chunks are
 first-fit packed into rows. A target never comes from another document; padding has weight 0.
+Documents come from a random-access source (text, or token ids from a token cache), a streamed source
+or a weighted `Mixture` of them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Sequence
 from typing import Any
@@ -16,9 +19,15 @@ from typing import Any
 import grain
 import numpy as np
 
+from data.hf_sources import StreamedDocuments
+from data.mixture import Mixture
+from data.streaming import stream_documents
 from data.tokenizer import Tokenizer
 
 Row = dict[str, np.ndarray]
+# What the pipeline reads: documents as text or as token ids (`document_ids`, from a token cache),
+# indexed or streamed, or a weighted mixture of such sources.
+Documents = Sequence[str] | Sequence[np.ndarray] | StreamedDocuments | Mixture
 # Documents are read on the consuming thread: reading is cheap next to tokenizing, and grain's
 # default read-ahead pool costs more per element (it polls its whole buffer) than it saves.
 READ_OPTIONS = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
@@ -32,14 +41,20 @@ class Shard:
     count: int = 1
 
 
+def document_ids(tokenizer: Tokenizer, text: str) -> np.ndarray:
+    """``[bos] + tokens + [eos]`` of one document (either omitted if the tokenizer has none), int32."""
+    ids = ([tokenizer.bos_id] if tokenizer.bos_id >= 0 else []) + tokenizer.encode(text)
+    return np.asarray(ids + ([tokenizer.eos_id] if tokenizer.eos_id >= 0 else []), np.int32)
+
+
 class _Tokenize(grain.transforms.Map):
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
 
-    def map(self, text: str) -> np.ndarray:
-        tok = self.tokenizer
-        ids = ([tok.bos_id] if tok.bos_id >= 0 else []) + tok.encode(text)
-        return np.asarray(ids + ([tok.eos_id] if tok.eos_id >= 0 else []), np.int32)
+    def map(self, document: str | np.ndarray) -> np.ndarray:
+        if isinstance(document, np.ndarray):  # already `document_ids` (a token cache's record)
+            return document
+        return document_ids(self.tokenizer, document)
 
 
 class _ChunkPairs(grain.experimental.FlatMapTransform):
@@ -83,7 +98,26 @@ def _stream_seed(seed: int, stream: int) -> int:
     return (seed * 1_000_003 + stream * 7919) % 2**32
 
 
-def train_dataset(source: Sequence[str], tokenizer: Tokenizer, *, seq_len: int, batch_size: int,
+def _stream_documents(source: Documents, stream: int, streams: int, seed: int) -> grain.IterDataset:
+    """The endless documents of stream ``stream``: its share (``stream::streams``) of each epoch,
+    shuffled anew every epoch (a streamed source: in order); a mixture draws from each source's
+    share in proportion to its weight (grain's deterministic interleave; each source repeats on its
+    own)."""
+    if isinstance(source, Mixture):
+        parts = [_stream_documents(part, stream, streams, (seed + 104_729 * (i + 1)) % 2**32)
+                 for i, part in enumerate(source.sources)]
+        return grain.IterDataset.mix(parts, list(source.weights))
+    if isinstance(source, StreamedDocuments):
+        return stream_documents(source, stream, streams, repeat=True)
+    docs = grain.MapDataset.source(source)
+    if len(docs) == 0:
+        raise ValueError("data: the training split has no documents")
+    if len(docs) < streams:  # every stream needs a document: repeat the few there are
+        docs = docs.repeat(-(-streams // len(docs)))
+    return docs[stream::streams].shuffle(seed=seed).repeat().to_iter_dataset(READ_OPTIONS)
+
+
+def train_dataset(source: Documents, tokenizer: Tokenizer, *, seq_len: int, batch_size: int,
                   seed: int, shard: Shard = Shard(), streams: int = 8, prefetch: int = 2,
                   shuffle_tokens: int = 1 << 20) -> grain.IterDataset:
     """Endless packed training batches of this process's ``batch_size`` rows.
@@ -100,43 +134,49 @@ def train_dataset(source: Sequence[str], tokenizer: Tokenizer, *, seq_len: int, 
         raise ValueError(f"data: {streams} streams cannot be split evenly over {shard.count} "
                          f"processes of {batch_size} rows each")
     rows_per_stream = batch_size // len(mine)
-    docs = grain.MapDataset.source(source)
-    if len(docs) == 0:
-        raise ValueError("data: the training split has no documents")
-    if len(docs) < streams:  # every stream needs a document: repeat the few there are
-        docs = docs.repeat(-(-streams // len(docs)))
     window = max(shuffle_tokens // streams // seq_len, rows_per_stream)
     components = {}
     for s in mine:
         stream_seed = _stream_seed(seed, s)
-        stream_docs = docs[s::streams].shuffle(seed=stream_seed).repeat()
         components[f"stream{s}"] = _packed_rows(
-            stream_docs.to_iter_dataset(READ_OPTIONS), tokenizer, seq_len, max(rows_per_stream, 8),
-            stream_seed, shuffle_bins=True, shuffle_window=window)
+            _stream_documents(source, s, streams, stream_seed), tokenizer, seq_len,
+            max(rows_per_stream, 8), stream_seed, shuffle_bins=True, shuffle_window=window)
     batches = grain.IterDataset.mix(components).batch(batch_size, drop_remainder=True)
     if prefetch:
         batches = grain.experimental.ThreadPrefetchIterDataset(batches, prefetch_buffer_size=prefetch)
     return batches
 
 
-def eval_batches(source: Sequence[str], tokenizer: Tokenizer, *, seq_len: int, batch_size: int,
+def _eval_documents(source: Documents, shard: Shard) -> grain.IterDataset:
+    """This process's share of the evaluation documents, in order; a mixture's sources in turn."""
+    if isinstance(source, Mixture):
+        parts = [_eval_documents(part, shard) for part in source.sources]
+        return grain.experimental.InterleaveIterDataset(parts, cycle_length=len(parts))
+    if isinstance(source, StreamedDocuments):
+        return stream_documents(source, shard.index, shard.count, repeat=False)
+    return grain.MapDataset.source(source)[shard.index::shard.count].to_iter_dataset(READ_OPTIONS)
+
+
+def eval_batches(source: Documents, tokenizer: Tokenizer, *, seq_len: int, batch_size: int,
                  max_batches: int = 0, shard: Shard = Shard()) -> list[Row]:
     """One ordered pass over this process's evaluation documents, packed into batches.
 
     The last batch is padded with rows of weight 0; ``max_batches`` > 0 stops early. Every real
-    target token is counted exactly once.
+    target token is counted exactly once (a mixture's sources taken in turn, one document of each, so
+    an early stop still sees every source).
     """
-    docs = grain.MapDataset.source(source)[shard.index::shard.count].to_iter_dataset(READ_OPTIONS)
-    rows = _packed_rows(docs, tokenizer, seq_len, max(batch_size, 8), 0, shuffle_bins=False)
+    docs = _eval_documents(source, shard)
+    rows = iter(_packed_rows(docs, tokenizer, seq_len, max(batch_size, 8), 0, shuffle_bins=False))
     out: list[Row] = []
     pending: list[Row] = []
-    for row in rows:
-        pending.append(row)
-        if len(pending) == batch_size:
-            out.append(_stack(pending))
-            pending = []
-            if max_batches and len(out) == max_batches:
-                return out
+    with contextlib.closing(rows):  # a streamed source's readers end here, also on an early stop
+        for row in rows:
+            pending.append(row)
+            if len(pending) == batch_size:
+                out.append(_stack(pending))
+                pending = []
+                if max_batches and len(out) == max_batches:
+                    return out
     if pending:
         out.append(_stack(pending + [_empty_row(seq_len)] * (batch_size - len(pending))))
     return out

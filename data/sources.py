@@ -5,10 +5,12 @@
   builder (`MeshlmText`) under a cache directory and reused while the files are unchanged;
 - ``jsonl:GLOB[:FIELD]``: local JSON-lines files, one document per line (its string FIELD, default
   ``text``), prepared the same way (`MeshlmJsonl`);
-- ``tfds:NAME[:SPLIT[:FIELD]]``: a tfds dataset already prepared as ArrayRecord (nothing downloads).
+- ``tfds:NAME[:SPLIT[:FIELD]]``: a tfds dataset already prepared as ArrayRecord (nothing downloads);
+- ``parquet:GLOB[:FIELD]``, ``hf:PATH[:SPLIT[:FIELD]]``, ``hf-stream:PATH[:SPLIT[:FIELD]]``: tables
+  through pyarrow and Hugging Face ``datasets`` (`data.hf_sources`).
 
-Every source satisfies grain's ``RandomAccessDataSource`` (``__len__``, ``__getitem__``, picklable).
-Tokenizing, shuffling and packing belong to the pipeline, not here.
+Every source but ``hf-stream:`` (streamed, never indexed) satisfies grain's ``RandomAccessDataSource``
+(``__len__``, ``__getitem__``, picklable). Tokenizing, shuffling and packing belong to the pipeline.
 """
 
 from __future__ import annotations
@@ -27,10 +29,12 @@ from typing import Any, Literal, Protocol
 import tensorflow_datasets as tfds
 
 from core.errors import first_line
+from data.hf_sources import StreamedDocuments, glob_and_field, hf_source, hf_stream_source, parquet_source
 
 DOC_BYTES = 64 * 1024  # a file is cut into documents of at most this many bytes, at line ends
 DEFAULT_CACHE_DIR = "~/.cache/meshlm/tfds"
-SPEC_HELP = "expected 'stdlib', 'text:GLOB', 'jsonl:GLOB[:FIELD]' or 'tfds:NAME[:SPLIT[:FIELD]]'"
+SPEC_HELP = ("expected 'stdlib', 'text:GLOB', 'jsonl:GLOB[:FIELD]', 'tfds:NAME[:SPLIT[:FIELD]]', "
+             "'parquet:GLOB[:FIELD]', 'hf:PATH[:SPLIT[:FIELD]]' or 'hf-stream:PATH[:SPLIT[:FIELD]]'")
 JSONL_FIELD = "text"
 Split = Literal["train", "eval"]
 
@@ -42,7 +46,7 @@ class DocumentSource(Protocol):
 
 
 def open_source(spec: str, split: Split, *, eval_fraction: float = 0.05, data_dir: str | None = None,
-                cache_dir: str | None = None) -> DocumentSource:
+                cache_dir: str | None = None) -> DocumentSource | StreamedDocuments:
     """The ``split`` documents of the source named by ``spec``.
 
     ``stdlib`` and ``text:``: files are cut into documents of at most 64 KiB at line ends; a document
@@ -54,10 +58,11 @@ def open_source(spec: str, split: Split, *, eval_fraction: float = 0.05, data_di
     ``tfds:``: ``train`` reads the ``train`` split and ``eval`` the ``validation`` (else ``test``) split;
     with neither, every k-th record of ``train`` (k = round(1 / eval_fraction)) is held out instead.
     An explicit SPLIT is read for both. FIELD defaults to ``text`` (or the only text feature).
+    ``parquet:``, ``hf:``, ``hf-stream:``: see `data.hf_sources`.
     ``data_dir`` is the tfds data directory for ``tfds:`` (None or "": tfds's default); ``cache_dir``
-    (None or "": ``~/.cache/meshlm/tfds``) holds the prepared ``text:`` datasets.
+    (None or "": ``~/.cache/meshlm/tfds``) holds the prepared ``text:`` and ``hf:`` datasets.
     ValueError, with a one-line message, for an unknown spec, a glob matching no file, a non-UTF-8
-    file, a JSON line without a string FIELD, an unknown or unprepared tfds dataset, split or field.
+    file, a JSON line or table without a string FIELD, an unknown or unprepared dataset or split.
     """
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
@@ -72,6 +77,11 @@ def open_source(spec: str, split: Split, *, eval_fraction: float = 0.05, data_di
         return jsonl_source(rest, split, eval_fraction, cache_dir)
     if kind == "tfds" and rest:
         return tfds_source(rest, split, eval_fraction, data_dir or None)
+    if kind == "parquet" and rest:
+        return parquet_source(rest, split, eval_fraction)
+    if kind in ("hf", "hf-stream") and rest:  # datasets prepares data files under cache_dir/hf
+        hf_cache = os.path.join(os.path.expanduser(cache_dir or DEFAULT_CACHE_DIR), "hf")
+        return (hf_source if kind == "hf" else hf_stream_source)(rest, split, eval_fraction, hf_cache)
     raise ValueError(f"unknown data source {spec!r}: {SPEC_HELP}")
 
 
@@ -301,9 +311,7 @@ class MeshlmJsonl(MeshlmText):
 
 def jsonl_source(rest: str, split: Split, eval_fraction: float, cache_dir: str | None) -> DocumentSource:
     """The documents of ``jsonl:GLOB[:FIELD]`` for ``split``, read from prepared ArrayRecord files."""
-    pattern, sep, field = rest.rpartition(":")
-    if not sep or not field or any(c in field for c in "/\\*?[]."):  # no FIELD given
-        pattern, field = rest, JSONL_FIELD
+    pattern, field = glob_and_field(rest, JSONL_FIELD)
     try:
         files = text_files(pattern)
     except ValueError:

@@ -16,8 +16,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from data.batches import equalize_across_processes
+from data.documents import open_documents
 from data.pipeline import Shard, empty_batch, eval_batches
-from data.sources import open_source
 from data.tokenizer import check_utf8
 from inference.generate import bucket
 from inference.load import LoadedRun
@@ -55,9 +55,10 @@ def perplexity(run: LoadedRun, source: str | None = None, batch_size: int = 0,
                max_batches: int = 0, *, text_file: str | None = None,
                window: int = 0) -> dict[str, Any]:
     """Loss, perplexity, token count and bits per byte over the evaluation split of ``source``
-    (default: the run's own data.source), or over all of ``text_file``, in rows of ``window``
-    tokens (0: ``model.max_seq_len``). Every token counts once."""
+    (default: the run's own data.source, or data.mix), or over all of ``text_file``, in rows of
+    ``window`` tokens (0: ``model.max_seq_len``). Every token counts once."""
     d = run.cfg.data
+    own_mix = d.mix if source is None and text_file is None else ""
     if text_file is not None:
         path = Path(text_file).resolve()
         check_utf8(path)
@@ -70,8 +71,8 @@ def perplexity(run: LoadedRun, source: str | None = None, batch_size: int = 0,
         raise ValueError(f"--batch-size {batch_size} is not divisible by the process count")
     shard = Shard(jax.process_index(), jax.process_count())
     local_batch = batch_size // shard.count
-    docs = open_source(source, split, eval_fraction=eval_fraction, data_dir=d.data_dir or None,
-                       cache_dir=d.cache_dir or None)
+    docs = open_documents(source, own_mix, split, run.tokenizer, eval_fraction=eval_fraction,
+                          data_dir=d.data_dir or None, cache_dir=d.cache_dir or None)
     batches = eval_batches(docs, run.tokenizer, seq_len=window, batch_size=local_batch,
                            max_batches=max_batches, shard=shard)
     batches = trimmed(equalize_across_processes(batches, empty_batch(local_batch, window)), window)

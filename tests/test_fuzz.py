@@ -159,7 +159,8 @@ FORBIDDEN = re.compile(r"\bimport pickle\b|\bpickle\.|cloudpickle|\bdill\b|\bmar
                        r"yaml\.full_load|allow_pickle\s*=\s*True|torch\.load\(|jsonpickle|shelve\.|"
                        r"(?<!Sandboxed)Environment\(|jinja2\.Template\(")  # chat templates: sandbox only
 LOADERS = ["train/checkpoint.py", "train/config.py", "train/run_dir.py", "train/loop.py",
-           "data/tokenizer.py", "data/sources.py", "data/pipeline.py", "inference/load.py",
+           "data/tokenizer.py", "data/sources.py", "data/pipeline.py", "data/hf_sources.py",
+           "data/token_cache.py", "inference/load.py",
            "data/hf_tokenizer.py", "data/chat.py", "data/gguf_file.py", "convert/checkpoints.py",
            "convert/gguf_import.py", "convert/hf_layout.py", "convert/hf_config.py",
            "convert/hf_names.py", "convert/safetensors_io.py"]

@@ -13,9 +13,9 @@ from train.config import SECTIONS
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("core", "sharding", "model", "data", "train", "inference", "eval", "convert", "cli", "bench")
 # Function-local imports are for these only, each with a comment saying why: they are optional or take
-# seconds to import (tensorboardX imports torch when it is installed; wandb is an extra). The
-# first-party modules named here exist to wrap one of them.
-HEAVY = {"torch", "transformers", "lm_eval", "matplotlib", "tensorboardX", "wandb"}
+# seconds to import (tensorboardX imports torch when it is installed; wandb is an extra; datasets is
+# needed by hf: sources alone). The first-party modules named here exist to wrap one of them.
+HEAVY = {"torch", "transformers", "lm_eval", "matplotlib", "tensorboardX", "wandb", "datasets"}
 WRAPPERS = {"bench.torch_reference": "torch", "cli.harness": "lm_eval"}
 
 

@@ -174,6 +174,9 @@ ROOT = Path(__file__).resolve().parent.parent
     ("data.tokenizer=sentencepiece:/nonexistent/x.model", "data.tokenizer"),
     ("data.source=bogus", "data.source"),
     ("data.eval_fraction=1.5", "data.eval_fraction"),
+    ("data.mix=stdlib", "data.mix"),
+    ("data.mix=stdlib:1,bogus:2", "data.mix"),
+    ("data.mix=parquet:/nonexistent/*.parquet:1,stdlib:1", "data"),
 ])
 def test_data_errors_exit_2(eight_devices, tmp_path, capsys, override, message):
     code = train_cli.main([str(ROOT / "configs/tiny.yaml"), override, f"run.dir={tmp_path / 'run'}"])

@@ -32,15 +32,28 @@ class DataConfig:
     machine), ``text:GLOB`` (local UTF-8 text files, prepared once into ArrayRecord by a
     tensorflow-datasets builder) or ``tfds:NAME[:SPLIT[:FIELD]]`` (a tfds catalog dataset read from
     ``data_dir``), or ``jsonl:GLOB[:FIELD]`` (one document per JSON line, its FIELD, default
-    ``text``). tokenizer: ``byte``, ``sentencepiece:PATH.model``, ``hf:PATH`` (a Hugging Face
-    tokenizer.json or its directory) or ``run:RUN_DIR`` (the tokenizer saved in a run, e.g. an import).
+    ``text``), ``parquet:GLOB[:FIELD]`` (a string column of parquet files, through pyarrow),
+    ``hf:PATH[:SPLIT[:FIELD]]`` (a Hugging Face ``datasets`` directory, saved or of data files, or
+    parquet/JSON-lines/Arrow/CSV data files) or ``hf-stream:PATH[:SPLIT[:FIELD]]`` (the same data
+    files streamed, never indexed). mix: ``SPEC:WEIGHT,...`` draws documents from several sources
+    by weight, in place of ``source``. tokenizer: ``byte``, ``sentencepiece:PATH.model``, ``hf:PATH``
+    (a Hugging Face tokenizer.json or its directory) or ``run:RUN_DIR`` (the tokenizer saved in a run,
+    e.g. an import). token_cache: documents are tokenized once into ArrayRecord under ``cache_dir``
+    and read as ids by later runs (the same batches).
     """
 
-    source: str = option("stdlib", "stdlib, text:GLOB, jsonl:GLOB[:FIELD] or tfds:NAME[:SPLIT[:FIELD]]")
+    source: str = option("stdlib", "stdlib, text:GLOB, jsonl:GLOB[:FIELD], tfds:NAME[:SPLIT[:FIELD]], "
+                         "parquet:GLOB[:FIELD], hf:PATH[:SPLIT[:FIELD]] or hf-stream:PATH[:SPLIT[:FIELD]]")
+    mix: str = option("", "SPEC:WEIGHT,SPEC:WEIGHT,...: documents drawn from these sources by weight, "
+                      "in place of data.source (empty: data.source alone)")
     tokenizer: str = option("byte", "byte, sentencepiece:PATH.model, hf:PATH or run:RUN_DIR")
     data_dir: str = option("", "tensorflow-datasets data_dir for tfds: sources (e.g. gs://bucket/tfds)")
-    cache_dir: str = option("", "where text: sources are prepared; empty = ~/.cache/meshlm/tfds")
-    eval_fraction: float = option(0.05, "documents held out for evaluation (stdlib and text: sources)")
+    cache_dir: str = option("", "where text:, jsonl: and hf: sources and token caches are prepared; "
+                            "empty = ~/.cache/meshlm/tfds")
+    token_cache: bool = option(False, "tokenize each random-access source once into ArrayRecord under "
+                               "cache_dir and read token ids from it in later runs")
+    eval_fraction: float = option(0.05, "documents held out for evaluation (sources without an "
+                                  "evaluation split of their own)")
     prefetch: int = option(2, "batches prepared ahead by a background thread (0: none)")
     shuffle_tokens: int = option(1 << 20, "chunks are shuffled within windows of about this many tokens")
     streams: int = option(8, "independent input streams; any process count dividing it sees the same "
@@ -208,7 +221,7 @@ def _every_key(section: type) -> frozenset[str]:
 RESUMABLE: dict[str, frozenset[str]] = {
     "model": RUNTIME_KEYS,
     "mesh": _every_key(MeshConfig),
-    "data": frozenset({"data_dir", "cache_dir", "prefetch"}),
+    "data": frozenset({"data_dir", "cache_dir", "prefetch", "token_cache"}),
     "optim": frozenset(),
     "train": frozenset({"steps", "microbatches", "log_every", "eval_every", "eval_batches",
                         "steps_in_flight", "max_skipped_steps", "sample_tokens", "sample_prompt",

@@ -9,11 +9,12 @@ import jax
 
 from core.errors import ConfigError
 from data.batches import equalize_across_processes
-from data.pipeline import Shard, empty_batch, eval_batches, regroup_state, train_dataset
-from data.sources import open_source
+from data.documents import open_documents
+from data.pipeline import Documents, Shard, empty_batch, eval_batches, regroup_state, train_dataset
+from data.sources import Split
 from data.tokenizer import Tokenizer
 from sharding.mesh import sync_processes
-from train.config import Config
+from train.config import Config, DataConfig
 from train.run_dir import RunDir
 
 
@@ -28,19 +29,13 @@ def open_inputs(cfg: Config, run: RunDir) -> tuple[Tokenizer, Any, list]:
     d, t = cfg.data, cfg.train
     shard = this_shard()
     local_batch = t.batch_size // shard.count
-    kwargs = {"eval_fraction": d.eval_fraction, "data_dir": d.data_dir or None,
-              "cache_dir": d.cache_dir or None}
-
-    def open_splits() -> tuple:
-        return open_source(d.source, "train", **kwargs), open_source(d.source, "eval", **kwargs)
-
     try:
         tokenizer = run.tokenizer_for(d.tokenizer)
-        if shard.index == 0:  # process 0 prepares text: sources once; the others then reuse them
-            train_docs, eval_docs = open_splits()
+        if shard.index == 0:  # process 0 prepares sources and token caches once; the others reuse them
+            train_docs, eval_docs = (open_split(d, split, tokenizer) for split in ("train", "eval"))
         sync_processes("meshlm: data sources prepared")
         if shard.index != 0:
-            train_docs, eval_docs = open_splits()
+            train_docs, eval_docs = (open_split(d, split, tokenizer) for split in ("train", "eval"))
         iterator = iter(train_dataset(train_docs, tokenizer, seq_len=t.seq_len,
                                       batch_size=local_batch, seed=t.seed, shard=shard,
                                       streams=d.streams, prefetch=d.prefetch,
@@ -50,6 +45,14 @@ def open_inputs(cfg: Config, run: RunDir) -> tuple[Tokenizer, Any, list]:
     except ValueError as e:
         raise ConfigError("data", str(e)) from None
     return tokenizer, iterator, equalize_across_processes(batches, empty_batch(local_batch, t.seq_len))
+
+
+def open_split(d: DataConfig, split: Split, tokenizer: Tokenizer) -> Documents:
+    """The documents of ``split`` that ``d`` names: its source or mixture, through the token cache when
+    ``data.token_cache`` is set. ValueError (one line) for data that cannot be read."""
+    return open_documents(d.source, d.mix, split, tokenizer, token_cache=d.token_cache,
+                          eval_fraction=d.eval_fraction, data_dir=d.data_dir or None,
+                          cache_dir=d.cache_dir or None)
 
 
 def resume_position(iterator: Any, saved: list[dict[str, Any]], streams: int) -> None:

@@ -10,6 +10,7 @@ from typing import Any
 import jax
 
 from core.errors import ConfigError
+from data.mixture import parse_mix
 from data.tokenizer import vocab_size_of
 from model.config import ModelConfig
 from model.splash import splash_problems
@@ -25,7 +26,7 @@ from train.config import (
     TrainConfig,
 )
 
-SOURCE_KINDS = ("text:", "jsonl:", "tfds:")
+SOURCE_KINDS = ("text:", "jsonl:", "tfds:", "parquet:", "hf:", "hf-stream:")
 WANDB_FORBIDDEN = "/\\#?%:"  # W&B refuses project names with these (wandb/sdk/wandb_settings.py)
 
 
@@ -129,9 +130,7 @@ def check_data(d: DataConfig, t: TrainConfig, vocab_size: int) -> None:
     if vocab > vocab_size:
         raise ConfigError("model.vocab_size", f"vocab_size={vocab_size} is smaller than the "
                           f"{d.tokenizer} tokenizer's {vocab} ids")
-    if not (d.source == "stdlib" or d.source.startswith(SOURCE_KINDS)):
-        raise ConfigError("data.source", f"expected stdlib, text:GLOB, jsonl:GLOB[:FIELD] or "
-                          f"tfds:NAME, got {d.source!r}")
+    check_sources(d)
     if not 0 < d.eval_fraction < 1:
         raise ConfigError("data.eval_fraction", f"must be in (0, 1), got {d.eval_fraction}")
     if d.shuffle_tokens < 0:
@@ -148,6 +147,19 @@ def check_data(d: DataConfig, t: TrainConfig, vocab_size: int) -> None:
     if t.batch_size % processes:
         raise ConfigError("train.batch_size", f"global batch {t.batch_size} is not divisible by the "
                           f"{processes} processes")
+
+
+def check_sources(d: DataConfig) -> None:
+    """``data.source``, or every source of ``data.mix``, is of a known kind; the mix parses."""
+    try:
+        specs = [spec for spec, _ in parse_mix(d.mix)] if d.mix else [d.source]
+    except ValueError as e:
+        raise ConfigError("data.mix", f"expected SPEC:WEIGHT,SPEC:WEIGHT,...: {e}") from None
+    for spec in specs:
+        if not (spec == "stdlib" or spec.startswith(SOURCE_KINDS)):
+            raise ConfigError("data.mix" if d.mix else "data.source",
+                              f"expected stdlib, text:GLOB, jsonl:GLOB[:FIELD], tfds:NAME, "
+                              f"parquet:GLOB, hf:PATH or hf-stream:PATH, got {spec!r}")
 
 
 def check_optim(o: OptimConfig) -> None:
