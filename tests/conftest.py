@@ -14,9 +14,11 @@ fast-math at any level). Measured on tests/test_sharding.py, test_model.py and t
 """
 
 import atexit
+import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8"
@@ -45,8 +47,39 @@ def eight_devices() -> list:
 @pytest.fixture(scope="session")
 def tiny_run(eight_devices, tmp_path_factory) -> tuple:
     """(run directory, training summary with what it printed) of configs/tiny.yaml trained 20 steps
-    on data=2, tensor=4, checkpoints at 10 and 20, ending with an 8-token sample: one run for the
-    eval and harness tests, which only read it (a test that changes a run copies it first)."""
+    on data=2, tensor=4, checkpoints at 10 and 20, every loss logged, ending with an 8-token sample:
+    one run for the eval and harness tests and the remote run's local reference, which only read
+    it (a test that changes a run copies it first)."""
     from tests.helpers import trained_tiny_run
 
     return trained_tiny_run(tmp_path_factory.mktemp("tiny") / "run", sample_tokens=8)
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[str]:
+    """A real S3 server on a free localhost port (moto's, in a thread of this process) with one
+    bucket; yields its URL. Its endpoint and made-up credentials are in the environment for this
+    process and the trainers it starts. One per session: fsspec and epath keep the filesystem
+    object of the first endpoint they see."""
+    from moto.server import ThreadedMotoServer  # a test extra, needed by few tests (import: ~1 s)
+
+    from train.store import filesystem, run_path
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "meshlm",
+           "AWS_SECRET_ACCESS_KEY": "meshlm", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull}
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    fs, _ = filesystem(run_path("s3://meshlm-test/"))
+    fs.call_s3("create_bucket", Bucket="meshlm-test")
+    yield "s3://meshlm-test"
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    server.stop()

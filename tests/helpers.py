@@ -105,14 +105,16 @@ def tiny_config(run_dir: Path, *overrides: str) -> Config:
 
 def trained_tiny_run(run_dir: Path, sample_tokens: int) -> tuple[Path, dict]:
     """configs/tiny.yaml trained 20 steps in ``run_dir`` (data=2, tensor=4, checkpoints at 10 and
-    20, a ``sample_tokens`` sample at the end): (run_dir, summary with ``printed``, its stdout)."""
+    20, every step's loss logged, a ``sample_tokens`` sample at the end): (run_dir, summary with
+    ``printed``, its stdout)."""
     from inference.generate import print_sample
     from train.loop import train
 
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         summary = train(tiny_config(run_dir, "train.steps=20", "mesh.data=2", "mesh.tensor=4",
-                                    "checkpoint.every=10", f"train.sample_tokens={sample_tokens}"),
+                                    "checkpoint.every=10", "train.log_every=1",
+                                    f"train.sample_tokens={sample_tokens}"),
                         hooks=(print_sample,))
     return run_dir, {**summary, "printed": printed.getvalue()}
 

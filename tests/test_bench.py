@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench import baby, longctx, train
+from bench import baby, checkpoint, longctx, train
 
 SHRINK = ["model.num_layers=1", "model.d_model=64", "model.num_heads=2", "model.num_kv_heads=2",
           "model.mlp_dim=128", "model.expert_mlp_dim=64", "model.max_seq_len=64", "train.seq_len=64"]
@@ -39,6 +39,18 @@ def test_baby_trains_on_a_given_text_file(tmp_path: Path) -> None:
     # the PyTorch eager reference took turns on the same text
     assert figures["torch_ms_per_step"] > 0 and figures["torch_val_loss"] < 5.95
     assert figures["torch_over_meshlm"] == figures["torch_ms_per_step"] / figures["ms_per_step"]
+
+
+@pytest.mark.slow  # ~15 s: a shrunk model saved and restored on disk and on moto's S3 server
+def test_checkpoint_bench_measures_disk_and_s3(s3_server: str, tmp_path: Path) -> None:
+    assert checkpoint.main(["--steps", "1", "--results", str(tmp_path), "--s3",
+                            f"{s3_server}/{tmp_path.name}", "model.d_model=64",
+                            "model.num_layers=1", "model.num_heads=2", "model.num_kv_heads=2",
+                            "model.mlp_dim=128"]) == 0
+    figures = json.loads((tmp_path / "checkpoint.json").read_text())["figures"]
+    for store in ("disk", "s3"):
+        assert figures[store]["save_mb_per_s"] > 0 and figures[store]["restore_mb_per_s"] > 0
+        assert figures[store]["megabytes"] == figures["disk"]["megabytes"]
 
 
 def test_baby_refuses_a_missing_data_file(tmp_path: Path, capsys) -> None:

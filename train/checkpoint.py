@@ -4,7 +4,9 @@ keep-last-K, and restore onto any mesh (every target array carries its NamedShar
 
 Crash consistency: orbax writes a step into ``<step>.orbax-checkpoint-tmp*`` and renames it when
 every process has written its part, so a killed save leaves only a temporary directory, which is
-ignored and removed at the next start. Just before that rename, process 0 writes
+ignored and removed at the next start. On an object store (no rename) orbax writes ``<step>/`` in
+place and commits it by writing ``commit_success.txt`` last; a step without it is ignored and
+removed the same way. Just before that rename (or commit file), process 0 writes
 ``meshlm_manifest.json`` into the directory (size and SHA-256 of every file, and of the run's
 tokenizer files), so a committed checkpoint always carries its manifest; one without it is not
 trusted. ``verify`` detects a truncated, altered or missing file (the manifest included).
@@ -21,9 +23,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 import sys
-from pathlib import Path
+from collections.abc import Iterable
 from typing import Any
 
 import grain
@@ -35,13 +38,25 @@ from core.errors import first_line
 from data.tokenizer import TOKENIZER_FILES
 from sharding.mesh import broadcast_from_0, sync_processes
 from train.config import CheckpointConfig
-from train.run_dir import RunDir, write_atomically
+from train.orbax_s3 import atomicity_options
+from train.run_dir import COMMIT_FILE, RunDir
 from train.state import TrainState, with_shardings
+from train.store import (
+    RunPath,
+    file_size,
+    file_sizes,
+    is_remote,
+    move_tree,
+    open_to_read,
+    run_path,
+    write_atomically,
+)
 
 MANIFEST = "meshlm_manifest.json"
 TMP_SUFFIX = ".orbax-checkpoint-tmp"
-# Orbax rewrites its step metadata (commit time) after the rename: not covered by the manifest.
-UNHASHED = (MANIFEST, "_CHECKPOINT_METADATA")
+# Orbax rewrites its step metadata (commit time) after the rename, and writes an object store's
+# commit file after the manifest: neither is covered by it.
+UNHASHED = (MANIFEST, "_CHECKPOINT_METADATA", COMMIT_FILE)
 
 
 class DamagedCheckpointError(ValueError):
@@ -72,45 +87,54 @@ class _IteratorSnapshot:
         return json.dumps(self.state).encode()
 
 
-def file_digest(path: Path) -> str:
+def file_digest(path: RunPath) -> str:
     """SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    return _digest(path)
+
+
+def _digest(path: RunPath, size: int | None = None) -> str:
+    """SHA-256 of a file, read in 1 MiB blocks (``size``: its size, when known from a listing,
+    spares an object store a request)."""
     h = hashlib.sha256()
-    with path.open("rb") as f:
+    with open_to_read(path, size) as f:
         while block := f.read(1 << 20):
             h.update(block)
     return h.hexdigest()
 
 
-def _describe(path: Path) -> dict[str, Any]:
-    return {"size": path.stat().st_size, "sha256": file_digest(path)}
+def _sizes(base: RunPath, names: Iterable[str], listed: bool) -> dict[str, int]:
+    """{name: size} of the files ``names`` under ``base`` that exist: from one listing of ``base``
+    (``listed``, a checkpoint on an object store), else file by file."""
+    if listed:
+        return file_sizes(base)
+    return {rel: file_size(base / rel) for rel in names if (base / rel).is_file()}
 
 
-def write_manifest(step_dir: Path, run_dir: Path) -> None:
+def write_manifest(step_dir: RunPath, run_dir: RunPath) -> None:
     """Records size and digest of every file under ``step_dir`` and of the run's tokenizer files
     (written atomically)."""
-    files = {p.relative_to(step_dir).as_posix(): _describe(p)
-             for p in sorted(step_dir.rglob("*")) if p.is_file() and p.name not in UNHASHED}
-    run_files = {name: _describe(run_dir / name) for name in TOKENIZER_FILES
-                 if (run_dir / name).is_file()}
+    files = {rel: {"size": size, "sha256": _digest(step_dir / rel, size)}
+             for rel, size in file_sizes(step_dir).items() if rel.rsplit("/", 1)[-1] not in UNHASHED}
+    run_files = {name: {"size": size, "sha256": _digest(run_dir / name, size)}
+                 for name, size in _sizes(run_dir, TOKENIZER_FILES, listed=False).items()}
     manifest = {"version": 1, "files": files, "run_files": run_files}
     write_atomically(step_dir / MANIFEST, json.dumps(manifest, indent=1).encode())
 
 
-def _check_files(base: Path, expected: dict[str, Any]) -> str:
+def _check_files(base: RunPath, expected: dict[str, Any], listed: bool = False) -> str:
     """The first problem of the files under ``base`` against their recorded size and digest."""
+    sizes = _sizes(base, expected, listed)
     for rel, want in expected.items():
-        path = base / rel
-        if not path.is_file():
+        if rel not in sizes:
             return f"{rel} is missing"
-        size = path.stat().st_size
-        if size != want["size"]:
-            return f"{rel} has {size} bytes, {want['size']} were written (truncated or altered)"
-        if file_digest(path) != want["sha256"]:
+        if sizes[rel] != want["size"]:
+            return f"{rel} has {sizes[rel]} bytes, {want['size']} were written (truncated or altered)"
+        if _digest(base / rel, sizes[rel]) != want["sha256"]:
             return f"{rel} does not match its recorded SHA-256 (altered)"
     return ""
 
 
-def verify(step_dir: Path, run_dir: Path) -> bool:
+def verify(step_dir: RunPath, run_dir: RunPath) -> bool:
     """True if ``step_dir`` matches its manifest; raises DamagedCheckpointError naming the first bad
     file (a checkpoint without a manifest is damaged: every committed save carries one) or
     DamagedRunFileError for a changed tokenizer file."""
@@ -124,16 +148,17 @@ def verify(step_dir: Path, run_dir: Path) -> bool:
     except (ValueError, KeyError, TypeError) as e:
         raise DamagedCheckpointError(f"checkpoint {step} is damaged: its {MANIFEST} is unreadable "
                                 f"({type(e).__name__})") from None
-    if problem := _check_files(step_dir, files):
+    if problem := _check_files(step_dir, files, listed=is_remote(step_dir)):
         raise DamagedCheckpointError(f"checkpoint {step} is damaged: {problem}")
     if problem := _check_files(run_dir, run_files):
         raise DamagedRunFileError(f"{run_dir}: {problem} since checkpoint {step} was written")
     return True
 
 
-def free_bytes(path: Path) -> int:
-    """Free space on the filesystem holding ``path`` (tests replace this to simulate a full disk)."""
-    return shutil.disk_usage(path).free
+def free_bytes(path: RunPath) -> int:
+    """Free space on the filesystem holding ``path`` (tests replace this to simulate a full disk);
+    an object store has no such figure (unbounded here)."""
+    return sys.maxsize if is_remote(path) else shutil.disk_usage(path).free
 
 
 def warn(message: str) -> None:
@@ -148,13 +173,14 @@ class Checkpointer:
     Saves always run through orbax's asynchronous checkpointer (so the manifest is written inside
     the temporary directory before its commit); ``async_save=False`` waits for each save."""
 
-    def __init__(self, run_dir: str | Path, cfg: CheckpointConfig, read_only: bool = False, *,
+    def __init__(self, run_dir: str | os.PathLike, cfg: CheckpointConfig, read_only: bool = False, *,
                  save_buffer_gb: float | None = None):
         """``save_buffer_gb``: at most this many GB of the state in flight to disk at once (Orbax's
         ``save_concurrent_gb``; an array larger than it goes alone), where the host must not hold
         the state twice (a checkpoint import on a CPU host, whose device arrays are host memory);
         None keeps Orbax's default (96 GB) for training's saves."""
-        self.run_dir = Path(run_dir).resolve()
+        self.run_dir = run_path(run_dir)
+        self.run_dir = self.run_dir if is_remote(self.run_dir) else self.run_dir.resolve()
         self.directory = RunDir(self.run_dir).checkpoints
         self.damaged = RunDir(self.run_dir).damaged_checkpoints
         self.wait_each_save = not cfg.async_save
@@ -170,7 +196,8 @@ class Checkpointer:
         try:
             options = ocp.CheckpointManagerOptions(
                 max_to_keep=cfg.keep, enable_async_checkpointing=True, create=not read_only,
-                read_only=read_only, cleanup_tmp_directories=not read_only, async_options=async_options)
+                read_only=read_only, cleanup_tmp_directories=not read_only, async_options=async_options,
+                atomicity_options=atomicity_options(self.directory))
             if save_buffer_gb is None:
                 self.manager = ocp.CheckpointManager(self.directory, options=options,
                                                      item_names=("state", "meta", "data"))
@@ -218,6 +245,9 @@ class Checkpointer:
         """Orbax's post-finalization hook (process 0, background thread): every process has
         written its part into the temporary directory, which is renamed right after this."""
         step = self._pending
+        if is_remote(self.directory):  # written in place; the commit file comes after this
+            write_manifest(self.directory / str(step), self.run_dir)
+            return
         candidates = sorted(self.directory.glob(f"{step}{TMP_SUFFIX}*"), key=lambda p: p.stat().st_mtime)
         if not candidates:
             raise FileNotFoundError(f"checkpoint {step}: no temporary directory to finish")
@@ -295,14 +325,15 @@ class Checkpointer:
             warn(f"{damaged[newest]}{more}; using checkpoint {good}, the newest that verifies")
         return good
 
-    def quarantine(self, step: int) -> Path:
-        """Moves checkpoint ``step`` out of the checkpoint directory (kept for inspection)."""
+    def quarantine(self, step: int) -> RunPath:
+        """Moves checkpoint ``step`` out of the checkpoint directory (kept for inspection; on an
+        object store its commit file goes first, so a crash midway leaves no committed step)."""
         target_dir = self.damaged
         target_dir.mkdir(exist_ok=True)
         target, n = target_dir / str(step), 1
         while target.exists():
             target, n = target_dir / f"{step}.{n}", n + 1
-        shutil.move(str(self.directory / str(step)), str(target))
+        move_tree(self.directory / str(step), target, first=COMMIT_FILE)
         return target
 
     def restore(self, step: int, abstract: TrainState, shardings: TrainState

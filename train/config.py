@@ -124,7 +124,12 @@ class CheckpointConfig:
 class RunConfig:
     """Where the run lives and how the process starts."""
 
-    dir: str = option("runs/default", "the run directory (an existing one is resumed)")
+    dir: str = option("runs/default", "the run directory (an existing one is resumed): a local or "
+                      "mounted path, gs://BUCKET/PATH or s3://BUCKET/PATH (an S3-compatible server "
+                      "is named by AWS_ENDPOINT_URL)")
+    lock_ttl: float = option(60.0, "object-store run.dir: seconds the trainer's lock lease lives "
+                             "unrefreshed (it is refreshed every third of it); a killed trainer's "
+                             "lock is taken over this long after its last refresh")
     distributed: bool = option(False, "jax.distributed.initialize() (one process per host on TPU pods)")
     coordinator: str = option("", "host:port of process 0; empty = auto-detect (TPU VMs, SLURM, ...)")
     num_processes: int = option(0, "with coordinator: how many processes join")

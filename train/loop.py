@@ -82,7 +82,7 @@ def train(cfg: Config, *, hooks: Sequence[EndHook] = (write_expert_load_picture,
     (``preempted`` is the step it stopped at after SIGTERM; then no hooks run). ``hooks`` run at
     the end: ``python -m train`` adds the sample of ``train.sample_tokens`` tokens
     (``inference.generate.print_sample``, a layer above this one). ``batch_hook`` is for tests."""
-    with RunDir(cfg.run.dir).locked():  # before anything in the directory is touched; hooks write
+    with RunDir(cfg.run.dir).locked(cfg.run.lock_ttl):  # before the directory is touched; hooks write
         with Preemption() as preemption:
             end = _train(cfg, preemption, batch_hook)
         if "preempted" not in end.summary:
@@ -182,6 +182,7 @@ class _Steps:
         """Saves ``state`` as checkpoint ``step``: never a non-finite state, and a failed or
         impossible write ends the run with one line (its temporary directory is ignored)."""
         self.log.drain()  # count skipped steps first (the finiteness check below waits anyway)
+        self.writer.flush()  # the records up to this step are durable before it can be resumed
         if not self.program.state_finite(state):
             raise RunError(f"refusing to save checkpoint {step}: the training state holds "
                            "non-finite values")

@@ -7,9 +7,9 @@ expert-load picture. Only process 0 writes.
 from __future__ import annotations
 
 import collections
+import os
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -21,6 +21,7 @@ from model.moe import load_max_over_mean
 from train.checkpoint import warn
 from train.config import Config
 from train.run_dir import RunDir
+from train.store import run_path
 from train.tracking import JsonlLogger, Logger, TensorBoardLogger, WandbLogger
 
 
@@ -53,6 +54,11 @@ class MetricsWriter:
                  for k, v in record.items()}
         for logger in self.loggers:
             logger.write(clean)
+
+    def flush(self) -> None:
+        """Makes every record written so far durable (called before each checkpoint)."""
+        for logger in self.loggers:
+            logger.flush()
 
     def close(self) -> None:
         for logger in self.loggers:
@@ -176,7 +182,7 @@ class StepLog:
         self.bar.close()
 
 
-def write_expert_load_png(path: str | Path, load_le: np.ndarray, layer_ids: list[int],
+def write_expert_load_png(path: str | os.PathLike, load_le: np.ndarray, layer_ids: list[int],
                           title: str) -> None:
     """A heatmap of the fraction of routed tokens per expert (columns) in each MoE layer (rows,
     labelled with their ``layer_ids`` in the model)."""
@@ -197,4 +203,5 @@ def write_expert_load_png(path: str | Path, load_le: np.ndarray, layer_ids: list
     fig.colorbar(image, ax=ax, label="fraction of routed tokens")
     ax.set_title(f"{title}\nbalanced = {1 / experts:.3f}", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with run_path(path).open("wb") as f:  # a local file or an object (one upload)
+        fig.savefig(f, format="png", dpi=100)

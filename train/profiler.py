@@ -5,14 +5,20 @@ TensorBoard's profile plugin (xprof) looks: ``<run.dir>/tensorboard/plugins/prof
 The trace starts before step START's batch is read, once the steps before it have finished (so it
 holds no earlier step), and stops once step END's outputs are ready (so it holds that step's
 execution, not only its dispatch). A resumed run traces the steps of the range that it runs; a run
-that stops inside the range (SIGTERM, a failure) ends the trace with what it holds."""
+that stops inside the range (SIGTERM, a failure) ends the trace with what it holds. For a run on an
+object store the trace is written to a local scratch directory and uploaded when it stops (JAX's
+profiler writes through its own filesystem layer, which knows no S3)."""
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import jax
+
+from train.store import RunPath, is_remote, upload_tree
 
 
 class StepProfiler:
@@ -20,8 +26,9 @@ class StepProfiler:
     traced step is marked as xprof's step markers are (``jax.profiler.StepTraceAnnotation("train",
     step_num=step)``, from reading its batch to its dispatch), so the profile's tools see steps."""
 
-    def __init__(self, steps: tuple[int, int] | None, log_dir: Path):
+    def __init__(self, steps: tuple[int, int] | None, log_dir: RunPath):
         self.steps, self.log_dir = steps, log_dir
+        self.scratch: Path | None = None  # where the trace goes first, for an object store
         self.tracing = self.done = False
         self.marker: jax.profiler.StepTraceAnnotation | None = None
 
@@ -38,8 +45,11 @@ class StepProfiler:
             return
         if not self.tracing and self.steps[0] <= step <= self.steps[1]:
             jax.block_until_ready(in_flight)
-            self.log_dir.mkdir(parents=True, exist_ok=True)
-            jax.profiler.start_trace(str(self.log_dir))
+            if is_remote(self.log_dir):
+                self.scratch = Path(tempfile.mkdtemp(prefix="meshlm-trace-"))
+            target = self.scratch or self.log_dir
+            target.mkdir(parents=True, exist_ok=True)
+            jax.profiler.start_trace(str(target))
             self.tracing = True
         if self.tracing:
             self.marker = jax.profiler.StepTraceAnnotation("train", step_num=step)
@@ -62,3 +72,6 @@ class StepProfiler:
         if self.tracing:
             self.tracing, self.done = False, True
             jax.profiler.stop_trace()
+            if self.scratch is not None:
+                upload_tree(self.scratch, self.log_dir)
+                shutil.rmtree(self.scratch, ignore_errors=True)

@@ -7,9 +7,14 @@ resume (``metrics.superseded.N.jsonl``), ``tensorboard/`` (with ``train.profile`
 ``damaged_checkpoints/`` (whose contents ``train/checkpoint.py`` writes). Training, fine-tuning,
 evaluation and conversion all go through ``RunDir``.
 
+The directory may be an object-store URL (``gs://``, ``s3://``: ``train/store.py``); every path
+here is then an ``epath.Path`` and writes are single uploads.
+
 One writer at a time: a trainer (or merge) holds an OS advisory lock (``flock``) on ``run.lock`` for
 its whole life, taken before anything in the directory is touched; the kernel drops it when the
-process ends, however it ends, so a killed trainer's lock file blocks nothing. Under
+process ends, however it ends, so a killed trainer's lock file blocks nothing. On an object store the
+lock is a lease (``train/lease.py``) that a killed trainer stops refreshing: it goes stale after
+``run.lock_ttl`` seconds and is taken over. Under
 ``jax.distributed`` every process holds a ``RunDir`` of the same shared directory; process 0 takes the
 lock and writes, and ``locked``, ``prepare`` and ``tokenizer_for`` keep the others in step with it.
 """
@@ -24,8 +29,9 @@ import os
 import shutil
 import socket
 import sys
+import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import jax
@@ -43,6 +49,8 @@ from data.tokenizer import (
 )
 from sharding.mesh import broadcast_from_0, sync_processes
 from train.config import Config, config_from_dict, dump_yaml
+from train.lease import ObjectLease
+from train.store import RunPath, copy_file, is_remote, run_path, write_atomically
 from train.validate import check_resume
 
 CONFIG_FILE = "config.yaml"
@@ -53,23 +61,15 @@ STAMP = "%Y%m%dT%H%M%SZ"
 LOCK_FILE = "run.lock"  # flock-ed by the one process that writes the run; names it (pid, host)
 # Filesystems where flock is not supported (some FUSE mounts): the run goes on, unguarded, warned.
 NO_LOCKING = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Writes ``path`` through a temporary file and a rename: a crash leaves the old or the new."""
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
+COMMIT_FILE = "commit_success.txt"  # how Orbax marks a committed checkpoint on an object store
 
 
 class RunDir:
     """One run directory (it may not exist yet)."""
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
+    def __init__(self, path: str | os.PathLike):
+        self.path: RunPath = run_path(path)
+        self.remote = is_remote(self.path)
 
     def __repr__(self) -> str:
         return f"RunDir({str(self.path)!r})"
@@ -86,7 +86,7 @@ class RunDir:
     wandb = property(lambda self: self.path / "wandb")  # W&B writes it (wandb.init(dir=the run))
     wandb_run_id = property(lambda self: self.path / "wandb_run_id")  # one W&B run per directory
 
-    def profile_log_dir(self, process: int, processes: int) -> Path:
+    def profile_log_dir(self, process: int, processes: int) -> RunPath:
         """Where process ``process`` of ``processes`` writes its ``jax.profiler`` trace: a
         TensorBoard log directory, under which JAX writes ``plugins/profile/<time>/<host>.xplane.pb``
         (where TensorBoard's profile plugin, xprof, looks). With several processes each has its
@@ -94,15 +94,15 @@ class RunDir:
         file."""
         return self.tensorboard if processes == 1 else self.tensorboard / f"process{process}"
 
-    def superseded_metrics(self, n: int) -> Path:
+    def superseded_metrics(self, n: int) -> RunPath:
         """The ``n``th archive of metrics records cut on resume (1, 2, ...)."""
         return self.path / f"metrics.superseded.{n}.jsonl"
 
     @classmethod
-    def of_checkpoint(cls, path: str | Path) -> tuple[RunDir, int | None]:
+    def of_checkpoint(cls, path: str | os.PathLike) -> tuple[RunDir, int | None]:
         """(run directory, step or None for the latest) from a run directory or one of its
         ``checkpoints/<step>`` directories; ValueError for anything else."""
-        path = Path(path)
+        path = run_path(path)
         if (path / CONFIG_FILE).is_file():
             return cls(path), None
         if path.parent.name == "checkpoints" and (path.parent.parent / CONFIG_FILE).is_file():
@@ -117,21 +117,33 @@ class RunDir:
     # ---------------------------------------------------------------------------------- the lock
 
     @contextlib.contextmanager
-    def locked(self) -> Iterator[None]:
+    def locked(self, lease_ttl_s: float = 60.0) -> Iterator[None]:
         """Holds the run's lock for the block (process 0 takes it; creates the directory). Another
         live holder is a ConfigError naming it (every process gets the same answer); the lock of a
-        process that died was released by the kernel and is simply taken."""
-        fd, problem = (self._take_lock() if jax.process_index() == 0 else (None, ""))
+        process that died was released by the kernel (a local directory) or goes stale after
+        ``lease_ttl_s`` seconds (an object store's lease) and is taken."""
+        release, problem = None, ""
+        if jax.process_index() == 0:
+            release, problem = self._take_lease(lease_ttl_s) if self.remote else self._take_lock()
         try:
             if broadcast_from_0(1 if problem else 0):
                 raise ConfigError("run.dir", problem or "process 0 could not lock the run directory")
             yield
         finally:
-            if fd is not None:
-                os.close(fd)  # releases the lock
+            if release is not None:
+                release()
 
-    def _take_lock(self) -> tuple[int | None, str]:
-        """(descriptor holding the lock, or None; the problem when refused)."""
+    def _take_lease(self, ttl_s: float) -> tuple[Callable[[], None] | None, str]:
+        """(release, or None; the problem when refused) of the object-store lease."""
+        lease = ObjectLease(self.lock_file, ttl_s, {"pid": os.getpid(), "host": socket.gethostname()})
+        try:
+            problem = lease.acquire()
+        except OSError as e:
+            return None, f"cannot write to {self.path}: {e.strerror or e}"
+        return (None, problem) if problem else (lease.release, "")
+
+    def _take_lock(self) -> tuple[Callable[[], None] | None, str]:
+        """(release of the lock, or None; the problem when refused)."""
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
@@ -154,7 +166,7 @@ class RunDir:
         os.ftruncate(fd, 0)
         os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode())
         os.fsync(fd)
-        return fd, ""
+        return (lambda: os.close(fd)), ""  # closing releases the lock
 
     # -------------------------------------------------------------------------------- the config
 
@@ -214,7 +226,8 @@ class RunDir:
         self.config_history.mkdir(exist_ok=True)
         entries = sorted(self.config_history.glob("*.yaml"))
         if not entries and previous is not None:
-            stamp = time.gmtime(self.config_file.stat().st_mtime)
+            # (an object store keeps no modification time that epath reports: now, then)
+            stamp = time.gmtime(time.time() if self.remote else self.config_file.stat().st_mtime)
             write_atomically(self.config_history / f"000-step0-{time.strftime(STAMP, stamp)}.yaml",
                              dump_yaml(previous).encode())
             entries = [None]
@@ -225,13 +238,29 @@ class RunDir:
     # ----------------------------------------------------------------------------- the tokenizer
 
     def load_tokenizer(self) -> Tokenizer:
-        """The tokenizer saved in the run; ValueError if it is missing or invalid."""
-        return load_tokenizer(self.path)
+        """The tokenizer saved in the run; ValueError if it is missing or invalid. From an object
+        store its files are read into a local scratch directory first (the tokenizer libraries
+        read local files)."""
+        if not self.remote:
+            return load_tokenizer(self.path)
+        if not (self.path / TOKENIZER_FILE).is_file():
+            raise ValueError(f"{self.path / TOKENIZER_FILE} is missing: not a meshlm run directory")
+        with tempfile.TemporaryDirectory(prefix="meshlm-tokenizer-") as scratch:
+            for name in TOKENIZER_FILES:
+                if (self.path / name).is_file():
+                    copy_file(self.path / name, Path(scratch) / name)
+            return load_tokenizer(scratch)
 
     def save_tokenizer(self, tokenizer: Tokenizer) -> None:
         """Writes the tokenizer's files through a scratch directory (process 0), its metadata file
         last: a crash never leaves half a tokenizer."""
         if jax.process_index() != 0:
+            return
+        if self.remote:  # each file one upload, from a local scratch directory
+            with tempfile.TemporaryDirectory(prefix="meshlm-tokenizer-") as scratch:
+                save_tokenizer(tokenizer, scratch)
+                for name in sorted(os.listdir(scratch), key=lambda n: n == TOKENIZER_FILE):
+                    copy_file(Path(scratch) / name, self.path / name)
             return
         scratch = self.path / ".tokenizer.tmp"
         shutil.rmtree(scratch, ignore_errors=True)
@@ -260,11 +289,11 @@ class RunDir:
         """Copies the tokenizer files, as they are, into ``other`` (which must exist)."""
         for name in TOKENIZER_FILES:
             if (self.path / name).is_file():
-                shutil.copy2(self.path / name, other.path / name)
+                copy_file(self.path / name, other.path / name)
 
     # ---------------------------------------------------------------------- metrics, checkpoints
 
-    def trim_metrics(self, step: int) -> Path | None:
+    def trim_metrics(self, step: int) -> RunPath | None:
         """On a start from ``step``: ``metrics.jsonl`` keeps the records up to ``step`` (none at step
         0: they are of an earlier attempt), so it reads as one uninterrupted run; the others, torn
         lines included, move to a new ``metrics.superseded.N.jsonl`` (process 0; nothing is ever
@@ -295,8 +324,14 @@ class RunDir:
 
     def committed_steps(self) -> list[int]:
         """The committed checkpoint steps, oldest first (orbax's listing: the temporary directories
-        of unfinished saves are never listed)."""
-        return sorted(ocp.utils.checkpoint_steps(self.checkpoints))
+        of unfinished saves are never listed; on an object store, a step is committed once Orbax
+        wrote its commit file)."""
+        if not self.remote:
+            return sorted(ocp.utils.checkpoint_steps(self.checkpoints))
+        if not self.checkpoints.exists():
+            return []
+        return sorted(int(p.name) for p in self.checkpoints.iterdir()
+                      if p.name.isdigit() and (p / COMMIT_FILE).exists())
 
 
 def _step_of(line: bytes) -> int:

@@ -25,6 +25,7 @@ from train.config import (
     RunConfig,
     TrainConfig,
 )
+from train.store import check_run_url
 
 SOURCE_KINDS = ("text:", "jsonl:", "tfds:", "parquet:", "hf:", "hf-stream:")
 WANDB_FORBIDDEN = "/\\#?%:"  # W&B refuses project names with these (wandb/sdk/wandb_settings.py)
@@ -193,9 +194,10 @@ def validate_run(run: RunConfig) -> None:
     if len(run.wandb) > 128 or set(run.wandb) & set(WANDB_FORBIDDEN):
         raise ConfigError("run.wandb", f"{run.wandb!r} is not a Weights & Biases project name (at "
                           f"most 128 characters, none of {WANDB_FORBIDDEN})")
-    if "://" in run.dir:
-        raise ConfigError("run.dir", f"{run.dir!r}: only local or mounted paths are supported "
-                          "(put the run on a shared filesystem mounted on every host)")
+    if problem := check_run_url(run.dir):
+        raise ConfigError("run.dir", problem)
+    if not run.lock_ttl > 0:  # NaN too
+        raise ConfigError("run.lock_ttl", f"must be seconds > 0, got {run.lock_ttl}")
 
 
 def _resume_view(cfg: Config) -> dict[str, Any]:
