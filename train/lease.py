@@ -27,6 +27,9 @@ from train.store import RunPath, filesystem, scheme_of
 
 # A refresh every third of the lease: two may fail (a slow PUT, retries) before it goes stale.
 REFRESHES_PER_TTL = 3
+# HTTP's Date and Last-Modified headers count whole seconds: an age read from them can be up to
+# this much too high, so a lease is judged by its age less this.
+HTTP_DATE_RESOLUTION_S = 1.0
 
 
 class ObjectLease:
@@ -148,8 +151,8 @@ class ObjectLease:
                 bucket, key = self.key.split("/", 1)
                 head = self.fs.call_s3("head_object", Bucket=bucket, Key=key)
                 date = head["ResponseMetadata"]["HTTPHeaders"].get("date")
-                age = ((email.utils.parsedate_to_datetime(date) - head["LastModified"]).total_seconds()
-                       if date else None)
+                age = (max((email.utils.parsedate_to_datetime(date) - head["LastModified"])
+                           .total_seconds() - HTTP_DATE_RESOLUTION_S, 0.0) if date else None)
                 return head["ETag"], age, _parse(self.fs.cat_file(self.key))
             self.fs.invalidate_cache(self.key)
             info = self.fs.info(self.key)
