@@ -15,7 +15,7 @@ import os
 import threading
 import zlib
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,12 +61,18 @@ def matching_files(pattern: str, spec: str) -> list[tuple[str, str]]:
 
 
 def held_out(keys: Sequence[str], counts: Sequence[int], eval_fraction: float) -> np.ndarray:
-    """Which rows go to evaluation (a mask over the rows of every key in turn): row r of key k when
-    crc32("k#r") / 2**32 < eval_fraction; with two or more rows and eval_fraction > 0 each split gets
-    at least one."""
-    total = int(sum(counts))
-    scores = np.fromiter((zlib.crc32(f"{k}#{r}".encode()) for k, n in zip(keys, counts, strict=True)
-                          for r in range(n)), np.uint32, count=total) / 2**32
+    """Which rows go to evaluation (a mask over the rows of every key in turn): row r of key k is
+    named "k#r" for `held_out_names`."""
+    return held_out_names((f"{k}#{r}" for k, n in zip(keys, counts, strict=True) for r in range(n)),
+                          int(sum(counts)), eval_fraction)
+
+
+def held_out_names(names: Iterable[str], total: int, eval_fraction: float) -> np.ndarray:
+    """The rule every source holds documents out by (a mask over the ``total`` ``names``): a
+    document goes to evaluation when crc32(its name) / 2**32 < eval_fraction; with two or more
+    documents and eval_fraction > 0 each split gets at least one."""
+    scores = np.fromiter((zlib.crc32(name.encode()) for name in names), np.uint32,
+                         count=total) / 2**32
     mask = scores < eval_fraction
     if total >= 2 and eval_fraction > 0:  # never leave a split empty when it can be filled
         if not mask.any():

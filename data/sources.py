@@ -20,7 +20,6 @@ import hashlib
 import json
 import os
 import sysconfig
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,14 @@ from typing import Any, Literal, Protocol
 import tensorflow_datasets as tfds
 
 from core.errors import first_line
-from data.hf_sources import StreamedDocuments, glob_and_field, hf_source, hf_stream_source, parquet_source
+from data.hf_sources import (
+    StreamedDocuments,
+    glob_and_field,
+    held_out_names,
+    hf_source,
+    hf_stream_source,
+    parquet_source,
+)
 
 DOC_BYTES = 64 * 1024  # a file is cut into documents of at most this many bytes, at line ends
 DEFAULT_CACHE_DIR = "~/.cache/meshlm/tfds"
@@ -133,13 +139,7 @@ def file_documents(files: Sequence[tuple[Path, str]], *, skip_non_utf8: bool = F
 
 def split_documents(docs: Sequence[DocRef], eval_fraction: float) -> dict[Split, list[DocRef]]:
     """Disjoint ``train`` / ``eval`` lists covering ``docs``, decided by a stable hash of each document."""
-    score = [zlib.crc32(f"{d.key}#{d.index}".encode()) / 2**32 for d in docs]
-    held_out = [s < eval_fraction for s in score]
-    if len(docs) >= 2 and eval_fraction > 0:  # never leave a split empty when it can be filled
-        if not any(held_out):
-            held_out[min(range(len(docs)), key=score.__getitem__)] = True
-        if all(held_out):
-            held_out[max(range(len(docs)), key=score.__getitem__)] = False
+    held_out = held_out_names((f"{d.key}#{d.index}" for d in docs), len(docs), eval_fraction)
     return {"train": [d for d, h in zip(docs, held_out, strict=True) if not h],
             "eval": [d for d, h in zip(docs, held_out, strict=True) if h]}
 

@@ -181,3 +181,11 @@ def run_in_process(main: Callable[[list[str]], int], *args: str) -> subprocess.C
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = main(list(args))
     return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
+
+
+def global_rows(iterators: list) -> list[tuple]:
+    """The next global batch of per-process training iterators, as a sorted list of (inputs,
+    targets) rows: row order across processes does not matter."""
+    batches = [next(it) for it in iterators]
+    rows = np.concatenate([np.concatenate([b["inputs"], b["targets"]], 1) for b in batches])
+    return sorted(map(tuple, rows.tolist()))

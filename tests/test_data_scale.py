@@ -21,6 +21,7 @@ from data.sources import open_source
 from data.streaming import stream_documents
 from data.token_cache import cached_tokens, write_tokens
 from data.tokenizer import ByteTokenizer
+from tests.helpers import global_rows
 
 TOK = ByteTokenizer()
 ALPHA = [f"alpha {i} " * (i % 4 + 1) for i in range(1000)]  # sources of a thousand documents or more:
@@ -138,12 +139,6 @@ def test_mixture_proportions_over_10k_documents_are_within_2_percent_of_the_weig
         assert abs(counts[name] / sum(counts.values()) - weight) < 0.02, counts
 
 
-def _global_rows(iterators) -> list[tuple]:
-    batches = [next(it) for it in iterators]
-    rows = np.concatenate([np.concatenate([b["inputs"], b["targets"]], 1) for b in batches])
-    return sorted(map(tuple, rows.tolist()))
-
-
 @pytest.mark.parametrize("before, after", [(1, 1), (2, 1), (1, 2)])
 def test_resuming_a_mixture_mid_epoch_equals_an_uninterrupted_run(tables, before, after):
     """A mixture of an in-memory list, a parquet source and a streamed jsonl source: the state saved
@@ -159,17 +154,17 @@ def test_resuming_a_mixture_mid_epoch_equals_an_uninterrupted_run(tables, before
                                    shard=Shard(p, count), streams=2, prefetch=1, shuffle_tokens=1 << 14))
                 for p in range(count)]
     reference = run(1)
-    expected = [_global_rows(reference) for _ in range(30)]
+    expected = [global_rows(reference) for _ in range(30)]
     assert sum(texts_of(row[:32]).count("train line") for b in expected for row in b) > 60  # epochs
     first = run(before)
     for step in range(12):
-        assert _global_rows(first) == expected[step]
+        assert global_rows(first) == expected[step]
     saved = [json.loads(json.dumps(it.get_state())) for it in first]
     resumed = run(after)
     for p, it in enumerate(resumed):
         it.set_state(regroup_state(saved, Shard(p, after), streams=2))
     for step in range(12, 30):
-        assert _global_rows(resumed) == expected[step]
+        assert global_rows(resumed) == expected[step]
     for it in reference + first + resumed:
         it.close()
 

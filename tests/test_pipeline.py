@@ -14,7 +14,7 @@ from data.pipeline import Shard, eval_batches, regroup_state, train_dataset
 from data.tokenizer import ByteTokenizer
 from model.transformer import Transformer
 from tests import reference
-from tests.helpers import SMALL
+from tests.helpers import SMALL, global_rows
 from train.step import eval_step
 
 TOK = ByteTokenizer()
@@ -124,13 +124,6 @@ def test_resume_from_iterator_state_equals_uninterrupted_stream(shard):
     resumed.close()
 
 
-def _global_rows(iterators) -> list[tuple]:
-    """One global batch as a sorted list of rows (row order across processes does not matter)."""
-    batches = [next(it) for it in iterators]
-    rows = np.concatenate([np.concatenate([b["inputs"], b["targets"]], 1) for b in batches])
-    return sorted(map(tuple, rows.tolist()))
-
-
 @pytest.mark.parametrize("before, after", [(1, 2), (2, 1), (2, 4), (4, 4)])
 def test_global_batches_are_the_same_for_any_process_count_and_resume_across_counts(before, after):
     def streams(count):
@@ -139,16 +132,16 @@ def test_global_batches_are_the_same_for_any_process_count_and_resume_across_cou
                                    shuffle_tokens=2048))
                 for p in range(count)]
     reference_run = streams(1)
-    expected = [_global_rows(reference_run) for _ in range(12)]
+    expected = [global_rows(reference_run) for _ in range(12)]
     first = streams(before)
     for step in range(5):
-        assert _global_rows(first) == expected[step]
+        assert global_rows(first) == expected[step]
     saved = [it.get_state() for it in first]
     resumed = streams(after)
     for p, it in enumerate(resumed):
         it.set_state(regroup_state(saved, Shard(p, after), streams=4))
     for step in range(5, 12):
-        assert _global_rows(resumed) == expected[step]
+        assert global_rows(resumed) == expected[step]
     for it in reference_run + first + resumed:
         it.close()
 
