@@ -50,9 +50,9 @@ def tiny_run(eight_devices, tmp_path_factory) -> tuple:
     on data=2, tensor=4, checkpoints at 10 and 20, every loss logged, ending with an 8-token sample:
     one run for the eval and harness tests and the remote run's local reference, which only read
     it (a test that changes a run copies it first)."""
-    from tests.helpers import trained_tiny_run
+    from tests.helpers import TINY_RUN_SAMPLE, trained_tiny_run
 
-    return trained_tiny_run(tmp_path_factory.mktemp("tiny") / "run", sample_tokens=8)
+    return trained_tiny_run(tmp_path_factory.mktemp("tiny") / "run", sample_tokens=TINY_RUN_SAMPLE)
 
 
 @pytest.fixture(scope="session")

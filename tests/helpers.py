@@ -103,6 +103,9 @@ def tiny_config(run_dir: Path, *overrides: str) -> Config:
     return cfg
 
 
+TINY_RUN_SAMPLE = 8  # tokens of the shared tiny run's end-of-run sample (conftest.py: tiny_run)
+
+
 def trained_tiny_run(run_dir: Path, sample_tokens: int) -> tuple[Path, dict]:
     """configs/tiny.yaml trained 20 steps in ``run_dir`` (data=2, tensor=4, checkpoints at 10 and
     20, every step's loss logged, a ``sample_tokens`` sample at the end): (run_dir, summary with

@@ -21,19 +21,19 @@ from inference.score import Scorer
 from model.transformer import Transformer
 from sharding.mesh import make_mesh
 from sharding.rules import default_rules, tree_shardings
-from tests.helpers import run_in_process, tiny_config
+from tests.helpers import TINY_RUN_SAMPLE, run_in_process, tiny_config
 from train.program import Program
 from train.step import eval_step
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-SAMPLE = 8  # tokens of the end-of-run sample
+SAMPLE = TINY_RUN_SAMPLE  # tokens of the end-of-run sample
 
 
 @pytest.fixture(scope="module")
 def trained_run(tiny_run):
-    assert tiny_run[1]["printed"].count("--- sample") == 1 and SAMPLE == 8
+    assert tiny_run[1]["printed"].count("--- sample") == 1
     return tiny_run
 
 

@@ -87,12 +87,7 @@ class _IteratorSnapshot:
         return json.dumps(self.state).encode()
 
 
-def file_digest(path: RunPath) -> str:
-    """SHA-256 of a file's bytes, read in 1 MiB blocks."""
-    return _digest(path)
-
-
-def _digest(path: RunPath, size: int | None = None) -> str:
+def file_digest(path: RunPath, size: int | None = None) -> str:
     """SHA-256 of a file, read in 1 MiB blocks (``size``: its size, when known from a listing,
     spares an object store a request)."""
     h = hashlib.sha256()
@@ -113,9 +108,9 @@ def _sizes(base: RunPath, names: Iterable[str], listed: bool) -> dict[str, int]:
 def write_manifest(step_dir: RunPath, run_dir: RunPath) -> None:
     """Records size and digest of every file under ``step_dir`` and of the run's tokenizer files
     (written atomically)."""
-    files = {rel: {"size": size, "sha256": _digest(step_dir / rel, size)}
+    files = {rel: {"size": size, "sha256": file_digest(step_dir / rel, size)}
              for rel, size in file_sizes(step_dir).items() if rel.rsplit("/", 1)[-1] not in UNHASHED}
-    run_files = {name: {"size": size, "sha256": _digest(run_dir / name, size)}
+    run_files = {name: {"size": size, "sha256": file_digest(run_dir / name, size)}
                  for name, size in _sizes(run_dir, TOKENIZER_FILES, listed=False).items()}
     manifest = {"version": 1, "files": files, "run_files": run_files}
     write_atomically(step_dir / MANIFEST, json.dumps(manifest, indent=1).encode())
@@ -129,7 +124,7 @@ def _check_files(base: RunPath, expected: dict[str, Any], listed: bool = False) 
             return f"{rel} is missing"
         if sizes[rel] != want["size"]:
             return f"{rel} has {sizes[rel]} bytes, {want['size']} were written (truncated or altered)"
-        if _digest(base / rel, sizes[rel]) != want["sha256"]:
+        if file_digest(base / rel, sizes[rel]) != want["sha256"]:
             return f"{rel} does not match its recorded SHA-256 (altered)"
     return ""
 
