@@ -1,6 +1,8 @@
 """``python -m eval harness --checkpoint PATH --tasks TASK[,TASK]``: lm-evaluation-harness tasks on
 a meshlm checkpoint through ``eval/harness.py``'s model. Prints lm_eval's results table and, last, a
-JSON line of the metrics; mistakes are one ``error:`` line and exit 2."""
+JSON line of the metrics; mistakes are one ``error:`` line and exit 2. ``--apply-chat-template``
+renders every prompt through the checkpoint's chat template, as lm_eval's own
+``--apply_chat_template`` (few-shot examples as turns unless ``--no-fewshot-as-multiturn``)."""
 
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from eval.harness import (
     task_manager,
 )
 from inference.load import read_run_config
+from train.run_dir import RunDir
 
 
 def build_parser() -> Parser:
@@ -45,6 +48,14 @@ def build_parser() -> Parser:
     parser.add_argument("--output", help="write lm_eval's full results here (JSON)")
     parser.add_argument("--include-path", action="append", default=[],
                         help="another directory of task YAML files (repeatable)")
+    chat = parser.add_argument_group("instruct formatting")
+    chat.add_argument("--apply-chat-template", action="store_true",
+                      help="render each prompt through the checkpoint's chat template")
+    chat.add_argument("--system-instruction", metavar="TEXT",
+                      help="a system message (without --apply-chat-template: text before each prompt)")
+    chat.add_argument("--fewshot-as-multiturn", action=argparse.BooleanOptionalAction,
+                      help="few-shot examples as user/assistant turns (default with "
+                           "--apply-chat-template; needs it)")
     return parser
 
 
@@ -72,13 +83,28 @@ def check_args(args: argparse.Namespace) -> list[str]:
             raise UsageError(f"--include-path {path} is not a directory")
     if args.output and not Path(args.output).resolve().parent.is_dir():
         raise UsageError(f"--output {args.output}: directory {Path(args.output).parent} does not exist")
+    if args.fewshot_as_multiturn and not args.apply_chat_template:
+        raise UsageError("--fewshot-as-multiturn needs --apply-chat-template")
+    if args.fewshot_as_multiturn is None:  # lm_eval's default: turns whenever the template is applied
+        args.fewshot_as_multiturn = args.apply_chat_template
     return tasks
+
+
+def check_chat_template(checkpoint: str) -> None:
+    """UsageError unless the checkpoint's tokenizer has a chat template (read before the
+    parameters load)."""
+    tokenizer = RunDir.of_checkpoint(checkpoint)[0].load_tokenizer()
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise UsageError(f"--apply-chat-template: the checkpoint's {tokenizer.kind!r} tokenizer has "
+                         "no chat template")
 
 
 def harness_command(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(argv)
     tasks = check_args(args)
     read_run_config(args.checkpoint)  # a bad checkpoint path fails before the tasks are indexed
+    if args.apply_chat_template:
+        check_chat_template(args.checkpoint)
     # Nothing can be downloaded here: fail fast instead of waiting on the network.
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -88,7 +114,10 @@ def harness_command(argv: Sequence[str]) -> int:
     lm = MeshLM(run=loaded, batch_size=args.batch_size, max_gen_toks=args.max_gen_toks, seed=args.seed)
     results = simple_evaluate(model=lm, tasks=tasks, num_fewshot=args.num_fewshot, limit=args.limit,
                               task_manager=manager, log_samples=False,
-                              bootstrap_iters=args.bootstrap_iters, random_seed=args.seed)
+                              bootstrap_iters=args.bootstrap_iters, random_seed=args.seed,
+                              apply_chat_template=args.apply_chat_template,
+                              system_instruction=args.system_instruction,
+                              fewshot_as_multiturn=args.fewshot_as_multiturn)
     print(make_table(results))
     if results.get("groups"):
         print(make_table(results, "groups"))

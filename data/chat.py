@@ -280,21 +280,46 @@ def check_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]
 
 def render_chat(template: str, messages: Sequence[Mapping[str, Any]], *,
                 add_generation_prompt: bool = True, special_tokens: Mapping[str, str | None] | None = None,
-                **extra: Any) -> str:
+                continue_final_message: bool = False, **extra: Any) -> str:
     """The text of ``messages`` in ``template``; ``special_tokens`` (``bos_token``, ``eos_token``, ...)
-    and ``extra`` (e.g. ``tools``) join the context. ValueError when the template rejects the
-    conversation (its ``raise_exception``), fails, or goes past its time or size allowance."""
+    and ``extra`` (e.g. ``tools``) join the context. With ``continue_final_message`` the text ends
+    right after the last message's content, left open for the model to continue (``transformers``'
+    option of that name). ValueError when the template rejects the conversation (its
+    ``raise_exception``), fails, or goes past its time or size allowance."""
     context: dict[str, Any] = {"tools": None, "documents": None}  # as Hugging Face passes them
     context.update({name: value for name, value in (special_tokens or {}).items() if value is not None})
     context.update(extra)
     compiled = compile_chat_template(template)
     token = _BUDGET.set(_Budget())
     try:
-        return compiled.render(messages=check_messages(messages),
-                               add_generation_prompt=add_generation_prompt, **context)
+        messages = check_messages(messages)
+        if continue_final_message:
+            messages = _tag_final_message(messages)
+        text = compiled.render(messages=messages, add_generation_prompt=add_generation_prompt, **context)
     except jinja2.exceptions.TemplateError as e:
         raise ValueError(f"chat template: {e.message or type(e).__name__}") from None
     except Exception as e:  # the template is code from a file: whatever it raises is its failure
         raise ValueError(f"chat template: {type(e).__name__}: {first_line(e)}") from None
     finally:
         _BUDGET.reset(token)
+    return _cut_at_tag(text) if continue_final_message else text
+
+
+# transformers' way to find where the final message's content ends in a rendering: a marker appended
+# to it, then everything from the marker on cut off (its trailing space tells whether the template
+# strips the content; if it does, so is the cut text)
+CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
+
+
+def _tag_final_message(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    if not messages or not isinstance(messages[-1].get("content"), str):
+        raise ValueError("continue_final_message needs a final message with text content")
+    return [*messages[:-1], {**messages[-1], "content": messages[-1]["content"] + CONTINUE_TAG}]
+
+
+def _cut_at_tag(text: str) -> str:
+    if CONTINUE_TAG.strip() not in text:
+        raise ValueError("chat template: the final message does not appear in the rendering, so it "
+                         "cannot be continued")
+    at = text.rindex(CONTINUE_TAG.strip())
+    return text[:at] if text[at:at + len(CONTINUE_TAG)] == CONTINUE_TAG else text[:at].rstrip()

@@ -164,14 +164,17 @@ class HFTokenizer:
     # -------------------------------------------------------------------------------------- chat
 
     def apply_chat_template(self, messages: Sequence[Mapping[str, Any]],
-                            add_generation_prompt: bool = True, **extra: Any) -> str:
+                            add_generation_prompt: bool = True, continue_final_message: bool = False,
+                            **extra: Any) -> str:
         """The conversation as the model's chat template writes it (as ``transformers``'
-        ``apply_chat_template(messages, tokenize=False, add_generation_prompt=...)``); ValueError
-        if there is no template or it rejects the conversation."""
+        ``apply_chat_template(messages, tokenize=False, add_generation_prompt=...,
+        continue_final_message=...)``); ValueError if there is no template or it rejects the
+        conversation."""
         if self.chat_template is None:
             raise ValueError("this tokenizer has no chat template")
         return render_chat(self.chat_template, messages, add_generation_prompt=add_generation_prompt,
-                           special_tokens=self.special_tokens, **extra)
+                           special_tokens=self.special_tokens,
+                           continue_final_message=continue_final_message, **extra)
 
     def encode_chat(self, messages: Sequence[Mapping[str, Any]],
                     add_generation_prompt: bool = True) -> list[int]:

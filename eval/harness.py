@@ -11,6 +11,10 @@
   (``get_rolling_token_windows`` + ``make_disjoint_window``, prefix BOS), summed.
 - ``generate_until``: `inference.generate.Generator` (batched KV-cache decoding), stopping a row at EOS or
   at the first of the ``until`` strings and cutting the text there.
+- chat templates (lm_eval's ``apply_chat_template=True``): lm_eval renders each context through
+  `MeshLM.apply_chat_template` (the tokenizer's template, as HFLM renders it); such a context is
+  scored and generated from exactly as rendered, with no prefix token of ours before it (a template
+  that wants BOS writes it), as ``transformers``' ``apply_chat_template(tokenize=True)`` encodes it.
 
 Tasks: lm_eval's own, plus the local ones in ``eval/tasks`` (``meshlm_tiny``: a multiple-choice,
 a perplexity and a generation task on Python snippets, which need no download).
@@ -91,8 +95,10 @@ class MeshLM(TemplateLM):
             raise ValueError("the tokenizer has neither a BOS nor an EOS id to start a text with")
         self.scorer = Scorer(run.cfg.model, run.params, run.mesh, run.rules, self.window, self._batch_size)
         self._generators: dict[Any, Any] = {}
+        self._chat_contexts: set[str] = set()  # what apply_chat_template rendered: encoded as written
         self._generate_calls = 0
         self._truncation_warned = False
+        self._system_dropped_warned = False
 
     # ------------------------------------------------------------------------------ lm_eval's view
 
@@ -131,6 +137,40 @@ class MeshLM(TemplateLM):
         ids = self.tok.encode(string)
         return ids if add_special_tokens is False else [self.prefix_token_id, *ids]
 
+    def context_ids(self, context: str) -> list[int]:
+        """The ids of a request's context: a chat rendering as written, any other text after the
+        prefix token."""
+        return self.tok_encode(context, add_special_tokens=context not in self._chat_contexts)
+
+    # ---------------------------------------------------------------------------- chat templates
+
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        """The template lm_eval records with its results (None while chat templating is off)."""
+        return getattr(self.tok, "chat_template", None) if chat_template else None
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]],
+                            add_generation_prompt: bool = True) -> str:
+        """lm_eval's conversation (system, few-shot turns, the question) as the tokenizer's chat
+        template writes it, as HFLM renders it: without a generation prompt the final (assistant)
+        message stays open (``continue_final_message``), and a template that refuses the system
+        message gets the conversation without it. ValueError if there is no template."""
+        if getattr(self.tok, "chat_template", None) is None:
+            raise ValueError(f"the checkpoint's {self.tok.kind!r} tokenizer has no chat template")
+        options = {"add_generation_prompt": add_generation_prompt,
+                   "continue_final_message": not add_generation_prompt}
+        try:
+            text = self.tok.apply_chat_template(chat_history, **options)
+        except ValueError as e:
+            without_system = [m for m in chat_history if m.get("role") != "system"]
+            if len(without_system) == len(chat_history):
+                raise
+            if not self._system_dropped_warned:
+                log.warning("%s: rendering conversations without their system message", e)
+                self._system_dropped_warned = True
+            text = self.tok.apply_chat_template(without_system, **options)
+        self._chat_contexts.add(text)
+        return text
+
     # ---------------------------------------------------------------------------------- scoring
 
     def loglikelihood(self, requests: Sequence[Any], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
@@ -141,7 +181,12 @@ class MeshLM(TemplateLM):
                 encoded.append(((context, continuation), [self.prefix_token_id],
                                 self.tok_encode(continuation, add_special_tokens=False)))
             else:
-                encoded.append(((context, continuation), *self._encode_pair(context, continuation)))
+                context_ids, continuation_ids = self._encode_pair(context, continuation)
+                if context in self._chat_contexts and len(context_ids) > 1:
+                    # a chat rendering as written, without our prefix token (which a rendering of
+                    # nothing but spaces keeps: the continuation needs a token before it)
+                    context_ids = context_ids[1:]
+                encoded.append(((context, continuation), context_ids, continuation_ids))
         return self._loglikelihood_tokens(encoded, disable_tqdm=disable_tqdm)
 
     def _loglikelihood_tokens(self, requests: Sequence[tuple[Any, list[int], list[int]]],
@@ -228,7 +273,7 @@ class MeshLM(TemplateLM):
                 flag, rest = problem.split(" ", 1)
                 raise ValueError(f"generation kwargs: {flag.lstrip('-').replace('-', '_')} {rest}")
             keep = max(self.window - max_new, self.window // 2, 1)
-            prompts = {i: self.tok_encode(requests[i].args[0])[-keep:] for i in indices}
+            prompts = {i: self.context_ids(requests[i].args[0])[-keep:] for i in indices}
             order = sorted(indices, key=lambda i: -len(prompts[i]))
             for start in range(0, len(order), self.batch_size):
                 chunk = order[start:start + self.batch_size]

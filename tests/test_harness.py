@@ -1,9 +1,11 @@
 """The lm-eval adapter on a tiny trained run: loglikelihood is the sum of the model's token log-probs,
-rolling loglikelihood sums lm_eval's windows, and the local tasks run through lm_eval and the CLI."""
+rolling loglikelihood sums lm_eval's windows, the local tasks run through lm_eval and the CLI, and
+with a chat template the contexts are scored exactly as the template renders them (one BOS)."""
 
 import dataclasses
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +19,8 @@ from lm_eval.api.instance import Instance
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from cli import harness as harness_cli
+from data.chat import render_chat
+from data.hf_tokenizer import HFTokenizer
 from eval import harness
 from eval.harness import MeshLM
 from inference.load import load_run
@@ -26,7 +30,7 @@ from model.transformer import Transformer
 from sharding.mesh import MeshConfig, make_mesh
 from sharding.rules import default_rules, tree_shardings
 from tests import reference
-from tests.helpers import SMALL, run_in_process
+from tests.helpers import SMALL, run_in_process, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 TOL = 1e-5  # fp32, relative
@@ -189,6 +193,10 @@ def test_cli_runs_local_tasks(eight_devices, run_dir, tmp_path):
     (["--checkpoint", "RUN", "--tasks", "meshlm_tiny", "--include-path", "/nonexistent"], "--include-path"),
     (["--checkpoint", "RUN", "--tasks", "meshlm_tiny", "--output", "/nonexistent/x.json"], "--output"),
     (["--checkpoint", "RUN"], "--tasks"),
+    (["--checkpoint", "RUN", "--tasks", "meshlm_tiny", "--apply-chat-template"],
+     "--apply-chat-template: the checkpoint's 'byte' tokenizer has no chat template"),
+    (["--checkpoint", "RUN", "--tasks", "meshlm_tiny", "--fewshot-as-multiturn"],
+     "--fewshot-as-multiturn needs --apply-chat-template"),
     (["--checkpoint", "RUN", "--tasks", "meshlm_tiny", "--bogus"], "unrecognized arguments"),
 ])
 def test_cli_errors_are_one_line(run_dir, capsys, args, message):
@@ -203,3 +211,135 @@ def test_cli_error_through_python_m_eval_has_no_traceback(run_dir):
                             cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [
         "error: --limit must be > 0, got 0"]
+
+
+# ------------------------------------------------------------------------------------ chat templates
+
+SYSTEM = "Be brief."
+TEMPLATES = Path(__file__).parent / "data" / "chat_templates"
+
+
+@pytest.fixture(scope="module")
+def chat_tokenizer_dir(tmp_path_factory):
+    """tests/helpers.py's tiny BPE tokenizer (its template writes "<s>" before every turn), made to
+    prepend "<s>" to plain text too, as Llama's and Mistral's do: the case where a second BOS could
+    creep in."""
+    from tokenizers import Tokenizer, processors
+
+    directory = tiny_tokenizer(tmp_path_factory.mktemp("chat_tok"))
+    backend = Tokenizer.from_file(str(directory / "tokenizer.json"))
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", backend.token_to_id("<s>"))])
+    backend.save(str(directory / "tokenizer.json"))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def chat_lm(eight_devices, run_dir, chat_tokenizer_dir):
+    """The tiny run's model with the chat tokenizer (the scores mean nothing, but are the model's)."""
+    run = load_run(run_dir)
+    return MeshLM(run=dataclasses.replace(run, tokenizer=HFTokenizer.from_path(chat_tokenizer_dir)),
+                  batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def chat_run_dir(chat_lm, chat_tokenizer_dir, tmp_path_factory):
+    """chat_lm saved as a run directory of its own (step 0), for the command line."""
+    from convert.checkpoints import save_params
+
+    run_dir = tmp_path_factory.mktemp("chat_run") / "run"
+    cfg = chat_lm.run.cfg
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=f"hf:{chat_tokenizer_dir}"),
+                              run=dataclasses.replace(cfg.run, dir=str(run_dir)))
+    run_dir.mkdir()
+    save_params(run_dir, cfg, chat_lm.run.params, chat_lm.tok, {})
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def chat_eval(chat_lm):
+    """The multiple-choice task on 2 documents, through the chat template with a system message."""
+    return simple_evaluate(model=chat_lm, tasks=["meshlm_tiny_mc"], limit=2, num_fewshot=0,
+                           apply_chat_template=True, system_instruction=SYSTEM,
+                           task_manager=harness.task_manager(["meshlm_tiny_mc"]), bootstrap_iters=0,
+                           log_samples=True)
+
+
+def test_chat_contexts_are_scored_as_rendered_with_one_bos(chat_lm, chat_eval):
+    tok = chat_lm.tok
+    bos = tok.token_id("<s>")
+    assert tok.bos_id == bos  # plain text gets "<s>" prepended, as in every other test here
+    samples = chat_eval["samples"]["meshlm_tiny_mc"]
+    assert len(samples) == 2
+    for sample in samples:
+        rendered = tok.apply_chat_template([{"role": "system", "content": SYSTEM},
+                                            {"role": "user", "content": sample["doc"]["context"]}])
+        assert rendered.startswith("<s>system: Be brief.</s><s>user: ")
+        for (context, continuation), [(logprob, is_greedy)] in zip(sample["arguments"], sample["resps"],
+                                                                    strict=True):
+            assert context == rendered
+            stripped = context.rstrip()  # lm_eval moves a context's trailing spaces to the continuation
+            head = tok.encode(stripped)
+            row = head + tok.encode(stripped + context[len(stripped):] + continuation)[len(head):]
+            assert row[0] == bos and row[1] != bos and len(row) <= chat_lm.window + 1  # one BOS, whole
+            expected, expected_greedy = _oracle(chat_lm, row, len(row) - len(head))
+            assert abs(logprob - expected) <= TOL * abs(expected) and is_greedy == expected_greedy
+        # a generation task starts from the rendering's own ids, too
+        assert chat_lm.context_ids(rendered) == tok.encode(rendered)
+    assert chat_lm.context_ids("import sy") == [bos, *tok.encode("import sy")]  # plain text: as before
+
+
+def test_chat_rendering_is_transformers_and_lm_evals(chat_lm, chat_tokenizer_dir, lm):
+    import transformers
+
+    reference_tok = transformers.AutoTokenizer.from_pretrained(chat_tokenizer_dir)
+    history = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "import sy"},
+               {"role": "assistant", "content": "Answer:"}]
+    for messages, prompt in ((history[:2], True), (history, False)):  # gen_prefix: an open final turn
+        assert chat_lm.apply_chat_template(messages, add_generation_prompt=prompt) == \
+            reference_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=prompt,
+                                              continue_final_message=not prompt)
+    # a template that refuses a system message renders the conversation without it (as HFLM does)
+    gemma2 = (TEMPLATES / "gemma2.jinja").read_text(encoding="utf-8")
+    tok = HFTokenizer(chat_lm.tok.backend, bos_id=chat_lm.tok.bos_id, eos_id=chat_lm.tok.eos_id,
+                      special_tokens=chat_lm.tok.special_tokens, chat_template=gemma2)
+    gemma_lm = MeshLM(run=dataclasses.replace(chat_lm.run, tokenizer=tok), batch_size=4)
+    assert gemma_lm.apply_chat_template(history[:2]) == render_chat(
+        gemma2, history[1:2], add_generation_prompt=True, special_tokens=tok.special_tokens)
+    with pytest.raises(ValueError, match="'byte' tokenizer has no chat template"):
+        lm.apply_chat_template(history[:2])
+
+
+LOGLIKELIHOOD_TASK = """task: meshlm_chat_ll
+dataset_path: ""
+custom_dataset: !function tiny_data.multiple_choice
+output_type: loglikelihood
+test_split: test
+doc_to_text: "{{context}}"
+doc_to_target: "{{choices[label]}}"
+target_delimiter: ""
+metric_list:
+  - metric: perplexity
+    aggregation: perplexity
+    higher_is_better: false
+"""
+
+
+def test_cli_applies_the_chat_template(chat_run_dir, chat_lm, tmp_path):
+    """A loglikelihood task (its metric: exp(-mean log-likelihood), so the command line's number
+    pins the scored contexts) through --apply-chat-template and --system-instruction."""
+    for name in ("tiny_data.py", "mc.jsonl"):
+        shutil.copy(harness.TASKS_DIR / "meshlm_tiny" / name, tmp_path / name)
+    (tmp_path / "meshlm_chat_ll.yaml").write_text(LOGLIKELIHOOD_TASK)
+    result = run_in_process(harness_cli.main, "--checkpoint", str(chat_run_dir), "--tasks", "meshlm_chat_ll",
+                            "--include-path", str(tmp_path), "--limit", "2", "--bootstrap-iters", "0",
+                            "--apply-chat-template", "--system-instruction", SYSTEM)
+    assert result.returncode == 0, result.stderr[-3000:]
+    got = json.loads(result.stdout.strip().splitlines()[-1])["results"]["meshlm_chat_ll"]["perplexity,none"]
+    docs = [d for d in map(json.loads, (tmp_path / "mc.jsonl").read_text().splitlines())
+            if d["split"] == "test"][:2]
+    pairs = [(chat_lm.apply_chat_template([{"role": "system", "content": SYSTEM},
+                                           {"role": "user", "content": d["context"]}]),
+              d["choices"][d["label"]]) for d in docs]
+    lls = [ll for ll, _ in chat_lm.loglikelihood(_requests("loglikelihood", pairs))]
+    assert abs(got - math.exp(-sum(lls) / 2)) <= 1e-6 * got
