@@ -7,7 +7,8 @@ accumulating in float32 and giving float32 logits, soft-capped when the model as
 logits[target]`` per position. ``nll_sums`` is what training and evaluation take from a batch:
 with ``ModelConfig.loss_chunk > 0`` the head runs over chunks of positions, so the [B, T, V]
 logits never exist at once: each chunk's [B, c, V] logits are made, reduced to their token losses
-and made again in the backward pass (``jax.checkpoint``); the result is the same.
+and made again in the backward pass (``jax.checkpoint``); the result is the same. ``head_nll_rows``
+and ``sequence_nll`` keep one sum per row (a response's log-probability, for preference losses).
 """
 
 from __future__ import annotations
@@ -41,17 +42,17 @@ def token_nll(logits_btv: jax.Array, targets_bt: jax.Array) -> jax.Array:
     return jax.nn.logsumexp(logits_btv, axis=-1) - target_logit_bt
 
 
-def _chunk_sum(x_bcd: jax.Array, w_vd: jax.Array, targets_bc: jax.Array,
-               weights_bc: jax.Array, *, softcap: float) -> jax.Array:
-    """Weighted sum of one chunk's token losses."""
-    return jnp.sum(token_nll(lm_logits(x_bcd, w_vd, softcap), targets_bc) * weights_bc)
+def _chunk_rows(x_bcd: jax.Array, w_vd: jax.Array, targets_bc: jax.Array,
+                weights_bc: jax.Array, *, softcap: float) -> jax.Array:
+    """Weighted sum of one chunk's token losses, per row [B]."""
+    return jnp.sum(token_nll(lm_logits(x_bcd, w_vd, softcap), targets_bc) * weights_bc, axis=-1)
 
 
-def chunked_nll_sum(features_btd: jax.Array, w_vd: jax.Array, targets_bt: jax.Array,
-                    weights_bt: jax.Array, chunk: int, softcap: float = 0.0) -> jax.Array:
-    """Sum over positions of ``weights_bt * token_nll(lm_logits(features, w_vd, softcap),
-    targets)``, computed over ``chunk`` positions at a time (T is padded with weight-0 positions to
-    a multiple of it)."""
+def chunked_nll_rows(features_btd: jax.Array, w_vd: jax.Array, targets_bt: jax.Array,
+                     weights_bt: jax.Array, chunk: int, softcap: float = 0.0) -> jax.Array:
+    """Per row [B], the sum over positions of ``weights_bt * token_nll(lm_logits(features, w_vd,
+    softcap), targets)``, computed over ``chunk`` positions at a time (T is padded with weight-0
+    positions to a multiple of it)."""
     b, t, _ = features_btd.shape
     chunks = -(-t // chunk)
     pad = chunks * chunk - t
@@ -63,15 +64,30 @@ def chunked_nll_sum(features_btd: jax.Array, w_vd: jax.Array, targets_bt: jax.Ar
     def by_chunk(a: jax.Array) -> jax.Array:  # [B, n*c, ...] -> [n, B, c, ...]
         return a.reshape((b, chunks, chunk) + a.shape[2:]).swapaxes(0, 1)
 
-    chunk_sum = jax.checkpoint(functools.partial(_chunk_sum, softcap=softcap))
+    chunk_rows = jax.checkpoint(functools.partial(_chunk_rows, softcap=softcap))
 
-    def body(total: jax.Array, xs: tuple[jax.Array, ...]) -> tuple[jax.Array, None]:
+    def body(total_b: jax.Array, xs: tuple[jax.Array, ...]) -> tuple[jax.Array, None]:
         x_bcd, targets_bc, weights_bc = xs
-        return total + chunk_sum(x_bcd, w_vd, targets_bc, weights_bc), None
+        return total_b + chunk_rows(x_bcd, w_vd, targets_bc, weights_bc), None
 
-    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32),
-                            (by_chunk(features_btd), by_chunk(targets_bt), by_chunk(weights_bt)))
-    return total
+    total_b, _ = jax.lax.scan(body, jnp.zeros((b,), jnp.float32),
+                              (by_chunk(features_btd), by_chunk(targets_bt), by_chunk(weights_bt)))
+    return total_b
+
+
+def chunked_nll_sum(features_btd: jax.Array, w_vd: jax.Array, targets_bt: jax.Array,
+                    weights_bt: jax.Array, chunk: int, softcap: float = 0.0) -> jax.Array:
+    """The sum over rows of ``chunked_nll_rows``."""
+    return jnp.sum(chunked_nll_rows(features_btd, w_vd, targets_bt, weights_bt, chunk, softcap))
+
+
+def head_nll_rows(x_btd: jax.Array, w_vd: jax.Array, targets_bt: jax.Array, weights_bt: jax.Array,
+                  chunk: int = 0, softcap: float = 0.0) -> jax.Array:
+    """Per row [B], the sum over positions of ``weights_bt * token_nll(lm_logits(x_btd, w_vd,
+    softcap), targets)`` (a sequence's negative log-likelihood); ``chunk`` as ``head_nll_sum``."""
+    if chunk:
+        return chunked_nll_rows(x_btd, w_vd, targets_bt, weights_bt, chunk, softcap)
+    return jnp.sum(token_nll(lm_logits(x_btd, w_vd, softcap), targets_bt) * weights_bt, axis=-1)
 
 
 def head_nll_sum(x_btd: jax.Array, w_vd: jax.Array, targets_bt: jax.Array, weights_bt: jax.Array,
@@ -81,6 +97,20 @@ def head_nll_sum(x_btd: jax.Array, w_vd: jax.Array, targets_bt: jax.Array, weigh
     if chunk:
         return chunked_nll_sum(x_btd, w_vd, targets_bt, weights_bt, chunk, softcap)
     return jnp.sum(token_nll(lm_logits(x_btd, w_vd, softcap), targets_bt) * weights_bt)
+
+
+def sequence_nll(model: Any, batch: dict[str, jax.Array]) -> jax.Array:
+    """Each row's weighted token-loss sum [B] (minus a response's log-probability when the weights
+    mark its tokens) of a ``Transformer`` on a batch, as ``nll_sums`` reads it. Auxiliary losses
+    (MoE balancing, multi-token prediction) are not part of it."""
+    weights_bt = batch["weights"].astype(jnp.float32)
+    if "rows" in batch:
+        set_dropout_rows(model, batch["rows"])
+    x_btd, _ = model.hidden(batch["inputs"], batch.get("positions"), batch.get("segment_ids"),
+                            routing_mask_bt=weights_bt > 0)
+    cfg = model.cfg
+    return head_nll_rows(x_btd, model.head_weight_vd(), batch["targets"], weights_bt,
+                         cfg.loss_chunk, cfg.final_logit_softcap)
 
 
 def nll_sums(model: Any, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array, dict]:

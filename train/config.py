@@ -154,7 +154,8 @@ class FinetuneConfig:
     ``lora_rank`` (update scaled by ``lora_alpha / lora_rank``, input dropout ``lora_dropout``) on
     the comma-separated ``lora_targets`` among q,k,v,o,gate,up,down (``lora_experts``: the MoE
     experts' gate,up,down too); ``full`` trains every weight with a fresh optimizer, except the MoE
-    routers with ``freeze_router``."""
+    routers with ``freeze_router``. ``objective``: ``sft`` (next-token loss), ``dpo`` or ``simpo``
+    (preference pairs of ``data.source=pref:GLOB``; ``train/preference.py``)."""
 
     base: str = option("", "the run directory to fine-tune; empty = pre-training")
     base_step: int = option(0, "the base run's checkpoint to start from; 0 = its latest")
@@ -165,6 +166,14 @@ class FinetuneConfig:
     lora_targets: str = option("q,k,v,o,gate,up,down", "comma-separated projections to adapt")
     lora_experts: bool = option(False, "also adapt the MoE experts' gate, up and down")
     freeze_router: bool = option(False, "full fine-tuning: keep the MoE routers fixed")
+    objective: Literal["sft", "dpo", "simpo"] = option(
+        "sft", "sft: next-token loss; dpo: Direct Preference Optimization against the frozen base; "
+        "simpo: reference-free SimPO (dpo and simpo read data.source=pref:GLOB)")
+    dpo_beta: float = option(0.1, "dpo: beta, the scale of the implicit reward")
+    dpo_label_smoothing: float = option(0.0, "dpo: epsilon of conservative DPO, the assumed "
+                                        "fraction of flipped labels, in [0, 0.5)")
+    simpo_beta: float = option(2.0, "simpo: beta, the scale of the length-normalised reward")
+    simpo_gamma: float = option(0.5, "simpo: the target reward margin gamma")
 
     @property
     def targets(self) -> tuple[str, ...]:
@@ -181,6 +190,7 @@ class FinetuneConfig:
             out.append(("lora_alpha", f"must be a positive number, got {self.lora_alpha}"))
         if not 0 <= self.lora_dropout < 1:
             out.append(("lora_dropout", f"must be in [0, 1), got {self.lora_dropout}"))
+        out += self.objective_problems()
         unknown = [t for t in self.targets if t not in TARGETS]
         if unknown:
             out.append(("lora_targets", f"unknown LoRA target {unknown[0]!r} (known: "
@@ -192,6 +202,19 @@ class FinetuneConfig:
             out.append(("lora_targets", f"{self.lora_targets} match no weight of the base model (a "
                         "GELU MLP has no gate; an all-MoE model without shared experts has no dense "
                         "MLP: set finetune.lora_experts=true)"))
+        return out
+
+
+    def objective_problems(self) -> list[tuple[str, str]]:
+        """(key, message) for every bad preference-loss setting."""
+        out = []
+        for key in ("dpo_beta", "simpo_beta"):
+            if not (getattr(self, key) > 0 and math.isfinite(getattr(self, key))):
+                out.append((key, f"must be a positive number, got {getattr(self, key)}"))
+        if not 0 <= self.dpo_label_smoothing < 0.5:
+            out.append(("dpo_label_smoothing", f"must be in [0, 0.5), got {self.dpo_label_smoothing}"))
+        if not (self.simpo_gamma >= 0 and math.isfinite(self.simpo_gamma)):
+            out.append(("simpo_gamma", f"must be a number >= 0, got {self.simpo_gamma}"))
         return out
 
 

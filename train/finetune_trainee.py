@@ -3,10 +3,17 @@ trained over the frozen base (checkpoints hold only the adapters, their optimize
 reference to the base checkpoint) or every weight trained with a fresh optimizer from step 0 (MoE
 routers optionally frozen; checkpoints hold the whole model, like pre-training's). Frozen state is
 passed to the jitted steps beside the TrainState: never differentiated, updated or donated.
+
+A preference objective (``finetune.objective=dpo|simpo``, ``train/preference.py``) trains on pairs.
+DPO's reference is the base model: with LoRA, the same frozen base weights run without the adapters
+(the plain graph merged with the frozen state: no extra memory); with full fine-tuning, a copy of
+the base weights kept as frozen state beside the trained ones (one more model's parameters per
+device, sharded like them: AdamW's state grows from 3x to 4x the parameter bytes).
 """
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +40,10 @@ from sharding.constrain import constrain
 from sharding.rules import Rules, tree_shardings
 from train.checkpoint import MANIFEST, Checkpointer, file_digest, warn
 from train.config import CheckpointConfig, Config
+from train.preference import Objective, preference_eval_step, preference_train_step
 from train.run_dir import RunDir
 from train.state import TrainState
-from train.trainee import StepFn, Trainee, count
+from train.trainee import EvalFn, StepFn, Trainee, count
 
 ROUTER = "w_router_de"
 
@@ -84,6 +92,11 @@ class FinetuneTrainee(Trainee):
         self.shardings = tree_shardings(self.abstract, mesh, rules)
         self.frozen_abstract, self.frozen_shardings = frozen, tree_shardings(frozen, mesh, rules)
         self.frozen = None  # set by init / from_checkpoint
+        self.objective = Objective.of(ft) if ft.objective != "sft" else None
+        # full fine-tuning with DPO: the base weights, laid out like a plain model's
+        self.keeps_reference = self.objective is not None and self.objective.kind == "dpo" \
+            and not self.lora
+        self.reference: nnx.State | None = None
         if self.lora and (unmatched := unmatched_targets(cfg.model, lora_spec(cfg))):
             warn(f"LoRA targets {', '.join(unmatched)} match no weight of this model: skipped")
         if self.lora:
@@ -124,7 +137,11 @@ class FinetuneTrainee(Trainee):
         return build(base)
 
     def init(self) -> TrainState:
-        params, self.frozen = self.split_base(self.load_base(self.base_step))
+        base = self.load_base(self.base_step)
+        if self.keeps_reference:  # a copy: split_base donates the base's buffers
+            self.reference = jax.jit(lambda b: jax.tree.map(jnp.copy, b), in_shardings=(self.plain_sh,),
+                                     out_shardings=self.plain_sh)(base)
+        params, self.frozen = self.split_base(base)
         opt_init = jax.jit(self.tx.init, in_shardings=(self.shardings.params,),
                            out_shardings=self.shardings.opt_state)
         zero = jax.device_put(jnp.zeros((), jnp.int32), self.shardings.step)
@@ -158,6 +175,8 @@ class FinetuneTrainee(Trainee):
             self.frozen = self.split_base(self.load_base(self.base_step))[1]
             return saved
         params, self.frozen = nnx.split_state(saved.params, self.filter, ...)
+        if self.keeps_reference:
+            self.reference = self.load_base(self.base_step)
         return TrainState(saved.step, params, saved.opt_state)
 
     def checkpoint_meta(self) -> dict[str, Any]:
@@ -170,9 +189,37 @@ class FinetuneTrainee(Trainee):
 
     # ------------------------------------------------------------------------- steps and models
 
+    def step_frozen(self) -> Any:
+        if self.objective is None:
+            return self.frozen
+        return {"model": self.frozen, **({"reference": self.reference} if self.keeps_reference else {})}
+
+    def step_frozen_layout(self) -> tuple[Any, Any]:
+        if self.objective is None:
+            return self.frozen_abstract, self.frozen_shardings
+        abstract, shardings = {"model": self.frozen_abstract}, {"model": self.frozen_shardings}
+        if self.keeps_reference:
+            abstract["reference"], shardings["reference"] = self.plain_abstract, self.plain_sh
+        return abstract, shardings
+
+    def reference_model(self, frozen: dict) -> nnx.Module | None:
+        """DPO's reference model from the steps' frozen input: the kept base weights (full
+        fine-tuning), or the frozen base weights without the adapters (LoRA); None for SimPO."""
+        if self.objective is None or self.objective.kind != "dpo":
+            return None
+        if "reference" in frozen:
+            return nnx.merge(self.plain_graphdef, frozen["reference"])
+        return nnx.merge(self.plain_graphdef, nnx.split_state(frozen["model"], LoRAKey, ...)[1])
+
     def train_fn(self, schedule: optax.Schedule) -> StepFn:
         """The train step; LoRA dropout draws fresh masks every step (see ``with_dropout``)."""
-        step_fn = super().train_fn(schedule)
+        if self.objective is None:
+            step_fn = super().train_fn(schedule)
+        else:
+            step_fn = functools.partial(preference_train_step, graphdef=self.graphdef, tx=self.tx,
+                                        schedule=schedule, objective=self.objective,
+                                        reference=self.reference_model,
+                                        microbatches=self.cfg.train.microbatches)
         if not (self.lora and self.cfg.finetune.lora_dropout > 0):
             return step_fn
 
@@ -180,6 +227,12 @@ class FinetuneTrainee(Trainee):
             return step_fn(state, *self.with_dropout(state.step, batch, frozen))
 
         return with_fresh_dropout
+
+    def eval_fn(self) -> EvalFn:
+        if self.objective is None:
+            return super().eval_fn()
+        return functools.partial(preference_eval_step, graphdef=self.eval_graphdef,
+                                 objective=self.objective, reference=self.reference_model)
 
     def with_dropout(self, step: jax.Array, batch: dict, frozen: nnx.State) -> tuple[dict, nnx.State]:
         """(``batch`` with ``rows``, each row's index in it; ``frozen`` with the dropout keys of

@@ -11,6 +11,13 @@ from core.errors import ConfigError
 from data.batches import equalize_across_processes
 from data.documents import open_documents
 from data.pipeline import Documents, Shard, empty_batch, eval_batches, regroup_state, train_dataset
+from data.preference import (
+    PREFIX,
+    open_pairs,
+    pair_batches,
+    pair_eval_batches,
+    regroup_pair_state,
+)
 from data.sources import Split
 from data.tokenizer import Tokenizer
 from sharding.mesh import sync_processes
@@ -31,20 +38,42 @@ def open_inputs(cfg: Config, run: RunDir) -> tuple[Tokenizer, Any, list]:
     local_batch = t.batch_size // shard.count
     try:
         tokenizer = run.tokenizer_for(d.tokenizer)
-        if shard.index == 0:  # process 0 prepares sources and token caches once; the others reuse them
-            train_docs, eval_docs = (open_split(d, split, tokenizer) for split in ("train", "eval"))
-        sync_processes("meshlm: data sources prepared")
-        if shard.index != 0:
-            train_docs, eval_docs = (open_split(d, split, tokenizer) for split in ("train", "eval"))
-        iterator = iter(train_dataset(train_docs, tokenizer, seq_len=t.seq_len,
-                                      batch_size=local_batch, seed=t.seed, shard=shard,
-                                      streams=d.streams, prefetch=d.prefetch,
-                                      shuffle_tokens=d.shuffle_tokens))
-        batches = eval_batches(eval_docs, tokenizer, seq_len=t.seq_len, batch_size=local_batch,
-                               max_batches=t.eval_batches, shard=shard)
+        if d.source.startswith(PREFIX):  # preference pairs: read and validated here, nothing cached
+            iterator, batches = open_pairs_inputs(cfg, tokenizer, shard)
+        else:
+            iterator, batches = open_documents_inputs(cfg, tokenizer, shard)
     except ValueError as e:
         raise ConfigError("data", str(e)) from None
     return tokenizer, iterator, equalize_across_processes(batches, empty_batch(local_batch, t.seq_len))
+
+
+def open_documents_inputs(cfg: Config, tokenizer: Tokenizer, shard: Shard) -> tuple[Any, list]:
+    """(training iterator, evaluation batches) of a document source or mixture."""
+    d, t = cfg.data, cfg.train
+    local_batch = t.batch_size // shard.count
+    if shard.index == 0:  # process 0 prepares sources and token caches once; the others reuse them
+        train_docs, eval_docs = (open_split(d, split, tokenizer) for split in ("train", "eval"))
+    sync_processes("meshlm: data sources prepared")
+    if shard.index != 0:
+        train_docs, eval_docs = (open_split(d, split, tokenizer) for split in ("train", "eval"))
+    iterator = iter(train_dataset(train_docs, tokenizer, seq_len=t.seq_len, batch_size=local_batch,
+                                  seed=t.seed, shard=shard, streams=d.streams, prefetch=d.prefetch,
+                                  shuffle_tokens=d.shuffle_tokens))
+    return iterator, eval_batches(eval_docs, tokenizer, seq_len=t.seq_len, batch_size=local_batch,
+                                  max_batches=t.eval_batches, shard=shard)
+
+
+def open_pairs_inputs(cfg: Config, tokenizer: Tokenizer, shard: Shard) -> tuple[Any, list]:
+    """(training iterator, evaluation batches) of a ``pref:`` source's pairs (every record is read
+    and validated here; ValueError naming the file and line)."""
+    d, t = cfg.data, cfg.train
+    local_batch = t.batch_size // shard.count
+    train_rows, eval_rows = (open_pairs(d.source, split, tokenizer, t.seq_len, d.eval_fraction)
+                             for split in ("train", "eval"))
+    iterator = iter(pair_batches(train_rows, batch_size=local_batch, seed=t.seed, shard=shard,
+                                 prefetch=d.prefetch))
+    return iterator, pair_eval_batches(eval_rows, batch_size=local_batch,
+                                       max_batches=t.eval_batches, shard=shard)
 
 
 def open_split(d: DataConfig, split: Split, tokenizer: Tokenizer) -> Documents:
@@ -55,7 +84,10 @@ def open_split(d: DataConfig, split: Split, tokenizer: Tokenizer) -> Documents:
                           cache_dir=d.cache_dir or None)
 
 
-def resume_position(iterator: Any, saved: list[dict[str, Any]], streams: int) -> None:
+def resume_position(iterator: Any, saved: list[dict[str, Any]], d: DataConfig) -> None:
     """Sets the training iterator to the positions every process saved (also when the number of
-    processes changed)."""
-    iterator.set_state(regroup_state(saved, this_shard(), streams))
+    processes changed, except for preference pairs)."""
+    if d.source.startswith(PREFIX):
+        iterator.set_state(regroup_pair_state(saved, this_shard()))
+    else:
+        iterator.set_state(regroup_state(saved, this_shard(), d.streams))

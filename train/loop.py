@@ -213,7 +213,7 @@ def _resume_or_init(program: Program, checkpointer: Checkpointer, run: RunDir,
     try:
         saved, meta, data_states = checkpointer.restore(start, *trainee.checkpoint_abstract)
         state = trainee.from_checkpoint(saved, meta)
-        resume_position(batches, data_states, program.cfg.data.streams)
+        resume_position(batches, data_states, program.cfg.data)
     except ValueError as e:
         raise ConfigError("run.dir", f"cannot resume from checkpoint {start}: {first_line(e)}") from None
     return state, start

@@ -46,13 +46,14 @@ class Program:
                                                self.mesh, self.rules)
         replicated = NamedSharding(self.mesh, PartitionSpec())
         tr = self.trainee
+        frozen_shardings = tr.step_frozen_layout()[1]
         self._train_step = jax.jit(
             under_activation_sharding(tr.train_fn(self.schedule), self.mesh, self.rules),
-            in_shardings=(tr.shardings, self.batch_sharding, tr.frozen_shardings),
+            in_shardings=(tr.shardings, self.batch_sharding, frozen_shardings),
             out_shardings=(tr.shardings, replicated), donate_argnums=0)
         self._eval_step = jax.jit(
             under_activation_sharding(tr.eval_fn(), self.mesh, self.rules),
-            in_shardings=(tr.shardings.params, self.batch_sharding, tr.frozen_shardings),
+            in_shardings=(tr.shardings.params, self.batch_sharding, frozen_shardings),
             out_shardings=replicated)
         self._all_finite = jax.jit(all_finite, in_shardings=(tr.shardings,), out_shardings=replicated)
 
@@ -64,11 +65,11 @@ class Program:
 
     def train_step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
         """One optimizer step (``state`` is donated)."""
-        return self._train_step(state, batch, self.trainee.frozen)
+        return self._train_step(state, batch, self.trainee.step_frozen())
 
     def eval_step(self, params: Any, batch: Batch) -> dict[str, jax.Array]:
         """``loss_sum`` and ``weight_sum`` of one batch."""
-        return self._eval_step(params, batch, self.trainee.frozen)
+        return self._eval_step(params, batch, self.trainee.step_frozen())
 
     def state_finite(self, state: TrainState) -> bool:
         """Whether every floating-point value of the state is finite (checked before a save)."""
@@ -100,9 +101,8 @@ class Program:
         return with_shardings(self.trainee.abstract, self.trainee.shardings)
 
     def _abstract_frozen(self) -> Any:
-        tr = self.trainee
-        return None if tr.frozen_abstract is None else with_shardings(tr.frozen_abstract,
-                                                                      tr.frozen_shardings)
+        abstract, shardings = self.trainee.step_frozen_layout()
+        return None if abstract is None else with_shardings(abstract, shardings)
 
     def lower_train_step(self, batch: Batch | None = None) -> Any:
         """The train step lowered for abstract arguments (nothing allocated); ``batch``: the fields

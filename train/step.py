@@ -144,6 +144,24 @@ def train_step(state: TrainState, batch: Batch, frozen: nnx.State | None = None,
     (``with_router_biases_updated``), logged as ``moe_router_bias``."""
     grads, loss, moe_metrics = grads_loss_and_metrics(state.params, batch, frozen, graphdef=graphdef,
                                                       microbatches=microbatches)
+    params, opt_state, metrics = guarded_update(state, grads, loss, tx=tx, schedule=schedule)
+    finite = metrics["skipped"] == 0
+    if router_bias_rate:
+        params = with_router_biases_updated(params, state.params, moe_metrics, router_bias_rate,
+                                            finite)
+        moe_blocks = params.get("moe_blocks", {})
+        if "router_bias_e" in moe_blocks.get("moe", {}):  # not in a LoRA fine-tune's trained state
+            moe_metrics["moe_router_bias"] = moe_blocks["moe"]["router_bias_e"][...]
+    metrics |= {**moe_metrics, **load_balance(moe_metrics)}
+    return TrainState(state.step + 1, params, opt_state), metrics
+
+
+def guarded_update(state: TrainState, grads: nnx.State, loss: jax.Array, *,
+                   tx: optax.GradientTransformation, schedule: optax.Schedule
+                   ) -> tuple[nnx.State, Any, Metrics]:
+    """(params, optimizer state, metrics) after ``train_step``'s update from ``grads`` -- skipped
+    when ``loss`` or the gradient norm is not finite -- with ``loss``, ``grad_norm``, ``lr`` and
+    ``skipped``."""
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     lr = schedule(state.step)
@@ -157,15 +175,9 @@ def train_step(state: TrainState, batch: Batch, frozen: nnx.State | None = None,
     # (bench.baby about 5% faster on XLA:CPU).
     params, opt_state = jax.lax.cond(finite, update, lambda params, opt_state: (params, opt_state),
                                      state.params, state.opt_state)
-    if router_bias_rate:
-        params = with_router_biases_updated(params, state.params, moe_metrics, router_bias_rate,
-                                            finite)
-        moe_blocks = params.get("moe_blocks", {})
-        if "router_bias_e" in moe_blocks.get("moe", {}):  # not in a LoRA fine-tune's trained state
-            moe_metrics["moe_router_bias"] = moe_blocks["moe"]["router_bias_e"][...]
     metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr,
-               "skipped": 1 - finite.astype(jnp.int32), **moe_metrics, **load_balance(moe_metrics)}
-    return TrainState(state.step + 1, params, opt_state), metrics
+               "skipped": 1 - finite.astype(jnp.int32)}
+    return params, opt_state, metrics
 
 
 def all_finite(tree: Any) -> jax.Array:

@@ -41,6 +41,14 @@ class Trainee:
         self.eval_graphdef = self.graphdef
         self.shardings = tree_shardings(self.abstract, mesh, rules)
 
+    def step_frozen(self) -> Any:
+        """What the jitted steps take beside the state and the batch (``frozen``, here)."""
+        return self.frozen
+
+    def step_frozen_layout(self) -> tuple[Any, Any]:
+        """(abstract tree, shardings) of ``step_frozen``."""
+        return self.frozen_abstract, self.frozen_shardings
+
     def init(self) -> TrainState:
         """The state of step 0."""
         return init_state(self.cfg.model, self.tx, self.cfg.train.seed, self.shardings)

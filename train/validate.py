@@ -27,7 +27,7 @@ from train.config import (
 )
 from train.store import check_run_url
 
-SOURCE_KINDS = ("text:", "jsonl:", "tfds:", "parquet:", "hf:", "hf-stream:")
+SOURCE_KINDS = ("text:", "jsonl:", "tfds:", "parquet:", "hf:", "hf-stream:", "pref:")
 WANDB_FORBIDDEN = "/\\#?%:"  # W&B refuses project names with these (wandb/sdk/wandb_settings.py)
 
 
@@ -54,6 +54,7 @@ def validate(cfg: Config, num_devices: int) -> None:
         raise ConfigError("checkpoint.keep", f"must be >= 1, got {cfg.checkpoint.keep}")
     for key, message in cfg.finetune.problems(cfg.model) if cfg.finetune.base else ():
         raise ConfigError(f"finetune.{key}", message)
+    check_objective(cfg)
     validate_run(cfg.run)
 
 
@@ -160,7 +161,30 @@ def check_sources(d: DataConfig) -> None:
         if not (spec == "stdlib" or spec.startswith(SOURCE_KINDS)):
             raise ConfigError("data.mix" if d.mix else "data.source",
                               f"expected stdlib, text:GLOB, jsonl:GLOB[:FIELD], tfds:NAME, "
-                              f"parquet:GLOB, hf:PATH or hf-stream:PATH, got {spec!r}")
+                              f"parquet:GLOB, hf:PATH, hf-stream:PATH or pref:GLOB, got {spec!r}")
+
+
+def check_objective(cfg: Config) -> None:
+    """A preference objective reads one ``pref:`` source (whole pairs in every microbatch and on
+    every process), and a ``pref:`` source is read only by one."""
+    d, t, objective = cfg.data, cfg.train, cfg.finetune.objective
+    preference = objective != "sft"
+    if preference and not cfg.finetune.base:
+        raise ConfigError("finetune.objective", f"{objective} fine-tunes a run: set finetune.base")
+    specs = [spec for spec, _ in parse_mix(d.mix)] if d.mix else [d.source]  # parsed: check_sources
+    if preference and (d.mix or not d.source.startswith("pref:")):
+        raise ConfigError("data.source", f"finetune.objective={objective} reads preference pairs: "
+                          f"data.source=pref:GLOB (and no data.mix), got {d.mix or d.source!r}")
+    if not preference and any(spec.startswith("pref:") for spec in specs):
+        raise ConfigError("data.source", "pref: sources hold preference pairs: set "
+                          "finetune.objective=dpo or simpo")
+    if preference and d.token_cache:
+        raise ConfigError("data.token_cache", "pref: sources are tokenized when opened; set "
+                          "data.token_cache=false")
+    pairs = 2 * t.microbatches * jax.process_count()
+    if preference and t.batch_size % pairs:
+        raise ConfigError("train.batch_size", f"batch_size={t.batch_size} rows must split into whole "
+                          f"pairs (2 rows) per microbatch and process: a multiple of {pairs}")
 
 
 def check_optim(o: OptimConfig) -> None:

@@ -1,0 +1,244 @@
+"""Preference fine-tuning (DPO, conservative DPO, SimPO) on ``pref:`` pairs: the losses equal a
+hand computation from plain forward passes, training raises the reward margin and resumes exactly,
+microbatches and meshes give the full batch's gradient, and bad data or settings fail with one line
+naming the file and line (or the key)."""
+
+import functools
+import json
+import shutil
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from cli.finetune import main as finetune_main
+from core.errors import ConfigError
+from data.hf_tokenizer import HFTokenizer
+from data.preference import open_pairs
+from data.tokenizer import ByteTokenizer
+from inference.load import load_run
+from sharding.constrain import under_activation_sharding
+from tests import reference
+from tests.helpers import losses_of, run_in_process, small_text, tiny_config, tiny_tokenizer
+from train.finetune_config import load_run_config
+from train.loop import train
+from train.preference import preference_grads
+from train.program import Program
+from train.validate import validate
+
+ROOT = Path(__file__).resolve().parent.parent
+QUIET = ("train.log_every=1", "checkpoint.every=0", "run.peak_flops=1e12", "run.tensorboard=false",
+         "run.progress=false", "train.eval_batches=1")
+GOOD, BAD = "the cat sat on the mat", "a dog bites a man"
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    """A tokenizer with a chat template, a base text and 24 pairs (chosen: always GOOD)."""
+    root = tmp_path_factory.mktemp("dpo")
+    lines = [{"prompt": f"hello world {i}", "chosen": GOOD + f" {i % 3}", "rejected": BAD}
+             for i in range(16)]
+    lines += [{"messages": [{"role": "user", "content": f"the cat {i}"}],
+               "chosen": [{"role": "assistant", "content": GOOD}], "rejected": f"a man {i}"}
+              for i in range(8)]
+    (root / "pairs.jsonl").write_text("\n".join(map(json.dumps, lines)) + "\n")
+    tok = tiny_tokenizer(root / "tok")
+    config = json.loads((tok / "tokenizer_config.json").read_text())
+    # the prompt ends with a newline, which byte-level BPE never merges into the reply's first word
+    config["chat_template"] = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>"
+                               "{% endfor %}{% if add_generation_prompt %}<s>assistant\n{% endif %}")
+    (tok / "tokenizer_config.json").write_text(json.dumps(config))
+    return {"tok": tok, "text": Path(small_text(root / "text")),
+            "pairs": root / "pairs.jsonl", "root": root}
+
+
+@pytest.fixture(scope="module")
+def base_run(eight_devices, files) -> Path:
+    """A dense base (d_model 32) with the chat tokenizer, 1 step."""
+    run_dir = files["root"] / "base"
+    train(tiny_config(run_dir, *QUIET, "model.d_model=32", "model.mlp_dim=64", "train.steps=1",
+                      f"data.source=text:{files['text']}", f"data.tokenizer=hf:{files['tok']}",
+                      f"data.cache_dir={files['root'] / 'cache'}"))
+    return run_dir
+
+
+def dpo_config(run_dir: Path, base: Path, files: dict, *extra: str, preset=None, devices: int = 8):
+    cfg = load_run_config(preset, [f"finetune.base={base}", f"run.dir={run_dir}", *QUIET,
+                                   f"data.source=pref:{files['pairs']}", "finetune.objective=dpo",
+                                   "train.seq_len=64", "train.batch_size=8", "mesh.data=2",
+                                   "mesh.tensor=4", "data.eval_fraction=0.2",
+                                   "optim.warmup_steps=1", *extra], finetune=True)
+    validate(cfg, devices)
+    return cfg
+
+
+def sequence_logp(logits_btv: np.ndarray, batch: dict) -> np.ndarray:
+    """Each row's weighted sum of target log-probabilities, in numpy (float64)."""
+    logits = logits_btv.astype(np.float64)
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+        - logits.max(-1, keepdims=True)
+    picked = np.take_along_axis(logp, batch["targets"][..., None], -1)[..., 0]
+    return (picked * batch["weights"]).sum(-1)
+
+
+def log_sigmoid(x: np.ndarray) -> np.ndarray:
+    return -np.logaddexp(0.0, -x)
+
+
+def test_losses_are_the_hand_computation(base_run, files, tmp_path):
+    """The eval step's DPO (ε = 0 and 0.1) and SimPO losses and metrics equal numpy's from the
+    log-probabilities of plain forward passes of the policy (adapters on) and of the base."""
+    variants = {"dpo": ("finetune.dpo_beta=0.5",),
+                "cdpo": ("finetune.dpo_beta=0.5", "finetune.dpo_label_smoothing=0.1"),
+                "simpo": ("finetune.objective=simpo", "finetune.simpo_beta=2.5",
+                          "finetune.simpo_gamma=0.3")}
+    programs = {k: Program(dpo_config(tmp_path / k, base_run, files, *v)) for k, v in variants.items()}
+    first = programs["dpo"]
+    trainee = first.trainee
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda x: x + 0.05 * rng.normal(size=x.shape).astype(x.dtype),
+                          jax.device_get(first.init().params))  # B != 0: the policy moved
+    params = jax.device_put(params, trainee.shardings.params)
+    for program in programs.values():
+        program.trainee.frozen = trainee.frozen
+    rows = open_pairs(f"pref:{files['pairs']}", "train", load_run(base_run).tokenizer, 64, 0.2)
+    batch = {k: np.concatenate([rows[i][k] for i in range(4)]) for k in rows[0]}
+    policy = jax.jit(lambda p, f, x: nnx.merge(trainee.eval_graphdef, p, f)(x))(
+        params, trainee.frozen, batch["inputs"])
+    base = load_run(base_run)
+    ref = jax.jit(lambda p, x: nnx.merge(base.graphdef, p)(x))(base.params, batch["inputs"])
+    logp, ref_logp = (sequence_logp(np.asarray(x), batch).reshape(-1, 2) for x in (policy, ref))
+    lengths = batch["weights"].sum(-1).reshape(-1, 2)
+    rewards = {"dpo": 0.5 * (logp - ref_logp), "cdpo": 0.5 * (logp - ref_logp),
+               "simpo": 2.5 * logp / lengths}
+    for name, program in programs.items():
+        z = rewards[name][:, 0] - rewards[name][:, 1]
+        expected = {"dpo": -log_sigmoid(z), "cdpo": -0.9 * log_sigmoid(z) - 0.1 * log_sigmoid(-z),
+                    "simpo": -log_sigmoid(z - 0.3)}[name]
+        out = jax.device_get(program.eval_step(params, program.global_batch(batch)))
+        assert out["weight_sum"] == 4
+        assert abs(out["loss_sum"] / 4 - expected.mean()) < 1e-5 * abs(expected.mean()), name
+        assert abs(out["reward_margin"] / 4 - z.mean()) < 1e-4 * abs(z).max(), name
+        assert out["reward_accuracy"] / 4 == (z > 0).mean(), name
+        np.testing.assert_allclose(out["logp_chosen"] / 4, logp[:, 0].mean(), rtol=1e-5)
+        np.testing.assert_allclose(out["logp_rejected"] / 4, logp[:, 1].mean(), rtol=1e-5)
+    assert np.abs(logp - ref_logp).max() > 0.1  # the adapters did move the policy
+
+
+DPO_RUN = ("optim.lr=1e-2", "optim.decay_steps=4", "finetune.dpo_beta=0.5")
+
+
+def test_dpo_raises_the_margin_and_resumes_exactly(base_run, files, tmp_path):
+    """4 LoRA DPO steps (dropout on) raise the reward margin; the run resumed from its checkpoint
+    of step 2 logs the same losses for steps 3 and 4, bit for bit."""
+    straight = tmp_path / "straight"
+    summary = train(dpo_config(straight, base_run, files, "train.steps=4", "checkpoint.every=2",
+                               *DPO_RUN))
+    records = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    steps = {r["step"]: r for r in records if "reward_margin" in r}
+    assert steps[1]["reward_margin"] == 0.0 and steps[1]["loss"] == pytest.approx(np.log(2))
+    assert steps[4]["reward_margin"] > 0.05 and steps[4]["reward_accuracy"] >= 0.75, steps[4]
+    assert steps[4]["loss"] < steps[1]["loss"]
+    assert np.isfinite(summary["eval_loss"])
+    resumed = tmp_path / "resumed"  # the run as it was after step 2: its checkpoint 4 removed
+    shutil.copytree(straight, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "4")
+    train(dpo_config(resumed, base_run, files, "train.steps=4", "checkpoint.every=2", *DPO_RUN))
+    a, b = losses_of(straight), losses_of(resumed)
+    assert [a[s] for s in range(1, 5)] == [b[s] for s in range(1, 5)]
+
+
+def test_microbatches_and_meshes_equal_the_full_batch(base_run, files, tmp_path, eight_devices):
+    """Full fine-tuning (the base kept as the frozen reference): 2 microbatches of whole pairs on
+    a data x fsdp x tensor mesh and one device give the full batch's loss and gradients."""
+    full = ROOT / "configs" / "finetune_full.yaml"
+    rows = open_pairs(f"pref:{files['pairs']}", "train", load_run(base_run).tokenizer, 64, 0.2)
+    batch = {k: np.concatenate([rows[i][k] for i in range(4)]) for k in rows[0]}
+    rng = np.random.default_rng(1)
+
+    def grads_and_loss(program: Program, n: int, host_params=None) -> tuple:
+        trainee = program.trainee
+        params = program.init().params
+        if host_params is None:
+            host_params = jax.tree.map(lambda x: x + 0.02 * rng.normal(size=x.shape).astype(x.dtype),
+                                       jax.device_get(params))
+        fn = functools.partial(preference_grads, graphdef=trainee.graphdef,
+                               objective=trainee.objective, reference=trainee.reference_model,
+                               microbatches=n)
+        grads, loss, metrics = jax.jit(under_activation_sharding(fn, program.mesh, program.rules))(
+            jax.device_put(host_params, trainee.shardings.params), program.global_batch(batch),
+            trainee.step_frozen())
+        return host_params, jax.device_get((grads, loss, metrics))
+
+    sharded = Program(dpo_config(tmp_path / "a", base_run, files, "mesh.tensor=2", "mesh.fsdp=2",
+                                 "train.microbatches=2", preset=full))
+    host_params, (whole_grads, whole_loss, whole_metrics) = grads_and_loss(sharded, 1)
+    assert whole_metrics["reward_margin"] != 0.0  # the policy differs from the reference
+    one = dpo_config(tmp_path / "b", base_run, files, "mesh.data=1", "mesh.tensor=1", preset=full,
+                     devices=1)
+    for program, n in ((sharded, 2), (Program(one, devices=eight_devices[:1]), 1)):
+        _, (grads, loss, metrics) = grads_and_loss(program, n, host_params)
+        assert abs(loss - whole_loss) < 1e-5 * abs(whole_loss)
+        for key, value in metrics.items():
+            assert abs(value - whole_metrics[key]) <= 1e-4 * max(1.0, abs(whole_metrics[key])), key
+        for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(whole_grads), strict=True):
+            assert reference.relative_error(a, b) < 1e-4
+
+
+# ----------------------------------------------------------------------------------- bad input
+
+BAD_LINES = {
+    "invalid JSON": ('{"prompt": "hi", "chosen": "a"', "invalid JSON"),
+    "no prompt": ('{"chosen": "a", "rejected": "b"}', "has no prompt"),
+    "no chosen": ('{"prompt": "hi", "rejected": "b"}', "has no field 'chosen'"),
+    "no rejected": ('{"prompt": "hi", "chosen": "a"}', "has no field 'rejected'"),
+    "same": ('{"prompt": "hi", "chosen": "a", "rejected": "a"}', "chosen equals rejected"),
+    "empty": ('{"prompt": "hi", "chosen": " ", "rejected": "b"}', "chosen is an empty response"),
+}
+
+
+def test_bad_pairs_fail_with_one_line_naming_file_and_line(files, base_run, tmp_path):
+    tokenizer = HFTokenizer.from_path(files["tok"])
+    good = json.dumps({"prompt": "hi", "chosen": "a", "rejected": "b"})
+    for name, (line, message) in BAD_LINES.items():
+        path = tmp_path / f"{name.replace(' ', '_')}.jsonl"
+        path.write_text(f"{good}\n\n{line}\n{good}\n")
+        with pytest.raises(ValueError) as e:
+            open_pairs(f"pref:{path}", "train", tokenizer, 64, 0.2)
+        assert str(e.value).startswith(f"{path}:3") and message in str(e.value), str(e.value)
+        assert "\n" not in str(e.value)
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(good.encode() + b"\n" + '{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}'
+                     .encode("latin-1") + b"\n")
+    with pytest.raises(ValueError, match=rf"^{path}:2 is not UTF-8"):
+        open_pairs(f"pref:{path}", "train", tokenizer, 64, 0.2)
+    with pytest.raises(ValueError, match="needs a tokenizer with a chat template"):
+        open_pairs(f"pref:{files['pairs']}", "train", ByteTokenizer(), 64, 0.2)
+
+    # through the command: one error line, before anything compiles or trains
+    bad = tmp_path / "same.jsonl"
+    run_dir = tmp_path / "run"
+    result = run_in_process(finetune_main, f"finetune.base={base_run}", f"run.dir={run_dir}",
+                            f"data.source=pref:{bad}", "finetune.objective=dpo", *QUIET)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"error: data: {bad}:3: chosen equals rejected"), lines[0]
+    assert not (run_dir / "checkpoints").exists() or not any((run_dir / "checkpoints").iterdir())
+
+
+def test_bad_preference_settings_are_config_errors(base_run, files, tmp_path):
+    cases = {
+        "finetune.dpo_beta": ["finetune.dpo_beta=0"],
+        "finetune.dpo_label_smoothing": ["finetune.dpo_label_smoothing=0.5"],
+        "finetune.simpo_gamma": ["finetune.objective=simpo", "finetune.simpo_gamma=-1"],
+        "data.source": [f"data.source=text:{files['text']}"],
+    }
+    for key, overrides in cases.items():
+        with pytest.raises(ConfigError) as e:
+            dpo_config(tmp_path / "ft", base_run, files, *overrides)
+        assert e.value.key == key, str(e.value)
+    with pytest.raises(ConfigError, match="set finetune.objective=dpo or simpo") as e:
+        dpo_config(tmp_path / "ft", base_run, files, "finetune.objective=sft")
+    assert e.value.key == "data.source"
