@@ -18,6 +18,7 @@ import functools
 import json
 import math
 import re
+import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence, Sized
 from typing import Any
@@ -219,16 +220,27 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
         return wrapped
 
 
+# The markers ``{% generation %}`` blocks write around their output while `render_chat_spans` runs
+# (a fresh random pair per rendering, so a conversation's text cannot forge them); "" otherwise.
+_MARKERS: contextvars.ContextVar[tuple[str, str] | None] = contextvars.ContextVar("chat_markers",
+                                                                                  default=None)
+
+
 class _GenerationTag(Extension):
     """``{% generation %}...{% endgeneration %}`` (marks assistant text for training masks in some
-    templates): rendered as its body."""
+    templates): rendered as its body, between two markers while `render_chat_spans` records spans."""
 
     tags = {"generation"}
 
     def parse(self, parser: Any) -> jinja2.nodes.Node:
         lineno = next(parser.stream).lineno
         body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-        return jinja2.nodes.Scope(body).set_lineno(lineno)
+        mark = [nodes.Output([self.call_method("_marker", [nodes.Const(side)])]) for side in (0, 1)]
+        return jinja2.nodes.Scope([mark[0], *body, mark[1]]).set_lineno(lineno)
+
+    def _marker(self, side: int) -> str:
+        markers = _MARKERS.get()
+        return markers[side] if markers else ""
 
 
 def _raise_exception(message: str) -> None:
@@ -323,3 +335,37 @@ def _cut_at_tag(text: str) -> str:
                          "cannot be continued")
     at = text.rindex(CONTINUE_TAG.strip())
     return text[:at] if text[at:at + len(CONTINUE_TAG)] == CONTINUE_TAG else text[:at].rstrip()
+
+
+def render_chat_spans(template: str, messages: Sequence[Mapping[str, Any]], *,
+                      special_tokens: Mapping[str, str | None] | None = None,
+                      **extra: Any) -> tuple[str, list[tuple[int, int]]]:
+    """(the text of ``messages`` without a generation prompt, the character spans [start, end) the
+    template's ``{% generation %}`` blocks wrote; [] when it has none). The text equals
+    `render_chat`'s. ValueError as `render_chat`, or for blocks that nest or do not close."""
+    nonce = secrets.token_hex(8)
+    markers = (f"\ue000{nonce}<", f"\ue000{nonce}>")  # private-use character + a random nonce
+    token = _MARKERS.set(markers)
+    try:
+        marked = render_chat(template, messages, add_generation_prompt=False,
+                             special_tokens=special_tokens, **extra)
+    finally:
+        _MARKERS.reset(token)
+    pieces = re.split(f"({re.escape(markers[0])}|{re.escape(markers[1])})", marked)
+    text, spans, start = [], [], None
+    length = 0
+    for piece in pieces:
+        if piece in markers:
+            if (piece == markers[0]) != (start is None):
+                raise ValueError("chat template: {% generation %} blocks nest or do not close")
+            if piece == markers[0]:
+                start = length
+            else:
+                spans.append((start, length))
+                start = None
+        else:
+            text.append(piece)
+            length += len(piece)
+    if start is not None:
+        raise ValueError("chat template: {% generation %} blocks nest or do not close")
+    return "".join(text), [s for s in spans if s[1] > s[0]]

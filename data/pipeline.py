@@ -4,9 +4,11 @@ stream. Iterator state is a small dict that resumes exactly (saved in every chec
 
 Each document becomes ``[bos] + tokens + [eos]`` (either omitted if the tokenizer has none), shifted
 into (inputs, targets) pairs, cut into chunks of at most ``seq_len`` pairs, and the chunks are
-first-fit packed into rows. A target never comes from another document; padding has weight 0.
-Documents come from a random-access source (text, or token ids from a token cache), a streamed source
-or a weighted `Mixture` of them.
+first-fit packed into rows. A target never comes from another document; padding has weight 0, every
+other target of a text weight 1. A conversation (`MaskedIds`, from a ``chat:`` source) is one chunk,
+cut to one row (`data.chat_data.training_row`), its targets weighted by its assistant mask.
+Documents come from a random-access source (text, token ids from a token cache, conversations), a
+streamed source or a weighted `Mixture` of them.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 import grain
 import numpy as np
 
+from data.chat_data import MaskedIds, training_row
 from data.hf_sources import StreamedDocuments
 from data.mixture import Mixture
 from data.streaming import stream_documents
@@ -26,8 +29,8 @@ from data.tokenizer import Tokenizer
 
 Row = dict[str, np.ndarray]
 # What the pipeline reads: documents as text or as token ids (`document_ids`, from a token cache),
-# indexed or streamed, or a weighted mixture of such sources.
-Documents = Sequence[str] | Sequence[np.ndarray] | StreamedDocuments | Mixture
+# conversations (ids and assistant mask), indexed or streamed, or a weighted mixture of such sources.
+Documents = Sequence[str] | Sequence[np.ndarray] | Sequence[MaskedIds] | StreamedDocuments | Mixture
 # Documents are read on the consuming thread: reading is cheap next to tokenizing, and grain's
 # default read-ahead pool costs more per element (it polls its whole buffer) than it saves.
 READ_OPTIONS = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
@@ -51,33 +54,38 @@ class _Tokenize(grain.transforms.Map):
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
 
-    def map(self, document: str | np.ndarray) -> np.ndarray:
-        if isinstance(document, np.ndarray):  # already `document_ids` (a token cache's record)
+    def map(self, document: str | np.ndarray | MaskedIds) -> np.ndarray | MaskedIds:
+        if isinstance(document, (np.ndarray, MaskedIds)):  # a token cache's record; a conversation
             return document
         return document_ids(self.tokenizer, document)
 
 
 class _ChunkPairs(grain.experimental.FlatMapTransform):
-    """One document's ids -> chunks of (inputs, targets) of at most ``seq_len`` positions."""
+    """One document's ids -> chunks of (inputs, targets, target weights) of at most ``seq_len``
+    positions; a conversation -> its one row, or nothing (`training_row`)."""
 
     def __init__(self, seq_len: int, max_document_tokens: int):
         self.seq_len = seq_len
         self.max_fan_out = -(-max_document_tokens // seq_len)
 
-    def flat_map(self, ids: np.ndarray) -> Sequence[Row]:
+    def flat_map(self, ids: np.ndarray | MaskedIds) -> Sequence[Row]:
+        if isinstance(ids, MaskedIds):
+            row = training_row(ids, self.seq_len)
+            return [] if row is None else [dict(zip(("inputs", "targets", "weights"), row, strict=True))]
         inputs, targets = ids[:-1], ids[1:]
-        return [{"inputs": inputs[i: i + self.seq_len], "targets": targets[i: i + self.seq_len]}
+        return [{"inputs": inputs[i: i + self.seq_len], "targets": targets[i: i + self.seq_len],
+                 "weights": np.ones(len(targets[i: i + self.seq_len]), np.float32)}
                 for i in range(0, len(inputs), self.seq_len)]
 
 
 def _finish_row(row: Row) -> Row:
-    """Packed row -> model batch fields; weight 1 exactly on real (non-padding) targets."""
+    """Packed row -> model batch fields; the chunks' target weights (padding: 0)."""
     return {
         "inputs": row["inputs"].astype(np.int32),
         "targets": row["targets"].astype(np.int32),
         "segment_ids": row["inputs_segment_ids"].astype(np.int32),
         "positions": row["inputs_positions"].astype(np.int32),
-        "weights": (row["targets_segment_ids"] > 0).astype(np.float32),
+        "weights": row["weights"].astype(np.float32),
     }
 
 
@@ -89,8 +97,8 @@ def _packed_rows(docs: grain.IterDataset, tokenizer: Tokenizer, seq_len: int, bi
         chunks = grain.experimental.WindowShuffleIterDataset(chunks, window_size=shuffle_window,
                                                              seed=seed)
     packed = grain.experimental.FirstFitPackIterDataset(
-        chunks, length_struct={"inputs": seq_len, "targets": seq_len}, num_packing_bins=bins,
-        seed=seed, shuffle_bins=shuffle_bins)
+        chunks, length_struct={"inputs": seq_len, "targets": seq_len, "weights": seq_len},
+        num_packing_bins=bins, seed=seed, shuffle_bins=shuffle_bins)
     return packed.map(_finish_row)
 
 

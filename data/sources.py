@@ -88,6 +88,9 @@ def open_source(spec: str, split: Split, *, eval_fraction: float = 0.05, data_di
     if kind in ("hf", "hf-stream") and rest:  # datasets prepares data files under cache_dir/hf
         hf_cache = os.path.join(os.path.expanduser(cache_dir or DEFAULT_CACHE_DIR), "hf")
         return (hf_source if kind == "hf" else hf_stream_source)(rest, split, eval_fraction, hf_cache)
+    if kind == "chat":
+        raise ValueError(f"{spec!r} holds conversations: open it with its tokenizer "
+                         "(data.documents.open_documents)")
     raise ValueError(f"unknown data source {spec!r}: {SPEC_HELP}")
 
 

@@ -52,10 +52,10 @@ def open_documents_inputs(cfg: Config, tokenizer: Tokenizer, shard: Shard) -> tu
     d, t = cfg.data, cfg.train
     local_batch = t.batch_size // shard.count
     if shard.index == 0:  # process 0 prepares sources and token caches once; the others reuse them
-        train_docs, eval_docs = (open_split(d, split, tokenizer) for split in ("train", "eval"))
+        train_docs, eval_docs = (open_split(d, split, tokenizer, t.seq_len) for split in ("train", "eval"))
     sync_processes("meshlm: data sources prepared")
     if shard.index != 0:
-        train_docs, eval_docs = (open_split(d, split, tokenizer) for split in ("train", "eval"))
+        train_docs, eval_docs = (open_split(d, split, tokenizer, t.seq_len) for split in ("train", "eval"))
     iterator = iter(train_dataset(train_docs, tokenizer, seq_len=t.seq_len, batch_size=local_batch,
                                   seed=t.seed, shard=shard, streams=d.streams, prefetch=d.prefetch,
                                   shuffle_tokens=d.shuffle_tokens))
@@ -76,12 +76,13 @@ def open_pairs_inputs(cfg: Config, tokenizer: Tokenizer, shard: Shard) -> tuple[
                                        max_batches=t.eval_batches, shard=shard)
 
 
-def open_split(d: DataConfig, split: Split, tokenizer: Tokenizer) -> Documents:
+def open_split(d: DataConfig, split: Split, tokenizer: Tokenizer, seq_len: int = 0) -> Documents:
     """The documents of ``split`` that ``d`` names: its source or mixture, through the token cache when
-    ``data.token_cache`` is set. ValueError (one line) for data that cannot be read."""
+    ``data.token_cache`` is set (``seq_len``: the rows conversations must fit, `open_documents`).
+    ValueError (one line) for data that cannot be read."""
     return open_documents(d.source, d.mix, split, tokenizer, token_cache=d.token_cache,
                           eval_fraction=d.eval_fraction, data_dir=d.data_dir or None,
-                          cache_dir=d.cache_dir or None)
+                          cache_dir=d.cache_dir or None, seq_len=seq_len)
 
 
 def resume_position(iterator: Any, saved: list[dict[str, Any]], d: DataConfig) -> None:

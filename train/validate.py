@@ -10,6 +10,7 @@ from typing import Any
 import jax
 
 from core.errors import ConfigError
+from data.chat_data import CHAT, CHAT_CACHE_ERROR
 from data.mixture import parse_mix
 from data.tokenizer import vocab_size_of
 from model.config import ModelConfig
@@ -27,7 +28,7 @@ from train.config import (
 )
 from train.store import check_run_url
 
-SOURCE_KINDS = ("text:", "jsonl:", "tfds:", "parquet:", "hf:", "hf-stream:", "pref:")
+SOURCE_KINDS = ("text:", "jsonl:", "tfds:", "parquet:", "hf:", "hf-stream:", "pref:", "chat:")
 WANDB_FORBIDDEN = "/\\#?%:"  # W&B refuses project names with these (wandb/sdk/wandb_settings.py)
 
 
@@ -161,7 +162,9 @@ def check_sources(d: DataConfig) -> None:
         if not (spec == "stdlib" or spec.startswith(SOURCE_KINDS)):
             raise ConfigError("data.mix" if d.mix else "data.source",
                               f"expected stdlib, text:GLOB, jsonl:GLOB[:FIELD], tfds:NAME, "
-                              f"parquet:GLOB, hf:PATH, hf-stream:PATH or pref:GLOB, got {spec!r}")
+                              f"parquet:GLOB, hf:PATH, hf-stream:PATH, chat:GLOB or pref:GLOB, got {spec!r}")
+    if d.token_cache and any(spec.startswith(CHAT) for spec in specs):
+        raise ConfigError("data.token_cache", CHAT_CACHE_ERROR)
 
 
 def check_objective(cfg: Config) -> None:
