@@ -21,7 +21,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from data.chat_data import MaskedIds, training_row
+from data.chat_data import ChatDocuments, MaskedIds, training_row
 from data.hf_sources import StreamedDocuments
 from data.mixture import Mixture
 from data.streaming import stream_documents
@@ -125,16 +125,23 @@ def _stream_documents(source: Documents, stream: int, streams: int, seed: int) -
     return docs[stream::streams].shuffle(seed=seed).repeat().to_iter_dataset(READ_OPTIONS)
 
 
+def _has_multi_chunk_documents(source: Documents) -> bool:
+    """Whether a document of ``source`` may give several chunks (a conversation gives one at most)."""
+    if isinstance(source, Mixture):
+        return any(_has_multi_chunk_documents(part) for part in source.sources)
+    return not isinstance(source, ChatDocuments)
+
+
 def train_dataset(source: Documents, tokenizer: Tokenizer, *, seq_len: int, batch_size: int,
                   seed: int, shard: Shard = Shard(), streams: int = 8, prefetch: int = 2,
                   shuffle_tokens: int = 1 << 20) -> grain.IterDataset:
     """Endless packed training batches of this process's ``batch_size`` rows.
 
-    The data is split into ``streams`` independent streams (documents ``s::streams``), each
-    shuffling its documents with a new permutation every epoch and its ``seq_len`` chunks again
-    within windows, so a batch mixes many documents. Every global batch takes the same number of
-    rows from each stream, and process ``shard.index`` runs streams ``s % shard.count ==
-    shard.index``: the global batches are the same (up to row order) for any process count that
+    The data is split into ``streams`` independent streams (documents ``s::streams``), each shuffling
+    its documents with a new permutation every epoch and its ``seq_len`` chunks again within windows, so
+    a batch mixes many documents (conversations, one chunk each: no window). Every global batch takes
+    the same number of rows from each stream, and process ``shard.index`` runs streams ``s % shard.count
+    == shard.index``: the global batches are the same (up to row order) for any process count that
     divides ``streams``. ``prefetch`` > 0 prepares that many batches in a background thread.
     """
     mine = [s for s in range(streams) if s % shard.count == shard.index]
@@ -142,7 +149,12 @@ def train_dataset(source: Documents, tokenizer: Tokenizer, *, seq_len: int, batc
         raise ValueError(f"data: {streams} streams cannot be split evenly over {shard.count} "
                          f"processes of {batch_size} rows each")
     rows_per_stream = batch_size // len(mine)
-    window = max(shuffle_tokens // streams // seq_len, rows_per_stream)
+    # The window shuffle only separates the consecutive chunks of one document. Conversations are one
+    # chunk each and already in a new order every epoch: without it, since filling a window of
+    # thousands of chunks from a stream of a few conversations reads hundreds of epochs, and grain's
+    # per-epoch shuffle of a handful of documents costs milliseconds per document read.
+    window = (max(shuffle_tokens // streams // seq_len, rows_per_stream)
+              if _has_multi_chunk_documents(source) else 0)
     components = {}
     for s in mine:
         stream_seed = _stream_seed(seed, s)

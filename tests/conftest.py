@@ -56,6 +56,35 @@ def tiny_run(eight_devices, tmp_path_factory) -> tuple:
 
 
 @pytest.fixture(scope="session")
+def chat_run(tiny_run, tmp_path_factory) -> tuple:
+    """(run directory, tokenizer directory): the shared tiny run's weights saved as a step-0 run of
+    their own with a byte-level BPE whose chat template ends its generation prompt with a newline
+    (tests/helpers.py: tiny_tokenizer): the base of the chat SFT and preference fine-tunes."""
+    import dataclasses
+    import json
+
+    from convert.checkpoints import save_params
+    from data.hf_tokenizer import HFTokenizer
+    from inference.load import load_run
+    from tests.helpers import tiny_tokenizer
+
+    root = tmp_path_factory.mktemp("chat_run")
+    tok = tiny_tokenizer(root / "tok")
+    config = json.loads((tok / "tokenizer_config.json").read_text())
+    # a newline, which byte-level BPE never merges into the reply's first word
+    config["chat_template"] = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>"
+                               "{% endfor %}{% if add_generation_prompt %}<s>assistant\n{% endif %}")
+    (tok / "tokenizer_config.json").write_text(json.dumps(config))
+    run = load_run(tiny_run[0])
+    run_dir = root / "base"
+    cfg = dataclasses.replace(run.cfg, data=dataclasses.replace(run.cfg.data, tokenizer=f"hf:{tok}"),
+                              run=dataclasses.replace(run.cfg.run, dir=str(run_dir)))
+    run_dir.mkdir()
+    save_params(run_dir, cfg, run.params, HFTokenizer.from_path(tok), {})
+    return run_dir, tok
+
+
+@pytest.fixture(scope="session")
 def s3_server() -> Iterator[str]:
     """A real S3 server on a free localhost port (moto's, in a thread of this process) with one
     bucket; yields its URL. Its endpoint and made-up credentials are in the environment for this

@@ -2,7 +2,8 @@
 a hand-labelled one for SmolLM2's ChatML (the real GGUF tokenizer), Llama 3.2's and Gemma 3's
 templates (tests/data/chat_templates/); ``{% generation %}`` markers give the turn-by-turn mask; the
 loss of packed conversations is the masked mean of plain forward passes; long conversations are cut
-to one row and dropped without an assistant token; bad data is one line naming its file and line."""
+to one row and dropped without an assistant token; bad data is one line naming its file and line;
+a LoRA fine-tune through `train.finetune` trains, and its evaluation loss covers only assistant tokens."""
 
 from __future__ import annotations
 
@@ -227,3 +228,45 @@ def test_cli_bad_chat_line_is_one_error_line(eight_devices, tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [
         f"error: data: {path}:2: the conversation has no assistant turn"]
+
+
+def test_lora_finetune_on_chat_trains_on_assistant_tokens_only(chat_run, tmp_path):
+    """`train.finetune` with LoRA on a chat file, from the session's chat base (tests/conftest.py:
+    the tiny run's weights with a chat-template tokenizer): finite losses, a final checkpoint, and
+    an evaluation loss that is the masked mean of the merged model's plain forward passes over the
+    held-out conversations' assistant tokens (the users' tokens are not in it)."""
+    from cli.finetune import main as finetune_main
+    from data.tokenizer import make_tokenizer
+    from tests.helpers import losses_of, meshlm_logits, run_in_process
+    from train.merge import merge_run
+    from train.run_dir import RunDir
+
+    base_dir, tok_dir = chat_run
+    tok = make_tokenizer(f"hf:{tok_dir}")
+    chats = [[{"role": "user", "content": f"a dog {i}"},
+              {"role": "assistant", "content": "the cat sat on the mat"},
+              {"role": "user", "content": "hello"}, {"role": "assistant", "content": "world " * (i % 3 + 1)}]
+             for i in range(16)]
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": c} for c in chats])
+    data = (f"data.source=chat:{path}", "data.eval_fraction=0.25", "train.seq_len=64",
+            "train.log_every=1", "run.tensorboard=false", "finetune.lora_targets=q,v")
+    ft = run_in_process(finetune_main, f"finetune.base={base_dir}",
+                        f"run.dir={tmp_path / 'ft'}", *data, "train.steps=2", "train.eval_batches=0",
+                        "optim.warmup_steps=1", "optim.lr=3e-2")
+    assert ft.returncode == 0, ft.stderr
+    losses = losses_of(tmp_path / "ft")
+    assert sorted(losses) == [1, 2] and all(np.isfinite(list(losses.values())))
+    assert RunDir(tmp_path / "ft").committed_steps() == [2]
+    eval_loss = [json.loads(line)["eval_loss"] for line in
+                 (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines() if "eval_loss" in line]
+    merge_run(tmp_path / "ft", tmp_path / "merged")
+    held_out = chat_source(path, "eval", tok, 0.25)
+    width = max(len(d.ids) for d in held_out)
+    ids = np.stack([np.pad(d.ids, (0, width - len(d.ids))) for d in held_out])
+    mask = np.stack([np.pad(d.mask, (0, width - len(d.mask))) for d in held_out])[:, 1:]
+    logits = meshlm_logits(tmp_path / "merged", ids[:, :-1]).astype(np.float64)
+    shifted = logits - logits.max(-1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    nll = -np.take_along_axis(log_probs, ids[:, 1:, None], -1)[..., 0]
+    assert len(held_out) >= 2 and 0 < mask.sum() < (ids[:, 1:] > 0).sum()
+    np.testing.assert_allclose(eval_loss[-1], (nll * mask).sum() / mask.sum(), rtol=1e-4)

@@ -28,22 +28,29 @@ DEFAULT_PRESET = CONFIG_DIR / "default.yaml"
 class DataConfig:
     """Where text comes from and how it becomes tokens.
 
-    source: ``stdlib`` (the installed Python standard library's .py files, present on every
-    machine), ``text:GLOB`` (local UTF-8 text files, prepared once into ArrayRecord by a
-    tensorflow-datasets builder) or ``tfds:NAME[:SPLIT[:FIELD]]`` (a tfds catalog dataset read from
-    ``data_dir``), or ``jsonl:GLOB[:FIELD]`` (one document per JSON line, its FIELD, default
-    ``text``), ``parquet:GLOB[:FIELD]`` (a string column of parquet files, through pyarrow),
+    source: ``stdlib`` (the installed Python standard library's .py files, present on every machine),
+    ``text:GLOB`` (local UTF-8 text files, prepared once into ArrayRecord by a tensorflow-datasets
+    builder) or ``tfds:NAME[:SPLIT[:FIELD]]`` (a tfds catalog dataset read from ``data_dir``), or
+    ``jsonl:GLOB[:FIELD]`` (one document per JSON line, its FIELD, default ``text``),
+    ``parquet:GLOB[:FIELD]`` (a string column of parquet files, through pyarrow),
     ``hf:PATH[:SPLIT[:FIELD]]`` (a Hugging Face ``datasets`` directory, saved or of data files, or
-    parquet/JSON-lines/Arrow/CSV data files) or ``hf-stream:PATH[:SPLIT[:FIELD]]`` (the same data
-    files streamed, never indexed). mix: ``SPEC:WEIGHT,...`` draws documents from several sources
-    by weight, in place of ``source``. tokenizer: ``byte``, ``sentencepiece:PATH.model``, ``hf:PATH``
-    (a Hugging Face tokenizer.json or its directory) or ``run:RUN_DIR`` (the tokenizer saved in a run,
-    e.g. an import). token_cache: documents are tokenized once into ArrayRecord under ``cache_dir``
-    and read as ids by later runs (the same batches).
+    parquet/JSON-lines/Arrow/CSV data files) or ``hf-stream:PATH[:SPLIT[:FIELD]]`` (the same data files
+    streamed, never indexed), or ``chat:GLOB[:FIELD]`` (conversations for supervised fine-tuning:
+    JSON-lines or parquet files, by extension, whose FIELD, default ``messages``, is an OpenAI-style
+    list of role/content messages; each rendered with the tokenizer's chat template and validated when
+    opened, a bad record one error line naming its file and line; only the assistant's tokens are
+    trained, from the template's ``{% generation %}`` blocks or else turn by turn; one conversation is
+    one row, cut on the right to ``train.seq_len + 1`` tokens and dropped with no assistant token left;
+    ``token_cache`` is refused). mix: ``SPEC:WEIGHT,...`` draws documents from several sources by
+    weight, in place of ``source``. tokenizer: ``byte``, ``sentencepiece:PATH.model``, ``hf:PATH`` (a
+    Hugging Face tokenizer.json or its directory) or ``run:RUN_DIR`` (the tokenizer saved in a run, e.g.
+    an import). token_cache: documents are tokenized once into ArrayRecord under ``cache_dir`` and read
+    as ids by later runs (the same batches).
     """
 
     source: str = option("stdlib", "stdlib, text:GLOB, jsonl:GLOB[:FIELD], tfds:NAME[:SPLIT[:FIELD]], "
-                         "parquet:GLOB[:FIELD], hf:PATH[:SPLIT[:FIELD]] or hf-stream:PATH[:SPLIT[:FIELD]]")
+                         "parquet:GLOB[:FIELD], hf:PATH[:SPLIT[:FIELD]], hf-stream:PATH[:SPLIT[:FIELD]] or "
+                         "chat:GLOB[:FIELD] (conversations; only assistant tokens trained)")
     mix: str = option("", "SPEC:WEIGHT,SPEC:WEIGHT,...: documents drawn from these sources by weight, "
                       "in place of data.source (empty: data.source alone)")
     tokenizer: str = option("byte", "byte, sentencepiece:PATH.model, hf:PATH or run:RUN_DIR")
