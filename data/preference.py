@@ -3,12 +3,13 @@
 rendered with the run's chat template, validated at open time, and served as batches of pairs.
 
 A pair becomes two rows, (prompt + chosen, prompt + rejected), each padded to ``seq_len``
-(inputs, targets, weights, segment ids, positions) with weight 1 on the response's targets only.
+(inputs, targets, weights, segment ids, positions) with weight 1 on the response's trained tokens
+only: chat SFT's rule (``data.chat_data.render_conversation``), the tokens inside the reply's span.
 Rows are never packed: the loss needs each response's summed log-probability, and one sequence per
 row keeps that a plain row sum with both rows of a pair side by side (row 2k chosen, 2k+1 rejected);
 the price is the padding. Truncation: a row holds ``seq_len + 1`` tokens; the prompt is cut from the
 left (never below half of them, and by the same amount in both rows of a pair), then each response
-from the right; a pair left without a response token in either row is dropped.
+from the right; a pair left without a trained response token in either row is dropped.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 import grain
 import numpy as np
 
+from data.chat_data import render_conversation
 from data.hf_sources import held_out_names, matching_files
 from data.pipeline import READ_OPTIONS, Row, Shard
 from data.tokenizer import Tokenizer
@@ -32,11 +34,14 @@ ONE_PROCESS = Shard()
 
 @dataclasses.dataclass(frozen=True)
 class Pair:
-    """One preference example as token ids: the rendered prompt and the two responses after it."""
+    """One preference example as token ids: the rendered prompt and the two responses after it,
+    each with the mask of its trained tokens (bool)."""
 
     prompt: np.ndarray
     chosen: np.ndarray
     rejected: np.ndarray
+    chosen_mask: np.ndarray
+    rejected_mask: np.ndarray
 
 
 def _messages(value: Any, where: str, what: str) -> list[dict[str, Any]]:
@@ -89,22 +94,32 @@ def parse_record(line: bytes, where: str) -> tuple[list[dict[str, Any]], str, st
     return messages, chosen, rejected
 
 
+def _last_turn_start(mask: np.ndarray) -> int:
+    """Where the last run of True in ``mask`` (the final assistant turn's tokens) begins."""
+    before = np.flatnonzero(~mask[:np.flatnonzero(mask)[-1]])
+    return int(before[-1]) + 1 if len(before) else 0
+
+
 def encode_pair(tokenizer: Tokenizer, messages: Sequence[Mapping[str, Any]], chosen: str,
                 rejected: str, where: str) -> Pair:
-    """The pair's ids by the chat template: prompt = the messages with a generation prompt, each
-    response = what the conversation with it as the assistant's reply adds after the prompt."""
-    prompt = tokenizer.encode_chat(messages, add_generation_prompt=True)
-    responses = []
+    """The pair's ids by the chat template, with chat SFT's rule (``data.chat_data``): each
+    conversation (the messages, then the response as the assistant's reply) is rendered whole and
+    only the tokens lying inside the reply's span are trained. The prompt is the tokens both
+    renderings share before their replies begin; a token that straddles the generation prompt and
+    the reply (a template whose generation prompt ends in a space) stays in its response, untrained."""
+    rendered = []
     for name, text in (("chosen", chosen), ("rejected", rejected)):
-        ids = tokenizer.encode_chat([*messages, {"role": "assistant", "content": text}],
-                                    add_generation_prompt=False)
-        if ids[:len(prompt)] != prompt:
-            raise ValueError(f"{where}: the chat template's rendering with the {name} reply does "
-                             "not start with the rendered prompt")
-        if len(ids) == len(prompt):
+        ids, mask = render_conversation(tokenizer, [*messages, {"role": "assistant", "content": text}])
+        if not mask.any():
             raise ValueError(f"{where}: {name} renders to no tokens")
-        responses.append(np.asarray(ids[len(prompt):], np.int32))
-    return Pair(np.asarray(prompt, np.int32), *responses)
+        rendered.append((ids, mask))
+    (ids_c, mask_c), (ids_r, mask_r) = rendered
+    shared = min(len(ids_c), len(ids_r))
+    differ = np.flatnonzero(ids_c[:shared] != ids_r[:shared])
+    prompt_len = min(int(differ[0]) if len(differ) else shared,
+                     _last_turn_start(mask_c), _last_turn_start(mask_r))
+    return Pair(ids_c[:prompt_len], ids_c[prompt_len:], ids_r[prompt_len:],
+                mask_c[prompt_len:], mask_r[prompt_len:])
 
 
 def read_pairs(pattern: str, tokenizer: Tokenizer, spec: str) -> tuple[list[Pair], list[str]]:
@@ -139,9 +154,9 @@ def pair_rows(pair: Pair, seq_len: int) -> Row | None:
     prompt = pair.prompt[len(pair.prompt) - keep_prompt:]
     rows: dict[str, list[np.ndarray]] = {k: [] for k in
                                          ("inputs", "targets", "weights", "segment_ids", "positions")}
-    for response in (pair.chosen, pair.rejected):
-        response = response[:budget - keep_prompt]
-        if keep_prompt == 0 or len(response) == 0:
+    for response, mask in ((pair.chosen, pair.chosen_mask), (pair.rejected, pair.rejected_mask)):
+        response, mask = response[:budget - keep_prompt], mask[:budget - keep_prompt]
+        if keep_prompt == 0 or not mask.any():
             return None
         ids = np.concatenate([prompt, response])
         n = len(ids) - 1  # real (input, target) positions
@@ -149,7 +164,7 @@ def pair_rows(pair: Pair, seq_len: int) -> Row | None:
         rows["inputs"].append(np.pad(ids[:-1], (0, pad)))
         rows["targets"].append(np.pad(ids[1:], (0, pad)))
         weights = np.zeros(seq_len, np.float32)
-        weights[keep_prompt - 1:n] = 1.0  # the targets that are response tokens
+        weights[keep_prompt - 1:n] = mask  # the targets that are trained response tokens
         rows["weights"].append(weights)
         rows["segment_ids"].append((np.arange(seq_len) < n).astype(np.int32))
         rows["positions"].append(np.arange(seq_len, dtype=np.int32))

@@ -21,7 +21,7 @@ from data.tokenizer import ByteTokenizer
 from inference.load import load_run
 from sharding.constrain import under_activation_sharding
 from tests import reference
-from tests.helpers import losses_of, run_in_process, small_text, tiny_config, tiny_tokenizer
+from tests.helpers import losses_of, run_in_process, small_text, tiny_tokenizer
 from train.finetune_config import load_run_config
 from train.loop import train
 from train.preference import preference_grads
@@ -35,8 +35,9 @@ GOOD, BAD = "the cat sat on the mat", "a dog bites a man"
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory) -> dict[str, Path]:
-    """A tokenizer with a chat template, a base text and 24 pairs (chosen: always GOOD)."""
+def files(chat_run, tmp_path_factory) -> dict[str, Path]:
+    """The chat tokenizer (tests/conftest.py: chat_run), a base text and 24 pairs (chosen: always
+    GOOD)."""
     root = tmp_path_factory.mktemp("dpo")
     lines = [{"prompt": f"hello world {i}", "chosen": GOOD + f" {i % 3}", "rejected": BAD}
              for i in range(16)]
@@ -44,28 +45,19 @@ def files(tmp_path_factory) -> dict[str, Path]:
                "chosen": [{"role": "assistant", "content": GOOD}], "rejected": f"a man {i}"}
               for i in range(8)]
     (root / "pairs.jsonl").write_text("\n".join(map(json.dumps, lines)) + "\n")
-    tok = tiny_tokenizer(root / "tok")
-    config = json.loads((tok / "tokenizer_config.json").read_text())
-    # the prompt ends with a newline, which byte-level BPE never merges into the reply's first word
-    config["chat_template"] = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>"
-                               "{% endfor %}{% if add_generation_prompt %}<s>assistant\n{% endif %}")
-    (tok / "tokenizer_config.json").write_text(json.dumps(config))
-    return {"tok": tok, "text": Path(small_text(root / "text")),
+    return {"tok": chat_run[1], "text": Path(small_text(root / "text")),
             "pairs": root / "pairs.jsonl", "root": root}
 
 
 @pytest.fixture(scope="module")
-def base_run(eight_devices, files) -> Path:
-    """A dense base (d_model 32) with the chat tokenizer, 1 step."""
-    run_dir = files["root"] / "base"
-    train(tiny_config(run_dir, *QUIET, "model.d_model=32", "model.mlp_dim=64", "train.steps=1",
-                      f"data.source=text:{files['text']}", f"data.tokenizer=hf:{files['tok']}",
-                      f"data.cache_dir={files['root'] / 'cache'}"))
-    return run_dir
+def base_run(chat_run) -> Path:
+    """The session's chat base run (tests/conftest.py: the tiny run's weights, the chat tokenizer)."""
+    return chat_run[0]
 
 
 def dpo_config(run_dir: Path, base: Path, files: dict, *extra: str, preset=None, devices: int = 8):
-    cfg = load_run_config(preset, [f"finetune.base={base}", f"run.dir={run_dir}", *QUIET,
+    lora = () if preset else ("finetune.lora_targets=q,v",)  # fewer adapters: quicker to compile
+    cfg = load_run_config(preset, [f"finetune.base={base}", f"run.dir={run_dir}", *QUIET, *lora,
                                    f"data.source=pref:{files['pairs']}", "finetune.objective=dpo",
                                    "train.seq_len=64", "train.batch_size=8", "mesh.data=2",
                                    "mesh.tensor=4", "data.eval_fraction=0.2",
@@ -105,10 +97,10 @@ def test_losses_are_the_hand_computation(base_run, files, tmp_path):
         program.trainee.frozen = trainee.frozen
     rows = open_pairs(f"pref:{files['pairs']}", "train", load_run(base_run).tokenizer, 64, 0.2)
     batch = {k: np.concatenate([rows[i][k] for i in range(4)]) for k in rows[0]}
-    policy = jax.jit(lambda p, f, x: nnx.merge(trainee.eval_graphdef, p, f)(x))(
-        params, trainee.frozen, batch["inputs"])
     base = load_run(base_run)
-    ref = jax.jit(lambda p, x: nnx.merge(base.graphdef, p)(x))(base.params, batch["inputs"])
+    policy, ref = jax.jit(lambda p, f, b, x: (nnx.merge(trainee.eval_graphdef, p, f)(x),
+                                              nnx.merge(base.graphdef, b)(x)))(
+        params, trainee.frozen, base.params, batch["inputs"])
     logp, ref_logp = (sequence_logp(np.asarray(x), batch).reshape(-1, 2) for x in (policy, ref))
     lengths = batch["weights"].sum(-1).reshape(-1, 2)
     rewards = {"dpo": 0.5 * (logp - ref_logp), "cdpo": 0.5 * (logp - ref_logp),
@@ -226,6 +218,25 @@ def test_bad_pairs_fail_with_one_line_naming_file_and_line(files, base_run, tmp_
     assert result.returncode == 2 and len(lines) == 1, result.stderr
     assert lines[0].startswith(f"error: data: {bad}:3: chosen equals rejected"), lines[0]
     assert not (run_dir / "checkpoints").exists() or not any((run_dir / "checkpoints").iterdir())
+
+
+def test_a_token_across_the_generation_prompt_is_not_trained(tmp_path):
+    """tests/helpers.py's template ends its generation prompt in a space, which byte-level BPE merges
+    into the reply's first word: the rows hold the whole rendering, and only tokens inside the
+    reply are trained (chat SFT's rule), so that first token is context in both rows."""
+    tokenizer = HFTokenizer.from_path(tiny_tokenizer(tmp_path / "tok"))
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps({"prompt": "hello", "chosen": "the cat", "rejected": "a dog"}) + "\n")
+    rows = open_pairs(f"pref:{path}", "train", tokenizer, 32, 0.0)[0]
+    for row, reply in enumerate(("the cat", "a dog")):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "hello"},
+                                              {"role": "assistant", "content": reply}],
+                                             add_generation_prompt=False)
+        n = int(rows["segment_ids"][row].sum())
+        ids = np.concatenate([rows["inputs"][row][:1], rows["targets"][row][:n]])
+        assert ids.tolist() == tokenizer.encode(text)
+        trained = rows["targets"][row][rows["weights"][row] > 0]
+        assert tokenizer.decode(trained) == reply[reply.index(" "):] + "</s>"
 
 
 def test_bad_preference_settings_are_config_errors(base_run, files, tmp_path):
