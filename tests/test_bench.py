@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from bench import baby, checkpoint, longctx, train
+from bench.posttrain_task import make_task
 
 SHRINK = ["model.num_layers=1", "model.d_model=64", "model.num_heads=2", "model.num_kv_heads=2",
           "model.mlp_dim=128", "model.expert_mlp_dim=64", "model.max_seq_len=64", "train.seq_len=64"]
@@ -83,3 +84,14 @@ def test_longctx_measures_paths_and_fits_growth_exponents(tmp_path: Path, capsys
 def test_longctx_refuses_unknown_paths_and_lengths(args: list[str], message: str, capsys) -> None:
     assert longctx.main(args) == 2
     assert capsys.readouterr().err.startswith(message)
+
+
+def test_posttrain_task_is_seeded_and_held_out_questions_are_unseen() -> None:
+    train_set, held_out = make_task(3, 400, 50)
+    assert (train_set, held_out) == make_task(3, 400, 50)
+    assert make_task(4, 400, 50) != (train_set, held_out)
+    assert len(train_set) == 400 and len(held_out) == 50
+    assert not {p.question for p in train_set} & {p.question for p in held_out}
+    for p in train_set + held_out:
+        a, b = (int(w) for w in p.question.split("?")[0].split()[-3::2])
+        assert p.answer == str(a + b) and p.wrong != p.answer
