@@ -8,6 +8,7 @@ a LoRA fine-tune through `train.finetune` trains, and its evaluation loss covers
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -234,7 +235,9 @@ def test_lora_finetune_on_chat_trains_on_assistant_tokens_only(chat_run, tmp_pat
     """`train.finetune` with LoRA on a chat file, from the session's chat base (tests/conftest.py:
     the tiny run's weights with a chat-template tokenizer): finite losses, a final checkpoint, and
     an evaluation loss that is the masked mean of the merged model's plain forward passes over the
-    held-out conversations' assistant tokens (the users' tokens are not in it)."""
+    held-out conversations' assistant tokens (the users' tokens are not in it), and a resume from
+    the checkpoint of step 2 that logs the same losses, bit for bit (masks come back with the
+    input position)."""
     from cli.finetune import main as finetune_main
     from data.tokenizer import make_tokenizer
     from tests.helpers import losses_of, meshlm_logits, run_in_process
@@ -250,13 +253,18 @@ def test_lora_finetune_on_chat_trains_on_assistant_tokens_only(chat_run, tmp_pat
     path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": c} for c in chats])
     data = (f"data.source=chat:{path}", "data.eval_fraction=0.25", "train.seq_len=64",
             "train.log_every=1", "run.tensorboard=false", "finetune.lora_targets=q,v")
-    ft = run_in_process(finetune_main, f"finetune.base={base_dir}",
-                        f"run.dir={tmp_path / 'ft'}", *data, "train.steps=2", "train.eval_batches=0",
-                        "optim.warmup_steps=1", "optim.lr=3e-2")
+    args = (f"finetune.base={base_dir}", *data, "train.steps=4", "checkpoint.every=2",
+            "train.eval_batches=0", "optim.warmup_steps=1", "optim.lr=3e-2")
+    ft = run_in_process(finetune_main, f"run.dir={tmp_path / 'ft'}", *args)
     assert ft.returncode == 0, ft.stderr
     losses = losses_of(tmp_path / "ft")
-    assert sorted(losses) == [1, 2] and all(np.isfinite(list(losses.values())))
-    assert RunDir(tmp_path / "ft").committed_steps() == [2]
+    assert sorted(losses) == [1, 2, 3, 4] and all(np.isfinite(list(losses.values())))
+    assert RunDir(tmp_path / "ft").committed_steps() == [2, 4]
+    shutil.copytree(tmp_path / "ft", tmp_path / "resumed")  # the run as it was after step 2
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "4")
+    resumed = run_in_process(finetune_main, f"run.dir={tmp_path / 'resumed'}", *args)
+    assert resumed.returncode == 0, resumed.stderr
+    assert losses_of(tmp_path / "resumed") == losses
     eval_loss = [json.loads(line)["eval_loss"] for line in
                  (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines() if "eval_loss" in line]
     merge_run(tmp_path / "ft", tmp_path / "merged")
