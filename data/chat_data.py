@@ -161,8 +161,9 @@ class ChatDocuments:
         return f"ChatDocuments({self.name!r}, {len(self)} conversations)"
 
 
-def _jsonl_records(path: str, field: str) -> Iterator[tuple[str, Any]]:
-    """(``path:line``, the line's FIELD) of every non-blank line; ValueError naming the line."""
+def jsonl_records(path: str) -> Iterator[tuple[str, int, dict[str, Any]]]:
+    """(``path:line``, the line number, its JSON object) of every non-blank line of a JSON-lines
+    file; ValueError naming the line for bytes that are not UTF-8, invalid JSON or a non-object."""
     with open(path, "rb") as f:
         raw = f.read()
     for number, line in enumerate(raw.splitlines(), 1):
@@ -175,7 +176,15 @@ def _jsonl_records(path: str, field: str) -> Iterator[tuple[str, Any]]:
             raise ValueError(f"{where} is not UTF-8 (invalid byte at column {e.start + 1})") from None
         except ValueError:
             raise ValueError(f"{where} is not a JSON object (invalid JSON)") from None
-        if not isinstance(record, dict) or field not in record:
+        if not isinstance(record, dict):
+            raise ValueError(f"{where} is not a JSON object")
+        yield where, number, record
+
+
+def _jsonl_records(path: str, field: str) -> Iterator[tuple[str, Any]]:
+    """(``path:line``, the line's FIELD) of every non-blank line; ValueError naming the line."""
+    for where, _, record in jsonl_records(path):
+        if field not in record:
             raise ValueError(f"{where} has no field {field!r}")
         yield where, record[field]
 

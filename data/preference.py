@@ -15,15 +15,13 @@ from the right; a pair left without a trained response token in either row is dr
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import grain
 import numpy as np
 
-from data.chat_data import render_conversation
+from data.chat_data import jsonl_records, render_conversation
 from data.hf_sources import held_out_names, matching_files
 from data.pipeline import READ_OPTIONS, Row, Shard
 from data.tokenizer import Tokenizer
@@ -67,18 +65,9 @@ def _response(value: Any, where: str, name: str) -> str:
     return value
 
 
-def parse_record(line: bytes, where: str) -> tuple[list[dict[str, Any]], str, str]:
-    """(prompt messages, chosen text, rejected text) of one JSON line; ValueError naming ``where``."""
-    try:
-        text = line.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{where} is not UTF-8 (byte {e.start})") from None
-    try:
-        record = json.loads(text)
-    except ValueError:
-        raise ValueError(f"{where} is not a JSON object (invalid JSON)") from None
-    if not isinstance(record, dict):
-        raise ValueError(f"{where} is not a JSON object")
+def parse_record(record: dict[str, Any], where: str) -> tuple[list[dict[str, Any]], str, str]:
+    """(prompt messages, chosen text, rejected text) of one JSON line's object; ValueError naming
+    ``where``."""
     if "messages" in record:
         messages = _messages(record["messages"], where, "messages")
     elif isinstance(record.get("prompt"), str) and record["prompt"].strip():
@@ -130,16 +119,14 @@ def read_pairs(pattern: str, tokenizer: Tokenizer, spec: str) -> tuple[list[Pair
                          f"({getattr(tokenizer, 'kind', type(tokenizer).__name__)}) has none")
     pairs, names = [], []
     for path, key in matching_files(pattern, spec):
-        for number, line in enumerate(Path(path).read_bytes().splitlines(), 1):
-            if line.strip():
-                where = f"{path}:{number}"
-                try:
-                    pairs.append(encode_pair(tokenizer, *parse_record(line, where), where))
-                except ValueError as e:  # the template rejected the conversation
-                    message = str(e).splitlines()[0] if str(e).strip() else type(e).__name__
-                    raise ValueError(message if message.startswith(where) else
-                                     f"{where}: {message}") from None
-                names.append(f"{key}#{number}")
+        for where, number, record in jsonl_records(path):
+            try:
+                pairs.append(encode_pair(tokenizer, *parse_record(record, where), where))
+            except ValueError as e:  # the template rejected the conversation
+                message = str(e).splitlines()[0] if str(e).strip() else type(e).__name__
+                raise ValueError(message if message.startswith(where) else
+                                 f"{where}: {message}") from None
+            names.append(f"{key}#{number}")
     if not pairs:
         raise ValueError(f"{spec} holds no preference pairs")
     return pairs, names

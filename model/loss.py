@@ -99,15 +99,23 @@ def head_nll_sum(x_btd: jax.Array, w_vd: jax.Array, targets_bt: jax.Array, weigh
     return jnp.sum(token_nll(lm_logits(x_btd, w_vd, softcap), targets_bt) * weights_bt)
 
 
+def final_features(model: Any, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict, jax.Array]:
+    """(final features [B, T, D], the model's auxiliaries, float32 weights [B, T]) of a
+    ``Transformer`` on a batch, as `nll_sums` describes it (``rows`` keys the LoRA dropout masks;
+    weight-0 tokens are not routed to experts)."""
+    weights_bt = batch["weights"].astype(jnp.float32)
+    if "rows" in batch:
+        set_dropout_rows(model, batch["rows"])
+    x_btd, aux = model.hidden(batch["inputs"], batch.get("positions"), batch.get("segment_ids"),
+                              routing_mask_bt=weights_bt > 0)
+    return x_btd, aux, weights_bt
+
+
 def sequence_nll(model: Any, batch: dict[str, jax.Array]) -> jax.Array:
     """Each row's weighted token-loss sum [B] (minus a response's log-probability when the weights
     mark its tokens) of a ``Transformer`` on a batch, as ``nll_sums`` reads it. Auxiliary losses
     (MoE balancing, multi-token prediction) are not part of it."""
-    weights_bt = batch["weights"].astype(jnp.float32)
-    if "rows" in batch:
-        set_dropout_rows(model, batch["rows"])
-    x_btd, _ = model.hidden(batch["inputs"], batch.get("positions"), batch.get("segment_ids"),
-                            routing_mask_bt=weights_bt > 0)
+    x_btd, _, weights_bt = final_features(model, batch)
     cfg = model.cfg
     return head_nll_rows(x_btd, model.head_weight_vd(), batch["targets"], weights_bt,
                          cfg.loss_chunk, cfg.final_logit_softcap)
@@ -121,11 +129,7 @@ def nll_sums(model: Any, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Ar
     model's (``Transformer.hidden``) and, with ``mtp_depth``, multi-token prediction's
     (``Transformer.mtp_losses``); their ``loss`` is what to add per token to the training
     objective (empty for a dense model without MTP)."""
-    weights_bt = batch["weights"].astype(jnp.float32)
-    if "rows" in batch:
-        set_dropout_rows(model, batch["rows"])
-    x_btd, aux = model.hidden(batch["inputs"], batch.get("positions"), batch.get("segment_ids"),
-                              routing_mask_bt=weights_bt > 0)
+    x_btd, aux, weights_bt = final_features(model, batch)
     cfg = model.cfg
     loss_sum = head_nll_sum(x_btd, model.head_weight_vd(), batch["targets"], weights_bt,
                             cfg.loss_chunk, cfg.final_logit_softcap)
