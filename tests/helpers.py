@@ -9,6 +9,7 @@ import json
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
@@ -16,11 +17,13 @@ from flax import nnx
 
 from inference.load import load_run
 from model.config import ModelConfig
-from sharding.constrain import activation_sharding
+from sharding.constrain import activation_sharding, under_activation_sharding
 from sharding.mesh import MeshConfig, make_mesh
 from sharding.rules import default_rules, logical_sharding, tree_shardings
+from tests import reference
 from train.config import CONFIG_DIR, Config, OptimConfig, build_config, load_yaml
 from train.optimizer import make_optimizer
+from train.program import Program
 from train.run_dir import RunDir
 from train.state import abstract_state, init_state
 from train.step import grads_loss_and_metrics
@@ -89,6 +92,46 @@ def loss_grads_and_metrics(cfg: ModelConfig, mesh_axes: dict[str, int],
                      in_shardings=(shardings.params, batch_sh))
         grads, loss, metrics = fn(params, {k: jax.device_put(v, batch_sh) for k, v in batch.items()})
         return float(loss), jax.device_get(grads), jax.device_get(metrics)
+
+
+# (trainee, microbatches) -> a pure gradient function (params, batch, frozen) -> (grads, loss,
+# metrics): train/step.py's grads_loss_and_metrics or train/preference.py's preference_grads
+GradsFn = Callable[[Any, int], Callable]
+
+
+def program_grads(program: Program, grads_fn: Callable, batch: dict[str, np.ndarray],
+                  host_params: Any) -> tuple:
+    """(grads, loss, metrics) as host arrays of ``grads_fn`` jitted on ``program``'s mesh, for
+    ``host_params`` laid out like its trained parameters, ``batch`` as its global batch and its
+    trainee's frozen state (set by ``program.init()``)."""
+    trainee = program.trainee
+    fn = jax.jit(under_activation_sharding(grads_fn, program.mesh, program.rules))
+    return jax.device_get(fn(jax.device_put(host_params, trainee.shardings.params),
+                             program.global_batch(batch), trainee.step_frozen()))
+
+
+def check_microbatches_and_meshes(sharded: Program, single: Program, grads_fn: GradsFn,
+                                  batch: dict[str, np.ndarray], seed: int = 1) -> dict:
+    """``sharded`` (a multi-axis mesh, ``train.microbatches`` > 1) in one microbatch is the
+    reference, for the initial parameters moved by seeded noise (so that a fine-tune's policy
+    differs from its reference); ``sharded`` in its microbatches and ``single`` (one device) in
+    one give the same loss (1e-5 relative), metrics (1e-4) and gradients (1e-4 relative error,
+    every parameter). Returns the reference's metrics."""
+    rng = np.random.default_rng(seed)
+    host_params = jax.tree.map(lambda x: x + 0.02 * rng.normal(size=x.shape).astype(x.dtype),
+                               jax.device_get(sharded.init().params))
+    single.init()  # the frozen state of its trainee
+    whole_grads, whole_loss, whole_metrics = program_grads(sharded, grads_fn(sharded.trainee, 1),
+                                                           batch, host_params)
+    for program, n in ((sharded, sharded.cfg.train.microbatches), (single, 1)):
+        grads, loss, metrics = program_grads(program, grads_fn(program.trainee, n), batch,
+                                             host_params)
+        assert abs(loss - whole_loss) < 1e-5 * abs(whole_loss), (n, loss, whole_loss)
+        for key, value in metrics.items():
+            assert abs(value - whole_metrics[key]) <= 1e-4 * max(1.0, abs(whole_metrics[key])), key
+        for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(whole_grads), strict=True):
+            assert reference.relative_error(a, b) < 1e-4
+    return whole_metrics
 
 
 def losses_of(run_dir: str | Path) -> dict[int, float]:

@@ -3,7 +3,8 @@ a hand-labelled one for SmolLM2's ChatML (the real GGUF tokenizer), Llama 3.2's 
 templates (tests/data/chat_templates/); ``{% generation %}`` markers give the turn-by-turn mask; the
 loss of packed conversations is the masked mean of plain forward passes; long conversations are cut
 to one row and dropped without an assistant token; bad data is one line naming its file and line;
-a LoRA fine-tune through `train.finetune` trains, and its evaluation loss covers only assistant tokens."""
+a LoRA fine-tune through `train.finetune` trains, and its evaluation loss covers only assistant tokens;
+full fine-tuning on a mesh in microbatches gives the full batch's gradients on one device."""
 
 from __future__ import annotations
 
@@ -278,3 +279,49 @@ def test_lora_finetune_on_chat_trains_on_assistant_tokens_only(chat_run, tmp_pat
     nll = -np.take_along_axis(log_probs, ids[:, 1:, None], -1)[..., 0]
     assert len(held_out) >= 2 and 0 < mask.sum() < (ids[:, 1:] > 0).sum()
     np.testing.assert_allclose(eval_loss[-1], (nll * mask).sum() / mask.sum(), rtol=1e-4)
+
+
+def test_full_finetune_microbatches_and_meshes_equal_the_full_batch(chat_run, tmp_path,
+                                                                    eight_devices):
+    """Full fine-tuning on chat, from the session's chat base: a batch of the training pipeline
+    (conversations packed several to a row, weights on the assistant tokens only) gives the full
+    batch's loss and gradients on a data x fsdp x tensor mesh in 2 microbatches and on one device
+    (tests/helpers.py: check_microbatches_and_meshes)."""
+    import functools
+
+    from data.pipeline import train_dataset
+    from data.tokenizer import make_tokenizer
+    from tests.helpers import check_microbatches_and_meshes
+    from train.finetune_config import load_run_config
+    from train.inputs import open_split
+    from train.program import Program
+    from train.step import grads_loss_and_metrics
+    from train.validate import validate
+
+    base_dir, tok_dir = chat_run
+    chats = [[{"role": "user", "content": f"a dog {i}"},
+              {"role": "assistant", "content": "the cat sat on the mat" if i % 2 else "world " * (i % 3 + 1)}]
+             for i in range(16)]
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": c} for c in chats])
+
+    def program(name: str, *overrides: str, devices: list = eight_devices) -> Program:
+        full = Path(__file__).parent.parent / "configs" / "finetune_full.yaml"
+        cfg = load_run_config(full, [f"finetune.base={base_dir}", f"run.dir={tmp_path / name}",
+                                     f"data.source=chat:{path}", "train.seq_len=64",
+                                     "train.batch_size=8", *overrides], finetune=True)
+        validate(cfg, len(devices))
+        return Program(cfg, devices=devices)
+
+    sharded = program("a", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "train.microbatches=2")
+    single = program("b", "mesh.data=1", devices=eight_devices[:1])
+    tok = make_tokenizer(f"hf:{tok_dir}")
+    docs = open_split(sharded.cfg.data, "train", tok, 64)
+    batch = next(iter(train_dataset(docs, tok, seq_len=64, batch_size=8, seed=0, prefetch=0)))
+    assert batch["segment_ids"].max() >= 2  # packed: two conversations or more in a row
+    assert 0 < batch["weights"].sum() < (batch["segment_ids"] > 0).sum()  # assistant tokens only
+
+    def grads_fn(trainee, microbatches: int) -> functools.partial:
+        return functools.partial(grads_loss_and_metrics, graphdef=trainee.graphdef,
+                                 microbatches=microbatches)
+
+    check_microbatches_and_meshes(sharded, single, grads_fn, batch)

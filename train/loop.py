@@ -115,8 +115,9 @@ def _train(cfg: Config, preemption: Preemption, batch_hook: BatchHook | None) ->
         if stopped is not None:
             summary["preempted"] = stopped
         elif eval_data:
-            summary["eval_loss"] = program.evaluate(state.params, eval_data)
-            writer.write({"step": summary["step"], "eval_loss": summary["eval_loss"]})
+            evaluation = program.eval_metrics(state.params, eval_data)
+            summary |= evaluation
+            writer.write({"step": summary["step"], **evaluation})
     if stopped is not None and jax.process_index() == 0:
         print(f"meshlm: stopped by SIGTERM after step {stopped} of {cfg.train.steps}; checkpoint "
               f"{stopped} is committed in {checkpointer.directory}; run the same command to "
@@ -166,7 +167,7 @@ class _Steps:
                 with self.watchdog.paused():
                     self.log.drain()
                     self.writer.write({"step": step,
-                                       "eval_loss": program.evaluate(state.params, self.eval_data)})
+                                       **program.eval_metrics(state.params, self.eval_data)})
         self.log.drain()
         self.watchdog.stop()  # the final save, its commit and the end-of-run work are not steps
         final_step = stopped or max(start, t.steps)  # a resumed run past train.steps stops

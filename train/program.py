@@ -68,7 +68,8 @@ class Program:
         return self._train_step(state, batch, self.trainee.step_frozen())
 
     def eval_step(self, params: Any, batch: Batch) -> dict[str, jax.Array]:
-        """``loss_sum`` and ``weight_sum`` of one batch."""
+        """``loss_sum`` and ``weight_sum`` of one batch (tokens; a preference objective: pairs),
+        and the sums over them of the objective's other metrics (``train/preference.py``)."""
         return self._eval_step(params, batch, self.trainee.step_frozen())
 
     def state_finite(self, state: TrainState) -> bool:
@@ -79,14 +80,25 @@ class Program:
         """This process's rows of a batch -> global arrays laid out by the batch sharding."""
         return to_global(local, self.batch_sharding, self.cfg.train.batch_size)
 
-    def evaluate(self, params: Any, batches: list[dict[str, np.ndarray]]) -> float:
-        """Mean token loss over this process's evaluation batches (every process runs as many)."""
-        loss_sum = weight_sum = 0.0
+    def eval_metrics(self, params: Any, batches: list[dict[str, np.ndarray]]) -> dict[str, float]:
+        """The held-out metrics over this process's evaluation batches (every process runs as
+        many): ``eval_loss``, the mean token loss (a preference objective: the mean pair loss), and
+        ``eval_NAME`` for each other sum the eval step returns (a preference objective's
+        ``reward_accuracy``, ``reward_margin``, ...). Each is its sum over every batch divided by
+        the total weight, so every token or pair counts once, whatever batch it fell in."""
+        sums: dict[str, float] = {}
         for local in batches:
             out = jax.device_get(self.eval_step(params, self.global_batch(local)))
-            loss_sum += float(out["loss_sum"])
-            weight_sum += float(out["weight_sum"])
-        return loss_sum / max(weight_sum, 1.0)
+            for name, value in out.items():
+                sums[name] = sums.get(name, 0.0) + float(value)
+        weight_sum = max(sums.pop("weight_sum", 0.0), 1.0)
+        loss_sum = sums.pop("loss_sum", 0.0)
+        return {"eval_loss": loss_sum / weight_sum,
+                **{f"eval_{name}": value / weight_sum for name, value in sums.items()}}
+
+    def evaluate(self, params: Any, batches: list[dict[str, np.ndarray]]) -> float:
+        """``eval_metrics``' mean loss alone."""
+        return self.eval_metrics(params, batches)["eval_loss"]
 
     # ------------------------------------------------------------------- compiling ahead of time
 

@@ -22,7 +22,7 @@ from train.state import TrainState, abstract_state, init_state
 from train.step import eval_step, train_step
 
 StepFn = Callable[..., Any]  # (state, batch, frozen) -> (state, metrics)
-EvalFn = Callable[..., Any]  # (params, batch, frozen) -> {"loss_sum", "weight_sum"}
+EvalFn = Callable[..., Any]  # (params, batch, frozen) -> {"loss_sum", "weight_sum", other sums}
 
 
 class Trainee:
@@ -81,7 +81,8 @@ class Trainee:
                                  router_bias_rate=self.cfg.model.router_bias_rate)
 
     def eval_fn(self) -> EvalFn:
-        """The pure eval step (params, batch, frozen) -> {"loss_sum", "weight_sum"}."""
+        """The pure eval step (params, batch, frozen) -> {"loss_sum", "weight_sum"} (a preference
+        objective adds the sums of its pair metrics: ``Program.eval_metrics`` logs their means)."""
         return functools.partial(eval_step, graphdef=self.eval_graphdef)
 
     def plain_model(self, state: TrainState) -> tuple[nnx.GraphDef, nnx.State]:
