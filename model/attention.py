@@ -25,6 +25,10 @@ and writes only its new entries, so the buffers are updated in place across the 
 prefill writes each row's latest S prompt keys and attends among the prompt causally; a decode step
 writes each row's one new key at its own position's slot (rows may be at different positions) and
 attends to the slots holding positions at or before it (and within the window).
+
+Serving uses a paged cache instead (model/paged_attention.py): a ``Span`` with a block table; each
+call scatters its tokens into their rows' blocks and attends over the blocks gathered
+(``paged_attention``, the seam for a paged-attention kernel).
 """
 
 from __future__ import annotations
@@ -45,7 +49,8 @@ from model.config import ModelConfig
 from model.context_attention import context_attention
 from model.layers import RMSNorm, Rope, apply_rope
 from model.lora import adapted
-from model.masks import Window, cache_mask, cache_slot_positions, causal_mask
+from model.masks import Window, cache_mask, cache_slot_positions, causal_mask, paged_mask
+from model.paged_attention import PAGED_CACHE_AXES, gather_pages, write_pages
 from model.primitives import dense, param
 from model.splash import splash_attention, splash_problems
 from sharding.constrain import constrain, shards, target_platform
@@ -61,13 +66,15 @@ CPU_EINSUM_MAX_LENGTH = 256
 @dataclasses.dataclass(frozen=True)
 class Span:
     """What attention needs to know about the T tokens of one call besides their activations:
-    their positions, packed segments (training), each row's real length (a right-padded prefill)
-    and whether this is a decode step (T = 1 over a cache)."""
+    their positions, packed segments (training), each row's real length (a right-padded prefill),
+    whether this is a decode step (T = 1 over a cache) and, over a paged cache, each row's block
+    table [B, M] (model/paged_attention.py; ``lengths_b`` then counts the row's real new tokens)."""
 
     positions_bt: jax.Array
     segment_ids_bt: jax.Array | None = None
     lengths_b: jax.Array | None = None
     decode: bool = False
+    block_table_bm: jax.Array | None = None
 
 
 def update_cache(cache_lbskh: jax.Array, new_btkh: jax.Array, layer: jax.Array | int,
@@ -131,6 +138,23 @@ def dot_product_attention(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Arra
             raise ValueError("the xla attention kernel cannot soft-cap scores")
         return xla_attention(q_btnh, k_bskh, v_bskh, mask_bts)
     return attend(attention_probs(q_btnh, k_bskh, mask_bts, softcap), v_bskh)
+
+
+def paged_attention(q_btnh: jax.Array, k_pbkh: jax.Array, v_pbkh: jax.Array,
+                    block_table_bm: jax.Array, positions_bt: jax.Array, window: Window = 0, *,
+                    softcap: float = 0.0) -> jax.Array:
+    """Attention [B, T, N, H] of queries at ``positions_bt`` over their rows' pages of one layer
+    (``k_pbkh``, ``v_pbkh``: [P, BS, K, H], already holding this call's tokens), keys at positions
+    at or before each query (and within ``window``).
+
+    The kernel seam of the paged cache: this gathers each row's blocks into a contiguous
+    [B, M * BS, K, H] copy and runs the einsum path (fine on CPU and for short contexts). On TPU a
+    Pallas paged-attention kernel that reads the blocks in place through the table
+    (``jax.experimental.pallas.ops.tpu.paged_attention`` for decode) would go here, chosen by
+    ``target_platform()`` as ``resolve_impl`` chooses the training kernel."""
+    k_bskh, v_bskh = gather_pages(k_pbkh, block_table_bm), gather_pages(v_pbkh, block_table_bm)
+    mask_bts = paged_mask(positions_bt, k_bskh.shape[1], window)
+    return dot_product_attention(q_btnh, k_bskh, v_bskh, mask_bts, softcap=softcap)
 
 
 def resolve_impl(impl: str, length: int, dtype: jnp.dtype, softcap: float = 0.0) -> str:
@@ -290,8 +314,7 @@ class Attention(nnx.Module):
         """(output [B, T, D], the stack's updated cache or None); this is layer ``layer`` of the
         cache's stack, local (a ``sliding_window``) when ``local``. Without a cache, or in a
         prefill, the T new tokens attend among themselves; a decode step (T = 1) attends over the
-        cache's slots."""
-        dt = self.dtype
+        cache's slots; over a paged cache (``span.block_table_bm``) see ``_paged``."""
         q_btnh, k_btkh, v_btkh = self.project_qkv(x_btd)
         if hasattr(self, "q_norm"):
             q_btnh, k_btkh = self.q_norm(q_btnh), self.k_norm(k_btkh)
@@ -303,10 +326,12 @@ class Attention(nnx.Module):
         q_btnh = constrain(q_btnh, ("batch", "length", "heads", "head_dim"))
         k_btkh = constrain(k_btkh, ("batch", "length", "kv_heads", "head_dim"))
         v_btkh = constrain(v_btkh, ("batch", "length", "kv_heads", "head_dim"))
+        window = layer_window(self.window, local)
+        if span.block_table_bm is not None:
+            return self._paged(q_btnh, k_btkh, v_btkh, span, cache, layer, window)
         if cache is not None:
             cache = tuple(constrain(update_cache(c_lbskh, new_btkh, layer, span), CACHE_AXES)
                           for c_lbskh, new_btkh in zip(cache, (k_btkh, v_btkh), strict=True))
-        window = layer_window(self.window, local)
         if span.decode:  # attend over every cached slot of this layer (the mask hides the rest)
             k_bskh, v_bskh = (constrain(c_lbskh[layer], CACHE_AXES[1:]) for c_lbskh in cache)
             mask_bts = cache_mask(span.positions_bt, k_bskh.shape[1], window)
@@ -323,8 +348,24 @@ class Attention(nnx.Module):
             out_btnh = causal_attention(q_btnh, k_btkh, v_btkh, span.segment_ids_bt, self.window,
                                         local, impl=self.impl, block=self.block,
                                         softcap=self.softcap)
-        out_btd = adapted(self, "o", out_btnh, dense(out_btnh, self.w_o_nhd[...].astype(dt), axes=2))
-        return constrain(out_btd, ("batch", "length", "embed")), cache
+        return self._output(out_btnh), cache
+
+    def _paged(self, q_btnh: jax.Array, k_btkh: jax.Array, v_btkh: jax.Array, span: Span,
+               cache: KVCache, layer: jax.Array | int, window: Window) -> tuple[jax.Array, KVCache]:
+        """Over a paged cache: the new keys and values written to their rows' blocks, then every
+        query attends over its row's pages (``paged_attention``)."""
+        cache = tuple(constrain(write_pages(c_lpbkh, new_btkh, layer, span.positions_bt,
+                                            span.lengths_b, span.block_table_bm), PAGED_CACHE_AXES)
+                      for c_lpbkh, new_btkh in zip(cache, (k_btkh, v_btkh), strict=True))
+        out_btnh = paged_attention(q_btnh, cache[0][layer], cache[1][layer], span.block_table_bm,
+                                   span.positions_bt, window, softcap=self.softcap)
+        return self._output(out_btnh), cache
+
+    def _output(self, out_btnh: jax.Array) -> jax.Array:
+        """The heads' outputs projected back to the model width, [B, T, D]."""
+        out_btd = adapted(self, "o", out_btnh,
+                          dense(out_btnh, self.w_o_nhd[...].astype(self.dtype), axes=2))
+        return constrain(out_btd, ("batch", "length", "embed"))
 
     def _sown_attention(self, q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array,
                         mask_bts: jax.Array) -> jax.Array:

@@ -49,3 +49,10 @@ def cache_mask(positions_bt: jax.Array, slots: int, window: Window = 0) -> jax.A
     holding positions at or before each query (and within the window)."""
     held_bts = cache_slot_positions(positions_bt, slots)
     return (held_bts >= 0) & within_window(positions_bt[:, :, None], held_bts, window)
+
+
+def paged_mask(positions_bt: jax.Array, slots: int, window: Window = 0) -> jax.Array:
+    """[B, T, S] mask of queries at ``positions_bt`` over a row's gathered pages (slot s holds
+    position s, model/paged_attention.py): the positions at or before each query (and within the
+    window). Slots past a row's length hold other data (scratch, stale blocks) and stay hidden."""
+    return within_window(positions_bt[:, :, None], jnp.arange(slots)[None, None, :], window)

@@ -3,7 +3,9 @@
 norm and a tied or untied LM head (``model/loss.py: lm_logits``).
 
 Decoding threads a key/value cache through the same stacks: ``{stack name: (k_lbskh, v_lbskh)}``
-with one [B, S, K, H] slab per layer of that stack (see ``cache_shapes``).
+with one [B, S, K, H] slab per layer of that stack (see ``cache_shapes``), or, for serving, a paged
+cache of [P, BS, K, H] blocks per layer shared out by block tables (``with_paged_cache``,
+``paged_cache_shapes``, model/paged_attention.py).
 
 Stacks: ``blocks`` holds the first dense layers (all layers of a dense model); an MoE model then
 scans over groups of ``moe_every`` layers: ``group_blocks`` (moe_every - 1 dense blocks per group,
@@ -44,7 +46,9 @@ REMAT_POLICIES = {
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
-Cache = dict[str, tuple[jax.Array, jax.Array]]  # stack name -> (k_lbskh, v_lbskh)
+Cache = dict[str, tuple[jax.Array, jax.Array]]  # stack name -> (k_lbskh, v_lbskh) or (k_lpbkh, ...)
+PAGED_MLA_ERROR = ("the paged KV cache does not support attention_type=mla yet (its latent cache); "
+                   "use the static-batch Generator")
 Sown = dict[str, jax.Array]  # intermediate name -> values stacked over the layers that sowed it
 
 
@@ -275,6 +279,21 @@ class Transformer(nnx.Module):
         x_btd, _, cache = self._forward(tokens_bt, layers, cache)
         return lm_logits(x_btd, self.head_weight_vd(), self.cfg.final_logit_softcap), cache
 
+    def with_paged_cache(self, tokens_bt: jax.Array, positions_bt: jax.Array, lengths_b: jax.Array,
+                         block_table_bm: jax.Array, cache: Cache, *,
+                         routing_mask_bt: jax.Array | None = None) -> tuple[jax.Array, Cache]:
+        """(logits [B, T, V], updated paged cache): the first ``lengths_b[b]`` of row b's T tokens
+        run at ``positions_bt`` (a prefill chunk, or T = 1 for a decode step); their keys and
+        values go to the row's blocks in ``block_table_bm`` [B, M] and each attends over the row's
+        positions at or before its own (model/paged_attention.py). The other tokens are padding:
+        they write to the scratch block and their logits mean nothing (give them a position below
+        ``max_seq_len``, e.g. 0: a learned position table has nothing beyond)."""
+        if self.cfg.attention_type == "mla":
+            raise ValueError(PAGED_MLA_ERROR)
+        span = Span(positions_bt, lengths_b=lengths_b, block_table_bm=block_table_bm)
+        x_btd, _, cache = self._forward(tokens_bt, _Layers(self.cfg, span, routing_mask_bt), cache)
+        return lm_logits(x_btd, self.head_weight_vd(), self.cfg.final_logit_softcap), cache
+
     # ------------------------------------------------------------------------------ the stacks
 
     def _forward(self, tokens_bt: jax.Array, layers: _Layers,
@@ -386,3 +405,13 @@ def cache_shapes(cfg: ModelConfig, batch: int, length: int) -> Cache:
     return {name: tuple(jax.ShapeDtypeStruct((n, batch, slots, *w), dt) for w in widths)
             for name, n in cache_layers(cfg).items()}
 
+
+def paged_cache_shapes(cfg: ModelConfig, num_blocks: int, block_size: int) -> Cache:
+    """Abstract paged cache (``jax.ShapeDtypeStruct`` leaves) of ``num_blocks`` blocks of
+    ``block_size`` slots per layer, in the compute dtype: keys and values [L, P, BS, K, H]
+    (logical axes ``model/paged_attention.py: PAGED_CACHE_AXES``). Block 0 is scratch."""
+    if cfg.attention_type == "mla":
+        raise ValueError(PAGED_MLA_ERROR)
+    shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.resolved_head_dim)
+    return {name: tuple(jax.ShapeDtypeStruct((n, *shape), jnp.dtype(cfg.dtype)) for _ in "kv")
+            for name, n in cache_layers(cfg).items()}

@@ -26,7 +26,9 @@ def default_rules() -> Rules:
     rows restart them). ``embed`` takes ``context`` after ``fsdp``, so the devices of a context group
     also share the parameters, gradients and optimizer state between them (as MaxText does). On an
     activation [batch, length, embed] ``length`` claims ``context`` first (a mesh axis is used once
-    per array), so ``embed`` keeps it only where the length is not split (a one-token decode step)."""
+    per array), so ``embed`` keeps it only where the length is not split (a one-token decode step).
+    A paged KV cache's blocks (``kv_blocks``) and their slots (``block``) stay whole on every device
+    (any row may read any block); its ``kv_heads`` split over ``tensor`` like the heads writing them."""
     return (
         ("batch", ("data", "fsdp", "expert")),
         ("length", ("context",)),
@@ -42,6 +44,8 @@ def default_rules() -> Rules:
         ("experts", ("expert",)),
         ("expert_mlp", ("tensor",)),
         ("layers", ()),
+        ("kv_blocks", ()),
+        ("block", ()),
     )
 
 
