@@ -26,6 +26,9 @@ INSTALL_REQUIRES = [
     "safetensors==0.8.0",  # convert: Hugging Face weights (never pickled .bin files)
     "fsspec==2026.9.0",  # run directories on object stores (train/store.py)
     "s3fs==2026.9.0",  # run.dir=s3://... (fsspec's S3; conditional writes for the run's lease lock)
+    "starlette==1.10.0",  # python -m eval serve: the OpenAI-compatible HTTP API (inference/server.py)
+    "uvicorn==0.54.0",  # python -m eval serve: the ASGI server that runs it (cli/serve.py)
+    "prometheus-client==0.26.0",  # python -m eval serve: GET /metrics (inference/server_metrics.py)
 ]
 
 setup(
@@ -43,10 +46,13 @@ setup(
         # transformers is the reference the conversion tests compare logits with (accelerate: its
         # GGUF loader); import-linter checks that imports flow one way (make lint, a test); xprof
         # (TensorBoard's profile plugin) reads back a train.profile trace, wandb logs a run offline;
-        # moto's S3 server (on localhost) holds the object-store run directories of the tests.
+        # moto's S3 server (on localhost) holds the object-store run directories of the tests; the
+        # server's tests talk to it with the real openai client (httpx2: its HTTP client, used directly
+        # for malformed requests and /metrics).
         "test": ["pytest==9.2.0", "ruff==0.17.6", "import-linter==2.17", "hypothesis==6.170.17",
                  "lm-eval==0.4.13", "torch==2.13.0", "transformers==5.24.0", "accelerate==1.15.0",
-                 "xprof==2.24.2", "wandb==0.31.0", "moto[server]==5.2.6"],
+                 "xprof==2.24.2", "wandb==0.31.0", "moto[server]==5.2.6", "openai==3.51.0",
+                 "httpx2==2.17.0"],
         # run.dir=gs://...: fsspec's GCS (Orbax's arrays go through TensorStore's own gcs driver).
         "gcs": ["gcsfs==2026.10.1"],
         # run.wandb=PROJECT: Weights & Biases (imported only when a run asks for it).
@@ -63,6 +69,7 @@ setup(
         "console_scripts": [
             "meshlm-train=cli.train:main",
             "meshlm-eval=cli.eval:main",
+            "meshlm-serve=cli.serve:main",
         ]
     },
 )

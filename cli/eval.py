@@ -1,4 +1,4 @@
-"""``python -m eval {generate,perplexity,harness,scaling,inspect} ...`` (also ``meshlm-eval``).
+"""``python -m eval {generate,perplexity,harness,scaling,inspect,serve} ...`` (also ``meshlm-eval``).
 
 Mistakes (bad arguments, missing or damaged checkpoints, unreadable prompt files) print one
 ``error:`` line and exit 2. The context window is the model's own (``model.max_seq_len``), never
@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from cli import inspect, scaling
+from cli import inspect, scaling, serve
 from cli.args import Parser, add_checkpoint_argument, add_json_argument, run, subcommands
 from cli.host import load_checkpoint, quiet_tpu_probe
 from core.errors import UsageError
@@ -22,6 +22,7 @@ from eval.perplexity import perplexity, perplexity_window
 from inference.generate import Generator
 from inference.load import LoadedRun, read_run_config
 from inference.sampling import SamplingConfig
+from inference.server import text_prompt_ids
 
 
 def harness_main(argv: Sequence[str]) -> int:
@@ -32,7 +33,8 @@ def harness_main(argv: Sequence[str]) -> int:
 
 
 # Subcommands with parsers of their own, each ``main(argv) -> exit code``.
-SUBPROGRAMS = {"scaling": scaling.main, "harness": harness_main, "inspect": inspect.main}
+SUBPROGRAMS = {"scaling": scaling.main, "harness": harness_main, "inspect": inspect.main,
+               "serve": serve.main}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
                    add_help=False)
     sub.add_parser("inspect", help="tokens, next-token probabilities, embeddings, attention, routing "
                    "(see: inspect --help)", add_help=False)
+    sub.add_parser("serve", help="an OpenAI-compatible HTTP server (see: serve --help)", add_help=False)
     return parser
 
 
@@ -124,7 +127,7 @@ def prompt_ids(tok, prompt: str, chat: bool, system: str | None) -> list[int]:
     ``chat`` the conversation [system,] user as the tokenizer's chat template writes it, up to the
     assistant's turn."""
     if not chat:
-        return ([tok.bos_id] if tok.bos_id >= 0 else []) + tok.encode(prompt)  # as in training
+        return text_prompt_ids(tok, prompt)  # as in training, and as the server reads a prompt
     if getattr(tok, "chat_template", None) is None:
         raise UsageError(f"--chat: the checkpoint's {tok.kind!r} tokenizer has no chat template")
     messages = ([{"role": "system", "content": system}] if system else []) + \
