@@ -9,6 +9,7 @@ tests/conftest.py: chat_run); the SIGTERM test runs ``python -m eval serve`` its
 """
 
 import concurrent.futures
+import contextlib
 import json
 import math
 import signal
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx2
@@ -251,20 +253,29 @@ def test_a_full_queue_gets_429_and_then_requests_succeed(served):
     assert texts[:4] == [served.greedy(p, 4).choices[0].text for p in PROMPTS]
 
 
-def test_a_client_leaving_mid_stream_frees_its_blocks(served):
+@contextlib.contextmanager
+def stepped_by_hand_until_a_client_leaves(served) -> Iterator[dict]:
+    """The engine's thread stopped while the body runs (the test steps it, so the request stays
+    until its client has gone), yielding the metrics before; on leaving, the server has counted
+    one more disconnect, and the thread runs again."""
     before = served.metrics()
-    served.engine.stop()  # the test steps the engine: the request stays until the client has gone
+    served.engine.stop()
     try:
+        yield before
+        wait_for(lambda: served.metrics()["meshlm_client_disconnects_total"] ==
+                 before["meshlm_client_disconnects_total"] + 1, what="the disconnect")
+    finally:
+        served.engine.start()
+
+
+def test_a_client_leaving_mid_stream_frees_its_blocks(served):
+    with stepped_by_hand_until_a_client_leaves(served) as before:
         stream = served.greedy(PROMPTS[3], 50, stream=True)  # returns with the response's headers
         served.engine.step(), served.engine.step()  # its prompt, then a token
         first = next(iter(stream))
         assert first.choices[0].text and first.choices[0].finish_reason is None
         assert served.metrics()["meshlm_kv_blocks_in_use"] > 0
         stream.close()
-        wait_for(lambda: served.metrics()["meshlm_client_disconnects_total"] ==
-                 before["meshlm_client_disconnects_total"] + 1, what="the disconnect")
-    finally:
-        served.engine.start()
     wait_for(lambda: served.metrics()["meshlm_kv_blocks_in_use"] == 0, what="the blocks to be freed")
     after = served.metrics()
     assert after["meshlm_running_sequences"] == 0 and after["meshlm_requests_in_flight"] == 0
@@ -277,9 +288,7 @@ def test_a_client_leaving_mid_stream_frees_its_blocks(served):
 def test_a_client_leaving_before_its_response_frees_its_blocks(served):
     """A non-streamed request from a raw socket, closed while its sequence holds blocks; the test
     steps the engine itself, so nothing finishes by chance first."""
-    before = served.metrics()
-    served.engine.stop()
-    try:
+    with stepped_by_hand_until_a_client_leaves(served):
         body = json.dumps({"model": MODEL, "prompt": PROMPTS[0], "max_tokens": 40}).encode()
         client = socket.create_connection(("127.0.0.1", int(served.url.rsplit(":", 1)[1])))
         client.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\n"
@@ -289,10 +298,6 @@ def test_a_client_leaving_before_its_response_frees_its_blocks(served):
         positions = len(text_prompt_ids(served.tokenizer, PROMPTS[0])) + 40 - 1
         assert served.metrics()["meshlm_kv_blocks_in_use"] == math.ceil(positions / 16)
         client.close()
-        wait_for(lambda: served.metrics()["meshlm_client_disconnects_total"] ==
-                 before["meshlm_client_disconnects_total"] + 1, what="the disconnect")
-    finally:
-        served.engine.start()
     wait_for(lambda: served.metrics()["meshlm_requests_in_flight"] == 0, what="the cancel")
     assert served.metrics()["meshlm_kv_blocks_in_use"] == 0
 
