@@ -70,10 +70,19 @@ def _metric_lines(run_dir: Path) -> int:
 
 
 def _committed(run_dir: Path) -> list[int]:
-    """Committed checkpoints that carry a matching manifest."""
+    """Committed checkpoints that carry a matching manifest. Orbax deletes a checkpoint past
+    ``checkpoint.keep`` in place, file by file: a kill in the middle leaves an older step
+    half-deleted, damaged and no longer committed (a resume never reaches back past a newer one)."""
     ckpt = run_dir / "checkpoints"
     steps = [int(p.name) for p in ckpt.iterdir() if p.name.isdigit()] if ckpt.is_dir() else []
-    return sorted(s for s in steps if checkpoint_module.verify(ckpt / str(s), run_dir))
+    return sorted(s for s in steps if _verifies(ckpt / str(s), run_dir))
+
+
+def _verifies(step_dir: Path, run_dir: Path) -> bool:
+    try:
+        return checkpoint_module.verify(step_dir, run_dir)
+    except DamagedCheckpointError:
+        return False
 
 
 def _resumed_from(stdout: str) -> int:
@@ -373,7 +382,7 @@ def test_a_failed_async_write_ends_the_run_and_commits_nothing(eight_devices, tm
     monkeypatch.setattr(checkpoint_module, "write_manifest", no_space)
     with pytest.raises(RunError, match=r"^checkpoint 4 could not be written: .*No space left on device"):
         train(_cfg(tmp_path / "run", "train.steps=8"))
-    assert _committed(tmp_path / "run") == []
+    assert _step_dirs(tmp_path / "run/checkpoints")[0] == []  # no step directory, damaged or not
     monkeypatch.undo()  # the disk has space again: the run starts over cleanly
     train(_cfg(tmp_path / "run", "train.steps=4"))
     assert _committed(tmp_path / "run") == [4]
