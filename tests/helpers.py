@@ -65,6 +65,24 @@ def random_batch(batch_size: int, seq_len: int, vocab: int, seed: int = 0) -> di
     return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": weights}
 
 
+def host_params(cfg: ModelConfig, seed: int = 0) -> Any:
+    """Parameters of ``cfg``'s model as host arrays drawn in NumPy, so that no init program is
+    compiled (``loss_and_grads`` on two meshes would compile one per mesh): weights from
+    N(0, init_std^2), norm scales from 1 + N(0, 0.1^2) (N(0, 0.1^2) with ``norm_plus_one``)."""
+    from model.transformer import Transformer  # the helpers' other imports do not need the model
+
+    _, abstract = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))))
+    rng = np.random.default_rng(seed)
+
+    def draw(path: tuple, leaf: jax.ShapeDtypeStruct) -> np.ndarray:
+        noise = rng.normal(size=leaf.shape)
+        if "scale" in jax.tree_util.keystr(path):
+            return (0.1 * noise + (0.0 if cfg.norm_plus_one else 1.0)).astype(leaf.dtype)
+        return (cfg.init_std * noise).astype(leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(draw, abstract)
+
+
 def loss_and_grads(cfg: ModelConfig, mesh_axes: dict[str, int], batch: dict[str, np.ndarray],
                    microbatches: int = 1, devices: list | None = None, params=None):
     """(loss, grads as host arrays) on the given mesh, of ``params`` (host or device arrays) or
@@ -235,3 +253,20 @@ def global_rows(iterators: list) -> list[tuple]:
     batches = [next(it) for it in iterators]
     rows = np.concatenate([np.concatenate([b["inputs"], b["targets"]], 1) for b in batches])
     return sorted(map(tuple, rows.tolist()))
+
+
+@functools.cache
+def _jitted_forward(graphdef: nnx.GraphDef) -> Callable:
+    return jax.jit(lambda params, tokens_bt: nnx.merge(graphdef, params)(tokens_bt))
+
+
+def padded_logits(graphdef: nnx.GraphDef, params: Any, tokens_bt: np.ndarray,
+                  width: int) -> np.ndarray:
+    """The plain forward pass's logits [B, T, V] of a dense causal model (no mesh) for ``tokens_bt``
+    [B, T], its rows right-padded with zeros to ``width`` so that every length runs one jitted
+    program: a causal model's logits at a position do not depend on later tokens. Eager calls of
+    the model would compile its every op again for each new length."""
+    tokens_bt = np.asarray(tokens_bt, np.int32)
+    padded = np.zeros((tokens_bt.shape[0], width), np.int32)
+    padded[:, :tokens_bt.shape[1]] = tokens_bt
+    return np.asarray(_jitted_forward(graphdef)(params, padded))[:, :tokens_bt.shape[1]]

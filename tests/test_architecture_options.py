@@ -102,14 +102,14 @@ def test_rope_attention_factor_scales_cos_and_sin() -> None:
     x, _, _ = qkv(1, 5, 2, 2, 8)
     positions = jnp.arange(5)[None]
     inv_freq = Rope(10000.0).inv_freq(8)
-    np.testing.assert_allclose(apply_rope(x, positions, inv_freq, 1.5),
+    np.testing.assert_allclose(jax.jit(apply_rope)(x, positions, inv_freq, 1.5),
                                1.5 * reference.rope(x, positions, 10000.0), rtol=TOL, atol=TOL)
 
 
 def test_local_layers_take_their_own_rope_also_when_traced() -> None:
     """With rope_local_theta a local layer rotates by plain RoPE at that base, a global one by the
     scaled RoPE; inside a stack mixing both the choice is a traced bool."""
-    attn = Attention(QWEN_YARN, nnx.Rngs(0))
+    attn = nnx.eval_shape(lambda: Attention(QWEN_YARN, nnx.Rngs(0)))  # RoPE reads no parameter
     x, _, _ = qkv(2, 7, 4, 4, 8, seed=3)
     positions = jnp.broadcast_to(jnp.arange(7), (2, 7))
     local_ref = reference.rope(x, positions, QWEN_YARN.rope_local_theta)
@@ -117,7 +117,8 @@ def test_local_layers_take_their_own_rope_also_when_traced() -> None:
     global_ref = apply_rope(x, positions, scaled.inv_freq(8), scaled.attention_factor)
     traced = jax.jit(lambda local: attn.rope(x, positions, local))
     for local, want in ((True, local_ref), (False, global_ref)):
-        np.testing.assert_allclose(attn.rope(x, positions, local), want, rtol=TOL, atol=TOL)
+        static = jax.jit(lambda x, positions, local=local: attn.rope(x, positions, local))
+        np.testing.assert_allclose(static(x, positions), want, rtol=TOL, atol=TOL)
         np.testing.assert_allclose(traced(jnp.bool_(local)), want, rtol=TOL, atol=TOL)
 
 
@@ -210,12 +211,17 @@ def test_kernels_that_cannot_softcap_are_not_picked() -> None:
 
 
 def _randomise(module: nnx.Module, seed: int) -> None:
-    """Every parameter of ``module`` replaced by N(0, 0.5^2) values (biases and norm scales too)."""
+    """Every parameter of ``module`` replaced by N(0, 0.5^2) values (biases and norm scales too),
+    drawn in NumPy so that no leaf's shape compiles a program of its own."""
     state = nnx.state(module, nnx.Param)
     leaves, treedef = jax.tree.flatten(state)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    rng = np.random.default_rng(seed)
     nnx.update(module, jax.tree.unflatten(
-        treedef, [0.5 * jax.random.normal(key, x.shape) for key, x in zip(keys, leaves, strict=True)]))
+        treedef, [jnp.asarray(0.5 * rng.normal(size=x.shape), jnp.float32) for x in leaves]))
+
+
+def _normal(shape: tuple[int, ...], seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=shape)
 
 
 def test_attention_options_equal_a_numpy_computation() -> None:
@@ -223,9 +229,9 @@ def test_attention_options_equal_a_numpy_computation() -> None:
     equals projecting, norming, rotating and attending in NumPy (float64)."""
     cfg = dataclasses.replace(SMALL, qkv_bias=True, qk_norm=True, norm_plus_one=True,
                               query_pre_attn_scalar=5.0, attn_logit_softcap=CAP, attention_impl="einsum")
-    attn = Attention(cfg, nnx.Rngs(0))
+    attn = nnx.eval_shape(lambda: Attention(cfg, nnx.Rngs(0)))  # every initial value replaced
     _randomise(attn, 1)
-    x = np.asarray(jax.random.normal(jax.random.key(2), (2, 6, cfg.d_model)), np.float64)
+    x = _normal((2, 6, cfg.d_model), 2)
     positions = np.broadcast_to(np.arange(6), (2, 6))
     p = {name: np.asarray(value[...], np.float64) for name, value in vars(attn).items()
          if isinstance(value, nnx.Param)}
@@ -238,7 +244,8 @@ def test_attention_options_equal_a_numpy_computation() -> None:
                        positions, cfg.rope_theta)
     out = reference.attention(q, k, v, scale=cfg.query_pre_attn_scalar ** -0.5, softcap=CAP)
     want = np.einsum("btnh,nhd->btd", out, p["w_o_nhd"])
-    got, _ = attn(jnp.asarray(x, jnp.float32), Span(jnp.asarray(positions)))
+    got, _ = nnx.jit(lambda attn, x, positions: attn(x, Span(positions)))(
+        attn, jnp.asarray(x, jnp.float32), positions)
     assert reference.relative_error(got, want) < TOL
 
 
@@ -253,12 +260,14 @@ def test_plus_one_norm_starts_at_the_identity_scale() -> None:
 
 def test_geglu_gates_with_tanh_gelu() -> None:
     cfg = dataclasses.replace(SMALL, activation="geglu")
-    mlp = MLP(cfg, nnx.Rngs(0))
-    x = np.asarray(jax.random.normal(jax.random.key(1), (2, 3, cfg.d_model)), np.float64)
+    mlp = nnx.eval_shape(lambda: MLP(cfg, nnx.Rngs(0)))  # every initial value replaced
+    _randomise(mlp, 0)
+    x = _normal((2, 3, cfg.d_model), 1)
     gate, up = x @ np.asarray(mlp.w_gate_df[...]), x @ np.asarray(mlp.w_up_df[...])
     gelu_tanh = 0.5 * gate * (1 + np.tanh(math.sqrt(2 / math.pi) * (gate + 0.044715 * gate ** 3)))
     want = (gelu_tanh * up) @ np.asarray(mlp.w_down_fd[...])
-    assert reference.relative_error(mlp(jnp.asarray(x, jnp.float32)), want) < TOL
+    got = nnx.jit(lambda mlp, x: mlp(x))(mlp, jnp.asarray(x, jnp.float32))
+    assert reference.relative_error(got, want) < TOL
 
 
 def test_embed_scale_scales_the_lookup_but_not_the_tied_head() -> None:
@@ -273,15 +282,20 @@ def test_embed_scale_scales_the_lookup_but_not_the_tied_head() -> None:
 
 
 def test_final_logit_softcap_caps_logits_and_the_chunked_loss() -> None:
-    x, w = (jax.random.normal(key, shape) for key, shape in
-            zip(jax.random.split(jax.random.key(0)), ((2, 7, 16), (40, 16)), strict=True))
-    plain = np.asarray(lm_logits(x, w), np.float64)
-    capped = lm_logits(x, w, 5.0)
-    np.testing.assert_allclose(capped, 5.0 * np.tanh(plain / 5.0), rtol=TOL, atol=TOL)
-    targets = jnp.asarray(np.arange(14).reshape(2, 7) % 40)
-    weights = jnp.ones((2, 7))
-    whole = jnp.sum(token_nll(capped, targets))
-    np.testing.assert_allclose(chunked_nll_sum(x, w, targets, weights, 3, 5.0), whole, rtol=TOL)
+    x, w = _normal((2, 7, 16), 0).astype(np.float32), _normal((40, 16), 1).astype(np.float32)
+    targets = np.arange(14).reshape(2, 7) % 40
+    weights = np.ones((2, 7), np.float32)
+
+    @jax.jit  # one program for the four results, not one per eager op
+    def results(x, w, targets, weights):
+        capped = lm_logits(x, w, 5.0)
+        return (lm_logits(x, w), capped, jnp.sum(token_nll(capped, targets)),
+                chunked_nll_sum(x, w, targets, weights, 3, 5.0))
+
+    plain, capped, whole, chunked = results(x, w, targets, weights)
+    np.testing.assert_allclose(capped, 5.0 * np.tanh(np.asarray(plain, np.float64) / 5.0),
+                               rtol=TOL, atol=TOL)
+    np.testing.assert_allclose(chunked, whole, rtol=TOL)
 
 
 def test_parameter_tree_and_count_with_every_option() -> None:

@@ -12,6 +12,7 @@ import json
 import shutil
 from pathlib import Path
 
+import jax
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -122,7 +123,9 @@ def test_packed_loss_is_the_masked_mean_of_plain_forwards(bpe_json):
     docs = [MaskedIds(*render_conversation(tok, c)) for c in conversations(3)]
     cfg = ModelConfig(vocab_size=384, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
                       mlp_dim=48, max_seq_len=256)
-    model = Transformer(cfg, nnx.Rngs(0))
+    graphdef = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))))[0]
+    # the initialiser's values, in one program rather than op by op
+    model = nnx.merge(graphdef, jax.jit(lambda: nnx.split(Transformer(cfg, nnx.Rngs(0)))[1])())
     width = max(len(d.ids) for d in docs) - 1  # each conversation alone in a row, padded on the right
     ids = np.stack([np.pad(d.ids, (0, width + 1 - len(d.ids))) for d in docs])
     mask = np.stack([np.pad(d.mask, (0, width + 1 - len(d.mask))) for d in docs])[:, 1:]
@@ -241,7 +244,8 @@ def test_lora_finetune_on_chat_trains_on_assistant_tokens_only(chat_run, tmp_pat
     input position)."""
     from cli.finetune import main as finetune_main
     from data.tokenizer import make_tokenizer
-    from tests.helpers import losses_of, meshlm_logits, run_in_process
+    from inference.load import load_run
+    from tests.helpers import losses_of, padded_logits, run_in_process
     from train.merge import merge_run
     from train.run_dir import RunDir
 
@@ -273,7 +277,9 @@ def test_lora_finetune_on_chat_trains_on_assistant_tokens_only(chat_run, tmp_pat
     width = max(len(d.ids) for d in held_out)
     ids = np.stack([np.pad(d.ids, (0, width - len(d.ids))) for d in held_out])
     mask = np.stack([np.pad(d.mask, (0, width - len(d.mask))) for d in held_out])[:, 1:]
-    logits = meshlm_logits(tmp_path / "merged", ids[:, :-1]).astype(np.float64)
+    merged = load_run(tmp_path / "merged")  # its plain forward pass, jitted (no padding: width)
+    logits = padded_logits(merged.graphdef, jax.device_get(merged.params), ids[:, :-1],
+                           width - 1).astype(np.float64)
     shifted = logits - logits.max(-1, keepdims=True)
     log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
     nll = -np.take_along_axis(log_probs, ids[:, 1:, None], -1)[..., 0]

@@ -21,7 +21,7 @@ from inference.score import Scorer
 from model.transformer import Transformer
 from sharding.mesh import make_mesh
 from sharding.rules import default_rules, tree_shardings
-from tests.helpers import TINY_RUN_SAMPLE, run_in_process, tiny_config
+from tests.helpers import TINY_RUN_SAMPLE, padded_logits, run_in_process, tiny_config
 from train.program import Program
 from train.step import eval_step
 
@@ -108,10 +108,10 @@ def test_generate_keeps_a_prompt_longer_than_the_training_length_whole(eight_dev
                           "--max-new-tokens", "4", "--temperature", "0", "--json"])
     out, err = capsys.readouterr()
     assert code == 0 and err == "", err  # nothing cut, nothing to warn about
-    model = nnx.merge(run.graphdef, jax.device_get(run.params))
-    new = []
-    while len(new) < 4 and run.tokenizer.eos_id not in new:
-        new.append(int(np.argmax(model(np.asarray([ids + new], np.int32))[0, -1])))
+    params, new = jax.device_get(run.params), []
+    while len(new) < 4 and run.tokenizer.eos_id not in new:  # one jitted program for every length
+        new.append(int(np.argmax(padded_logits(run.graphdef, params, np.asarray([ids + new]),
+                                               run.cfg.model.max_seq_len)[0, -1])))
     new = [t for t in new if t != run.tokenizer.eos_id]
     assert json.loads(out.strip().splitlines()[-1])["completion"] == run.tokenizer.decode(new)
 
@@ -148,7 +148,9 @@ def test_perplexity_of_a_moe_model_that_drops_tokens_is_the_scorers_nll(eight_de
                       "model.expert_mlp_dim=16", "model.capacity_factor=0.5", "model.init_std=0.3",
                       "mesh.data=2", "mesh.expert=4")
     mesh, rules = make_mesh(cfg.mesh), default_rules()
-    graphdef, params = nnx.split(Transformer(cfg.model, nnx.Rngs(0)))
+    graphdef = nnx.split(nnx.eval_shape(lambda: Transformer(cfg.model, nnx.Rngs(0))))[0]
+    # the initialiser's values, in one program rather than op by op
+    params = jax.jit(lambda: nnx.split(Transformer(cfg.model, nnx.Rngs(0)))[1])()
     params = jax.device_put(params, tree_shardings(params, mesh, rules))
     tok = ByteTokenizer()
     run = LoadedRun(cfg=cfg, tokenizer=tok, graphdef=graphdef, params=params, mesh=mesh, rules=rules,

@@ -32,14 +32,16 @@ from train.step import grads_loss_and_metrics
 from train.validate import validate
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = ("model.d_model=32", "model.mlp_dim=64", "train.log_every=1", "checkpoint.every=0",
-        "run.peak_flops=1e12", "run.tensorboard=false", "run.progress=false", "train.eval_batches=1")
-D, N, K, H, F, L, RANK = 32, 4, 2, 8, 64, 2, 8  # the base model below, and the default rank
+TINY = ("train.log_every=1", "checkpoint.every=0", "run.peak_flops=1e12", "run.tensorboard=false",
+        "run.progress=false", "train.eval_batches=1")
+SMALL_BASE = ("model.d_model=32", "model.mlp_dim=64")  # the slow tests' own bases
+D, N, K, H, F, L, RANK = 64, 4, 2, 16, 128, 2, 8  # the base model below (configs/tiny.yaml), the rank
+BASE_STEP = 20  # its last checkpoint
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> dict[str, str]:
-    """The base's pre-training text and the fine-tuning text (another vocabulary), with a cache."""
+    """The slow tests' bases' pre-training text, the fine-tuning text (another vocabulary), a cache."""
     root = tmp_path_factory.mktemp("corpus")
     other = root / "other"
     other.mkdir()
@@ -51,7 +53,7 @@ def corpus(tmp_path_factory) -> dict[str, str]:
 
 
 def base_config(run_dir: Path, corpus: dict[str, str], *extra: str):
-    return tiny_config(run_dir, *TINY, f"data.source=text:{corpus['base']}",
+    return tiny_config(run_dir, *SMALL_BASE, *TINY, f"data.source=text:{corpus['base']}",
                        f"data.cache_dir={corpus['cache']}", *extra)
 
 
@@ -65,11 +67,10 @@ def ft_config(run_dir: Path, base: Path, corpus: dict[str, str], *extra: str, pr
 
 
 @pytest.fixture(scope="module")
-def base_run(corpus, tmp_path_factory) -> Path:
-    """A dense base: d_model 32, 2 layers, 4 steps."""
-    run_dir = tmp_path_factory.mktemp("base") / "run"
-    train(base_config(run_dir, corpus, "train.steps=4"))
-    return run_dir
+def base_run(tiny_run) -> Path:
+    """A dense base: the session's tiny run (tests/conftest.py: configs/tiny.yaml, d_model 64, 2
+    layers, 20 steps, checkpoints at 10 and 20), which fine-tuning only reads."""
+    return tiny_run[0]
 
 
 LORA = ("finetune.lora_dropout=0.1", "optim.lr=1e-2", "optim.decay_steps=4")
@@ -175,7 +176,7 @@ def test_lora_run_checkpoints_adapters_and_a_base_reference(base_run, lora_run):
     losses = losses_of(lora_run)
     assert sorted(losses) == [1, 2, 3, 4] and losses[4] < losses[1]
     meta = json.loads((lora_run / "checkpoints" / "4" / "meta" / "metadata").read_text())
-    assert meta["base_run"] == str(base_run) and meta["base_step"] == 4 and meta["lora"]["rank"] == 8
+    assert meta["base_run"] == str(base_run) and meta["base_step"] == BASE_STEP and meta["lora"]["rank"] == 8
     assert meta["base_manifest_sha256"]
     with pytest.raises(ValueError, match="LoRA adapters"):  # not a model: merge it first
         load_run(lora_run)
@@ -288,7 +289,7 @@ def test_bad_finetune_input_is_a_config_error(base_run, lora_run, corpus, tmp_pa
         "finetune.base_step": ["finetune.base_step=3"],
         "finetune.lora_targets": ["finetune.lora_targets=q,proj"],
         "finetune.lora_rank": ["finetune.lora_rank=0"],
-        "model.d_model": ["model.d_model=64"],
+        "model.d_model": ["model.d_model=32"],
     }
     messages = {}
     for key, overrides in cases.items():
@@ -300,10 +301,10 @@ def test_bad_finetune_input_is_a_config_error(base_run, lora_run, corpus, tmp_pa
     assert "not a meshlm run" in messages["finetune.base "]
     assert "merge them first" in messages["finetune.base  "]
     assert "unknown LoRA target 'proj'" in messages["finetune.lora_targets"]
-    assert "d_model=32" in messages["model.d_model"]
-    cfg = ft_config(tmp_path / "ft", base_run, corpus, "model.d_model=32", "model.remat=full")
-    assert cfg.model.remat == "full" and cfg.model.d_model == 32  # same value, runtime key: fine
-    assert cfg.finetune.base == str(base_run) and cfg.finetune.base_step == 4
+    assert "d_model=64" in messages["model.d_model"]
+    cfg = ft_config(tmp_path / "ft", base_run, corpus, "model.d_model=64", "model.remat=full")
+    assert cfg.model.remat == "full" and cfg.model.d_model == 64  # same value, runtime key: fine
+    assert cfg.finetune.base == str(base_run) and cfg.finetune.base_step == BASE_STEP
 
 
 def test_cli_errors_exit_2_with_one_line(tmp_path, capsys):

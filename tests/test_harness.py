@@ -30,7 +30,7 @@ from model.transformer import Transformer
 from sharding.mesh import MeshConfig, make_mesh
 from sharding.rules import default_rules, tree_shardings
 from tests import reference
-from tests.helpers import SMALL, run_in_process, tiny_tokenizer
+from tests.helpers import SMALL, padded_logits, run_in_process, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 TOL = 1e-5  # fp32, relative
@@ -52,9 +52,10 @@ def _requests(kind, args):
 
 def _oracle(lm, row, n):
     """(sum of the log-probs of the last n tokens of row, whether each is the argmax), from the plain
-    full forward pass over row[:-1] on host parameters."""
-    model = nnx.merge(lm.run.graphdef, jax.device_get(lm.run.params))
-    logits = np.asarray(model(np.asarray([row[:-1]], np.int32))[0], np.float64)
+    full forward pass over row[:-1] on host parameters (one jitted program for every row length:
+    tests/helpers.py, padded_logits)."""
+    logits = padded_logits(lm.run.graphdef, jax.device_get(lm.run.params), np.asarray([row[:-1]]),
+                           lm.window)[0].astype(np.float64)
     logprobs = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
         - logits.max(-1, keepdims=True)
     targets = np.asarray(row[1:])
@@ -64,8 +65,9 @@ def _oracle(lm, row, n):
 
 def test_loglikelihood_is_the_sum_of_token_log_probs(lm):
     bos, window = lm.tok.bos_id, lm.window
-    greedy_id = int(np.argmax(nnx.merge(lm.run.graphdef, jax.device_get(lm.run.params))(
-        np.asarray([[bos, *lm.tok.encode("import o")]], np.int32))[0, -1]))
+    greedy_id = int(np.argmax(padded_logits(lm.run.graphdef, jax.device_get(lm.run.params),
+                                            np.asarray([[bos, *lm.tok.encode("import o")]]),
+                                            window)[0, -1]))
     assert greedy_id < 128  # one ASCII byte, so the text below encodes to exactly this token
     long_context = "x = [" + ", ".join(str(i) for i in range(30)) + "]\n"  # longer than the window
     pairs = [("import o", "s"), ("import o", chr(greedy_id)), ("", "def f(x):"),
@@ -128,13 +130,15 @@ def test_generate_until_cuts_at_the_stop_string(lm):
             ("def f(", {"until": [], "max_gen_toks": 6, "do_sample": False})]
     cut, _, free = lm.generate_until(_requests("generate_until", args))
     prompt = [lm.tok.bos_id, *lm.tok.encode("def f(")]
-    full = lm._generator(SamplingConfig(temperature=0.0)).generate([prompt], 6, stop_ids=lm.tok.stop_ids)
+    # in a batch of the adapter's size (rows decode independently): the programs generate_until ran
+    full = lm._generator(SamplingConfig(temperature=0.0)).generate([prompt] * lm.batch_size, 6,
+                                                                   stop_ids=lm.tok.stop_ids)
     assert free == lm.tok.decode(full.tokens[0])  # no stop string: the greedy continuation
     assert "\n" not in cut and len(lm.tok.encode(cut)) <= 6
 
 
 def test_local_tasks_run_end_to_end_through_lm_eval(lm, run_dir):
-    results = simple_evaluate(model="meshlm", model_args={"checkpoint": str(run_dir), "batch_size": 8},
+    results = simple_evaluate(model="meshlm", model_args={"checkpoint": str(run_dir), "batch_size": 4},
                               tasks=["meshlm_tiny"], task_manager=harness.task_manager(["meshlm_tiny"]),
                               bootstrap_iters=0, log_samples=False)["results"]
     assert set(results) == {"meshlm_tiny_mc", "meshlm_tiny_ppl", "meshlm_tiny_gen"}
@@ -152,19 +156,24 @@ def test_scorer_equals_the_full_forward_pass_for_moe_with_padded_rows(eight_devi
     cfg = dataclasses.replace(SMALL, max_seq_len=64, init_std=0.3, num_layers=3, first_dense_layers=1,
                               moe_every=2, num_experts=8, experts_per_token=2, expert_mlp_dim=16)
     mesh, rules = make_mesh(MeshConfig(data=2, expert=4)), default_rules()
-    params = nnx.split(Transformer(cfg, nnx.Rngs(0)))[1]
+    # random values drawn by NumPy (no initialiser compiled, op by op) in the model's layout
+    abstract = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))))[1]
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda a: rng.normal(0, cfg.init_std, a.shape).astype(a.dtype), abstract)
     scorer = Scorer(cfg, jax.device_put(params, tree_shardings(params, mesh, rules)), mesh, rules,
                     window=8, batch_size=2)
     rows = [[5, 9, 2, 33, 7], list(range(1, 10)), [42, 3]]  # two batches, the second padded
     dropless = dataclasses.replace(cfg, moe_impl="dropless")  # never drops: the oracle
-    ref = nnx.merge(nnx.split(nnx.eval_shape(lambda: Transformer(dropless, nnx.Rngs(0))))[0], params)
+    ref_graphdef = nnx.split(nnx.eval_shape(lambda: Transformer(dropless, nnx.Rngs(0))))[0]
     inputs = np.zeros((len(rows), 8), np.int32)  # right padding cannot reach earlier tokens here
     for i, row in enumerate(rows):
         inputs[i, :len(row) - 1] = row[:-1]
-    all_logits = np.asarray(ref(inputs), np.float64)
+    ref = jax.jit(lambda p, x: nnx.merge(ref_graphdef, p)(x))  # one program, not op by op
+    all_logits = np.asarray(ref(params, inputs), np.float64)
     for row, logits, (logprob, greedy) in zip(rows, all_logits, scorer.score(rows), strict=True):
         logits, targets = logits[:len(row) - 1], np.asarray(row[1:])
-        expected = (logits - jax.nn.logsumexp(logits, axis=-1, keepdims=True))[np.arange(len(targets)),
+        shifted = logits - logits.max(-1, keepdims=True)  # NumPy's log-softmax: nothing to compile
+        expected = (shifted - np.log(np.exp(shifted).sum(-1, keepdims=True)))[np.arange(len(targets)),
                                                                               targets]
         assert reference.relative_error(logprob, expected) < 1e-5
         assert greedy.tolist() == (logits.argmax(-1) == targets).tolist()
@@ -174,7 +183,7 @@ def test_cli_runs_local_tasks(eight_devices, run_dir, tmp_path):
     out = tmp_path / "results.json"
     result = run_in_process(harness_cli.main, "--checkpoint", str(run_dir / "checkpoints" / "10"),
                             "--tasks", "meshlm_tiny_mc,meshlm_tiny_gen", "--limit", "3",
-                            "--batch-size", "2", "--num-fewshot", "1", "--output", str(out))
+                            "--batch-size", "4", "--num-fewshot", "1", "--output", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "meshlm_tiny_mc" in result.stdout and "|" in result.stdout  # the results table
     report = json.loads(result.stdout.strip().splitlines()[-1])

@@ -1,6 +1,6 @@
 """``python -m eval inspect``: token spans, next-token probabilities under temperature, embedding
 neighbours and analogies, attention weights and MoE routing from the real forward pass, checked against
-plain oracles on tiny trained checkpoints (dense and MoE)."""
+plain oracles on a tiny trained checkpoint (dense) and an initialised MoE one."""
 
 import dataclasses
 import json
@@ -15,6 +15,7 @@ import pytest
 from flax import nnx
 
 from cli import inspect as inspect_cli
+from convert.checkpoints import save_params
 from data.tokenizer import ByteTokenizer, SentencePieceTokenizer, train_sentencepiece
 from eval import inspect
 from inference.generate import inference_graphdef
@@ -25,9 +26,8 @@ from model.transformer import Transformer, sown_arrays
 from sharding.mesh import MeshConfig, make_mesh
 from sharding.rules import default_rules, tree_shardings
 from tests import reference
-from tests.helpers import SMALL, small_text, tiny_config
+from tests.helpers import SMALL, padded_logits, small_text
 from train.config import CONFIG_DIR, build_config, load_yaml
-from train.loop import train
 from train.validate import validate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,21 +41,23 @@ def text(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def dense_dir(eight_devices, tmp_path_factory, text):
-    run_dir = tmp_path_factory.mktemp("inspect") / "dense"
-    train(tiny_config(run_dir, "train.steps=20", "mesh.data=2", "mesh.tensor=4", "checkpoint.every=20",
-                      f"data.source=text:{text}"))
-    return run_dir
+def dense_dir(tiny_run):
+    """The session's tiny run (tests/conftest.py: configs/tiny.yaml trained 20 steps on data=2,
+    tensor=4), which these tests only read."""
+    return tiny_run[0]
 
 
 @pytest.fixture(scope="module")
-def moe_dir(eight_devices, tmp_path_factory, text):
+def moe_dir(eight_devices, tmp_path_factory):
+    """configs/moe_tiny.yaml's model as initialised, saved as a run directory of its own (step 0):
+    nothing inspect reports depends on training, and training it compiled the costliest programs
+    of this file (the MoE train and eval steps)."""
     run_dir = tmp_path_factory.mktemp("inspect") / "moe"
-    cfg = build_config(load_yaml(CONFIG_DIR / "moe_tiny.yaml"),
-                       [f"run.dir={run_dir}", "train.steps=6", "checkpoint.every=6",
-                        f"data.source=text:{text}"])
+    cfg = build_config(load_yaml(CONFIG_DIR / "moe_tiny.yaml"), [f"run.dir={run_dir}"])
     validate(cfg, jax.device_count())
-    train(cfg)
+    params = jax.jit(lambda: nnx.split(Transformer(cfg.model, nnx.Rngs(0)))[1])()  # one program
+    run_dir.mkdir()
+    save_params(run_dir, cfg, params, ByteTokenizer(), {})
     return run_dir
 
 
@@ -164,8 +166,8 @@ def test_next_probabilities_are_softmax_of_logits_over_temperature(dense):
     temps = [0.0, 1e-4, 0.5, 1.0, 2.0]
     report = inspect.inspect_next(dense, PROMPT, temps, top=dense.cfg.model.vocab_size)
     ids = inspect.prompt_ids(dense.tokenizer, PROMPT, dense.cfg.model.max_seq_len)
-    model = nnx.merge(dense.graphdef, jax.device_get(dense.params))
-    logits_v = np.asarray(model(np.asarray([ids], np.int32))[0, -1])  # the plain full forward pass
+    logits_v = padded_logits(dense.graphdef, jax.device_get(dense.params), np.asarray([ids]),
+                             dense.cfg.model.max_seq_len)[0, -1]  # the plain full forward pass
     order = [row["id"] for row in report["top"]]
     assert sorted(order) == list(range(dense.cfg.model.vocab_size))
     probs_tv = np.array([row["probs"] for row in report["top"]]).T
@@ -187,8 +189,8 @@ def test_next_keeps_a_prompt_longer_than_the_training_length_whole(dense, capsys
     assert dense.cfg.train.seq_len < len(ids) <= dense.cfg.model.max_seq_len
     report = inspect.inspect_next(dense, prompt, [1.0], top=5)
     assert capsys.readouterr().err == ""  # nothing cut, nothing to warn about
-    model = nnx.merge(dense.graphdef, jax.device_get(dense.params))
-    logits_v = np.asarray(model(np.asarray([ids], np.int32))[0, -1])  # the whole prompt
+    logits_v = padded_logits(dense.graphdef, jax.device_get(dense.params), np.asarray([ids]),
+                             dense.cfg.model.max_seq_len)[0, -1]  # the whole prompt
     got = np.array([row["logit"] for row in report["top"]])
     assert reference.relative_error(got, logits_v[[row["id"] for row in report["top"]]]) < TOL
 

@@ -25,7 +25,7 @@ from model.lora import LoRASpec, add_lora, merge_lora, set_deterministic, unmatc
 from model.mla import MLAttention
 from model.transformer import Transformer, cache_shapes
 from tests import reference
-from tests.helpers import SMALL, loss_and_grads, packed_segments, random_batch
+from tests.helpers import SMALL, host_params, loss_and_grads, packed_segments, random_batch
 from tests.test_generate import PROMPTS, assert_decoding_equals_the_full_pass
 from train.config import CONFIG_DIR, load_config
 
@@ -46,13 +46,24 @@ MLA_DECODE = dataclasses.replace(
 
 
 def _randomised(module: nnx.Module, seed: int) -> nnx.Module:
-    """``module`` with every parameter (norm scales too) drawn from N(0, 0.5^2)."""
+    """``module`` with every parameter (norm scales too) drawn from N(0, 0.5^2); drawn in NumPy,
+    so that no leaf's shape compiles a program of its own."""
     state = nnx.state(module, nnx.Param)
     leaves, treedef = jax.tree.flatten(state)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    rng = np.random.default_rng(seed)
     nnx.update(module, jax.tree.unflatten(
-        treedef, [0.5 * jax.random.normal(key, x.shape) for key, x in zip(keys, leaves, strict=True)]))
+        treedef, [jnp.asarray(0.5 * rng.normal(size=x.shape), jnp.float32) for x in leaves]))
     return module
+
+
+def _random_mla(cfg: ModelConfig, seed: int) -> MLAttention:
+    """An MLA layer of ``cfg`` with ``_randomised`` parameters; built abstractly (every initial
+    value is replaced, so none is computed)."""
+    return _randomised(nnx.eval_shape(lambda: MLAttention(cfg, nnx.Rngs(0))), seed)
+
+
+def _normal(shape: tuple[int, ...], seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
 
 
 def mla_reference(x, p: dict, cfg: ModelConfig, positions, segments=None, window=0):
@@ -98,12 +109,12 @@ def test_mla_equals_a_numpy_reference(changes: dict, packed: bool, local: bool) 
     """einsum takes value heads of another width as they are; blockwise pads the values to the
     query/key width and xla pads the queries and keys to the value width."""
     cfg = dataclasses.replace(MLA, **changes)
-    attn = _randomised(MLAttention(cfg, nnx.Rngs(0)), 1)
-    x = jax.random.normal(jax.random.key(2), (2, 7, cfg.d_model))
+    attn = _random_mla(cfg, 1)
+    x = _normal((2, 7, cfg.d_model), 2)
     positions = np.broadcast_to(np.arange(7, dtype=np.int32), (2, 7))
     segments = packed_segments(2, 7) if packed else None
-    span = Span(jnp.asarray(positions), None if segments is None else jnp.asarray(segments))
-    got, cache = attn(x, span, local=local)
+    got, cache = nnx.jit(lambda attn, x, positions, segments: attn(
+        x, Span(positions, segments), local=local))(attn, x, positions, segments)
     want = mla_reference(x, _params(attn), cfg, positions, segments,
                          cfg.sliding_window if local else 0)
     assert cache is None and got.shape == x.shape
@@ -114,11 +125,11 @@ def test_splash_takes_narrower_values_as_they_are() -> None:
     """Splash (interpreted here) has its own value head width: output and gradients equal the
     einsum path's at the 128 tokens the kernel tiles."""
     cfg = dataclasses.replace(MLA, v_head_dim=5, max_seq_len=128)
-    x = jax.random.normal(jax.random.key(2), (1, 128, cfg.d_model))
+    x = _normal((1, 128, cfg.d_model), 2)
     span = Span(jnp.broadcast_to(jnp.arange(128), (1, 128)))
     results = []
     for impl in ("einsum", "splash"):
-        attn = _randomised(MLAttention(dataclasses.replace(cfg, attention_impl=impl), nnx.Rngs(0)), 1)
+        attn = _random_mla(dataclasses.replace(cfg, attention_impl=impl), 1)
         loss = nnx.jit(nnx.value_and_grad(lambda a: jnp.sum(a(x, span)[0] ** 2)))
         results.append(loss(attn))
     for want, got in zip(*(jax.tree.leaves(r) for r in results), strict=True):
@@ -126,12 +137,13 @@ def test_splash_takes_narrower_values_as_they_are() -> None:
 
 
 def test_sown_attention_weights_leave_the_output_unchanged() -> None:
-    attn = _randomised(MLAttention(dataclasses.replace(MLA, v_head_dim=5), nnx.Rngs(0)), 3)
-    x = jax.random.normal(jax.random.key(4), (2, 5, MLA.d_model))
-    span = Span(jnp.broadcast_to(jnp.arange(5), (2, 5)))
-    plain, _ = attn(x, span)
+    attn = _random_mla(dataclasses.replace(MLA, v_head_dim=5), 3)
+    x = _normal((2, 5, MLA.d_model), 4)
+    positions = np.broadcast_to(np.arange(5, dtype=np.int32), (2, 5))
+    plain, _ = nnx.jit(lambda attn, x, positions: attn(x, Span(positions)))(attn, x, positions)
     attn.sow_intermediates = True
-    (sown, _), intermediates = nnx.capture(attn, nnx.Intermediate)(x, span)
+    (sown, _), intermediates = nnx.jit(lambda attn, x, positions: nnx.capture(
+        attn, nnx.Intermediate)(x, Span(positions)))(attn, x, positions)
     probs = intermediates["attention_probs"][0]
     assert reference.relative_error(sown, plain) < TOL
     assert probs.shape == (2, MLA.num_heads, 5, 5)
@@ -154,9 +166,11 @@ def test_sharded_mla_loss_and_gradients_equal_one_device(eight_devices) -> None:
     """fsdp (weights), tensor (heads) and context (the sequence: the context-parallel kernel, which
     takes padded values) against one device; every gradient finite and every weight's nonzero."""
     cfg = dataclasses.replace(MLA, q_lora_rank=10, v_head_dim=5, init_std=0.3)
-    batch = random_batch(4, 16, cfg.vocab_size)
-    loss_1, grads_1 = loss_and_grads(cfg, {"data": 1}, batch, devices=eight_devices[:1])
-    loss_n, grads_n = loss_and_grads(cfg, {"fsdp": 2, "context": 2, "tensor": 2}, batch)
+    batch, params = random_batch(4, 16, cfg.vocab_size), host_params(cfg)
+    loss_1, grads_1 = loss_and_grads(cfg, {"data": 1}, batch, devices=eight_devices[:1],
+                                     params=params)
+    loss_n, grads_n = loss_and_grads(cfg, {"fsdp": 2, "context": 2, "tensor": 2}, batch,
+                                     params=params)
     assert abs(loss_n - loss_1) <= TOL_MODEL * abs(loss_1)
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(grads_n),
                             jax.tree.leaves(grads_1), strict=True):
@@ -166,16 +180,17 @@ def test_sharded_mla_loss_and_gradients_equal_one_device(eight_devices) -> None:
 
 def test_lora_adapts_the_full_rank_query_and_the_output() -> None:
     cfg = dataclasses.replace(MLA, attention_impl="einsum")
-    model = Transformer(cfg, nnx.Rngs(0))
+    model = _randomised(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))), 6)
     add_lora(model, LoRASpec(rank=2, targets=("q", "k", "v", "o")), nnx.Rngs(1))
     adapted = {name for name in vars(model.blocks.attn) if name.startswith("lora_")}
     assert adapted == {"lora_q", "lora_o"}
     for name in adapted:  # B starts at zero: give the adapters an update to apply
         lora = getattr(model.blocks.attn, name)
-        lora.b[...] = 0.1 * jax.random.normal(jax.random.key(5), lora.b.shape)
-    tokens = jnp.asarray(np.arange(14).reshape(2, 7) % cfg.vocab_size)
-    with_adapters = set_deterministic(model, True)(tokens)
-    assert reference.relative_error(merge_lora(model)(tokens), with_adapters) < TOL_MODEL
+        lora.b[...] = jnp.asarray(0.1 * _normal(lora.b.shape, 5))
+    tokens = np.arange(14).reshape(2, 7) % cfg.vocab_size
+    forward = nnx.jit(lambda model, tokens: model(tokens))
+    with_adapters = forward(set_deterministic(model, True), tokens)
+    assert reference.relative_error(forward(merge_lora(model), tokens), with_adapters) < TOL_MODEL
     assert unmatched_targets(cfg, LoRASpec()) == ["k", "v"]
     low_rank_q = dataclasses.replace(cfg, q_lora_rank=8)
     assert unmatched_targets(low_rank_q, LoRASpec(targets=("q", "o"))) == ["q"]

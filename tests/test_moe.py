@@ -16,7 +16,7 @@ from cli import train as train_cli
 from model.config import ModelConfig
 from model.flops import param_counts
 from model.loss import lm_logits
-from model.moe import MoE, capacity_positions
+from model.moe import MoE, RouterBias, capacity_positions
 from model.transformer import Transformer
 from sharding.constrain import activation_sharding
 from sharding.mesh import MeshConfig, make_mesh
@@ -38,15 +38,28 @@ SMALL_MOE = dataclasses.replace(SMALL, num_experts=8, experts_per_token=2, exper
 
 
 def _moe_layer(cfg: ModelConfig, seed: int = 0) -> MoE:
-    """An MoE layer with well-spread random weights (router logits of order 1)."""
-    layer = MoE(cfg, nnx.Rngs(0))
-    rng = np.random.default_rng(seed)
-    for name in ("w_router_de", "w_gate_edf", "w_up_edf", "w_down_efd"):
-        if hasattr(layer, name):
-            var = getattr(layer, name)
-            scale = 1.0 if name == "w_router_de" else 0.4
-            var[...] = (scale * rng.normal(size=var.shape)).astype(np.float32)
+    """An MoE layer with well-spread random weights (router logits of order 1), its selection bias
+    (if any) zero and its shared experts' weights of the configured init scale. Made abstract and
+    filled from NumPy: running its initialisers would compile a program per new shape."""
+    layer = nnx.eval_shape(lambda: MoE(cfg, nnx.Rngs(0)))
+    rng, other_rng = np.random.default_rng(seed), np.random.default_rng(seed + 1000)
+    routed = {name: (1.0 if name == "w_router_de" else 0.4) * rng.normal(
+        size=getattr(layer, name).get_value().shape)
+        for name in ("w_router_de", "w_gate_edf", "w_up_edf", "w_down_efd") if hasattr(layer, name)}
+    for path, var in nnx.iter_graph(layer):
+        if isinstance(var, nnx.Variable):
+            abstract = var.get_value()
+            value = routed.get(str(path[-1]))
+            if value is None:
+                value = (np.zeros(abstract.shape) if isinstance(var, RouterBias)
+                         else cfg.init_std * other_rng.normal(size=abstract.shape))
+            var.set_value(jnp.asarray(value, abstract.dtype))
     return layer
+
+
+def _set(var: nnx.Variable, value) -> None:
+    """Sets a variable to a host array (as a whole: indexed assignment compiles a scatter)."""
+    var.set_value(jnp.asarray(value, var.get_value().dtype))
 
 
 def _weights(layer: MoE) -> list:
@@ -54,8 +67,9 @@ def _weights(layer: MoE) -> list:
             layer.w_gate_edf[...] if hasattr(layer, "w_gate_edf") else None]
 
 
-def _oracle(x, mask, weights, cfg, capacity=None):
-    """The float64 per-token oracle's output, gradients (of sum(out * probe)) and kept lists."""
+def _oracle(x, mask, weights, cfg, capacity=None, with_grads=True):
+    """The float64 per-token oracle's output, gradients (of sum(out * probe); None without
+    ``with_grads``, which saves compiling the backward pass's ops) and kept lists."""
     chosen, kept = reference.moe_routing(x, weights[0], k=cfg.experts_per_token, capacity=capacity,
                                          mask_bt=mask)
     with jax.enable_x64(True):
@@ -67,6 +81,8 @@ def _oracle(x, mask, weights, cfg, capacity=None):
             out = reference.moe(*args, mode=cfg.router_mode, chosen=chosen, kept=kept)
             return jnp.sum(out * probe), out
 
+        if not with_grads:
+            return np.asarray(loss(args)[1]), None, kept
         grads, out = jax.grad(loss, has_aux=True)(args)
         return np.asarray(out), [None if g is None else np.asarray(g) for g in grads], kept
 
@@ -137,12 +153,14 @@ def test_tight_capacity_drops_exactly_the_overflowing_tokens():
                       [False, False]]]
     assert cfg.expert_capacity(6) == 2
     layer = _moe_layer(cfg)
-    layer.w_router_de[...] = jnp.eye(4)
-    experts = jnp.argsort(-logits, axis=-1)[..., :2]
-    _, kept = capacity_positions(experts, jnp.ones((1, 6), bool), 4, 2)
+    _set(layer.w_router_de, np.eye(4))
+    experts = np.argsort(-logits, axis=-1, kind="stable")[..., :2]
+    # jitted: one program instead of one per eager op
+    _, kept = jax.jit(capacity_positions, static_argnums=(2, 3))(experts, np.ones((1, 6), bool), 4, 2)
     assert kept.tolist() == expected_kept
     mask = np.ones((1, 6), bool)
-    expected, _, oracle_kept = _oracle(logits, mask, _weights(layer), cfg, capacity=2)
+    expected, _, oracle_kept = _oracle(logits, mask, _weights(layer), cfg, capacity=2,
+                                       with_grads=False)
     assert oracle_kept == expected_kept
     out, metrics = _jit_call(layer, jnp.asarray(logits), jnp.asarray(mask))
     assert reference.relative_error(out, expected) < TOL_OP
@@ -169,12 +187,12 @@ def test_aux_losses_equal_a_hand_computation_and_reach_the_router():
     x = jnp.asarray(logits[None])  # with the identity router, logits = x
 
     # Zero router: uniform probabilities, so aux = E * sum_e f_e / E = 1 and z = log(E)^2.
-    layer.w_router_de[...] = jnp.zeros((4, 4))
+    _set(layer.w_router_de, np.zeros((4, 4)))
     _, metrics = _jit_call(layer, x)
     assert float(metrics["aux_loss"]) == pytest.approx(1.0, rel=TOL_OP)
     assert float(metrics["z_loss"]) == pytest.approx(math.log(4) ** 2, rel=TOL_OP)
 
-    layer.w_router_de[...] = jnp.eye(4)
+    _set(layer.w_router_de, np.eye(4))
     aux, z, probs, f, lse = _hand_aux(logits, k=2)
     _, metrics = _jit_call(layer, x)
     assert float(metrics["aux_loss"]) == pytest.approx(aux, rel=TOL_OP)

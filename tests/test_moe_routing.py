@@ -18,7 +18,7 @@ from sharding.constrain import activation_sharding
 from sharding.mesh import MeshConfig, make_mesh
 from sharding.rules import default_rules, logical_sharding, tree_shardings
 from tests import reference
-from tests.test_moe import LAYER, _moe_layer, _probe
+from tests.test_moe import LAYER, _moe_layer, _probe, _set
 
 TOL_OP = 1e-5  # fp32, simple ops
 
@@ -106,7 +106,7 @@ def test_routing_equals_the_per_token_oracle(mode, groups, topk_groups, scale, a
     mask = rng.random((2, 8)) > 0.2
     bias_e = ((0.3 if mode.startswith("sigmoid") else 0.1) * rng.normal(size=8)).astype(np.float32)
     layer = _moe_layer(cfg)
-    layer.router_bias_e[...] = jnp.asarray(bias_e)
+    _set(layer.router_bias_e, bias_e)
     chosen = _choose(x, layer.w_router_de[...], bias_e, mask, cfg)
     unbiased = _choose(x, layer.w_router_de[...], np.zeros(8), mask, cfg)
     ungrouped = _choose(x, layer.w_router_de[...], bias_e, mask,
@@ -115,7 +115,7 @@ def test_routing_equals_the_per_token_oracle(mode, groups, topk_groups, scale, a
     expected, expected_grads = _oracle(x, mask, layer, cfg, chosen)
     for impl in ("capacity", "dropless"):
         layer_impl = _moe_layer(dataclasses.replace(cfg, moe_impl=impl))
-        layer_impl.router_bias_e[...] = jnp.asarray(bias_e)
+        _set(layer_impl.router_bias_e, bias_e)
         out, experts, grads = _output_and_grads(layer_impl, jnp.asarray(x), jnp.asarray(mask))
         assert [[list(experts[b, t]) for t in range(8) if mask[b, t]] for b in range(2)] == [
             [c for c in row if c] for row in chosen], impl
@@ -127,13 +127,16 @@ def test_routing_equals_the_per_token_oracle(mode, groups, topk_groups, scale, a
 
 
 def test_the_bias_is_a_router_bias_of_zeros_only_when_its_rate_is_positive():
-    layer = MoE(ROUTED, nnx.Rngs(0))
+    # initialised in one jitted program (eagerly, each initialiser compiles one of its own)
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: MoE(ROUTED, nnx.Rngs(0))))
+    layer = nnx.merge(graphdef, jax.jit(lambda: nnx.split(MoE(ROUTED, nnx.Rngs(0)))[1])())
     assert isinstance(layer.router_bias_e, RouterBias)
     assert not isinstance(layer.router_bias_e, nnx.Param)
     assert layer.router_bias_e[...].dtype == jnp.float32
     assert np.asarray(layer.router_bias_e[...]).tolist() == [0.0] * 8
-    assert not hasattr(MoE(dataclasses.replace(ROUTED, router_bias_rate=0.0), nnx.Rngs(0)),
-                       "router_bias_e")
+    assert not hasattr(nnx.eval_shape(
+        lambda: MoE(dataclasses.replace(ROUTED, router_bias_rate=0.0), nnx.Rngs(0))),
+        "router_bias_e")
 
 
 def test_the_bias_update_equals_a_hand_computation():
@@ -164,7 +167,7 @@ def test_aux_loss_free_balancing_evens_out_a_skewed_router():
     w = 0.5 * rng.normal(size=(cfg.d_model, 16))
     w[0] = 0.0
     w[0, :4] = 3.0
-    layer.w_router_de[...] = jnp.asarray(w, jnp.float32)
+    _set(layer.w_router_de, w)
     graphdef, state = nnx.split(layer)
     metrics_of = jax.jit(lambda state: nnx.merge(graphdef, state)(jnp.asarray(x))[1])
     ratios = []
@@ -173,8 +176,8 @@ def test_aux_loss_free_balancing_evens_out_a_skewed_router():
         load_e = np.asarray(metrics["expert_load"])
         ratios.append(float(metrics["load_max_over_mean"]))
         assert ratios[-1] == pytest.approx(load_e.max() / load_e.mean(), rel=TOL_OP)
-        state["router_bias_e"][...] = updated_router_bias(
-            state["router_bias_e"][...][None], jnp.asarray(load_e)[None], cfg.router_bias_rate)[0]
+        state["router_bias_e"].set_value(updated_router_bias(
+            state["router_bias_e"][...][None], jnp.asarray(load_e)[None], cfg.router_bias_rate)[0])
     assert ratios[0] > 3  # the unbalanced router, every step without balancing
     settled = next(i for i, r in enumerate(ratios) if r < 1.5)
     assert settled <= SKEW_STEPS, ratios
@@ -194,7 +197,7 @@ def test_sequence_wise_loss_and_load_equal_a_hand_computation():
     mask[0, 5:], mask[2, 2:] = False, False  # rows of 5, 8 and 2 tokens
     layer = _moe_layer(cfg)
     bias_e = (0.3 * rng.normal(size=8)).astype(np.float32)
-    layer.router_bias_e[...] = jnp.asarray(bias_e)
+    _set(layer.router_bias_e, bias_e)
     graphdef, state = nnx.split(layer)
 
     def seq_loss(state):
@@ -249,9 +252,12 @@ def _sharded_layer_run(layer: MoE, x, mask, mesh_axes: dict | None):
         return jax.device_get(run(state, x, mask))
     mesh, rules = make_mesh(MeshConfig(**mesh_axes)), default_rules()
     with activation_sharding(mesh, rules):
-        state = jax.device_put(state, tree_shardings(state, mesh, rules))
-        x = jax.device_put(x, logical_sharding(("batch", "length", "embed"), x.shape, mesh, rules))
-        mask = jax.device_put(mask, logical_sharding(("batch", "length"), mask.shape, mesh, rules))
+        # from host copies: resharding device arrays compiles a slicing program per shape
+        state = jax.device_put(jax.device_get(state), tree_shardings(state, mesh, rules))
+        x = jax.device_put(np.asarray(x),
+                           logical_sharding(("batch", "length", "embed"), x.shape, mesh, rules))
+        mask = jax.device_put(np.asarray(mask),
+                              logical_sharding(("batch", "length"), mask.shape, mesh, rules))
         return jax.device_get(run(state, x, mask))
 
 
@@ -264,7 +270,7 @@ def test_64_experts_on_expert_parallel_meshes_equal_one_device(eight_devices, im
     x = jnp.asarray(rng.normal(size=(8, 8, cfg.d_model)), jnp.float32)
     mask = jnp.asarray(rng.random((8, 8)) > 0.1)
     layer = _moe_layer(cfg)
-    layer.router_bias_e[...] = jnp.asarray(0.05 * rng.normal(size=64), jnp.float32)
+    _set(layer.router_bias_e, 0.05 * rng.normal(size=64))
     expected_out, expected_metrics = _sharded_layer_run(layer, x, mask, None)
     if impl == "capacity":
         assert expected_metrics["dropped_frac"] > 0  # capacity 1.25: the drops must agree too

@@ -15,7 +15,7 @@ from model.config import ModelConfig
 from model.flops import attention_flops_per_token, causal_train_flops_per_token, train_flops_per_token
 from model.transformer import Transformer, cache_shapes
 from tests import reference
-from tests.helpers import SMALL, packed_segments, qkv
+from tests.helpers import SMALL, host_params, packed_segments, qkv
 from tests.test_generate import assert_decoding_equals_the_full_pass
 
 TOL = 1e-5  # fp32, simple ops
@@ -41,7 +41,7 @@ def test_every_kernel_keeps_to_the_window(impl: str, packed: bool) -> None:
     def run(local):
         return causal_attention(q, k, v, seg, window, local, impl=impl, block=5)
 
-    np.testing.assert_allclose(run(True), local_ref, rtol=TOL, atol=TOL)
+    np.testing.assert_allclose(jax.jit(lambda: run(True))(), local_ref, rtol=TOL, atol=TOL)
     mixed = jax.jit(run)
     np.testing.assert_allclose(mixed(jnp.bool_(True)), local_ref, rtol=TOL, atol=TOL)
     np.testing.assert_allclose(mixed(jnp.bool_(False)), global_ref, rtol=TOL, atol=TOL)
@@ -82,10 +82,12 @@ def test_local_layers_follow_the_pattern_through_the_stacks(moe: bool) -> None:
     if moe:
         cfg = dataclasses.replace(cfg, num_experts=4, experts_per_token=2, first_dense_layers=1,
                                   moe_every=2, moe_impl="dropless")
-    model = Transformer(cfg, nnx.Rngs(0))
+    model = nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0)))  # parameters drawn in NumPy
+    nnx.update(model, jax.tree.map(jnp.asarray, host_params(cfg)))
     model.set_attributes(Attention, sow_intermediates=True)
-    tokens = jnp.asarray(np.arange(t, dtype=np.int32)[None] % cfg.vocab_size)
-    _, sown = nnx.capture(model, nnx.Intermediate)(tokens)
+    tokens = np.arange(t, dtype=np.int32)[None] % cfg.vocab_size
+    _, sown = nnx.jit(lambda model, tokens: nnx.capture(model, nnx.Intermediate)(tokens))(
+        model, tokens)
     (probs_lbnts,) = [np.asarray(variable.get_value()[0]) for path, variable in nnx.to_flat_state(sown)
                       if path[-1] == "attention_probs"]  # sown values are tuples of one array
     assert probs_lbnts.shape == (cfg.num_layers, 1, cfg.num_heads, t, t)
