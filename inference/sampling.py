@@ -65,6 +65,15 @@ def filtered_rows(logits_bv: jax.Array, temperature_b: jax.Array, top_k_b: jax.A
     logits_bv = logits_bv.astype(jnp.float32)
     logits_bv = logits_bv / jnp.where(temperature_b > 0, temperature_b, 1.0)[:, None]
     v = logits_bv.shape[-1]
+    # the filters sort the vocabulary (about 12 ms a row at 49k ids on a CPU core): only when a row
+    # has one on (lax.cond runs one branch)
+    filtering = jnp.any(((top_k_b > 0) & (top_k_b < v)) | (top_p_b < 1.0))
+    return jax.lax.cond(filtering, _top_k_top_p, lambda x, *_: x, logits_bv, top_k_b, top_p_b)
+
+
+def _top_k_top_p(logits_bv: jax.Array, top_k_b: jax.Array, top_p_b: jax.Array) -> jax.Array:
+    """Each row's logits outside its top-k and top-p nucleus set to -inf (see ``filtered_rows``)."""
+    v = logits_bv.shape[-1]
     sorted_bv = jnp.sort(logits_bv, axis=-1)[:, ::-1]
     kth_b1 = jnp.take_along_axis(sorted_bv, jnp.clip(top_k_b - 1, 0, v - 1)[:, None], axis=-1)
     cut_bv = ((top_k_b > 0) & (top_k_b < v))[:, None] & (logits_bv < kth_b1)
@@ -84,11 +93,15 @@ def sample_rows(logits_bv: jax.Array, seeds_b: jax.Array, counters_b: jax.Array,
     """One token id per row, each under its own setting: ``jnp.argmax`` where the temperature is
     0, else a draw from ``filtered_rows`` with the key ``fold_in(key(seed), counter)`` (a
     request's n-th token depends on its seed and n only, not on the rows beside it)."""
-    keys_b = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(seeds_b, counters_b)
-    filtered_bv = filtered_rows(logits_bv, temperature_b, top_k_b, top_p_b)
-    drawn_b = jax.vmap(jax.random.categorical)(keys_b, filtered_bv)
-    greedy_b = jnp.argmax(logits_bv, axis=-1)
-    return jnp.where(temperature_b > 0, drawn_b, greedy_b).astype(jnp.int32)
+    greedy_b = jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
+
+    def draw(logits_bv: jax.Array) -> jax.Array:
+        keys_b = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(seeds_b, counters_b)
+        filtered_bv = filtered_rows(logits_bv, temperature_b, top_k_b, top_p_b)
+        drawn_b = jax.vmap(jax.random.categorical)(keys_b, filtered_bv)
+        return jnp.where(temperature_b > 0, drawn_b, greedy_b).astype(jnp.int32)
+    # an all-greedy batch draws nothing (lax.cond runs one branch)
+    return jax.lax.cond(jnp.any(temperature_b > 0), draw, lambda _: greedy_b, logits_bv)
 
 
 def token_logprobs(logits_bv: jax.Array, tokens_b: jax.Array,
