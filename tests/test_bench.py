@@ -7,8 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench import baby, checkpoint, longctx, train
+from bench import baby, checkpoint, longctx, serve, train
 from bench.posttrain_task import make_task
+from bench.serve_clients import make_workload
+from model.config import ModelConfig
 
 SHRINK = ["model.num_layers=1", "model.d_model=64", "model.num_heads=2", "model.num_kv_heads=2",
           "model.mlp_dim=128", "model.expert_mlp_dim=64", "model.max_seq_len=64", "train.seq_len=64"]
@@ -95,3 +97,33 @@ def test_posttrain_task_is_seeded_and_held_out_questions_are_unseen() -> None:
     for p in train_set + held_out:
         a, b = (int(w) for w in p.question.split("?")[0].split()[-3::2])
         assert p.answer == str(a + b) and p.wrong != p.answer
+
+
+def test_serve_bench_counts_every_token_and_compiles_nothing_after_warm_up(tmp_path: Path) -> None:
+    # a tiny random model (its byte tokenizer has 259 ids; large weights: no near-ties, so both
+    # sides' greedy tokens agree), four requests per configuration, the engine at 1 and 2 clients,
+    # transformers at batch 1 and 2: about 8 s
+    cfg = ModelConfig(vocab_size=320, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                      mlp_dim=48, max_seq_len=32, init_std=0.3)
+    settings = serve.Settings(clients=(1, 2), hf_batches=(1, 2), requests=4, prompt_lens=(3, 20),
+                              output_lens=(2, 6), decode_steps=2, prefill_chunk=8)
+    run_dir = serve.save_random_run(cfg, tmp_path / "run")
+    path = serve.run_bench({"tiny": run_dir}, settings, tmp_path)
+    figures = json.loads(path.read_text())["figures"]["tiny"]
+    expected = sum(w.max_tokens for w in make_workload(4, 320, 0, (3, 20), (2, 6)))
+    for c in (1, 2):
+        m = figures["meshlm"][f"clients_{c}"]
+        assert m["output_tokens"] == expected and m["requests"] == 4
+        assert m["recompiles_after_warm_up"] == 0
+        assert m["tokens_per_s"] == pytest.approx(expected / m["wall_s"])
+        assert 0 < m["ttft_p50_ms"] <= m["ttft_p99_ms"] and 0 < m["itl_p50_ms"] <= m["itl_p99_ms"]
+        hf = figures["transformers"][f"batch_{c}"]
+        assert hf["output_tokens"] == expected and hf["tokens_per_s"] > 0
+        assert figures["greedy_equal_to_transformers"][f"batch_{c}"]["whole_outputs"] == 1.0
+    assert figures["meshlm"]["decode_step_ms"]["2"] > 0
+    assert figures["meshlm"]["compiles_at_end"] == figures["meshlm"]["compiles_at_warm_up"] == 3
+    assert figures["targets"]["recompiles_after_warm_up_clients_2"] == {"value": 0, "target": 0,
+                                                                        "met": True}
+    ratio = figures["targets"]["meshlm_1_clients_over_transformers_batch_1"]
+    assert ratio["ratio"] == pytest.approx(figures["meshlm"]["clients_1"]["tokens_per_s"]
+                                           / figures["transformers"]["batch_1"]["tokens_per_s"])
