@@ -14,7 +14,7 @@ from model.transformer import Transformer
 from sharding.mesh import MeshConfig, make_mesh
 from sharding.rules import default_rules, tree_shardings
 from tests import reference
-from tests.helpers import SMALL
+from tests.helpers import SMALL, padded_logits
 
 TOL_MODEL = 1e-4  # fp32, whole models
 GREEDY = SamplingConfig(temperature=0.0)
@@ -33,11 +33,12 @@ def _generator(cfg, mesh_axes, sampling=GREEDY, window=64):
 
 
 def _full_logits(cfg, params, tokens):
-    """Logits [T, V] of one unpadded row by the plain forward pass (no cache, no mesh); an MoE model
-    runs its dropless path, which never drops a token."""
+    """Logits [T, V] of one unpadded row by the plain forward pass (no cache), one jitted program
+    (called eagerly it compiled each of its ops apart); an MoE model runs its dropless path, which
+    never drops a token."""
     ref_cfg = dataclasses.replace(cfg, moe_impl="dropless")
     graphdef = nnx.split(nnx.eval_shape(lambda: Transformer(ref_cfg, nnx.Rngs(0))))[0]
-    return np.asarray(nnx.merge(graphdef, params)(np.asarray([tokens], np.int32))[0])
+    return padded_logits(graphdef, params, np.asarray([tokens], np.int32), len(tokens))[0]
 
 
 @pytest.mark.parametrize("cfg, mesh_axes", [
