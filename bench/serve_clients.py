@@ -139,7 +139,6 @@ class HFGenerate:
     def __init__(self, hf_dir: Path, threads: int):
         torch.set_num_threads(threads)
         transformers.utils.logging.disable_progress_bar()
-        self.threads = threads
         self.model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
         self.model.generation_config.eos_token_id = None
         self.pad_id = 0

@@ -65,6 +65,14 @@ def random_batch(batch_size: int, seq_len: int, vocab: int, seed: int = 0) -> di
     return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": weights}
 
 
+def init_params(cfg: ModelConfig, seed: int = 0) -> Any:
+    """The initialiser's parameters of ``cfg``'s model, computed by one jitted program (called
+    eagerly, the initialisers compile op by op)."""
+    from model.transformer import Transformer  # the helpers' other imports do not need the model
+
+    return jax.jit(lambda: nnx.split(Transformer(cfg, nnx.Rngs(seed)))[1])()
+
+
 def host_params(cfg: ModelConfig, seed: int = 0) -> Any:
     """Parameters of ``cfg``'s model as host arrays drawn in NumPy, so that no init program is
     compiled (``loss_and_grads`` on two meshes would compile one per mesh): weights from

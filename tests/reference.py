@@ -68,6 +68,12 @@ def rms_norm(x, scale, eps):
     return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * scale
 
 
+def log_softmax(logits):
+    """log softmax over the last axis, in NumPy (nothing to compile)."""
+    shifted = logits - logits.max(-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+
+
 def relative_error(actual, expected) -> float:
     """max |a - e| / max |e|: one number for comparing whole tensors."""
     actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)

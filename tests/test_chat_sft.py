@@ -118,14 +118,14 @@ def test_packed_loss_is_the_masked_mean_of_plain_forwards(bpe_json):
     from model.config import ModelConfig
     from model.loss import nll_sums, token_nll
     from model.transformer import Transformer
+    from tests.helpers import init_params
 
     tok = small_tokenizer(bpe_json, template("qwen2.5"), "<bos>")
     docs = [MaskedIds(*render_conversation(tok, c)) for c in conversations(3)]
     cfg = ModelConfig(vocab_size=384, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
                       mlp_dim=48, max_seq_len=256)
     graphdef = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))))[0]
-    # the initialiser's values, in one program rather than op by op
-    model = nnx.merge(graphdef, jax.jit(lambda: nnx.split(Transformer(cfg, nnx.Rngs(0)))[1])())
+    model = nnx.merge(graphdef, init_params(cfg))
     width = max(len(d.ids) for d in docs) - 1  # each conversation alone in a row, padded on the right
     ids = np.stack([np.pad(d.ids, (0, width + 1 - len(d.ids))) for d in docs])
     mask = np.stack([np.pad(d.mask, (0, width + 1 - len(d.mask))) for d in docs])[:, 1:]

@@ -22,7 +22,7 @@ from model.transformer import Transformer, paged_cache_shapes
 from sharding.mesh import MeshConfig, make_mesh
 from sharding.rules import default_rules, tree_shardings
 from tests import reference
-from tests.helpers import SMALL
+from tests.helpers import SMALL, init_params
 from train.config import CONFIG_DIR, build_config, load_yaml
 
 TOL_MODEL = 1e-4  # fp32, whole models (as tests/test_generate.py)
@@ -39,7 +39,7 @@ ENGINE_ARGS = {"max_seq_len": 64, "block_size": 4, "num_blocks": 64, "prefill_ch
 def _setup(cfg, mesh_axes, devices):
     """(params initialised by one jitted program, placed on the mesh; the mesh)."""
     mesh = make_mesh(MeshConfig(**mesh_axes), devices)
-    params = jax.jit(lambda: nnx.split(Transformer(cfg, nnx.Rngs(0)))[1])()
+    params = init_params(cfg)
     return jax.device_put(params, tree_shardings(params, mesh, default_rules())), mesh
 
 

@@ -21,7 +21,7 @@ from inference.score import Scorer
 from model.transformer import Transformer
 from sharding.mesh import make_mesh
 from sharding.rules import default_rules, tree_shardings
-from tests.helpers import TINY_RUN_SAMPLE, padded_logits, run_in_process, tiny_config
+from tests.helpers import TINY_RUN_SAMPLE, init_params, padded_logits, run_in_process, tiny_config
 from train.program import Program
 from train.step import eval_step
 
@@ -149,8 +149,7 @@ def test_perplexity_of_a_moe_model_that_drops_tokens_is_the_scorers_nll(eight_de
                       "mesh.data=2", "mesh.expert=4")
     mesh, rules = make_mesh(cfg.mesh), default_rules()
     graphdef = nnx.split(nnx.eval_shape(lambda: Transformer(cfg.model, nnx.Rngs(0))))[0]
-    # the initialiser's values, in one program rather than op by op
-    params = jax.jit(lambda: nnx.split(Transformer(cfg.model, nnx.Rngs(0)))[1])()
+    params = init_params(cfg.model)
     params = jax.device_put(params, tree_shardings(params, mesh, rules))
     tok = ByteTokenizer()
     run = LoadedRun(cfg=cfg, tokenizer=tok, graphdef=graphdef, params=params, mesh=mesh, rules=rules,

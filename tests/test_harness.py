@@ -30,7 +30,7 @@ from model.transformer import Transformer
 from sharding.mesh import MeshConfig, make_mesh
 from sharding.rules import default_rules, tree_shardings
 from tests import reference
-from tests.helpers import SMALL, padded_logits, run_in_process, tiny_tokenizer
+from tests.helpers import SMALL, host_params, padded_logits, run_in_process, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 TOL = 1e-5  # fp32, relative
@@ -56,8 +56,7 @@ def _oracle(lm, row, n):
     tests/helpers.py, padded_logits)."""
     logits = padded_logits(lm.run.graphdef, jax.device_get(lm.run.params), np.asarray([row[:-1]]),
                            lm.window)[0].astype(np.float64)
-    logprobs = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
-        - logits.max(-1, keepdims=True)
+    logprobs = reference.log_softmax(logits)
     targets = np.asarray(row[1:])
     picked = logprobs[np.arange(len(targets)), targets][-n:]
     return float(picked.sum()), bool((logits.argmax(-1)[-n:] == targets[-n:]).all())
@@ -156,10 +155,7 @@ def test_scorer_equals_the_full_forward_pass_for_moe_with_padded_rows(eight_devi
     cfg = dataclasses.replace(SMALL, max_seq_len=64, init_std=0.3, num_layers=3, first_dense_layers=1,
                               moe_every=2, num_experts=8, experts_per_token=2, expert_mlp_dim=16)
     mesh, rules = make_mesh(MeshConfig(data=2, expert=4)), default_rules()
-    # random values drawn by NumPy (no initialiser compiled, op by op) in the model's layout
-    abstract = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))))[1]
-    rng = np.random.default_rng(0)
-    params = jax.tree.map(lambda a: rng.normal(0, cfg.init_std, a.shape).astype(a.dtype), abstract)
+    params = host_params(cfg)  # random values drawn by NumPy: no initialiser compiled, op by op
     scorer = Scorer(cfg, jax.device_put(params, tree_shardings(params, mesh, rules)), mesh, rules,
                     window=8, batch_size=2)
     rows = [[5, 9, 2, 33, 7], list(range(1, 10)), [42, 3]]  # two batches, the second padded
@@ -172,9 +168,7 @@ def test_scorer_equals_the_full_forward_pass_for_moe_with_padded_rows(eight_devi
     all_logits = np.asarray(ref(params, inputs), np.float64)
     for row, logits, (logprob, greedy) in zip(rows, all_logits, scorer.score(rows), strict=True):
         logits, targets = logits[:len(row) - 1], np.asarray(row[1:])
-        shifted = logits - logits.max(-1, keepdims=True)  # NumPy's log-softmax: nothing to compile
-        expected = (shifted - np.log(np.exp(shifted).sum(-1, keepdims=True)))[np.arange(len(targets)),
-                                                                              targets]
+        expected = reference.log_softmax(logits)[np.arange(len(targets)), targets]
         assert reference.relative_error(logprob, expected) < 1e-5
         assert greedy.tolist() == (logits.argmax(-1) == targets).tolist()
 

@@ -26,7 +26,7 @@ from model.transformer import Transformer, sown_arrays
 from sharding.mesh import MeshConfig, make_mesh
 from sharding.rules import default_rules, tree_shardings
 from tests import reference
-from tests.helpers import SMALL, padded_logits, small_text
+from tests.helpers import SMALL, host_params, init_params, padded_logits, small_text
 from train.config import CONFIG_DIR, build_config, load_yaml
 from train.validate import validate
 
@@ -55,7 +55,7 @@ def moe_dir(eight_devices, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("inspect") / "moe"
     cfg = build_config(load_yaml(CONFIG_DIR / "moe_tiny.yaml"), [f"run.dir={run_dir}"])
     validate(cfg, jax.device_count())
-    params = jax.jit(lambda: nnx.split(Transformer(cfg.model, nnx.Rngs(0)))[1])()  # one program
+    params = init_params(cfg.model)
     run_dir.mkdir()
     save_params(run_dir, cfg, params, ByteTokenizer(), {})
     return run_dir
@@ -222,9 +222,7 @@ MOE_GROUPS = dataclasses.replace(SMALL, max_seq_len=32, num_layers=5, first_dens
 def _random_run(cfg, mesh_axes):
     """A stand-in for a loaded run: freshly initialised params sharded on a mesh."""
     mesh = make_mesh(MeshConfig(**mesh_axes))
-    rng = np.random.default_rng(0)  # random values without compiling an initialiser
-    abstract = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))))[1]
-    params = jax.tree.map(lambda a: rng.normal(0, cfg.init_std, a.shape).astype(a.dtype), abstract)
+    params = host_params(cfg)  # random values without compiling an initialiser
     params = jax.device_put(params, tree_shardings(params, mesh, default_rules()))
     return types.SimpleNamespace(cfg=types.SimpleNamespace(model=cfg), params=params, mesh=mesh,
                                  rules=default_rules())

@@ -22,7 +22,7 @@ from sharding.constrain import activation_sharding
 from sharding.mesh import MeshConfig, make_mesh
 from sharding.rules import default_rules, tree_shardings
 from tests import reference
-from tests.helpers import SMALL, loss_and_grads, random_batch, small_text
+from tests.helpers import SMALL, init_params, loss_and_grads, random_batch, small_text
 from train.config import CONFIG_DIR, build_config, load_yaml
 from train.loop import train
 from train.validate import validate
@@ -216,7 +216,7 @@ def test_aux_losses_equal_a_hand_computation_and_reach_the_router():
 
 def _init_params(cfg: ModelConfig) -> nnx.State:
     """Seed-0 parameters on the host (one jitted init, shared by every mesh of a comparison)."""
-    return jax.device_get(jax.jit(lambda: nnx.split(Transformer(cfg, nnx.Rngs(0)))[1])())
+    return jax.device_get(init_params(cfg))
 
 
 def _loss_and_grads(cfg: ModelConfig, params: nnx.State, mesh_axes: dict, batch: dict,

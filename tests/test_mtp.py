@@ -14,7 +14,7 @@ from model.loss import nll_sums
 from model.mtp import depth_batch
 from model.transformer import Transformer
 from tests import reference
-from tests.helpers import SMALL, loss_grads_and_metrics, random_batch, with_packing
+from tests.helpers import SMALL, init_params, loss_grads_and_metrics, random_batch, with_packing
 from train.step import objective_sums
 
 TOL_OP = 1e-5  # fp32, simple ops
@@ -152,7 +152,7 @@ def test_moe_mtp_train_step_on_a_mesh_equals_one_device(eight_devices):
                               num_shared_experts=1, mtp_depth=1)
     batch = with_packing(random_batch(8, 16, cfg.vocab_size, seed=5),
                          np.repeat([[1] * 6 + [2] * 10], 8, axis=0).astype(np.int32))
-    params = jax.device_get(jax.jit(lambda: nnx.split(Transformer(cfg, nnx.Rngs(0)))[1])())
+    params = jax.device_get(init_params(cfg))
     loss_1, grads_1, metrics_1 = loss_grads_and_metrics(cfg, {"data": 1}, batch,
                                                         devices=eight_devices[:1], params=params)
     loss_n, grads_n, metrics_n = loss_grads_and_metrics(
