@@ -3,9 +3,10 @@ OpenAI-compatible HTTP server (inference/server.py) over the serving engine, run
 
 The engine compiles all its programs before the socket opens; then one line, ``serving MODEL on
 http://HOST:PORT``, goes to stdout (``--port 0`` picks a free port and says which). SIGTERM (or
-Ctrl-C) stops accepting connections, lets every request in flight finish, stops the engine and exits
-0 (130 for Ctrl-C). Mistakes (bad arguments, a missing checkpoint, a port in use) print one
-``error:`` line and exit 2.
+Ctrl-C) stops accepting connections, lets every request in flight finish (or, past
+``--shutdown-timeout`` seconds, cancels those still running: their clients get a 500), stops
+the engine and exits 0 (130 for Ctrl-C). Mistakes (bad arguments, a missing checkpoint, a port in
+use) print one ``error:`` line and exit 2.
 """
 
 from __future__ import annotations
@@ -47,6 +48,9 @@ def build_parser() -> Parser:
                         help="KV-cache blocks (default: a full window for every batch slot)")
     parser.add_argument("--prefill-chunk", type=int, default=128,
                         help="prompt tokens prefilled per engine step")
+    parser.add_argument("--shutdown-timeout", type=float, default=0,
+                        help="seconds SIGTERM waits for the requests in flight before cancelling "
+                        "the rest (0 = wait for all)")
     parser.add_argument("--log-level", default="info",
                         choices=["critical", "error", "warning", "info", "debug"])
     return parser
@@ -56,7 +60,7 @@ def check_args(args: argparse.Namespace) -> None:
     for name in ("max_batch", "block_size", "prefill_chunk"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
-    for name in ("max_queue", "max_seq_len", "kv_blocks"):
+    for name in ("max_queue", "max_seq_len", "kv_blocks", "shutdown_timeout"):
         if getattr(args, name) < 0:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 0")
     if not 0 <= args.port < 65536:
@@ -113,7 +117,7 @@ def serve_command(argv: Sequence[str]) -> int:
     name = args.model_name or loaded.run_dir.name
     app = make_app(engine, loaded.tokenizer, name, max_queue=args.max_queue)
     server = _Server(uvicorn.Config(app, log_level=args.log_level, access_log=False,
-                                    timeout_graceful_shutdown=None))
+                                    timeout_graceful_shutdown=args.shutdown_timeout or None))
     host, port = sock.getsockname()[:2]
     print(f"serving {name} on http://{host}:{port}", flush=True)
     server.run(sockets=[sock])

@@ -30,7 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from cli import eval as eval_cli
 from inference.engine import Engine
 from inference.load import load_run
-from inference.server import make_app, text_prompt_ids
+from inference.server import MAX_BODY_BYTES, make_app, text_prompt_ids
 from tests.helpers import run_in_process
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -199,6 +199,8 @@ BAD = [  # (method, path, body, status, words in the message)
     ("POST", "/v1/completions", {"model": "gpt-4", "prompt": "x"}, 404, "'gpt-4' does not exist"),
     ("POST", "/v1/completions", {"prompt": "x", "max_tokens": "ten"}, 400, "max_tokens must be an int"),
     ("POST", "/v1/completions", {"prompt": "x", "max_tokens": 0}, 400, "max_tokens must be >= 1"),
+    ("POST", "/v1/completions", {"prompt": "x", "max_tokens": 64}, 400, "more than the context window"),
+    ("POST", "/v1/completions", b" " * (MAX_BODY_BYTES + 1), 413, "larger than"),
     ("POST", "/v1/completions", {"prompt": "x", "temperature": -1}, 400, "temperature must be >= 0"),
     ("POST", "/v1/completions", {"prompt": "x", "top_p": 0}, 400, "top_p must be in (0, 1]"),
     ("POST", "/v1/completions", {"prompt": "x", "logprobs": 99}, 400, "logprobs must be in [0, 20]"),
@@ -222,7 +224,7 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(served):
             content = body if isinstance(body, bytes) else None if body is None else json.dumps(body)
             response = http.request(method, path, content=content)
             error = response.json()["error"]
-            assert response.status_code == status and words in error["message"], (body, error)
+            assert response.status_code == status and words in error["message"], (words, error)
             assert error["type"] == "invalid_request_error" and "\n" not in error["message"]
     with pytest.raises(openai.BadRequestError, match="more than the context window of 64") as info:
         served.greedy("the cat sat on the mat " * 20, 4)
@@ -326,6 +328,37 @@ def test_sigterm_finishes_the_requests_in_flight_and_exits_0(served, sigterm_ser
         httpx2.get(f"{url}/health")
 
 
+def test_a_shutdown_timeout_cancels_the_requests_still_running(served):
+    """What ``--shutdown-timeout`` sets (uvicorn's graceful-shutdown bound): a second app over the
+    engine, whose thread is stopped so a request there never ends; asked to exit, the server waits
+    0.5 s, cancels it (the client gets uvicorn's 500) and exits; the engine drops the request at
+    its next step."""
+    served.engine.stop()
+    try:
+        server = uvicorn.Server(uvicorn.Config(make_app(served.engine, served.tokenizer, MODEL),
+                                               lifespan="off", timeout_graceful_shutdown=0.5,
+                                               log_level="critical"))
+        sock = free_socket()
+        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+        thread.start()
+        wait_for(lambda: server.started, what="the second server to start")
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{sock.getsockname()[1]}/v1",
+                               api_key="unused", max_retries=0, timeout=60)
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            held = pool.submit(client.completions.create, model=MODEL, prompt=PROMPTS[0], max_tokens=4)
+            wait_for(lambda: served.engine.stats().waiting == 1, what="the request to queue")
+            started = time.monotonic()
+            server.should_exit = True
+            thread.join(timeout=30)
+            assert not thread.is_alive() and time.monotonic() - started < 10
+            with pytest.raises(openai.InternalServerError):
+                held.result(timeout=30)
+    finally:
+        served.engine.start()
+    wait_for(lambda: served.engine.stats().waiting == 0, what="the cancelled request to be dropped")
+    assert served.metrics()["meshlm_kv_blocks_in_use"] == 0
+
+
 def test_serve_mistakes_are_one_line_errors(served):
     taken = free_socket()
     taken.listen()
@@ -334,6 +367,8 @@ def test_serve_mistakes_are_one_line_errors(served):
     for args, words in [(["--checkpoint", "/nonexistent/run"], "/nonexistent/run"),
                         (["--checkpoint", run_dir, "--port", "70000"], "--port must be in"),
                         (["--checkpoint", run_dir, "--max-batch", "0"], "--max-batch must be >= 1"),
+                        (["--checkpoint", run_dir, "--shutdown-timeout", "-1"],
+                         "--shutdown-timeout must be >= 0"),
                         (["--checkpoint", run_dir, "--max-seq-len", "40"], "a multiple of --block-size"),
                         (["--checkpoint", run_dir, "--port", port], "cannot listen on"),
                         (["--checkpoint", run_dir, "--bogus"], "unrecognized arguments")]:
