@@ -11,21 +11,26 @@ dropped, as in generation and scoring.
 
 from __future__ import annotations
 
+import functools
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from core.errors import UsageError
 from inference.generate import inference_graphdef
 from inference.load import LoadedRun
 from model.attention import Attention
+from model.config import ModelConfig
 from model.mla import MLAttention
 from model.moe import MoE
 from model.transformer import sown_arrays
-from sharding.constrain import activation_sharding
+from sharding.constrain import under_activation_sharding
+from sharding.rules import Rules
 
 COMMANDS = ("tokens", "next", "embeddings", "attention", "routing")
 
@@ -138,19 +143,27 @@ def word_vector(tokenizer: Any, table_vd: np.ndarray, word: str) -> tuple[np.nda
 # ------------------------------------------------------------------------------- the forward pass
 
 
-def forward(run: LoadedRun, ids: list[int], *, attention: bool = False,
-            routing: bool = False) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """(logits [T, V] float32, intermediates without their batch dimension) of one row through the
-    sharded model: ``attention_probs`` [L, N, T, T], ``routing_experts``/``routing_weights``
-    [L_moe, T, R] when asked for (the layers sow them; ``nnx.capture`` collects them)."""
-    _, graphdef = inference_graphdef(run.cfg.model, (Attention, MLAttention) * attention + (MoE,) * routing)
+@functools.lru_cache(maxsize=16)
+def _forward_program(cfg: ModelConfig, attention: bool, routing: bool, mesh: Mesh,
+                     rules: Rules) -> Callable:
+    """The jitted forward pass of ``cfg`` on ``mesh`` sowing what is asked for: one program per
+    model, flags and mesh (and prompt length), not a new trace and lowering per report."""
+    _, graphdef = inference_graphdef(cfg, (Attention, MLAttention) * attention + (MoE,) * routing)
 
     def fn(params: nnx.State, tokens_bt: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
         logits_btv, sown = nnx.capture(nnx.merge(graphdef, params), nnx.Intermediate)(tokens_bt)
         return logits_btv, sown_arrays(sown)
 
-    with activation_sharding(run.mesh, run.rules):
-        logits_btv, sown = jax.device_get(jax.jit(fn)(run.params, np.asarray([ids], np.int32)))
+    return jax.jit(under_activation_sharding(fn, mesh, rules))
+
+
+def forward(run: LoadedRun, ids: list[int], *, attention: bool = False,
+            routing: bool = False) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """(logits [T, V] float32, intermediates without their batch dimension) of one row through the
+    sharded model: ``attention_probs`` [L, N, T, T], ``routing_experts``/``routing_weights``
+    [L_moe, T, R] when asked for (the layers sow them; ``nnx.capture`` collects them)."""
+    program = _forward_program(run.cfg.model, attention, routing, run.mesh, run.rules)
+    logits_btv, sown = jax.device_get(program(run.params, np.asarray([ids], np.int32)))
     return logits_btv[0], {name: np.take(value, 0, axis=1) for name, value in sown.items()}
 
 

@@ -85,6 +85,17 @@ def chat_run(tiny_run, tmp_path_factory) -> tuple:
 
 
 @pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    """The SmolLM2 GGUF's tokenizer (``data.hf_tokenizer.tokenizer_from_gguf``), read once for the
+    session (4-10 s of GGUF metadata parsing): the tests only read it (one that changes an attribute
+    changes a ``copy.copy`` of it)."""
+    from data.hf_tokenizer import tokenizer_from_gguf
+    from tests.helpers import smollm2_gguf
+
+    return tokenizer_from_gguf(smollm2_gguf())
+
+
+@pytest.fixture(scope="session")
 def s3_server() -> Iterator[str]:
     """A real S3 server on a free localhost port (moto's, in a thread of this process) with one
     bucket; yields its URL. Its endpoint and made-up credentials are in the environment for this

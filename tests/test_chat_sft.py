@@ -8,6 +8,7 @@ full fine-tuning on a mesh in microbatches gives the full batch's gradients on o
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -23,10 +24,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from data.chat import render_chat_spans
 from data.chat_data import ChatDocuments, MaskedIds, chat_source, render_conversation
 from data.documents import open_documents
-from data.hf_tokenizer import HFTokenizer, tokenizer_from_gguf
+from data.hf_tokenizer import HFTokenizer
 from data.pipeline import eval_batches
 from data.tokenizer import ByteTokenizer
-from tests.test_smollm2 import smollm2_gguf
 
 TEMPLATES = Path(__file__).parent / "data" / "chat_templates"
 
@@ -48,8 +48,9 @@ CHATML_MARKED = (
 
 
 @pytest.fixture(scope="module")
-def smollm2() -> HFTokenizer:
-    return tokenizer_from_gguf(smollm2_gguf())
+def smollm2(smollm2_tokenizer) -> HFTokenizer:
+    """The SmolLM2 GGUF's tokenizer (the session's, tests/conftest.py)."""
+    return smollm2_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -95,16 +96,14 @@ def test_assistant_mask_is_hand_labelled(smollm2, bpe_json, name):
 def test_generation_markers_give_the_turn_by_turn_mask(smollm2):
     plain = render_conversation(smollm2, CONVERSATION)
     without_system = render_conversation(smollm2, CONVERSATION[1:])
-    saved, smollm2.chat_template = smollm2.chat_template, CHATML_MARKED
-    try:
-        text, spans = render_chat_spans(CHATML_MARKED, CONVERSATION)
-        assert [text[a:b] for a, b in spans] == ["Four.<|im_end|>\n", "Six, I think.<|im_end|>\n"]
-        for conversation, want in ((CONVERSATION, plain), (CONVERSATION[1:], without_system)):
-            ids, mask = render_conversation(smollm2, conversation)
-            np.testing.assert_array_equal(ids, want[0])
-            np.testing.assert_array_equal(mask, want[1])
-    finally:
-        smollm2.chat_template = saved
+    marked = copy.copy(smollm2)  # the session's tokenizer stays as it is
+    marked.chat_template = CHATML_MARKED
+    text, spans = render_chat_spans(CHATML_MARKED, CONVERSATION)
+    assert [text[a:b] for a, b in spans] == ["Four.<|im_end|>\n", "Six, I think.<|im_end|>\n"]
+    for conversation, want in ((CONVERSATION, plain), (CONVERSATION[1:], without_system)):
+        ids, mask = render_conversation(marked, conversation)
+        np.testing.assert_array_equal(ids, want[0])
+        np.testing.assert_array_equal(mask, want[1])
 
 
 def conversations(n: int) -> list[list[dict]]:

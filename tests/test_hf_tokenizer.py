@@ -52,8 +52,12 @@ SENTENCES = ["the quick brown fox jumps over the lazy dog", "hello world, hello 
 
 
 @pytest.fixture(scope="module")
-def smollm() -> HFTokenizer:
-    return tokenizer_from_gguf(SMOLLM_GGUF)
+def smollm(smollm2_tokenizer) -> HFTokenizer:
+    """``tokenizer_from_gguf(SMOLLM_GGUF)``: the session's (tests/conftest.py)."""
+    from tests.helpers import smollm2_gguf  # the file the session's was read from
+
+    assert smollm2_gguf() == SMOLLM_GGUF
+    return smollm2_tokenizer
 
 
 @pytest.fixture(scope="module")

