@@ -28,7 +28,7 @@ from train.config import CONFIG_DIR, build_config, load_yaml
 TOL_MODEL = 1e-4  # fp32, whole models (as tests/test_generate.py)
 DENSE = dataclasses.replace(SMALL, max_seq_len=64, init_std=0.3, tie_embeddings=False)
 PREFIX = [7, 3, 19, 42, 5, 5, 61, 2, 30, 11, 8, 50]  # three blocks of 4
-LONG = list(range(3, 23))  # 20 tokens: three prefill chunks of 8
+LONG = list(range(3, 23))  # 20 tokens: three prefill chunks of 8 (8, 8 and 4)
 PROMPTS = {"a": [5, 9, 2, 33, 7], "b": [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12], "c": [42],
            "d": [8, 8, 8, 8, 8, 8, 8], "e": [60, 1, 60, 1, 60], "long": LONG,
            "p1": PREFIX + [1, 2], "p2": PREFIX + [3]}
@@ -194,8 +194,10 @@ def test_the_background_thread_streams_tokens(dense):
 
 def test_prompt_chunks_through_a_block_table_equal_the_full_forward_pass(dense):
     """The model's paged path alone, in a stack of local (window 4) and global layers: a 20-token
-    prompt in chunks of 8 through a table of scattered physical blocks gives the logits of the
-    full forward pass; only the table's blocks and the scratch block are written."""
+    prompt, 14 tokens in chunks of 8 (the second padded) then 6 one by one (the decode path:
+    grouped heads read in the cache's own layout), through a table of scattered physical blocks,
+    gives the logits of the full forward pass; only the table's blocks and the scratch block are
+    written."""
     cfg = dataclasses.replace(DENSE, sliding_window=4, sliding_window_pattern=2)
     graphdef = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))))[0]
     params = dense[0].params  # a window changes no parameter
@@ -204,9 +206,9 @@ def test_prompt_chunks_through_a_block_table_equal_the_full_forward_pass(dense):
     run_chunk = jax.jit(lambda p, tokens, positions, lengths, cache: nnx.merge(graphdef, p)
                         .with_paged_cache(tokens, positions, lengths, table_bm, cache))
     logits = []
-    for start in range(0, len(LONG), 8):
-        ids = LONG[start:start + 8]
-        tokens, positions = np.zeros((1, 8), np.int32), np.zeros((1, 8), np.int32)
+    for start, count, width in [(0, 8, 8), (8, 6, 8), *((p, 1, 1) for p in range(14, 20))]:
+        ids = LONG[start:start + count]  # the second chunk padded: padding writes the scratch block
+        tokens, positions = np.zeros((1, width), np.int32), np.zeros((1, width), np.int32)
         tokens[0, :len(ids)], positions[0, :len(ids)] = ids, np.arange(start, start + len(ids))
         out, cache = run_chunk(params, tokens, positions, np.array([len(ids)], np.int32), cache)
         logits.append(np.asarray(out[0, :len(ids)]))
