@@ -7,11 +7,13 @@ Each ``step()`` (called in a loop by ``start()``'s thread, or by hand) is one sc
    waits for blocks mid-generation, so nothing is ever preempted);
 2. one decode step, [Bk, 1], for every sequence past its prompt (Bk: the smallest power of two,
    up to ``max_batch``, that holds them; rows past them are padding);
-3. one prefill chunk, [1, C], of the oldest admitted prompt (C = ``prefill_chunk`` tokens,
-   padded); its last chunk samples the first new token. Full prompt blocks are registered for
-   prefix reuse (inference/paged.py) as soon as they are written.
-So the programs are the chunk's and one decode per bucket, every block table ``max_seq_len / BS``
-wide: ``warm_up()`` compiles them all and ``compiles`` counts traces, so nothing compiles later.
+3. one prefill chunk, [1, C], of the oldest admitted prompt (C = ``prefill_chunk`` tokens; the
+   last chunk at the shortest of ``chunk_lengths`` that holds it, padded); the last chunk samples
+   the first new token. Full prompt blocks are registered for prefix reuse (inference/paged.py)
+   as soon as they are written.
+So the programs are one per chunk length and one decode per bucket, every block table
+``max_seq_len / BS`` wide: ``warm_up()`` compiles them all and ``compiles`` counts traces, so
+nothing compiles later.
 Shardings are explicit as in inference/generate.py (parameters as given, rows over the batch axes,
 the cache's kv heads over ``tensor``, its blocks whole on every device) and the cache is donated.
 An MoE model runs with ``inference_config``'s capacity, so no token is dropped.
@@ -56,6 +58,13 @@ DEFAULT_BLOCK_SIZE = 16
 ROW_FIELDS = {"tokens": ("batch", "length"), "positions": ("batch", "length"), "lengths": ("batch",),
               "table": ("batch", None), "seeds": ("batch",), "counters": ("batch",),
               "temperature": ("batch",), "top_k": ("batch",), "top_p": ("batch",)}
+
+
+def chunk_lengths(prefill_chunk: int) -> list[int]:
+    """Prefill chunk lengths: a quarter, a half and all of ``prefill_chunk`` (those >= 1). A
+    prompt's last chunk runs at the shortest that holds it: by default a 20-token prompt computes
+    32 positions, not 128, and a 150-token one 128 + 32, not 256."""
+    return sorted({c for c in (prefill_chunk // 4, prefill_chunk // 2, prefill_chunk) if c >= 1})
 
 
 def decode_buckets(max_batch: int) -> list[int]:
@@ -117,7 +126,7 @@ class Engine:
         self.cfg, self.graphdef = inference_graphdef(cfg)
         self.params, self.mesh, self.rules = params, mesh, rules
         self.max_batch, self.max_seq_len, self.prefill_chunk = max_batch, max_seq_len, prefill_chunk
-        self.buckets = decode_buckets(max_batch)
+        self.buckets, self.chunk_lengths = decode_buckets(max_batch), chunk_lengths(prefill_chunk)
         self.table_width = max_seq_len // block_size
         self.top_n = min(max_top_logprobs, cfg.vocab_size)
         self.blocks = BlockManager(num_blocks or max_batch * self.table_width + 1, block_size)
@@ -165,10 +174,10 @@ class Engine:
                 self._ttft_sum, self._totals["first_tokens"], self.compiles)
 
     def warm_up(self) -> int:
-        """Compiles (and runs on padding alone, which writes only the scratch block) the chunk
-        program and every bucket's decode program; returns ``compiles``."""
+        """Compiles (and runs on padding alone, which writes only the scratch block) every chunk
+        length's program and every bucket's decode program; returns ``compiles``."""
         with self._step_lock:
-            for rows, length in [(1, self.prefill_chunk)] + [(b, 1) for b in self.buckets]:
+            for rows, length in [(1, c) for c in self.chunk_lengths] + [(b, 1) for b in self.buckets]:
                 out, self.cache = self._program(rows, length)(self.params, self._rows([], rows, length),
                                                              self.cache)
             jax.block_until_ready(out)
@@ -193,8 +202,9 @@ class Engine:
                 decoded, self.cache = self._program(rows, 1)(self.params, batch, self.cache)
             if prefill is not None:
                 ids = prefill.prompt[prefill.computed:prefill.computed + self.prefill_chunk]
-                batch = self._rows([(prefill, ids, prefill.computed)], 1, self.prefill_chunk)
-                chunk, self.cache = self._program(1, self.prefill_chunk)(self.params, batch, self.cache)
+                length = next(c for c in self.chunk_lengths if c >= len(ids))
+                batch = self._rows([(prefill, ids, prefill.computed)], 1, length)
+                chunk, self.cache = self._program(1, length)(self.params, batch, self.cache)
             decoded, chunk = jax.device_get((decoded, chunk))
             with self._lock:
                 for row, seq in enumerate(decoding):

@@ -148,7 +148,8 @@ def paged_attention(q_btnh: jax.Array, k_pbkh: jax.Array, v_pbkh: jax.Array,
     at or before each query (and within ``window``).
 
     The kernel seam of the paged cache: this gathers each row's blocks into a contiguous
-    [B, M * BS, K, H] copy and runs the einsum path (fine on CPU and for short contexts). On TPU a
+    [B, M * BS, K, H] copy and runs the einsum path, or for a decode step with grouped kv heads
+    ``grouped_decode_attention`` (fine on CPU and for short contexts). On TPU a
     Pallas paged-attention kernel that reads the blocks in place through the table
     (``jax.experimental.pallas.ops.tpu.paged_attention`` for decode) would go here, chosen by
     ``target_platform()`` as ``resolve_impl`` chooses the training kernel."""
