@@ -4,21 +4,24 @@ OpenAI-compatible HTTP server (inference/server.py) over the serving engine, run
 The engine compiles all its programs before the socket opens; then one line, ``serving MODEL on
 http://HOST:PORT``, goes to stdout (``--port 0`` picks a free port and says which). SIGTERM (or
 Ctrl-C) stops accepting connections, lets every request in flight finish (or, past
-``--shutdown-timeout`` seconds, cancels those still running: their clients get a 500), stops
-the engine and exits 0 (130 for Ctrl-C). Mistakes (bad arguments, a missing checkpoint, a port in
-use) print one ``error:`` line and exit 2.
+``--shutdown-timeout`` seconds, cancels those still running: a response not yet started gets a
+500, a stream is cut off), stops the engine and exits 0 (130 for Ctrl-C). Mistakes (bad
+arguments, a missing checkpoint, a port in use) print one ``error:`` line and exit 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import signal
 import socket
 import sys
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import uvicorn
+from starlette.types import ASGIApp
 
 from cli.args import Parser, add_checkpoint_argument, run
 from cli.host import load_checkpoint, quiet_tpu_probe
@@ -61,10 +64,19 @@ def check_args(args: argparse.Namespace) -> None:
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
     for name in ("max_queue", "max_seq_len", "kv_blocks", "shutdown_timeout"):
-        if getattr(args, name) < 0:
+        if not getattr(args, name) >= 0:  # NaN too
             raise UsageError(f"--{name.replace('_', '-')} must be >= 0")
+    if math.isinf(args.shutdown_timeout):
+        raise UsageError("--shutdown-timeout must be finite (0 waits for every request)")
     if not 0 <= args.port < 65536:
         raise UsageError(f"--port must be in [0, 65535], got {args.port}")
+
+
+def uvicorn_config(app: ASGIApp, args: argparse.Namespace, **overrides: Any) -> uvicorn.Config:
+    """uvicorn's settings from the arguments: ``--shutdown-timeout`` 0 waits for every request."""
+    settings = {"log_level": args.log_level, "access_log": False,
+                "timeout_graceful_shutdown": args.shutdown_timeout or None}
+    return uvicorn.Config(app, **(settings | overrides))
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -116,8 +128,7 @@ def serve_command(argv: Sequence[str]) -> int:
     engine.warm_up()
     name = args.model_name or loaded.run_dir.name
     app = make_app(engine, loaded.tokenizer, name, max_queue=args.max_queue)
-    server = _Server(uvicorn.Config(app, log_level=args.log_level, access_log=False,
-                                    timeout_graceful_shutdown=args.shutdown_timeout or None))
+    server = _Server(uvicorn_config(app, args))
     host, port = sock.getsockname()[:2]
     print(f"serving {name} on http://{host}:{port}", flush=True)
     server.run(sockets=[sock])

@@ -11,9 +11,9 @@ Each ``step()`` (called in a loop by ``start()``'s thread, or by hand) is one sc
    last chunk at the shortest of ``chunk_lengths`` that holds it, padded); the last chunk samples
    the first new token. Full prompt blocks are registered for prefix reuse (inference/paged.py)
    as soon as they are written.
-So the programs are one per chunk length and one decode per bucket, every block table
-``max_seq_len / BS`` wide: ``warm_up()`` compiles them all and ``compiles`` counts traces, so
-nothing compiles later.
+So the programs are one per chunk length and one decode per bucket (a chunk length of 1 is the
+1-row decode's program), every block table ``max_seq_len / BS`` wide: ``warm_up()`` compiles
+them all and ``compiles`` counts traces, so nothing compiles later.
 Shardings are explicit as in inference/generate.py (parameters as given, rows over the batch axes,
 the cache's kv heads over ``tensor``, its blocks whole on every device) and the cache is donated.
 An MoE model runs with ``inference_config``'s capacity, so no token is dropped.

@@ -41,7 +41,8 @@ class ApiError(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class GenerationParams:
-    """What both endpoints ask of each choice. ``max_tokens`` None: up to the context window.
+    """What both endpoints ask of each choice. ``max_tokens`` None: up to the context window;
+    ``length_name``: the field it came from (chat's ``max_completion_tokens`` or ``max_tokens``).
     ``logprobs`` None: none; k: each token's log-probability and its k most likely alternatives."""
 
     max_tokens: int | None
@@ -52,6 +53,7 @@ class GenerationParams:
     stream: bool
     include_usage: bool
     logprobs: int | None
+    length_name: str = "max_tokens"
 
 
 def _field(body: dict[str, Any], name: str, kind: str, default: Any = None) -> Any:
@@ -113,7 +115,7 @@ def generation_params(body: dict[str, Any], *, chat: bool, max_logprobs: int) ->
     include_usage = options.get("include_usage") is True
     return GenerationParams(max_tokens, SamplingConfig(float(temperature), top_k, float(top_p)), n,
                             _at_least("seed", _field(body, "seed", "int"), 0), stop_strings(body),
-                            stream, include_usage, _logprobs(body, chat, max_logprobs))
+                            stream, include_usage, _logprobs(body, chat, max_logprobs), length_name)
 
 
 def stop_strings(body: dict[str, Any]) -> tuple[str, ...]:

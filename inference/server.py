@@ -157,10 +157,10 @@ class OpenAIServer:
 
     def _submit(self, kind: str, prompts: list[list[int]], params: GenerationParams,
                 param: str) -> _Job:
-        """One engine request per prompt and choice; 400 for a prompt the engine refuses or one
-        whose ``max_tokens`` would run past the window (as OpenAI: no silent cap; without
-        ``max_tokens`` a choice may run to the window's end), 429 when the engine holds ``capacity``
-        requests already."""
+        """One engine request per prompt and choice; 400 for a prompt the engine refuses or when
+        prompt + ``max_tokens`` exceeds the window (OpenAI's rule, instead of a silent cap; without
+        ``max_tokens`` a choice may run to the window's end, its last token needing no cache slot),
+        429 when the engine holds ``capacity`` requests already."""
         wanted = len(prompts) * params.n
         if wanted > self.capacity:
             raise ApiError(400, f"the request asks for {wanted} completions, more than this server "
@@ -170,11 +170,11 @@ class OpenAIServer:
                 raise ApiError(400, f"the prompt holds {len(ids)} tokens, more than the context "
                                f"window of {self.engine.max_seq_len}", param, "context_length_exceeded")
             if params.max_tokens is not None and len(ids) + params.max_tokens > self.engine.max_seq_len:
-                raise ApiError(400, f"the prompt ({len(ids)} tokens) and max_tokens "
-                               f"({params.max_tokens}) need {len(ids) + params.max_tokens} "
-                               f"positions, more than the context window of {self.engine.max_seq_len}; "
-                               "shorten the prompt or lower max_tokens", "max_tokens",
-                               "context_length_exceeded")
+                name = params.length_name
+                raise ApiError(400, f"the prompt ({len(ids)} tokens) plus {name} "
+                               f"({params.max_tokens}) is {len(ids) + params.max_tokens}, more "
+                               f"than the context window of {self.engine.max_seq_len}; shorten the "
+                               f"prompt or lower {name}", name, "context_length_exceeded")
         if self.in_flight + wanted > self.capacity:
             raise ApiError(429, f"the server is busy: {self.in_flight} requests running or queued "
                            f"(at most {self.capacity}); try again later", None, "rate_limit_exceeded",

@@ -163,6 +163,9 @@ def warn(message: str) -> None:
         print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
+_ARRAY_HANDLER_PARALLEL: list[bool | None] = []  # what this process registered, once
+
+
 def _save_shards_whole_in_one_process() -> None:
     """Orbax's replica-parallel save (its default on CPU and TPU) splits every replicated shard
     among its replicas so that processes share the writing. In one process all the slices are
@@ -171,9 +174,20 @@ def _save_shards_whole_in_one_process() -> None:
     process writes each shard whole, as orbax does on GPUs; with several the default stays. The
     saved values are the same and any checkpoint restores either way."""
     parallel = None if jax.process_count() > 1 else False  # None: orbax's default
-    ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(
-        use_replica_parallel=parallel, array_metadata_store=array_metadata_store.Store()),
-        override=True)
+    if _ARRAY_HANDLER_PARALLEL:
+        if _ARRAY_HANDLER_PARALLEL[0] == parallel:
+            return
+        _ARRAY_HANDLER_PARALLEL.clear()
+    absl_logger = logging.getLogger("absl")  # orbax warns of every override: expected here
+    level = absl_logger.level
+    absl_logger.setLevel(max(level, logging.ERROR))
+    try:  # the same metadata store as orbax's own registration (its default is none)
+        ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(
+            use_replica_parallel=parallel, array_metadata_store=array_metadata_store.Store()),
+            override=True)
+    finally:
+        absl_logger.setLevel(level)
+    _ARRAY_HANDLER_PARALLEL.append(parallel)
 
 
 class Checkpointer:

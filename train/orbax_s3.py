@@ -1,5 +1,5 @@
-"""Orbax writing checkpoints to ``s3://`` directly: the one place meshlm reaches into Orbax's
-private names.
+"""Orbax writing checkpoints to ``s3://`` directly: with train/checkpoint.py's import of Orbax's
+array metadata store, the one place meshlm reaches into Orbax's private names.
 
 Orbax 0.12.8 builds the TensorStore key-value spec of every array (written, read, and the OCDBT
 merge of the processes' parts) in ``tensorstore_utils.build_kvstore_tspec``, which knows two kinds of
