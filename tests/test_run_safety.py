@@ -125,11 +125,12 @@ def test_metrics_cut_on_resume_are_archived_not_deleted(tmp_path):
 
 def test_a_second_trainer_is_refused_and_a_killed_trainers_lock_does_not_block(tmp_path):
     run_dir = tmp_path / "run"
-    common = ("optim.decay_steps=100000", "checkpoint.every=5", "train.log_every=1",
-              "run.tensorboard=false", "run.peak_flops=1e12")
+    # The module's config (its learning rate schedule ends at step 8, train.steps does not enter
+    # the programs): both trainers run the programs of the ``saved`` run, which the compilation
+    # cache holds, so neither compiles.
     log = (tmp_path / "first.log").open("w")
-    first = subprocess.Popen([sys.executable, "-m", "train", "configs/tiny.yaml", f"run.dir={run_dir}",
-                              "train.steps=100000", *common],
+    first = subprocess.Popen([sys.executable, "-m", "train", "configs/tiny.yaml", *OVERRIDES,
+                              f"run.dir={run_dir}", "train.steps=100000"],
                              cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 120
@@ -140,7 +141,7 @@ def test_a_second_trainer_is_refused_and_a_killed_trainers_lock_does_not_block(t
         first.send_signal(signal.SIGSTOP)  # holds its lock, writes nothing while we look
         before = _listing(run_dir)
         with pytest.raises(ConfigError) as refused:
-            train(tiny_config(run_dir, "train.steps=4", *common))
+            train(_cfg(run_dir, "train.steps=4"))
         assert str(refused.value) == (
             f"run.dir: {run_dir} is in use by another trainer (pid {first.pid} on "
             f"{socket.gethostname()}); wait for it to end or choose another run.dir")
@@ -150,7 +151,7 @@ def test_a_second_trainer_is_refused_and_a_killed_trainers_lock_does_not_block(t
         first.wait()
         log.close()
     assert (run_dir / "run.lock").is_file()  # left behind by the killed trainer
-    summary = train(tiny_config(run_dir, "train.steps=4", *common))
+    summary = train(_cfg(run_dir, "train.steps=4"))
     assert summary["step"] >= 4
 
 

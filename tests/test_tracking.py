@@ -35,7 +35,10 @@ def tracked_run(eight_devices, tmp_path_factory) -> Path:
     with pytest.MonkeyPatch.context() as env:
         for key, value in offline.items():
             env.setenv(key, value)
-        train(tiny_config(base / "run", f"train.steps={STEPS}", "train.log_every=1",
+        # The mesh and schedule of the session's tiny run (conftest.py: tiny_run): the same
+        # programs, which the compilation cache holds once that run has trained.
+        train(tiny_config(base / "run", f"train.steps={STEPS}", "mesh.data=2", "mesh.tensor=4",
+                          "optim.decay_steps=20", "train.log_every=1",
                           "train.profile={}:{}".format(*PROFILE), "run.wandb=meshlm-test",
                           "run.tensorboard=false", "train.eval_batches=1", "checkpoint.every=0"))
     return base / "run"
