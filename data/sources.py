@@ -181,7 +181,7 @@ def _stdlib_files() -> tuple[tuple[Path, str], ...]:
         # site-packages is never walked: it is most of the tree (50,000 of 59,000 entries here)
         subdirs[:] = [d for d in subdirs if d != "site-packages"]
         found.extend(Path(directory, name) for name in names if name.endswith(".py"))
-    files = sorted(p for p in found if "site-packages" not in p.parts and p.is_file())
+    files = sorted(p for p in found if p.is_file())
     return tuple((p, p.relative_to(root).as_posix()) for p in files)
 
 

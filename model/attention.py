@@ -150,8 +150,7 @@ def paged_attention(q_btnh: jax.Array, k_pbkh: jax.Array, v_pbkh: jax.Array,
     The kernel seam of the paged cache: this gathers each row's blocks into a contiguous
     [B, M * BS, K, H] copy and runs the einsum path, or on CPU, for a decode step with grouped
     kv heads not split over the mesh, ``grouped_decode_attention`` (fine for short contexts). On
-    TPU a
-    Pallas paged-attention kernel that reads the blocks in place through the table
+    TPU a Pallas paged-attention kernel that reads the blocks in place through the table
     (``jax.experimental.pallas.ops.tpu.paged_attention`` for decode) would go here, chosen by
     ``target_platform()`` as ``resolve_impl`` chooses the training kernel."""
     k_bskh, v_bskh = gather_pages(k_pbkh, block_table_bm), gather_pages(v_pbkh, block_table_bm)

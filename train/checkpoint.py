@@ -20,13 +20,15 @@ over damaged ones with a warning and moves nothing, since the run may be live.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
 import logging
 import os
 import shutil
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import grain
@@ -163,7 +165,17 @@ def warn(message: str) -> None:
         print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
-_ARRAY_HANDLER_PARALLEL: list[bool | None] = []  # what this process registered, once
+@contextlib.contextmanager
+def _absl_errors_only(quiet: bool = True) -> Iterator[None]:
+    """absl's logger (orbax logs through it) at ERROR or above inside the block, when ``quiet``."""
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    if quiet:
+        absl_logger.setLevel(max(level, logging.ERROR))
+    try:
+        yield
+    finally:
+        absl_logger.setLevel(level)
 
 
 def _save_shards_whole_in_one_process() -> None:
@@ -173,21 +185,16 @@ def _save_shards_whole_in_one_process() -> None:
     device (a replicated state on 8 devices: dozens of programs, ~2 s at its first save). One
     process writes each shard whole, as orbax does on GPUs; with several the default stays. The
     saved values are the same and any checkpoint restores either way."""
-    parallel = None if jax.process_count() > 1 else False  # None: orbax's default
-    if _ARRAY_HANDLER_PARALLEL:
-        if _ARRAY_HANDLER_PARALLEL[0] == parallel:
-            return
-        _ARRAY_HANDLER_PARALLEL.clear()
-    absl_logger = logging.getLogger("absl")  # orbax warns of every override: expected here
-    level = absl_logger.level
-    absl_logger.setLevel(max(level, logging.ERROR))
-    try:  # the same metadata store as orbax's own registration (its default is none)
+    _register_array_handler(None if jax.process_count() > 1 else False)  # None: orbax's default
+
+
+@functools.cache  # once per process and setting
+def _register_array_handler(use_replica_parallel: bool | None) -> None:
+    with _absl_errors_only():  # orbax warns of every override: expected here
+        # the same metadata store as orbax's own registration (the handler's default is none)
         ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(
-            use_replica_parallel=parallel, array_metadata_store=array_metadata_store.Store()),
-            override=True)
-    finally:
-        absl_logger.setLevel(level)
-    _ARRAY_HANDLER_PARALLEL.append(parallel)
+            use_replica_parallel=use_replica_parallel,
+            array_metadata_store=array_metadata_store.Store()), override=True)
 
 
 class Checkpointer:
@@ -214,11 +221,8 @@ class Checkpointer:
             _save_shards_whole_in_one_process()
         async_options = None if read_only else ocp.AsyncOptions(
             post_finalization_callback=self._before_commit)
-        absl_logger = logging.getLogger("absl")
-        level = absl_logger.level
-        if read_only:  # orbax announces each option a read-only manager ignores: not news
-            absl_logger.setLevel(max(level, logging.ERROR))
-        try:
+        # orbax announces each option a read-only manager ignores: not news
+        with _absl_errors_only(quiet=read_only):
             options = ocp.CheckpointManagerOptions(
                 max_to_keep=cfg.keep, enable_async_checkpointing=True, create=not read_only,
                 read_only=read_only, cleanup_tmp_directories=not read_only, async_options=async_options,
@@ -232,8 +236,6 @@ class Checkpointer:
                             "data": grain.checkpoint.CheckpointHandler()}
                 self.manager = ocp.CheckpointManager(self.directory, options=options,
                                                      item_handlers=handlers)
-        finally:
-            absl_logger.setLevel(level)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
